@@ -1,0 +1,156 @@
+"""Recipes: YAML -> one typed tree of dataclasses (PretrainConfig), with `a.b=c` overrides from the command line.
+
+OmegaConf does the merging and the type checks against the dataclass schema; `validate` adds the rules that cross
+fields. Every problem surfaces as one line naming the key and the file, e.g.
+`ConfigError: model.num_heads=7 does not divide model.dim=384 (recipes/nlp_1b.yaml)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from ebwm_scale.data.config import DATA_SOURCES, DataConfig
+from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.models.config import ATTENTION_IMPLS, DOUBLE_BACKWARD_SAFE_ATTENTION, ModelConfig
+from ebwm_scale.parallel.dist import BACKENDS, ParallelConfig
+from ebwm_scale.train.optim import OptimConfig
+from ebwm_scale.train.tracking import TrackingConfig
+from ebwm_scale.train.trainer import DEVICES, PRECISIONS, TrainConfig
+
+
+class ConfigError(ValueError):
+    """A recipe or override problem; the message is one line that names the key and its source."""
+
+
+@dataclass(kw_only=True)
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mcmc: MCMCConfig = field(default_factory=MCMCConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+    def flat(self) -> dict[str, object]:
+        """{"model.dim": 128, ...} for tracking params."""
+        flat: dict[str, object] = {}
+
+        def walk(prefix: str, node: object) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    walk(f"{prefix}.{key}" if prefix else key, value)
+            else:
+                flat[prefix] = node
+
+        walk("", asdict(self))
+        return flat
+
+
+def _describe(error: OmegaConfBaseException) -> str:
+    key = error.full_key or "<root>"
+    if isinstance(error, ConfigKeyError):
+        return f"unknown key {key}"
+    return f"{key}: {str(error).splitlines()[0]}"
+
+
+def _merge(base, update, source: str):
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{_describe(error)} ({source})") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
+    """Load a recipe, apply `a.b=c` overrides, check everything; raises ConfigError with a one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        recipe = OmegaConf.load(path)
+    except Exception as error:  # yaml errors carry several lines; keep the first
+        raise ConfigError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
+    merged = _merge(OmegaConf.structured(PretrainConfig), recipe, str(path))
+    for override in overrides:
+        if "=" not in override or override.startswith("="):
+            raise ConfigError(f"override {override!r} is not of the form key.sub=value (command line)")
+        merged = _merge(merged, OmegaConf.from_dotlist([override]), f"command line: {override}")
+    cfg: PretrainConfig = OmegaConf.to_object(merged)
+    if not cfg.train.run_name:
+        cfg.train.run_name = path.stem
+    problem = find_problem(cfg)
+    if problem:
+        source = f"{path}, overrides: {' '.join(overrides)}" if overrides else str(path)
+        raise ConfigError(f"{problem} ({source})")
+    return cfg
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> str | None:
+    return None if value in allowed else f"{key}={value!r} is not one of {', '.join(allowed)}"
+
+
+def find_problem(cfg: PretrainConfig) -> str | None:
+    """The first rule a config breaks, as 'key=value why', or None. Rules that span sections live here."""
+    m, mc, o, d, t = cfg.model, cfg.mcmc, cfg.optim, cfg.data, cfg.train
+    positive = {
+        "model.dim": m.dim, "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
+        "model.vocab_size": m.vocab_size, "model.frame_dim": m.frame_dim, "mcmc.num_steps": mc.num_steps,
+        "data.seq_len": d.seq_len, "data.micro_batch_size": d.micro_batch_size, "train.max_steps": t.max_steps,
+        "train.grad_accum_steps": t.grad_accum_steps, "train.log_interval_steps": t.log_interval_steps,
+        "train.eval_batches": t.eval_batches, "optim.lr": o.lr, "model.ffn_multiple_of": m.ffn_multiple_of,
+    }
+    non_negative = {
+        "optim.weight_decay": o.weight_decay, "optim.warmup_steps": o.warmup_steps, "optim.grad_clip": o.grad_clip,
+        "mcmc.langevin_noise_std": mc.langevin_noise_std, "mcmc.alpha_jitter": mc.alpha_jitter,
+        "mcmc.init_scale": mc.init_scale, "train.eval_interval_steps": t.eval_interval_steps,
+        "model.num_step_embeddings": m.num_step_embeddings, "model.ffn_hidden_dim": m.ffn_hidden_dim,
+    }
+    checks = [
+        _choice("model.kind", m.kind, ("ebt", "ar")),
+        _choice("model.modality", m.modality, ("text", "frames")),
+        _choice("model.attn_impl", m.attn_impl, ATTENTION_IMPLS),
+        _choice("mcmc.loss_on", mc.loss_on, ("all", "last")),
+        _choice("data.source", d.source, DATA_SOURCES),
+        _choice("train.device", t.device, DEVICES),
+        _choice("train.precision", t.precision, PRECISIONS),
+        _choice("parallel.backend", cfg.parallel.backend, BACKENDS),
+        *(f"{key}={value} must be > 0" for key, value in positive.items() if value <= 0),
+        *(f"{key}={value} must be >= 0" for key, value in non_negative.items() if value < 0),
+    ]
+    if m.dim % max(m.num_heads, 1):
+        checks.append(f"model.num_heads={m.num_heads} does not divide model.dim={m.dim}")
+    elif (m.dim // m.num_heads) % 2:
+        checks.append(f"model.dim / model.num_heads = {m.dim // m.num_heads} must be even for RoPE")
+    if m.kind == "ebt" and m.attn_impl not in DOUBLE_BACKWARD_SAFE_ATTENTION:
+        checks.append(
+            f"model.attn_impl={m.attn_impl!r} has no double backward, which the EBT loss needs; use "
+            + " or ".join(DOUBLE_BACKWARD_SAFE_ATTENTION)
+        )
+    if m.modality != d.modality:
+        checks.append(f"model.modality={m.modality!r} but data.source={d.source!r} provides {d.modality}")
+    elif m.modality == "text" and m.vocab_size != d.vocab_size:
+        checks.append(f"model.vocab_size={m.vocab_size} but data.source={d.source!r} has {d.vocab_size} tokens")
+    elif m.modality == "frames" and m.frame_dim != d.video.frame_dim:
+        checks.append(f"model.frame_dim={m.frame_dim} but data.video gives {d.video.frame_dim}-dim frames")
+    if d.video.frame_size % d.video.patch_size:
+        checks.append(f"data.video.patch_size={d.video.patch_size} does not divide frame_size={d.video.frame_size}")
+    if mc.max_num_steps and mc.max_num_steps < mc.num_steps:
+        checks.append(f"mcmc.max_num_steps={mc.max_num_steps} is below mcmc.num_steps={mc.num_steps}")
+    if m.num_step_embeddings and m.num_step_embeddings < max(mc.num_steps, mc.max_num_steps):
+        checks.append(f"model.num_step_embeddings={m.num_step_embeddings} is fewer than the MCMC training steps")
+    if not mc.alpha_init > mc.alpha_min > 0:
+        checks.append(f"mcmc.alpha_init={mc.alpha_init} must exceed mcmc.alpha_min={mc.alpha_min} > 0")
+    if not 0 <= o.min_lr_ratio <= 1:
+        checks.append(f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        checks.append(f"optim.betas={o.betas} must be two numbers in [0, 1)")
+    if not 0 < d.val_percent < 100:
+        checks.append(f"data.val_percent={d.val_percent} must lie in (0, 100)")
+    return next((c for c in checks if c), None)

@@ -1,0 +1,69 @@
+"""Deterministic, resumable batching over a map-style dataset of fixed-length samples.
+
+Epoch e visits a permutation seeded by (seed, e); data-parallel rank r takes every world_size-th sample of it.
+The whole position is (epoch, batch cursor), so a resumed run yields exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class SampleDataset(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
+
+
+def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
+
+
+class BatchLoader:
+    def __init__(self, dataset: SampleDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.batches_per_epoch = len(dataset) // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"dataset of {len(dataset)} samples is smaller than one global batch ({batch_size} x {world_size} ranks)"
+            )
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.cursor = 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> np.ndarray:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset))
+        usable = self.batches_per_epoch * self.batch_size * self.world_size
+        return order[:usable][self.rank :: self.world_size]  # this rank's samples, in order
+
+    def __iter__(self) -> BatchLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.cursor == self.batches_per_epoch:
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        indices = self._order[self.cursor * self.batch_size : (self.cursor + 1) * self.batch_size]
+        self.cursor += 1
+        return collate([self.dataset[int(i)] for i in indices])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._epoch_order()
+
+
+def fixed_batches(dataset: SampleDataset, batch_size: int, num_batches: int, rank: int = 0, world_size: int = 1):
+    """The first num_batches batches of the dataset in order, split across ranks: the same eval set every time."""
+    available = len(dataset) // (batch_size * world_size)
+    for b in range(min(num_batches, available)):
+        start = (b * world_size + rank) * batch_size
+        yield collate([dataset[i] for i in range(start, start + batch_size)])

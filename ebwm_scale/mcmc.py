@@ -1,0 +1,115 @@
+"""The MCMC refinement loop: gradient descent on the learned energy, differentiated through (seed pseudocode).
+
+    for each step:
+        pred   = pred.detach()                                   # no gradient through earlier steps
+        energy = model(ctx, pred)                                # (B, S)
+        grad   = autograd.grad(energy.sum(), pred, create_graph) # second-order path to the parameters and alpha
+        pred   = pred - alpha * grad
+        loss  += recon(pred, target)
+
+The gradient is taken with respect to the state itself (for text: the logits, through the softmax), so the update
+is true gradient descent on E(state) and a small enough step never raises the energy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+EnergyFn = Callable[[torch.Tensor, int], torch.Tensor]  # (pred, step index) -> energy (B, S)
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pred, target) -> scalar
+
+
+@dataclass(kw_only=True)
+class MCMCConfig:
+    num_steps: int = 2
+    alpha_init: float = 500.0
+    learn_alpha: bool = True
+    alpha_min: float = 1e-4  # the step size is clamped here so it can never flip sign
+    alpha_lr_multiplier: float = 1500.0  # alpha's optimizer group runs at lr * this
+    init_scale: float = 1.0  # pred starts as init_scale * randn
+    langevin_noise_std: float = 0.0  # > 0: add N(0, std^2) to the state before every energy evaluation
+    max_num_steps: int = 0  # > num_steps: each training batch draws its step count from [num_steps, max_num_steps]
+    alpha_jitter: float = 0.0  # > 0: each step uses alpha * U(1 - jitter, 1 + jitter)
+    loss_on: str = "all"  # all: mean of the loss after every step | last: the last step only
+
+    def build(self) -> MCMC:
+        return MCMC(self)
+
+
+@dataclass
+class RefineResult:
+    pred: torch.Tensor
+    losses: list[torch.Tensor] = field(default_factory=list)  # one scalar per step (empty without a loss_fn)
+    energies: list[torch.Tensor] = field(default_factory=list)  # mean energy before each step, detached
+
+
+def refine(
+    energy_fn: EnergyFn,
+    pred: torch.Tensor,
+    alpha: torch.Tensor,
+    num_steps: int,
+    *,
+    target: torch.Tensor | None = None,
+    loss_fn: LossFn | None = None,
+    create_graph: bool = True,
+    langevin_noise_std: float = 0.0,
+    alpha_jitter: float = 0.0,
+) -> RefineResult:
+    """Refine `pred` by `num_steps` of gradient descent on the energy. Works under torch.no_grad() too."""
+    result = RefineResult(pred=pred)
+    with torch.enable_grad():
+        for step in range(num_steps):
+            pred = pred.detach()
+            if langevin_noise_std > 0:  # Langevin dynamics: explore around the current state
+                pred = pred + langevin_noise_std * torch.randn_like(pred)
+            pred.requires_grad_(True)
+            energy = energy_fn(pred, step)  # (B, S)
+            (grad,) = torch.autograd.grad(energy.sum(), pred, create_graph=create_graph)
+            step_alpha = alpha
+            if alpha_jitter > 0:  # randomized step size
+                step_alpha = alpha * (1 + alpha_jitter * (2 * torch.rand((), device=pred.device) - 1))
+            pred = pred - step_alpha * grad
+            result.energies.append(energy.detach().mean())
+            if loss_fn is not None:
+                result.losses.append(loss_fn(pred, target))
+    result.pred = pred if create_graph else pred.detach()
+    return result
+
+
+class MCMC(nn.Module):
+    """Owns the learnable step size alpha and the loop's options."""
+
+    def __init__(self, cfg: MCMCConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.alpha = nn.Parameter(torch.tensor(float(cfg.alpha_init)), requires_grad=cfg.learn_alpha)
+
+    def step_size(self) -> torch.Tensor:
+        return self.alpha.clamp(min=self.cfg.alpha_min)
+
+    def sample_num_steps(self) -> int:
+        """Randomized step count (drawn from the torch RNG, so a resumed run draws the same)."""
+        if self.cfg.max_num_steps > self.cfg.num_steps:
+            return int(torch.randint(self.cfg.num_steps, self.cfg.max_num_steps + 1, ()).item())
+        return self.cfg.num_steps
+
+    def train_refine(self, energy_fn: EnergyFn, pred: torch.Tensor, target: torch.Tensor, loss_fn: LossFn):
+        """Training: random step count, noise and jitter as configured; returns the result and the loss."""
+        result = refine(
+            energy_fn,
+            pred,
+            self.step_size(),
+            self.sample_num_steps(),
+            target=target,
+            loss_fn=loss_fn,
+            create_graph=True,
+            langevin_noise_std=self.cfg.langevin_noise_std,
+            alpha_jitter=self.cfg.alpha_jitter,
+        )
+        if self.cfg.loss_on == "last":
+            return result, result.losses[-1]
+        return result, torch.stack(result.losses).mean()

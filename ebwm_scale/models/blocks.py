@@ -1,0 +1,149 @@
+"""Llama-style transformer blocks: RMSNorm, SwiGLU, RoPE, attention. No biases anywhere.
+
+Every op here must support double backward: the EBT loss differentiates through the gradient of the energy
+(DESIGN §4). Attention therefore runs either as explicit math or as SDPA pinned to its math backend; the fused
+flash/efficient kernels have no double backward and are allowed only for the AR baselines ("sdpa_fused").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ebwm_scale.models.config import ATTENTION_IMPLS, ModelConfig
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Reductions in fp32 under bf16; float64 stays float64 (gradient checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_wide = at_least_fp32(x)
+        normed = x_wide * torch.rsqrt(x_wide.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for arbitrary integer positions (EBT predictions sit at position i+1, not at their index)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.float()[:, None] * self.inv_freq[None, :]  # (L, hd/2)
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2j, 2j+1) of x (B, nh, L, hd) by the angle of their position."""
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]  # (B, nh, L, hd/2)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return rotated.flatten(-2)  # (B, nh, L, hd)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, impl: str
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + mask) v for (B, nh, L, hd) inputs. mask: (L, L) bool, True = may attend;
+    None = causal."""
+    if impl == "math":
+        if mask is None:
+            length = q.shape[-2]
+            mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, L, L)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = F.softmax(at_least_fp32(scores), dim=-1).type_as(q)
+        return probs @ v
+    if impl == "sdpa":
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    if impl == "sdpa_fused":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.impl = cfg.attn_impl
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+        batch, length, dim = x.shape
+        q, k, v = self.wqkv(x).split(dim, dim=-1)  # 3 x (B, L, D)
+        q, k, v = (t.view(batch, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, k, v, mask, self.impl)  # (B, nh, L, hd)
+        return self.wo(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden_dim, bias=False)
+        self.w_up = nn.Linear(dim, hidden_dim, bias=False)
+        self.w_down = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = SwiGLU(cfg.dim, cfg.resolved_ffn_hidden_dim)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """The shared trunk: pre-norm blocks and a final RMSNorm. Input and output (B, L, D)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        cos, sin = self.rope(positions)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        return self.norm(h)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Xavier-uniform linears and normal(0, 0.02) embeddings, as in the official EBT code."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.xavier_uniform_(sub.weight)
+        elif isinstance(sub, nn.Embedding):
+            nn.init.normal_(sub.weight, std=0.02)
+
+
+def count_params(module: nn.Module, exclude_embeddings: bool = False) -> int:
+    total = sum(p.numel() for p in module.parameters())
+    if exclude_embeddings:
+        total -= sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Embedding))
+    return total

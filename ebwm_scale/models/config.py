@@ -1,0 +1,51 @@
+"""The model configuration: one dataclass for the EBT and AR models of both modalities."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+ATTENTION_IMPLS = ("math", "sdpa", "sdpa_fused")
+DOUBLE_BACKWARD_SAFE_ATTENTION = ("math", "sdpa")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    kind: str = "ebt"  # ebt | ar
+    modality: str = "text"  # text (token ids) | frames (continuous frame embeddings)
+    vocab_size: int = 256
+    frame_dim: int = 64
+    dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    ffn_hidden_dim: int = 0  # 0: Llama rule, 8/3 * dim rounded up to ffn_multiple_of
+    ffn_multiple_of: int = 32
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    attn_impl: str = "math"
+    num_step_embeddings: int = 0  # EBT only: learned embedding per MCMC step added to the prediction (0 = off)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def resolved_ffn_hidden_dim(self) -> int:
+        if self.ffn_hidden_dim:
+            return self.ffn_hidden_dim
+        hidden = int(8 * self.dim / 3)
+        return self.ffn_multiple_of * math.ceil(hidden / self.ffn_multiple_of)
+
+    def build(self) -> nn.Module:
+        from ebwm_scale.models.ar import ARFrames, ARText
+        from ebwm_scale.models.ebt import EBTFrames, EBTText
+
+        classes = {
+            ("ebt", "text"): EBTText,
+            ("ebt", "frames"): EBTFrames,
+            ("ar", "text"): ARText,
+            ("ar", "frames"): ARFrames,
+        }
+        return classes[(self.kind, self.modality)](self)

@@ -1,0 +1,97 @@
+"""Energy-Based Transformers: (context, candidate next state) -> one scalar energy per position (DESIGN §2, §3).
+
+The transformer runs on [real (S) ; predicted (S)] = 2S embeddings. Real tokens attend causally to real tokens;
+prediction i attends to real tokens 0..i and to itself only, so all S candidates are scored in one pass and
+independently. Prediction i stands for element i+1, so RoPE places it at position i+1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ebwm_scale.models.blocks import RMSNorm, Transformer, init_weights
+from ebwm_scale.models.config import ModelConfig
+
+
+def ebt_attention_mask(seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """(2S, 2S) bool mask, True = may attend. Rows/cols 0..S-1 are real, S..2S-1 are predictions."""
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    own = torch.eye(seq_len, dtype=torch.bool, device=device)
+    none = torch.zeros(seq_len, seq_len, dtype=torch.bool, device=device)
+    real_rows = torch.cat((causal, none), dim=1)  # real i -> real j <= i
+    pred_rows = torch.cat((causal, own), dim=1)  # prediction i -> real j <= i, and prediction i
+    return torch.cat((real_rows, pred_rows), dim=0)
+
+
+def ebt_positions(seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    real = torch.arange(seq_len, device=device)
+    return torch.cat((real, real + 1))  # (2S,)
+
+
+class EBT(nn.Module):
+    """Shared core. Subclasses say how the context and the candidate state become (B, S, D) embeddings.
+
+    forward(ctx, pred, mcmc_step) -> energy (B, S); energy[b, i] scores pred[b, i] as the successor of ctx[b, :i+1].
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.step_embeddings = nn.Embedding(cfg.num_step_embeddings, cfg.dim) if cfg.num_step_embeddings else None
+        self.transformer = Transformer(cfg)
+        self.energy_head = nn.Linear(cfg.dim, 1, bias=False)
+
+    def embed_context(self, ctx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed_pred(self, pred: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, ctx: torch.Tensor, pred: torch.Tensor, mcmc_step: int | None = None) -> torch.Tensor:
+        real = self.embed_context(ctx)  # (B, S, D)
+        candidate = self.embed_pred(pred)  # (B, S, D)
+        if self.step_embeddings is not None and mcmc_step is not None:
+            # Inference may run more steps than were trained: reuse the last learned step embedding.
+            index = min(mcmc_step, self.step_embeddings.num_embeddings - 1)
+            candidate = candidate + self.step_embeddings.weight[index]
+        seq_len = real.shape[1]
+        h = torch.cat((real, candidate), dim=1)  # (B, 2S, D)
+        mask = ebt_attention_mask(seq_len, h.device)
+        h = self.transformer(h, ebt_positions(seq_len, h.device), mask)
+        return self.energy_head(h[:, seq_len:]).squeeze(-1)  # (B, S)
+
+
+class EBTText(EBT):
+    """State: V-dim logits per position; softmax -> Linear(V, D) gives a mixture of embeddings."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.vocab_to_embed = nn.Linear(cfg.vocab_size, cfg.dim, bias=False)
+        init_weights(self)
+
+    def embed_context(self, ctx: torch.Tensor) -> torch.Tensor:
+        return self.tok_embeddings(ctx)  # (B, S) -> (B, S, D)
+
+    def embed_pred(self, pred: torch.Tensor) -> torch.Tensor:
+        # The state is fp32 (float64 in gradient checks) and autocast keeps softmax in fp32; only the V->D
+        # matmul runs in low precision.
+        probs = torch.softmax(pred, dim=-1)  # (B, S, V)
+        return self.vocab_to_embed(probs)  # (B, S, D)
+
+
+class EBTFrames(EBT):
+    """State: a continuous frame embedding (F dims); real and candidate frames share the input projection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.frame_in = nn.Linear(cfg.frame_dim, cfg.dim, bias=False)
+        self.frame_in_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        init_weights(self)
+
+    def embed_context(self, ctx: torch.Tensor) -> torch.Tensor:
+        return self.frame_in_norm(self.frame_in(ctx))  # (B, S, F) -> (B, S, D)
+
+    def embed_pred(self, pred: torch.Tensor) -> torch.Tensor:
+        return self.frame_in_norm(self.frame_in(pred))

@@ -1,0 +1,94 @@
+"""Training objectives: a model plus its loss, as one nn.Module whose forward takes a batch and returns the loss.
+
+A batch is a dict with "tokens" (B, S+1) int64 for text or "frames" (B, S+1, F) float for frames; the first S
+elements are the context and the last S the targets. Wrapping model and loss in one module (with alpha inside)
+lets DeepSpeed or any other engine treat the whole thing as one model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ebwm_scale.mcmc import MCMC, refine
+from ebwm_scale.models import EBT
+from ebwm_scale.models.blocks import at_least_fp32
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar to back-propagate
+    metrics: dict[str, torch.Tensor]  # detached scalars for logging
+
+
+def split_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    seq = batch["tokens"] if "tokens" in batch else batch["frames"]
+    return seq[:, :-1], seq[:, 1:]  # context (B, S, ...), target (B, S, ...)
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for token targets (pred: logits), SmoothL1(beta=1) for frame targets (DESIGN §2, §3)."""
+    if target.dtype == torch.long:
+        return F.cross_entropy(at_least_fp32(pred).flatten(0, 1), target.flatten())
+    return F.smooth_l1_loss(at_least_fp32(pred), target.to(at_least_fp32(pred).dtype), beta=1.0)
+
+
+class EBTObjective(nn.Module):
+    def __init__(self, model: EBT, mcmc: MCMC):
+        super().__init__()
+        self.model = model
+        self.mcmc = mcmc
+
+    def init_state(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Noise to start from: V logits per position for text, an F-dim embedding for frames. Always fp32."""
+        cfg = self.model.cfg
+        state_dim = cfg.vocab_size if cfg.modality == "text" else cfg.frame_dim
+        shape = (ctx.shape[0], ctx.shape[1], state_dim)
+        return self.mcmc.cfg.init_scale * torch.randn(shape, device=ctx.device, dtype=torch.float32)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        ctx, target = split_batch(batch)
+        result, loss = self.mcmc.train_refine(
+            lambda pred, step: self.model(ctx, pred, step), self.init_state(ctx), target, reconstruction_loss
+        )
+        metrics = {"loss": loss.detach(), "alpha": self.mcmc.step_size().detach()}
+        metrics.update({f"loss_step{k}": step_loss.detach() for k, step_loss in enumerate(result.losses)})
+        metrics["energy_first"], metrics["energy_last"] = result.energies[0], result.energies[-1]
+        return StepOutput(loss=loss, metrics=metrics)
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, torch.Tensor], num_steps: int | None = None) -> dict[str, torch.Tensor]:
+        """Deterministic refinement (no noise, no jitter), loss after the last step; no graph is kept."""
+        ctx, target = split_batch(batch)
+        result = refine(
+            lambda pred, step: self.model(ctx, pred, step),
+            self.init_state(ctx),
+            self.mcmc.step_size(),
+            num_steps or self.mcmc.cfg.num_steps,
+            target=target,
+            loss_fn=reconstruction_loss,
+            create_graph=False,
+        )
+        return {"loss": result.losses[-1].detach(), "energy_last": result.energies[-1]}
+
+
+class ARObjective(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        ctx, target = split_batch(batch)
+        loss = reconstruction_loss(self.model(ctx), target)
+        return StepOutput(loss=loss, metrics={"loss": loss.detach()})
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, torch.Tensor], num_steps: int | None = None) -> dict[str, torch.Tensor]:
+        return {"loss": self.forward(batch).loss}
+
+
+def build_objective(model: nn.Module, mcmc: MCMC) -> nn.Module:
+    return EBTObjective(model, mcmc) if isinstance(model, EBT) else ARObjective(model)

@@ -1,0 +1,93 @@
+"""One init path for every launcher: torchrun and the deepspeed launcher (RANK/WORLD_SIZE/LOCAL_RANK) and SLURM
+(SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, with MASTER_ADDR/MASTER_PORT exported by the batch script).
+
+Data parallelism is a plain all-reduce of the accumulated gradients after the outer backward: it sits outside the
+double-backward graph, so it is correct for the EBT loss by construction (DDP's autograd hooks are not).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def _launcher_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun/deepspeed, else SLURM, else a single process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_LOCALID"]), int(os.environ["SLURM_NTASKS"])
+    return 0, 0, 1
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but torch sees no CUDA device (CPU-only torch build?)")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(requested)
+
+
+def init_distributed(cfg: ParallelConfig, device: str) -> DistInfo:
+    rank, local_rank, world_size = _launcher_env()
+    info = DistInfo(rank, local_rank, world_size, resolve_device(device, local_rank))
+    if world_size > 1 and not dist.is_initialized():
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise RuntimeError(f"{var} is not set: the launcher (or the SLURM batch script) must export it")
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if info.device.type == "cuda" else "gloo")
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+    return info
+
+
+def all_reduce_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average .grad over the data-parallel ranks, in one flat buffer."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world_size == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
+    if world_size == 1:
+        return values
+    keys = sorted(values)
+    buffer = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(buffer)
+    return {k: float(v) / world_size for k, v in zip(keys, buffer)}
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,47 @@
+"""Entry point: `python ebwm_scale/pretrain.py RECIPE [key.sub=value ...]`, also `ebwm-pretrain`, torchrun, deepspeed."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ebwm_scale.config import ConfigError, load_config
+from ebwm_scale.objective import build_objective
+from ebwm_scale.parallel.dist import init_distributed, shutdown_distributed
+from ebwm_scale.train.callbacks import ConsoleCallback
+from ebwm_scale.train.tracking import MLflowCallback
+from ebwm_scale.train.trainer import Trainer
+
+USAGE = "usage: ebwm-pretrain RECIPE.yaml [key.sub=value ...]   (e.g. recipes/ci_tiny.yaml train.max_steps=50)"
+
+
+def main(argv: list[str]) -> dict:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    cfg = load_config(argv[0], argv[1:])
+    dist = init_distributed(cfg.parallel, cfg.train.device)
+    try:
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        objective = build_objective(cfg.model.build(), cfg.mcmc.build()).to(dist.device)
+        torch.manual_seed(cfg.train.seed + 1 + dist.rank)  # independent MCMC noise per rank
+        train_set, val_set, data_info = cfg.data.build_datasets()
+        callbacks = [ConsoleCallback(dist.is_rank0, cfg.train.log_interval_steps, cfg.train.progress_bar)]
+        if cfg.tracking.enabled:
+            callbacks.append(MLflowCallback(cfg.tracking, dist.is_rank0, cfg.train.log_interval_steps))
+        trainer = Trainer(cfg, objective, train_set, val_set, data_info, dist, callbacks)
+        return trainer.fit()
+    finally:
+        shutdown_distributed()
+
+
+def cli() -> None:
+    try:
+        main(sys.argv[1:])
+    except ConfigError as error:
+        sys.exit(f"ConfigError: {error}")
+
+
+if __name__ == "__main__":
+    cli()

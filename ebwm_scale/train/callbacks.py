@@ -1,0 +1,86 @@
+"""Callbacks: everything optional in a run (console output, tracking; later checkpoints, NaN guard, profiling).
+
+A callback gates itself on rank; the trainer calls every callback on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from ebwm_scale.train.trainer import Trainer
+
+
+class Callback:
+    def on_train_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_eval_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_train_end(self, trainer: Trainer, summary: dict[str, Any], error: BaseException | None) -> None:
+        pass
+
+
+def format_log_line(step: int, max_steps: int, m: dict[str, float]) -> str:
+    """One compact line: step, loss (per MCMC step), energy first -> last, alpha, grad norm, lr, throughput."""
+    parts = [f"step {step:>{len(str(max_steps))}}/{max_steps}", f"loss {m['loss']:.4f}"]
+    step_losses = [m[k] for k in sorted(m) if k.startswith("loss_step")]
+    if step_losses:
+        parts.append("per-step [" + " ".join(f"{v:.3f}" for v in step_losses) + "]")
+    if "energy_first" in m:
+        parts.append(f"E {m['energy_first']:+.3f}->{m['energy_last']:+.3f}")
+    if "alpha" in m:
+        parts.append(f"alpha {m['alpha']:.4g}")
+    parts += [f"gnorm {m['grad_norm']:.3f}", f"lr {m['lr']:.2e}", f"{m['tokens_per_s']:,.0f} tok/s"]
+    return " | ".join(parts)
+
+
+class ConsoleCallback(Callback):
+    """A progress bar, a log line every `log_interval_steps`, eval lines and a final summary table (rank 0)."""
+
+    def __init__(self, is_rank0: bool, log_interval_steps: int, progress_bar: bool):
+        self.is_rank0 = is_rank0
+        self.log_interval_steps = log_interval_steps
+        self.console = Console(highlight=False)
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=self.console, disable=not (progress_bar and is_rank0),
+        )
+        self.task = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if not self.is_rank0:
+            return
+        for line in trainer.describe():
+            self.console.print(line, soft_wrap=True)
+        self.task = self.progress.add_task("train", total=trainer.max_steps, completed=trainer.step)
+        self.progress.start()
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if not self.is_rank0:
+            return
+        self.progress.update(self.task, completed=step)
+        if step % self.log_interval_steps == 0 or step == trainer.max_steps:
+            self.console.print(format_log_line(step, trainer.max_steps, metrics), soft_wrap=True)
+
+    def on_eval_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if self.is_rank0:
+            line = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            self.console.print(f"eval @ step {step}: {line}", soft_wrap=True)
+
+    def on_train_end(self, trainer: Trainer, summary: dict[str, Any], error: BaseException | None) -> None:
+        if not self.is_rank0:
+            return
+        self.progress.stop()
+        table = Table(title="run summary" if error is None else "run summary (FAILED)", show_header=False)
+        for key, value in summary.items():
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        self.console.print(table)

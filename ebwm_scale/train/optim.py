@@ -1,0 +1,58 @@
+"""AdamW with a separate parameter group for the MCMC step size, and the warmup + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this at the last step
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def build(self, objective: nn.Module, alpha_lr_multiplier: float = 1.0) -> torch.optim.AdamW:
+        """Three groups: matrices (decayed), vectors such as norm gains (not decayed), alpha (own lr, no decay).
+
+        Each group carries `lr_multiplier`; `set_lr` sets group lr = lr_at(step) * lr_multiplier.
+        """
+        decay, no_decay, alpha = [], [], []
+        for name, param in objective.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.endswith("mcmc.alpha"):
+                alpha.append(param)
+            elif param.ndim >= 2:
+                decay.append(param)
+            else:
+                no_decay.append(param)
+        groups = [
+            {"params": decay, "weight_decay": self.weight_decay, "lr_multiplier": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_multiplier": 1.0},
+        ]
+        if alpha:
+            groups.append({"params": alpha, "weight_decay": 0.0, "lr_multiplier": alpha_lr_multiplier})
+        return torch.optim.AdamW(groups, lr=self.lr, betas=tuple(self.betas), eps=self.eps)
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_multiplier"]

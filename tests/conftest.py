@@ -1,0 +1,15 @@
+import pytest
+
+from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.models import ModelConfig
+
+
+def tiny_model_config(kind: str = "ebt", modality: str = "text", **overrides) -> ModelConfig:
+    fields = dict(kind=kind, modality=modality, vocab_size=32, frame_dim=8, dim=32, num_layers=2, num_heads=4)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+@pytest.fixture
+def tiny_mcmc() -> MCMCConfig:
+    return MCMCConfig(num_steps=2, alpha_init=5.0)

@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.models.blocks import attention
+from ebwm_scale.models.ebt import ebt_attention_mask, ebt_positions
+from ebwm_scale.objective import EBTObjective
+from tests.conftest import tiny_model_config
+
+
+def test_ebt_mask_layout():
+    expected = torch.tensor(
+        [  # r0 r1 r2 p0 p1 p2
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 0, 0, 1, 0, 0],
+            [1, 1, 0, 0, 1, 0],
+            [1, 1, 1, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(ebt_attention_mask(3), expected)
+    assert ebt_positions(3).tolist() == [0, 1, 2, 1, 2, 3]  # prediction i stands for token i+1
+
+
+@pytest.mark.parametrize("modality", ["text", "frames"])
+@pytest.mark.parametrize("attn_impl", ["math", "sdpa"])
+def test_energy_i_depends_only_on_real_prefix_and_own_prediction(modality, attn_impl):
+    torch.manual_seed(0)
+    model = tiny_model_config("ebt", modality, attn_impl=attn_impl).build().double()
+    seq_len, i = 6, 2
+    if modality == "text":
+        ctx = torch.randint(0, 32, (1, seq_len))
+        pred = torch.randn(1, seq_len, 32, dtype=torch.double)
+    else:
+        ctx = torch.randn(1, seq_len, 8, dtype=torch.double)
+        pred = torch.randn(1, seq_len, 8, dtype=torch.double)
+    base = model(ctx, pred)[0, i]
+
+    def energy_after(change_ctx_at=None, change_pred_at=None):
+        c, p = ctx.clone(), pred.clone()
+        if change_ctx_at is not None:
+            if modality == "text":
+                c[0, change_ctx_at] = (c[0, change_ctx_at] + 1) % 32
+            else:
+                c[0, change_ctx_at] += 1.0
+        if change_pred_at is not None:
+            p[0, change_pred_at] += torch.randn_like(p[0, change_pred_at])
+        return model(c, p)[0, i]
+
+    for j in range(i + 1, seq_len):  # the future is invisible
+        assert torch.allclose(energy_after(change_ctx_at=j), base, atol=1e-12, rtol=0)
+    for j in range(seq_len):  # other predictions are invisible
+        if j != i:
+            assert torch.allclose(energy_after(change_pred_at=j), base, atol=1e-12, rtol=0)
+    for j in range(i + 1):  # the real prefix and the own prediction are seen
+        assert not torch.allclose(energy_after(change_ctx_at=j), base)
+    assert not torch.allclose(energy_after(change_pred_at=i), base)
+
+
+@pytest.mark.parametrize("modality", ["text", "frames"])
+def test_ar_models_are_causal(modality):
+    torch.manual_seed(0)
+    model = tiny_model_config("ar", modality).build().double()
+    x = torch.randint(0, 32, (1, 6)) if modality == "text" else torch.randn(1, 6, 8, dtype=torch.double)
+    base = model(x)
+    changed = x.clone()
+    changed[0, 4] = (changed[0, 4] + 1) % 32 if modality == "text" else changed[0, 4] + 1
+    out = model(changed)
+    assert torch.allclose(out[0, :4], base[0, :4], atol=1e-12, rtol=0)
+    assert not torch.allclose(out[0, 4], base[0, 4])
+
+
+def _second_order_param_grads(model, ctx, pred):
+    """Gradient of a loss on (pred - grad_pred E) w.r.t. the parameters: the EBT training signal."""
+    pred = pred.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(ctx, pred).sum(), pred, create_graph=True)
+    refined = pred - 0.1 * grad
+    params = [p for p in model.parameters()]
+    return torch.autograd.grad(refined.pow(2).sum(), params, allow_unused=True)
+
+
+@pytest.mark.parametrize("modality", ["text", "frames"])
+def test_double_backward_through_every_safe_attention_path(modality):
+    torch.manual_seed(0)
+    reference = tiny_model_config("ebt", modality, attn_impl="math").build().double()
+    state = reference.state_dict()
+    ctx = torch.randint(0, 32, (2, 5)) if modality == "text" else torch.randn(2, 5, 8, dtype=torch.double)
+    pred = torch.randn(2, 5, 32 if modality == "text" else 8, dtype=torch.double)
+    grads = {}
+    for impl in ("math", "sdpa"):
+        model = tiny_model_config("ebt", modality, attn_impl=impl).build().double()
+        model.load_state_dict(state)
+        grads[impl] = _second_order_param_grads(model, ctx, pred)
+    attn_weight_grad = dict(zip([n for n, _ in reference.named_parameters()], grads["math"]))
+    assert attn_weight_grad["transformer.layers.0.attention.wqkv.weight"].abs().sum() > 0
+    for g_math, g_sdpa in zip(grads["math"], grads["sdpa"]):
+        if g_math is None:
+            assert g_sdpa is None
+        else:
+            assert torch.allclose(g_math, g_sdpa, atol=1e-10, rtol=1e-8)
+
+
+def test_fused_sdpa_kernel_has_no_double_backward():
+    """Why EBT configs refuse attn_impl=sdpa_fused: the CPU flash kernel cannot be differentiated twice."""
+    q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v, None, "sdpa_fused")
+    (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        gq.sum().backward()
+
+
+def test_ebt_loss_gradient_matches_finite_differences():
+    """float64 gradcheck of the MCMC loss (second order through the energy gradient) w.r.t. weights and alpha.
+
+    One MCMC step: with more, the per-step detach makes autograd's gradient deliberately truncated (the seed
+    pseudocode), so finite differences of the whole chain would not match it.
+    """
+    torch.manual_seed(0)
+    model = tiny_model_config("ebt", "text", num_layers=1, dim=16, num_heads=2, vocab_size=12).build().double()
+    mcmc = MCMCConfig(num_steps=1, alpha_init=3.0).build().double()
+    objective = EBTObjective(model, mcmc)
+    tokens = torch.randint(0, 12, (2, 5))
+    init = torch.randn(2, 4, 12, dtype=torch.double)
+    objective.init_state = lambda ctx: init.clone()  # fixed start so the loss is a deterministic function
+    names = ["transformer.layers.0.attention.wqkv.weight", "vocab_to_embed.weight", "energy_head.weight"]
+    params = dict(objective.named_parameters())
+    checked = [f"model.{n}" for n in names] + ["mcmc.alpha"]
+
+    def loss_of(*values):
+        overrides = dict(zip(checked, values))
+        out = torch.func.functional_call(objective, {**params, **overrides}, ({"tokens": tokens},))
+        return out.loss
+
+    inputs = tuple(params[n].detach().clone().requires_grad_(True) for n in checked)
+    assert torch.autograd.gradcheck(loss_of, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
