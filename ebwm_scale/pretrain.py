@@ -3,35 +3,40 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import torch
 
-from ebwm_scale.config import ConfigError, load_config
+from ebwm_scale.config import ConfigError, PretrainConfig, load_config
 from ebwm_scale.objective import build_objective
-from ebwm_scale.parallel.dist import init_distributed, shutdown_distributed
-from ebwm_scale.train.callbacks import ConsoleCallback
+from ebwm_scale.parallel.dist import DistInfo, init_distributed, shutdown_distributed
+from ebwm_scale.train.callbacks import Callback, ConsoleCallback
 from ebwm_scale.train.tracking import MLflowCallback
 from ebwm_scale.train.trainer import Trainer
 
 USAGE = "usage: ebwm-pretrain RECIPE.yaml [key.sub=value ...]   (e.g. recipes/ci_tiny.yaml train.max_steps=50)"
 
 
+def build_trainer(cfg: PretrainConfig, dist: DistInfo, extra_callbacks: Sequence[Callback] = ()) -> Trainer:
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    objective = build_objective(cfg.model.build(), cfg.mcmc.build()).to(dist.device)
+    torch.manual_seed(cfg.train.seed + 1 + dist.rank)  # independent MCMC noise per rank
+    train_set, val_set, data_info = cfg.data.build_datasets()
+    callbacks = [ConsoleCallback(dist.is_rank0, cfg.train.log_interval_steps, cfg.train.progress_bar)]
+    if cfg.tracking.enabled:
+        callbacks.append(MLflowCallback(cfg.tracking, dist.is_rank0, cfg.train.log_interval_steps))
+    return Trainer(cfg, objective, train_set, val_set, data_info, dist, [*callbacks, *extra_callbacks])
+
+
 def main(argv: list[str]) -> dict:
+    """Train the recipe argv[0] with overrides argv[1:]; returns the run summary."""
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
     cfg = load_config(argv[0], argv[1:])
     dist = init_distributed(cfg.parallel, cfg.train.device)
     try:
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        objective = build_objective(cfg.model.build(), cfg.mcmc.build()).to(dist.device)
-        torch.manual_seed(cfg.train.seed + 1 + dist.rank)  # independent MCMC noise per rank
-        train_set, val_set, data_info = cfg.data.build_datasets()
-        callbacks = [ConsoleCallback(dist.is_rank0, cfg.train.log_interval_steps, cfg.train.progress_bar)]
-        if cfg.tracking.enabled:
-            callbacks.append(MLflowCallback(cfg.tracking, dist.is_rank0, cfg.train.log_interval_steps))
-        trainer = Trainer(cfg, objective, train_set, val_set, data_info, dist, callbacks)
-        return trainer.fit()
+        return build_trainer(cfg, dist).fit()
     finally:
         shutdown_distributed()
 

@@ -1,0 +1,74 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ebwm_scale.config import ConfigError, load_config
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(recipe):
+    cfg = load_config(recipe)
+    assert cfg.train.run_name == recipe.stem
+
+
+def _recipe(tmp_path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def _error(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = _recipe(tmp_path, "model:\n  dimm: 64\n")
+    message = _error(path)
+    assert "unknown key model.dimm" in message and str(path) in message
+
+
+def test_wrong_type_names_key(tmp_path):
+    message = _error(_recipe(tmp_path, "train:\n  max_steps: lots\n"))
+    assert message.startswith("train.max_steps:") and "lots" in message
+
+
+@pytest.mark.parametrize(
+    "yaml_text, expected",
+    [
+        ("model:\n  dim: 100\n  num_heads: 3\n", "model.num_heads=3 does not divide model.dim=100"),
+        ("train:\n  max_steps: 0\n", "train.max_steps=0 must be > 0"),
+        ("model:\n  kind: diffusion\n", "model.kind='diffusion' is not one of ebt, ar"),
+        ("model:\n  attn_impl: sdpa_fused\n", "model.attn_impl='sdpa_fused' has no double backward"),
+        ("model:\n  modality: frames\n", "model.modality='frames' but data.source='stdlib_docs'"),
+        ("mcmc:\n  num_steps: 3\n  max_num_steps: 2\n", "mcmc.max_num_steps=2 is below mcmc.num_steps=3"),
+        ("optim:\n  betas: [0.9]\n", "optim.betas=[0.9] must be two numbers"),
+    ],
+)
+def test_impossible_values_are_rejected(tmp_path, yaml_text, expected):
+    assert expected in _error(_recipe(tmp_path, yaml_text))
+
+
+def test_overrides_apply_and_are_checked(tmp_path):
+    path = _recipe(tmp_path, "train:\n  max_steps: 5\n")
+    cfg = load_config(path, ["train.max_steps=7", "model.dim=64", "optim.betas=[0.8,0.9]"])
+    assert (cfg.train.max_steps, cfg.model.dim, cfg.optim.betas) == (7, 64, [0.8, 0.9])
+    assert "unknown key train.max_stepz" in _error(path, ["train.max_stepz=3"])
+    assert "command line" in _error(path, ["train.max_steps=abc"])
+    assert "not of the form key.sub=value" in _error(path, ["train.max_steps"])
+
+
+def test_cli_prints_one_line_config_error(tmp_path):
+    path = _recipe(tmp_path, "model:\n  num_heads: 7\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ebwm_scale.pretrain", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == f"ConfigError: model.num_heads=7 does not divide model.dim=128 ({path})"

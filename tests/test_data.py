@@ -1,0 +1,99 @@
+import numpy as np
+import torch
+
+from ebwm_scale.data.sampler import BatchLoader, fixed_batches
+from ebwm_scale.data.text import ByteTokenizer, TokenWindows, is_validation_document, stdlib_docs_splits
+from ebwm_scale.data.video import bounce, synthetic_video_splits
+
+
+class Indexed:
+    """Sample i holds the number i, so batches show which samples they contain."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"tokens": np.array([i], dtype=np.int64)}
+
+
+def _ids(batch):
+    return batch["tokens"][:, 0].tolist()
+
+
+def test_loader_resumes_exactly_from_its_state():
+    straight = BatchLoader(Indexed(50), batch_size=4, seed=7)
+    expected = [_ids(next(straight)) for _ in range(30)]  # crosses several epochs
+    first = BatchLoader(Indexed(50), batch_size=4, seed=7)
+    got = [_ids(next(first)) for _ in range(13)]
+    resumed = BatchLoader(Indexed(50), batch_size=4, seed=7)
+    resumed.load_state_dict(first.state_dict())
+    got += [_ids(next(resumed)) for _ in range(17)]
+    assert got == expected
+
+
+def test_loader_epochs_reshuffle_and_cover_each_sample_once():
+    loader = BatchLoader(Indexed(48), batch_size=4, seed=0)
+    epoch0 = [i for _ in range(12) for i in _ids(next(loader))]
+    epoch1 = [i for _ in range(12) for i in _ids(next(loader))]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(48))
+    assert epoch0 != epoch1
+
+
+def test_ranks_take_disjoint_slices_of_the_same_global_batch():
+    ranks = [BatchLoader(Indexed(40), batch_size=4, seed=3, rank=r, world_size=2) for r in range(2)]
+    single = BatchLoader(Indexed(40), batch_size=8, seed=3)
+    for _ in range(5):
+        per_rank = [_ids(next(loader)) for loader in ranks]
+        assert not set(per_rank[0]) & set(per_rank[1])
+        assert sorted(per_rank[0] + per_rank[1]) == sorted(_ids(next(single)))
+
+
+def test_fixed_batches_are_the_same_every_time():
+    assert [_ids(b) for b in fixed_batches(Indexed(20), 4, 3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+def test_byte_tokenizer_round_trips_unicode():
+    tok = ByteTokenizer()
+    text = "energy → minimum, naïve café"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_token_windows_have_seq_len_plus_one_tokens():
+    windows = TokenWindows(np.arange(100, dtype=np.uint8), seq_len=9)
+    assert len(windows) == 10 and windows[3]["tokens"].tolist() == list(range(30, 40))
+
+
+def test_stdlib_corpus_splits_are_deterministic_and_disjoint(tmp_path):
+    train, val, sha = stdlib_docs_splits(64, 5.0, str(tmp_path))
+    train2, val2, sha2 = stdlib_docs_splits(64, 5.0, str(tmp_path))  # second call reads the cache
+    assert sha == sha2 and len(train) == len(train2) and len(val) == len(val2)
+    assert len(train) > 5000 and 100 < len(val) < len(train) / 5
+    assert np.array_equal(train[10]["tokens"], train2[10]["tokens"])
+    assert is_validation_document("same text", 5.0) == is_validation_document("same text", 5.0)
+
+
+def test_bounce_reflects_inside_the_walls():
+    times = np.arange(200, dtype=np.float64)
+    pos = bounce(np.array([5.0]), np.array([1.7]), times, np.array([2.0]), np.array([10.0]))
+    assert pos.min() >= 2.0 and pos.max() <= 10.0
+    assert np.allclose(np.abs(np.diff(pos[:, 0]))[np.abs(np.diff(pos[:, 0])) > 1.69], 1.7)
+
+
+def test_synthetic_video_is_deterministic_standardized_and_moving():
+    train, val = synthetic_video_splits(64, 16, 15, 32, 4, 2, seed=1)
+    again, _ = synthetic_video_splits(64, 16, 15, 32, 4, 2, seed=1)
+    other, _ = synthetic_video_splits(64, 16, 15, 32, 4, 2, seed=2)
+    assert train[0]["frames"].shape == (16, 64) and train[0]["frames"].dtype == np.float32
+    assert np.array_equal(train.clips, again.clips) and not np.array_equal(train.clips, other.clips)
+    assert abs(train.clips.mean()) < 1e-4 and abs(train.clips.std() - 1) < 1e-4
+    assert not np.allclose(train[0]["frames"][0], train[0]["frames"][5])  # objects move
+    assert not np.array_equal(train.clips[:16], val.clips)
+
+
+def test_batches_are_torch_tensors_of_the_right_dtype():
+    train, _ = synthetic_video_splits(16, 4, 7, 32, 4, 1, seed=0)
+    batch = next(BatchLoader(train, batch_size=4, seed=0))
+    assert batch["frames"].dtype == torch.float32 and batch["frames"].shape == (4, 8, 64)
