@@ -100,17 +100,31 @@ def find_problem(cfg: PretrainConfig) -> str | None:
     """The first rule a config breaks, as 'key=value why', or None. Rules that span sections live here."""
     m, mc, o, d, t = cfg.model, cfg.mcmc, cfg.optim, cfg.data, cfg.train
     positive = {
-        "model.dim": m.dim, "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
-        "model.vocab_size": m.vocab_size, "model.frame_dim": m.frame_dim, "mcmc.num_steps": mc.num_steps,
-        "data.seq_len": d.seq_len, "data.micro_batch_size": d.micro_batch_size, "train.max_steps": t.max_steps,
-        "train.grad_accum_steps": t.grad_accum_steps, "train.log_interval_steps": t.log_interval_steps,
-        "train.eval_batches": t.eval_batches, "optim.lr": o.lr, "model.ffn_multiple_of": m.ffn_multiple_of,
+        "model.dim": m.dim,
+        "model.num_layers": m.num_layers,
+        "model.num_heads": m.num_heads,
+        "model.vocab_size": m.vocab_size,
+        "model.frame_dim": m.frame_dim,
+        "mcmc.num_steps": mc.num_steps,
+        "data.seq_len": d.seq_len,
+        "data.micro_batch_size": d.micro_batch_size,
+        "train.max_steps": t.max_steps,
+        "train.grad_accum_steps": t.grad_accum_steps,
+        "train.log_interval_steps": t.log_interval_steps,
+        "train.eval_batches": t.eval_batches,
+        "optim.lr": o.lr,
+        "model.ffn_multiple_of": m.ffn_multiple_of,
     }
     non_negative = {
-        "optim.weight_decay": o.weight_decay, "optim.warmup_steps": o.warmup_steps, "optim.grad_clip": o.grad_clip,
-        "mcmc.langevin_noise_std": mc.langevin_noise_std, "mcmc.alpha_jitter": mc.alpha_jitter,
-        "mcmc.init_scale": mc.init_scale, "train.eval_interval_steps": t.eval_interval_steps,
-        "model.num_step_embeddings": m.num_step_embeddings, "model.ffn_hidden_dim": m.ffn_hidden_dim,
+        "optim.weight_decay": o.weight_decay,
+        "optim.warmup_steps": o.warmup_steps,
+        "optim.grad_clip": o.grad_clip,
+        "mcmc.langevin_noise_std": mc.langevin_noise_std,
+        "mcmc.alpha_jitter": mc.alpha_jitter,
+        "mcmc.init_scale": mc.init_scale,
+        "train.eval_interval_steps": t.eval_interval_steps,
+        "model.num_step_embeddings": m.num_step_embeddings,
+        "model.ffn_hidden_dim": m.ffn_hidden_dim,
     }
     checks = [
         _choice("model.kind", m.kind, ("ebt", "ar")),

@@ -1,4 +1,4 @@
-"""Entry point: `python ebwm_scale/pretrain.py RECIPE [key.sub=value ...]`, also `ebwm-pretrain`, torchrun, deepspeed."""
+"""Entry point: `python ebwm_scale/pretrain.py RECIPE [key.sub=value ...]`; also ebwm-pretrain, torchrun, deepspeed."""
 
 from __future__ import annotations
 

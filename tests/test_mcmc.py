@@ -63,7 +63,9 @@ def test_langevin_noise_and_jitter_change_the_chain():
 
     def run(**options):
         torch.manual_seed(3)
-        return refine(lambda p, s: objective.model(ctx, p, s), init, torch.tensor(5.0), 3, create_graph=False, **options)
+        return refine(
+            lambda p, s: objective.model(ctx, p, s), init, torch.tensor(5.0), 3, create_graph=False, **options
+        )
 
     plain = run()
     assert torch.equal(plain.pred, run().pred)  # deterministic without noise
@@ -75,8 +77,9 @@ def test_refine_runs_under_no_grad_and_returns_detached_state():
     objective = _frames_objective()
     ctx = torch.randn(2, 5, 8)
     with torch.no_grad():
-        result = refine(lambda p, s: objective.model(ctx, p, s), torch.randn(2, 5, 8), torch.tensor(1.0), 3,
-                        create_graph=False)
+        result = refine(
+            lambda p, s: objective.model(ctx, p, s), torch.randn(2, 5, 8), torch.tensor(1.0), 3, create_graph=False
+        )
     assert len(result.energies) == 3 and not result.pred.requires_grad
 
 

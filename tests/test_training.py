@@ -13,8 +13,15 @@ from ebwm_scale.pretrain import build_trainer, main
 from ebwm_scale.train.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["model.dim=64", "model.num_layers=2", "model.num_heads=4", "train.progress_bar=false",
-         "tracking.enabled=false", "train.eval_interval_steps=0", "train.eval_batches=2"]
+SMALL = [
+    "model.dim=64",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "train.progress_bar=false",
+    "tracking.enabled=false",
+    "train.eval_interval_steps=0",
+    "train.eval_batches=2",
+]
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
@@ -65,8 +72,9 @@ def test_grad_accumulation_matches_a_larger_batch(tmp_path):
     """4 x 2 accumulated equals 8 at once (AR: no MCMC noise), up to float reassociation."""
     common = ["train.max_steps=3", "data.seq_len=16", "optim.warmup_steps=1"]
     big, _ = _train(tmp_path / "a", "ci_tiny_ar.yaml", *common, "data.micro_batch_size=8")
-    accumulated, _ = _train(tmp_path / "b", "ci_tiny_ar.yaml", *common, "data.micro_batch_size=4",
-                            "train.grad_accum_steps=2")
+    accumulated, _ = _train(
+        tmp_path / "b", "ci_tiny_ar.yaml", *common, "data.micro_batch_size=4", "train.grad_accum_steps=2"
+    )
     # The loader deals batches of 4 from the same permutation, so 2 x 4 covers the same samples as 8.
     for a, b in zip(big.train, accumulated.train, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -76,9 +84,19 @@ def test_pretrain_logs_to_mlflow_and_writes_config_and_summary(tmp_path):
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    summary = main([str(REPO / "recipes" / "ci_tiny_video.yaml"), *SMALL, "tracking.enabled=true",
-                    f"tracking.uri={uri}", "train.max_steps=4", "train.log_interval_steps=2",
-                    f"train.output_dir={tmp_path}", "data.video.num_clips=64", "data.micro_batch_size=8"])
+    summary = main(
+        [
+            str(REPO / "recipes" / "ci_tiny_video.yaml"),
+            *SMALL,
+            "tracking.enabled=true",
+            f"tracking.uri={uri}",
+            "train.max_steps=4",
+            "train.log_interval_steps=2",
+            f"train.output_dir={tmp_path}",
+            "data.video.num_clips=64",
+            "data.micro_batch_size=8",
+        ]
+    )
     run_dir = tmp_path / "ci_tiny_video"
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4 == summary["steps"]
     assert load_config(run_dir / "config.yaml").train.max_steps == 4  # the saved config loads as a recipe
@@ -94,9 +112,18 @@ def test_pretrain_logs_to_mlflow_and_writes_config_and_summary(tmp_path):
 
 def test_pretrain_runs_as_a_script(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "ebwm_scale" / "pretrain.py"), str(REPO / "recipes" / "ci_tiny_ar.yaml"),
-         *SMALL, "train.max_steps=2", f"train.output_dir={tmp_path}", "data.seq_len=16"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "ebwm_scale" / "pretrain.py"),
+            str(REPO / "recipes" / "ci_tiny_ar.yaml"),
+            *SMALL,
+            "train.max_steps=2",
+            f"train.output_dir={tmp_path}",
+            "data.seq_len=16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "run summary" in proc.stdout and "step 2/2" in proc.stdout

@@ -26,7 +26,8 @@ class BatchLoader:
         self.batches_per_epoch = len(dataset) // (batch_size * world_size)
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"dataset of {len(dataset)} samples is smaller than one global batch ({batch_size} x {world_size} ranks)"
+                f"dataset of {len(dataset)} samples is smaller than one global batch "
+                f"({batch_size} x {world_size} ranks)"
             )
         self.dataset = dataset
         self.batch_size = batch_size

@@ -29,7 +29,9 @@ def render_clip(rng: np.random.Generator, num_frames: int, frame_size: int, max_
     xs = bounce(rng.uniform(low, high), rng.uniform(-2.0, 2.0, num_objects), times, low, high)  # (T, n)
     ys = bounce(rng.uniform(low, high), rng.uniform(-2.0, 2.0, num_objects), times, low, high)
     grid = np.arange(frame_size, dtype=np.float64) + 0.5
-    dist2 = (grid[None, None, :, None] - xs[:, None, None, :]) ** 2 + (grid[None, :, None, None] - ys[:, None, None, :]) ** 2
+    dist2 = (grid[None, None, :, None] - xs[:, None, None, :]) ** 2 + (
+        grid[None, :, None, None] - ys[:, None, None, :]
+    ) ** 2
     discs = (dist2 <= radius**2) * brightness  # (T, H, W, n)
     return np.clip(discs.sum(-1), 0.0, 1.0).astype(np.float32)
 
@@ -44,8 +46,9 @@ def patch_mean_embeddings(frames: np.ndarray, patch_size: int) -> np.ndarray:
 class SyntheticVideoClips:
     """Map-style dataset of clips of T = seq_len + 1 frame embeddings, standardized to zero mean, unit variance."""
 
-    def __init__(self, num_clips: int, seq_len: int, frame_size: int, patch_size: int, max_objects: int,
-                 seed: int, split: str):
+    def __init__(
+        self, num_clips: int, seq_len: int, frame_size: int, patch_size: int, max_objects: int, seed: int, split: str
+    ):
         self.frame_dim = (frame_size // patch_size) ** 2
         clips = np.empty((num_clips, seq_len + 1, self.frame_dim), dtype=np.float32)
         for index in range(num_clips):
@@ -64,8 +67,9 @@ class SyntheticVideoClips:
         return {"frames": self.clips[index]}
 
 
-def synthetic_video_splits(num_clips: int, num_val_clips: int, seq_len: int, frame_size: int, patch_size: int,
-                           max_objects: int, seed: int) -> tuple[SyntheticVideoClips, SyntheticVideoClips]:
+def synthetic_video_splits(
+    num_clips: int, num_val_clips: int, seq_len: int, frame_size: int, patch_size: int, max_objects: int, seed: int
+) -> tuple[SyntheticVideoClips, SyntheticVideoClips]:
     """(train, val), both standardized with the train split's mean and std."""
     train = SyntheticVideoClips(num_clips, seq_len, frame_size, patch_size, max_objects, seed, "train")
     val = SyntheticVideoClips(num_val_clips, seq_len, frame_size, patch_size, max_objects, seed, "val")

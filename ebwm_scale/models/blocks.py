@@ -12,10 +12,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ebwm_scale.models.config import ATTENTION_IMPLS, ModelConfig
+
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Reductions in fp32 under bf16; float64 stays float64 (gradient checks)."""
@@ -55,9 +55,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2)  # (B, nh, L, hd)
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, impl: str
-) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, impl: str) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + mask) v for (B, nh, L, hd) inputs. mask: (L, L) bool, True = may attend;
     None = causal."""
     if impl == "math":

@@ -51,8 +51,13 @@ class ConsoleCallback(Callback):
         self.log_interval_steps = log_interval_steps
         self.console = Console(highlight=False)
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=self.console, disable=not (progress_bar and is_rank0),
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not (progress_bar and is_rank0),
         )
         self.task = None
 

@@ -69,12 +69,12 @@ class Trainer:
         self.max_steps = cfg.train.max_steps
         self.run_name = cfg.train.run_name
         self.output_dir = Path(cfg.train.output_dir) / self.run_name
-        self.tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * dist.world_size
+        self.tokens_per_step = (
+            cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * dist.world_size
+        )
         self.num_params = count_params(objective)
         self.flops_per_token = train_flops_per_token(objective.model, cfg.model, cfg.data.seq_len, cfg.mcmc.num_steps)
-        self.autocast = torch.autocast(
-            dist.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"
-        )
+        self.autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
     def describe(self) -> list[str]:
         c = self.cfg
@@ -88,7 +88,9 @@ class Trainer:
     def run_tags(self) -> dict[str, str]:
         c = self.cfg
         return {
-            "model_kind": c.model.kind, "modality": c.model.modality, "params": str(self.num_params),
+            "model_kind": c.model.kind,
+            "modality": c.model.modality,
+            "params": str(self.num_params),
             "tokens": str(self.tokens_per_step * self.max_steps),
             "flops": f"{self.flops_per_token * self.tokens_per_step * self.max_steps:.4g}",
         }
@@ -126,8 +128,11 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
             torch.manual_seed(EVAL_NOISE_SEED + self.dist.rank)
             batches = fixed_batches(
-                self.val_set, self.cfg.data.micro_batch_size, self.cfg.train.eval_batches,
-                self.dist.rank, self.dist.world_size,
+                self.val_set,
+                self.cfg.data.micro_batch_size,
+                self.cfg.train.eval_batches,
+                self.dist.rank,
+                self.dist.world_size,
             )
             for batch in batches:
                 with self.autocast:

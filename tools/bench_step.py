@@ -1,0 +1,89 @@
+"""EBT train step vs AR train step, same process, same sizes: does the EBT cost only what its FLOPs say?
+
+Prints ebt_step / ar_step (measured), the FLOP ratio from the pinned formula (ebwm_scale.train.metrics), and their
+quotient; goal: quotient <= 1.15 (CPU fp32 here; GPU bf16 later).
+
+    python tools/bench_step.py [--modality text|frames] [--dim 256] [--seq-len 128] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.models import ModelConfig
+from ebwm_scale.objective import build_objective
+from ebwm_scale.train.metrics import train_flops_per_token
+from ebwm_scale.train.optim import OptimConfig
+
+
+def time_train_steps(objective, batch, num_warmup: int, num_steps: int) -> float:
+    """Median seconds of forward + backward + optimizer step."""
+    optimizer = OptimConfig().build(objective, alpha_lr_multiplier=1.0)
+    times = []
+    for i in range(num_warmup + num_steps):
+        start = time.perf_counter()
+        objective(batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= num_warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modality", choices=["text", "frames"], default="text")
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=256)
+    parser.add_argument("--frame-dim", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--mcmc-steps", type=int, default=2)
+    parser.add_argument("--ebt-attn", default="sdpa", help="a double-backward-safe impl: math | sdpa")
+    parser.add_argument("--ar-attn", default="sdpa_fused", help="the AR baseline's fastest: sdpa_fused")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    shape = dict(
+        modality=args.modality,
+        dim=args.dim,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        vocab_size=args.vocab_size,
+        frame_dim=args.frame_dim,
+    )
+    if args.modality == "text":
+        batch = {"tokens": torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1))}
+    else:
+        batch = {"frames": torch.randn(args.batch_size, args.seq_len + 1, args.frame_dim)}
+    mcmc = MCMCConfig(num_steps=args.mcmc_steps, alpha_init=1.0)
+    results = {}
+    for kind, impl in (("ar", args.ar_attn), ("ebt", args.ebt_attn)):
+        cfg = ModelConfig(kind=kind, attn_impl=impl, **shape)
+        objective = build_objective(cfg.build(), mcmc.build())
+        seconds = time_train_steps(objective, batch, args.warmup, args.steps)
+        flops = train_flops_per_token(objective.model, cfg, args.seq_len, args.mcmc_steps)
+        results[kind] = (seconds, flops)
+        tokens = args.batch_size * args.seq_len
+        print(
+            f"{kind:>3} ({impl}): {seconds * 1e3:8.1f} ms/step  {tokens / seconds:9,.0f} tok/s  "
+            f"{flops / 1e6:8.2f} MFLOP/token  {flops * tokens / seconds / 1e9:6.2f} GFLOP/s"
+        )
+    time_ratio = results["ebt"][0] / results["ar"][0]
+    flop_ratio = results["ebt"][1] / results["ar"][1]
+    print(f"ebt_step / ar_step = {time_ratio:.3f}")
+    print(f"flop ratio (pinned formula) = {flop_ratio:.3f}")
+    print(f"quotient = {time_ratio / flop_ratio:.3f}  (goal <= 1.15 on CPU fp32)")
+
+
+if __name__ == "__main__":
+    main()
