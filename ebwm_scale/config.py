@@ -15,7 +15,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ebwm_scale.data.config import DATA_SOURCES, DataConfig
 from ebwm_scale.mcmc import MCMCConfig
-from ebwm_scale.models.config import ATTENTION_IMPLS, DOUBLE_BACKWARD_SAFE_ATTENTION, ModelConfig
+from ebwm_scale.models.config import ATTENTION_IMPLS, DOUBLE_BACKWARD_SAFE_ATTENTION, EBT_IMPLS, ModelConfig
 from ebwm_scale.parallel.dist import BACKENDS, ParallelConfig
 from ebwm_scale.train.optim import OptimConfig
 from ebwm_scale.train.tracking import TrackingConfig
@@ -130,6 +130,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         _choice("model.kind", m.kind, ("ebt", "ar")),
         _choice("model.modality", m.modality, ("text", "frames")),
         _choice("model.attn_impl", m.attn_impl, ATTENTION_IMPLS),
+        _choice("model.ebt_impl", m.ebt_impl, EBT_IMPLS),
         _choice("mcmc.loss_on", mc.loss_on, ("all", "last")),
         _choice("data.source", d.source, DATA_SOURCES),
         _choice("train.device", t.device, DEVICES),
@@ -142,9 +143,9 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         checks.append(f"model.num_heads={m.num_heads} does not divide model.dim={m.dim}")
     elif (m.dim // m.num_heads) % 2:
         checks.append(f"model.dim / model.num_heads = {m.dim // m.num_heads} must be even for RoPE")
-    if m.kind == "ebt" and m.attn_impl not in DOUBLE_BACKWARD_SAFE_ATTENTION:
+    if m.kind == "ebt" and m.ebt_impl == "masked" and m.attn_impl not in DOUBLE_BACKWARD_SAFE_ATTENTION:
         checks.append(
-            f"model.attn_impl={m.attn_impl!r} has no double backward, which the EBT loss needs; use "
+            f"model.attn_impl={m.attn_impl!r} has no double backward, which model.ebt_impl='masked' needs; use "
             + " or ".join(DOUBLE_BACKWARD_SAFE_ATTENTION)
         )
     if m.modality != d.modality:

@@ -51,8 +51,9 @@ class EBTObjective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         ctx, target = split_batch(batch)
+        context = self.model.encode_context(ctx)  # once per batch, shared by every MCMC step
         result, loss = self.mcmc.train_refine(
-            lambda pred, step: self.model(ctx, pred, step), self.init_state(ctx), target, reconstruction_loss
+            lambda pred, step: self.model.energy(context, pred, step), self.init_state(ctx), target, reconstruction_loss
         )
         metrics = {"loss": loss.detach(), "alpha": self.mcmc.step_size().detach()}
         metrics.update({f"loss_step{k}": step_loss.detach() for k, step_loss in enumerate(result.losses)})
@@ -63,8 +64,9 @@ class EBTObjective(nn.Module):
     def evaluate(self, batch: dict[str, torch.Tensor], num_steps: int | None = None) -> dict[str, torch.Tensor]:
         """Deterministic refinement (no noise, no jitter), loss after the last step; no graph is kept."""
         ctx, target = split_batch(batch)
+        context = self.model.encode_context(ctx)
         result = refine(
-            lambda pred, step: self.model(ctx, pred, step),
+            lambda pred, step: self.model.energy(context, pred, step),
             self.init_state(ctx),
             self.mcmc.step_size(),
             num_steps or self.mcmc.cfg.num_steps,

@@ -24,11 +24,14 @@ def test_ebt_mask_layout():
     assert ebt_positions(3).tolist() == [0, 1, 2, 1, 2, 3]  # prediction i stands for token i+1
 
 
+EBT_PATHS = [("masked", "math"), ("masked", "sdpa"), ("split", "math"), ("split", "sdpa"), ("split", "sdpa_fused")]
+
+
 @pytest.mark.parametrize("modality", ["text", "frames"])
-@pytest.mark.parametrize("attn_impl", ["math", "sdpa"])
-def test_energy_i_depends_only_on_real_prefix_and_own_prediction(modality, attn_impl):
+@pytest.mark.parametrize("ebt_impl, attn_impl", EBT_PATHS)
+def test_energy_i_depends_only_on_real_prefix_and_own_prediction(modality, ebt_impl, attn_impl):
     torch.manual_seed(0)
-    model = tiny_model_config("ebt", modality, attn_impl=attn_impl).build().double()
+    model = tiny_model_config("ebt", modality, ebt_impl=ebt_impl, attn_impl=attn_impl).build().double()
     seq_len, i = 6, 2
     if modality == "text":
         ctx = torch.randint(0, 32, (1, seq_len))
@@ -82,24 +85,28 @@ def _second_order_param_grads(model, ctx, pred):
 
 
 @pytest.mark.parametrize("modality", ["text", "frames"])
-def test_double_backward_through_every_safe_attention_path(modality):
+def test_every_attention_path_gives_the_same_energy_and_second_order_gradients(modality):
+    """Double backward through each (layout, kernel) pair; all equal the literal 2S masked math reference."""
     torch.manual_seed(0)
-    reference = tiny_model_config("ebt", modality, attn_impl="math").build().double()
+    reference = tiny_model_config("ebt", modality, ebt_impl="masked", attn_impl="math").build().double()
     state = reference.state_dict()
     ctx = torch.randint(0, 32, (2, 5)) if modality == "text" else torch.randn(2, 5, 8, dtype=torch.double)
     pred = torch.randn(2, 5, 32 if modality == "text" else 8, dtype=torch.double)
-    grads = {}
-    for impl in ("math", "sdpa"):
-        model = tiny_model_config("ebt", modality, attn_impl=impl).build().double()
+    results = {}
+    for ebt_impl, attn_impl in EBT_PATHS:
+        model = tiny_model_config("ebt", modality, ebt_impl=ebt_impl, attn_impl=attn_impl).build().double()
         model.load_state_dict(state)
-        grads[impl] = _second_order_param_grads(model, ctx, pred)
-    attn_weight_grad = dict(zip([n for n, _ in reference.named_parameters()], grads["math"]))
-    assert attn_weight_grad["transformer.layers.0.attention.wqkv.weight"].abs().sum() > 0
-    for g_math, g_sdpa in zip(grads["math"], grads["sdpa"]):
-        if g_math is None:
-            assert g_sdpa is None
-        else:
-            assert torch.allclose(g_math, g_sdpa, atol=1e-10, rtol=1e-8)
+        results[ebt_impl, attn_impl] = (model(ctx, pred), _second_order_param_grads(model, ctx, pred))
+    ref_energy, ref_grads = results["masked", "math"]
+    named = dict(zip([n for n, _ in reference.named_parameters()], ref_grads))
+    assert named["transformer.layers.0.attention.wqkv.weight"].abs().sum() > 0
+    for path, (energy, grads) in results.items():
+        torch.testing.assert_close(energy, ref_energy, rtol=1e-9, atol=1e-10, msg=str(path))
+        for name, g, g_ref in zip(named, grads, ref_grads):
+            if g_ref is None:
+                assert g is None or not g.abs().sum(), (path, name)
+            else:
+                torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-10, msg=f"{path} {name}")
 
 
 def test_fused_sdpa_kernel_has_no_double_backward():

@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--mcmc-steps", type=int, default=2)
-    parser.add_argument("--ebt-attn", default="sdpa", help="a double-backward-safe impl: math | sdpa")
+    parser.add_argument("--ebt-impl", default="split", help="EBT layout: split (default) | masked (literal 2S)")
+    parser.add_argument("--ebt-attn", default="sdpa", help="EBT context-stream kernel: math | sdpa | sdpa_fused")
     parser.add_argument("--ar-attn", default="sdpa_fused", help="the AR baseline's fastest: sdpa_fused")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
@@ -68,7 +69,7 @@ def main() -> None:
     mcmc = MCMCConfig(num_steps=args.mcmc_steps, alpha_init=1.0)
     results = {}
     for kind, impl in (("ar", args.ar_attn), ("ebt", args.ebt_attn)):
-        cfg = ModelConfig(kind=kind, attn_impl=impl, **shape)
+        cfg = ModelConfig(kind=kind, attn_impl=impl, ebt_impl=args.ebt_impl, **shape)
         objective = build_objective(cfg.build(), mcmc.build())
         seconds = time_train_steps(objective, batch, args.warmup, args.steps)
         flops = train_flops_per_token(objective.model, cfg, args.seq_len, args.mcmc_steps)

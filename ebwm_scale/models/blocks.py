@@ -74,6 +74,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
 
 
+def prediction_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor
+) -> torch.Tensor:
+    """The EBT's prediction rows without the 2S x 2S matrix: prediction i attends to real keys 0..i and to its own
+    key only. q, k, v: (B, nh, S, hd) of the predictions; k_ctx, v_ctx: (B, nh, S, hd) of the real tokens.
+    Explicit math, so it supports double backward."""
+    seq_len, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
+    scores_ctx = (q @ k_ctx.transpose(-2, -1)) * scale  # (B, nh, S, S)
+    scores_ctx = scores_ctx.masked_fill(~causal, float("-inf"))
+    score_self = (q * k).sum(-1, keepdim=True) * scale  # (B, nh, S, 1): the diagonal of the prediction block
+    probs = F.softmax(at_least_fp32(torch.cat((scores_ctx, score_self), dim=-1)), dim=-1).type_as(q)  # (B,nh,S,S+1)
+    return probs[..., :seq_len] @ v_ctx + probs[..., seq_len:] * v  # (B, nh, S, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -82,13 +97,20 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """(B, L, D) -> q, k, v as (B, nh, L, hd), RoPE applied to q and k."""
         batch, length, dim = x.shape
         q, k, v = self.wqkv(x).split(dim, dim=-1)  # 3 x (B, L, D)
         q, k, v = (t.view(batch, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q, k, v, mask, self.impl)  # (B, nh, L, hd)
-        return self.wo(out.transpose(1, 2).reshape(batch, length, dim))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        batch, _, length, _ = out.shape
+        return self.wo(out.transpose(1, 2).reshape(batch, length, -1))  # (B, nh, L, hd) -> (B, L, D)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+        q, k, v = self.project(x, cos, sin)
+        return self.merge_heads(attention(q, k, v, mask, self.impl))
 
 
 class SwiGLU(nn.Module):

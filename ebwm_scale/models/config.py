@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 ATTENTION_IMPLS = ("math", "sdpa", "sdpa_fused")
+EBT_IMPLS = ("split", "masked")
 DOUBLE_BACKWARD_SAFE_ATTENTION = ("math", "sdpa")
 
 
@@ -24,7 +25,12 @@ class ModelConfig:
     ffn_multiple_of: int = 32
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    attn_impl: str = "math"
+    # Kernel for causal attention over real tokens (the AR trunk, the EBT context stream). The EBT "split" layout
+    # only ever differentiates that stream once, so even "sdpa_fused" is allowed there; "masked" needs math/sdpa.
+    attn_impl: str = "sdpa"
+    # EBT layout: "split" encodes the real tokens once per batch and runs only the prediction stream per MCMC step
+    # (structured attention); "masked" runs the literal 2S sequence with a 2S x 2S mask every step (reference).
+    ebt_impl: str = "split"
     num_step_embeddings: int = 0  # EBT only: learned embedding per MCMC step added to the prediction (0 = off)
 
     @property

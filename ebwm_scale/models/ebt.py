@@ -3,14 +3,23 @@
 The transformer runs on [real (S) ; predicted (S)] = 2S embeddings. Real tokens attend causally to real tokens;
 prediction i attends to real tokens 0..i and to itself only, so all S candidates are scored in one pass and
 independently. Prediction i stands for element i+1, so RoPE places it at position i+1.
+
+Two layouts compute exactly that ("model.ebt_impl"):
+- "masked": the literal 2S sequence with a 2S x 2S mask, recomputed for every MCMC step (the reference).
+- "split" (default): real tokens never attend to predictions, so their stream does not depend on the candidate.
+  `encode_context` runs it once per batch and keeps each layer's keys/values; every MCMC step then runs only the
+  S prediction rows (`prediction_attention`). The energy gradient never enters the real stream, so that stream is
+  differentiated once (by the outer backward) and may even use fused attention kernels.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ebwm_scale.models.blocks import RMSNorm, Transformer, init_weights
+from ebwm_scale.models.blocks import RMSNorm, Transformer, attention, init_weights, prediction_attention
 from ebwm_scale.models.config import ModelConfig
 
 
@@ -29,10 +38,20 @@ def ebt_positions(seq_len: int, device: torch.device | None = None) -> torch.Ten
     return torch.cat((real, real + 1))  # (2S,)
 
 
+@dataclass
+class EncodedContext:
+    """What every MCMC step reuses: the context embeddings (B, S, D) and, for the split layout, each layer's
+    real-token keys and values (B, nh, S, hd), RoPE applied."""
+
+    embeddings: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
 class EBT(nn.Module):
     """Shared core. Subclasses say how the context and the candidate state become (B, S, D) embeddings.
 
     forward(ctx, pred, mcmc_step) -> energy (B, S); energy[b, i] scores pred[b, i] as the successor of ctx[b, :i+1].
+    The MCMC loop calls encode_context once and energy once per step.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -49,17 +68,49 @@ class EBT(nn.Module):
         raise NotImplementedError
 
     def forward(self, ctx: torch.Tensor, pred: torch.Tensor, mcmc_step: int | None = None) -> torch.Tensor:
+        return self.energy(self.encode_context(ctx), pred, mcmc_step)
+
+    def encode_context(self, ctx: torch.Tensor) -> EncodedContext:
         real = self.embed_context(ctx)  # (B, S, D)
+        kv = []
+        if self.cfg.ebt_impl == "split":
+            h = real
+            cos, sin = self.transformer.rope(torch.arange(real.shape[1], device=real.device))
+            for index, layer in enumerate(self.transformer.layers):
+                q, k, v = layer.attention.project(layer.attention_norm(h), cos, sin)  # (B, nh, S, hd)
+                kv.append((k, v))
+                if index == len(self.transformer.layers) - 1:
+                    break  # the last layer's real outputs feed nothing
+                h = h + layer.attention.merge_heads(attention(q, k, v, None, self.cfg.attn_impl))
+                h = h + layer.feed_forward(layer.ffn_norm(h))
+        return EncodedContext(embeddings=real, kv=kv)
+
+    def energy(self, context: EncodedContext, pred: torch.Tensor, mcmc_step: int | None = None) -> torch.Tensor:
         candidate = self.embed_pred(pred)  # (B, S, D)
         if self.step_embeddings is not None and mcmc_step is not None:
             # Inference may run more steps than were trained: reuse the last learned step embedding.
             index = min(mcmc_step, self.step_embeddings.num_embeddings - 1)
             candidate = candidate + self.step_embeddings.weight[index]
+        if self.cfg.ebt_impl == "split":
+            h = self._prediction_stream(context, candidate)
+        else:
+            h = self._masked_sequence(context.embeddings, candidate)
+        return self.energy_head(h).squeeze(-1)  # (B, S)
+
+    def _prediction_stream(self, context: EncodedContext, h: torch.Tensor) -> torch.Tensor:
+        """Only the S prediction rows of the 2S sequence, attending to the cached real keys/values."""
+        cos, sin = self.transformer.rope(torch.arange(1, h.shape[1] + 1, device=h.device))  # prediction i at i+1
+        for layer, (k_ctx, v_ctx) in zip(self.transformer.layers, context.kv):
+            q, k, v = layer.attention.project(layer.attention_norm(h), cos, sin)  # (B, nh, S, hd)
+            h = h + layer.attention.merge_heads(prediction_attention(q, k, v, k_ctx, v_ctx))
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+        return self.transformer.norm(h)  # (B, S, D)
+
+    def _masked_sequence(self, real: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
         seq_len = real.shape[1]
         h = torch.cat((real, candidate), dim=1)  # (B, 2S, D)
         mask = ebt_attention_mask(seq_len, h.device)
-        h = self.transformer(h, ebt_positions(seq_len, h.device), mask)
-        return self.energy_head(h[:, seq_len:]).squeeze(-1)  # (B, S)
+        return self.transformer(h, ebt_positions(seq_len, h.device), mask)[:, seq_len:]  # (B, S, D)
 
 
 class EBTText(EBT):
