@@ -1,12 +1,17 @@
 """Data parallelism on 2 gloo ranks equals one process on the whole batch, second-order EBT gradients included."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.objective import EBTObjective
 from ebwm_scale.parallel.dist import all_reduce_gradients, all_reduce_mean
 from tests.conftest import tiny_model_config
-from tests.distributed import run_distributed_test
+from tests.distributed import free_port, run_distributed_test
 
 
 def _objective_and_batch():
@@ -43,3 +48,33 @@ def _check_data_parallel_parity(rank, world_size):
 
 def test_data_parallel_gradients_match_single_process():
     run_distributed_test(_check_data_parallel_parity, world_size=2)
+
+
+def test_torchrun_two_ranks_match_one_process_end_to_end(tmp_path):
+    """`torchrun --nproc-per-node 2 pretrain.py` (gloo) follows the same loss curve as one process on the same
+    global batch: the sampler gives the ranks disjoint halves of it, and gradients are averaged."""
+    repo = Path(__file__).resolve().parents[1]
+    common = [
+        str(repo / "recipes" / "ci_tiny_ar.yaml"),
+        "model.dim=64",
+        "data.seq_len=16",
+        "train.max_steps=5",
+        "tracking.enabled=false",
+        "train.progress_bar=false",
+        "train.eval_batches=2",
+        "optim.warmup_steps=1",
+    ]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={free_port()}"]
+    runs = {
+        "two": [*launch, str(repo / "ebwm_scale" / "pretrain.py"), *common, "data.micro_batch_size=4"],
+        "one": [sys.executable, str(repo / "ebwm_scale" / "pretrain.py"), *common, "data.micro_batch_size=8"],
+    }
+    summaries = {}
+    for name, cmd in runs.items():
+        out = tmp_path / name
+        proc = subprocess.run([*cmd, f"train.output_dir={out}"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summaries[name] = json.loads((out / "ci_tiny_ar" / "summary.json").read_text())
+    for key in ("train_loss", "eval_loss"):
+        assert abs(summaries["two"][key] - summaries["one"][key]) < 1e-4 * abs(summaries["one"][key]), key
+    assert summaries["two"]["tokens"] == summaries["one"]["tokens"]

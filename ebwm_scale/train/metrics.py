@@ -5,7 +5,8 @@ output head included) and the second term the attention score/value matmuls.
 
 EBT: one MCMC step costs EBT_STEP_FLOPS_OVER_AR = 10/3 times an AR training step at equal N and tokens (the
 official EBT accounting: a forward over 2S positions, the backward for the energy gradient, and the outer backward
-through both); K steps cost K times that.
+through both); K steps cost K times that. This is the paper's count, kept for every compute axis so that results
+compare with it; the "split" EBT layout computes the real stream once per batch and so does less work than this.
 """
 
 from __future__ import annotations

@@ -82,7 +82,8 @@ class Trainer:
             f"run {self.run_name}: {c.model.kind.upper()}-{c.model.modality}, {self.num_params:,} parameters, "
             f"{c.model.num_layers} layers x {c.model.dim} dim, {self.flops_per_token / 1e6:.1f} MFLOP/token",
             f"data: {', '.join(f'{k} {v}' for k, v in self.data_info.items())}; {self.tokens_per_step:,} tokens/step",
-            f"device {self.dist.device}, {self.dist.world_size} rank(s), {c.train.precision}; output {self.output_dir}",
+            f"device {self.dist.device}, {self.dist.world_size} rank(s), {c.train.precision}; "
+            f"resolved config: {self.output_dir / 'config.yaml'}",
         ]
 
     def run_tags(self) -> dict[str, str]:

@@ -1,0 +1,45 @@
+"""The first losses of the tiny recipes, checked in: a change that moves them must say why.
+
+Regenerate after an intended change with `EBWM_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py`.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ebwm_scale.config import load_config
+from ebwm_scale.parallel.dist import DistInfo
+from ebwm_scale.pretrain import build_trainer
+from tests.test_training import SMALL, Recorder
+
+GOLDEN = Path(__file__).parent / "assets" / "golden_losses.json"
+REPO = Path(__file__).resolve().parents[1]
+CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+RUNS = {
+    "ci_tiny.yaml": ["data.seq_len=32", "data.micro_batch_size=8"],
+    "ci_tiny_ar.yaml": ["data.seq_len=32", "data.micro_batch_size=8"],
+    "ci_tiny_video.yaml": ["data.micro_batch_size=8", "data.video.num_clips=128"],
+    "ci_tiny_video_ar.yaml": ["data.micro_batch_size=8", "data.video.num_clips=128"],
+}
+
+
+def _first_losses(recipe: str, tmp_path) -> list[float]:
+    overrides = [*SMALL, *RUNS[recipe], "train.max_steps=8", f"train.output_dir={tmp_path}"]
+    recorder = Recorder()
+    build_trainer(load_config(REPO / "recipes" / recipe, overrides), CPU, [recorder]).fit()
+    return [m["loss"] for m in recorder.train]
+
+
+@pytest.mark.parametrize("recipe", sorted(RUNS))
+def test_first_losses_match_the_checked_in_curve(recipe, tmp_path):
+    losses = _first_losses(recipe, tmp_path)
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+    if os.environ.get("EBWM_UPDATE_GOLDEN"):
+        golden[recipe] = losses
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+    assert recipe in golden, f"no golden curve for {recipe}; see the module docstring"
+    assert losses == pytest.approx(golden[recipe], rel=1e-4)
