@@ -1,5 +1,5 @@
+import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -67,8 +67,8 @@ def test_overrides_apply_and_are_checked(tmp_path):
 
 def test_cli_prints_one_line_config_error(tmp_path):
     path = _recipe(tmp_path, "model:\n  num_heads: 7\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "ebwm_scale.pretrain", str(path)], capture_output=True, text=True, timeout=120
-    )
+    script = shutil.which("ebwm-pretrain")
+    assert script, "the ebwm-pretrain console script is not installed (pip install -e .)"
+    proc = subprocess.run([script, str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip() == f"ConfigError: model.num_heads=7 does not divide model.dim=128 ({path})"

@@ -50,10 +50,10 @@ def _mean_loss(records):
 @pytest.mark.parametrize(
     "recipe, extra, min_drop",
     [
-        ("ci_tiny.yaml", ["data.seq_len=32", "data.micro_batch_size=16", "optim.lr=3e-3"], 0.25),
+        ("ci_tiny.yaml", ["data.seq_len=32", "data.micro_batch_size=16", "optim.lr=3e-3"], 1.0),
         ("ci_tiny_ar.yaml", ["data.seq_len=32", "data.micro_batch_size=16", "optim.lr=3e-3"], 1.0),
-        ("ci_tiny_video.yaml", ["data.micro_batch_size=16", "data.video.num_clips=512"], 0.3),
-        ("ci_tiny_video_ar.yaml", ["data.micro_batch_size=16", "data.video.num_clips=512"], 0.3),
+        ("ci_tiny_video.yaml", ["data.micro_batch_size=16", "data.video.num_clips=512"], 0.5),
+        ("ci_tiny_video_ar.yaml", ["data.micro_batch_size=16", "data.video.num_clips=512"], 0.2),
     ],
 )
 def test_loss_decreases_within_100_steps(tmp_path, recipe, extra, min_drop):
