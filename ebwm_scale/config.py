@@ -114,6 +114,8 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         "train.eval_batches": t.eval_batches,
         "optim.lr": o.lr,
         "model.ffn_multiple_of": m.ffn_multiple_of,
+        "train.keep_last_checkpoints": t.keep_last_checkpoints,
+        "train.max_bad_steps": t.max_bad_steps,
     }
     non_negative = {
         "optim.weight_decay": o.weight_decay,
@@ -125,6 +127,8 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         "train.eval_interval_steps": t.eval_interval_steps,
         "model.num_step_embeddings": m.num_step_embeddings,
         "model.ffn_hidden_dim": m.ffn_hidden_dim,
+        "train.checkpoint_interval_steps": t.checkpoint_interval_steps,
+        "train.peak_tflops": t.peak_tflops,
     }
     checks = [
         _choice("model.kind", m.kind, ("ebt", "ar")),
@@ -166,6 +170,8 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         checks.append(f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         checks.append(f"optim.betas={o.betas} must be two numbers in [0, 1)")
+    if not t.resume:
+        checks.append("train.resume='' must be none, auto or a checkpoint URL")
     if not 0 < d.val_percent < 100:
         checks.append(f"data.val_percent={d.val_percent} must lie in (0, 100)")
     return next((c for c in checks if c), None)

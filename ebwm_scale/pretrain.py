@@ -10,9 +10,10 @@ import torch
 from ebwm_scale.config import ConfigError, PretrainConfig, load_config
 from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel.dist import DistInfo, init_distributed, shutdown_distributed
-from ebwm_scale.train.callbacks import Callback, ConsoleCallback
+from ebwm_scale.train.callbacks import Callback, ConsoleCallback, MetricsFileCallback
+from ebwm_scale.train.checkpoint import CheckpointCallback, CheckpointError
 from ebwm_scale.train.tracking import MLflowCallback
-from ebwm_scale.train.trainer import Trainer
+from ebwm_scale.train.trainer import NonFiniteError, Trainer
 
 USAGE = "usage: ebwm-pretrain RECIPE.yaml [key.sub=value ...]   (e.g. recipes/ci_tiny.yaml train.max_steps=50)"
 
@@ -22,9 +23,13 @@ def build_trainer(cfg: PretrainConfig, dist: DistInfo, extra_callbacks: Sequence
     objective = build_objective(cfg.model.build(), cfg.mcmc.build()).to(dist.device)
     torch.manual_seed(cfg.train.seed + 1 + dist.rank)  # independent MCMC noise per rank
     train_set, val_set, data_info = cfg.data.build_datasets()
-    callbacks = [ConsoleCallback(dist.is_rank0, cfg.train.log_interval_steps, cfg.train.progress_bar)]
+    callbacks = [
+        ConsoleCallback(dist.is_rank0, cfg.train.log_interval_steps, cfg.train.progress_bar),
+        MetricsFileCallback(dist.is_rank0),
+    ]
     if cfg.tracking.enabled:
         callbacks.append(MLflowCallback(cfg.tracking, dist.is_rank0, cfg.train.log_interval_steps))
+    callbacks.append(CheckpointCallback(cfg.train.checkpoint_interval_steps))  # last: sees every other state
     return Trainer(cfg, objective, train_set, val_set, data_info, dist, [*callbacks, *extra_callbacks])
 
 
@@ -46,6 +51,8 @@ def cli() -> None:
         main(sys.argv[1:])
     except ConfigError as error:
         sys.exit(f"ConfigError: {error}")
+    except (CheckpointError, NonFiniteError) as error:
+        sys.exit(f"{type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ A callback gates itself on rank; the trainer calls every callback on every rank.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -16,6 +17,14 @@ if TYPE_CHECKING:
 
 
 class Callback:
+    """Hooks are called on every rank, in list order. State returned by state_dict() is checkpointed."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
     def on_train_start(self, trainer: Trainer) -> None:
         pass
 
@@ -25,11 +34,14 @@ class Callback:
     def on_eval_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         pass
 
+    def on_checkpoint_saved(self, trainer: Trainer, step: int, url: str) -> None:
+        pass
+
     def on_train_end(self, trainer: Trainer, summary: dict[str, Any], error: BaseException | None) -> None:
         pass
 
 
-def format_log_line(step: int, max_steps: int, m: dict[str, float]) -> str:
+def format_log_line(step: int, max_steps: int, m: dict[str, float], unit: str) -> str:
     """One compact line: step, loss (per MCMC step), energy first -> last, alpha, grad norm, lr, throughput."""
     parts = [f"step {step:>{len(str(max_steps))}}/{max_steps}", f"loss {m['loss']:.4f}"]
     step_losses = [m[k] for k in sorted(m) if k.startswith("loss_step")]
@@ -39,7 +51,9 @@ def format_log_line(step: int, max_steps: int, m: dict[str, float]) -> str:
         parts.append(f"E {m['energy_first']:+.3f}->{m['energy_last']:+.3f}")
     if "alpha" in m:
         parts.append(f"alpha {m['alpha']:.4g}")
-    parts += [f"gnorm {m['grad_norm']:.3f}", f"lr {m['lr']:.2e}", f"{m['tokens_per_s']:,.0f} tok/s"]
+    parts += [f"gnorm {m['grad_norm']:.3f}", f"lr {m['lr']:.2e}", f"{m[unit + '_per_s']:,.0f} {unit}/s"]
+    if m.get("skipped_steps"):
+        parts.append(f"skipped {m['skipped_steps']:.0f}")
     return " | ".join(parts)
 
 
@@ -66,6 +80,8 @@ class ConsoleCallback(Callback):
             return
         for line in trainer.describe():
             self.console.print(line, soft_wrap=True)
+        if trainer.step:
+            self.console.print(f"resumed at step {trainer.step} from {trainer.resumed_from}", soft_wrap=True)
         self.task = self.progress.add_task("train", total=trainer.max_steps, completed=trainer.step)
         self.progress.start()
 
@@ -74,7 +90,11 @@ class ConsoleCallback(Callback):
             return
         self.progress.update(self.task, completed=step)
         if step % self.log_interval_steps == 0 or step == trainer.max_steps:
-            self.console.print(format_log_line(step, trainer.max_steps, metrics), soft_wrap=True)
+            self.console.print(format_log_line(step, trainer.max_steps, metrics, trainer.unit), soft_wrap=True)
+
+    def on_checkpoint_saved(self, trainer: Trainer, step: int, url: str) -> None:
+        if self.is_rank0:
+            self.console.print(f"checkpoint @ step {step}: {url}", soft_wrap=True)
 
     def on_eval_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         if self.is_rank0:
@@ -85,7 +105,32 @@ class ConsoleCallback(Callback):
         if not self.is_rank0:
             return
         self.progress.stop()
+        if trainer.stop_requested and error is None:
+            self.console.print(
+                f"{trainer.stop_requested}: stopped after step {trainer.step} with a checkpoint in "
+                f"{trainer.checkpointer.url}; rerun with train.resume=auto to continue",
+                soft_wrap=True,
+            )
         table = Table(title="run summary" if error is None else "run summary (FAILED)", show_header=False)
         for key, value in summary.items():
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
         self.console.print(table)
+
+
+class MetricsFileCallback(Callback):
+    """Appends every step's and eval's metrics as JSON lines to <run dir>/metrics.jsonl (rank 0); a resumed run
+    keeps appending, so the file holds the whole history, with re-run steps after a crash repeated."""
+
+    def __init__(self, is_rank0: bool):
+        self.is_rank0 = is_rank0
+
+    def _append(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if self.is_rank0:
+            with open(trainer.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        self._append(trainer, {"step": step, "split": "train", **metrics})
+
+    def on_eval_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        self._append(trainer, {"step": step, "split": "eval", **metrics})

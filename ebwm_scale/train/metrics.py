@@ -11,6 +11,9 @@ compare with it; the "split" EBT layout computes the real stream once per batch 
 
 from __future__ import annotations
 
+import resource
+
+import torch
 from torch import nn
 
 from ebwm_scale.models.blocks import count_params
@@ -29,3 +32,24 @@ def train_flops_per_token(model: nn.Module, cfg: ModelConfig, seq_len: int, num_
     if cfg.kind == "ebt":
         return num_mcmc_steps * EBT_STEP_FLOPS_OVER_AR * ar_flops
     return ar_flops
+
+
+# Dense bf16 tensor-core peaks (vendor datasheets, SXM parts). Matched against torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def peak_tflops(device: torch.device, override: float) -> float | None:
+    """The device's peak TFLOP/s for MFU: the recipe's value if set, the table for known GPUs, else None (CPU)."""
+    if override > 0:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA: max allocated by torch; CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

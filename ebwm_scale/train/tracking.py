@@ -1,8 +1,13 @@
-"""MLflow tracking: one run per training run, the resolved config as params and artifact, metrics by step."""
+"""MLflow tracking: one run per training run (continued across resumes), the resolved config as params and artifact,
+metrics by step. A tracking server that is down never stops training: calls fail fast, metrics are buffered and
+sent when the server answers again (beyond a bound they are dropped and counted), and the run warns."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,14 +18,18 @@ if TYPE_CHECKING:
     from ebwm_scale.train.trainer import Trainer
 
 MLFLOW_PARAM_MAX_CHARS = 6000
+MAX_BUFFERED_METRICS = 100_000
+# Fail fast instead of MLflow's default of 7 retries with exponential backoff (minutes of a stalled step).
+MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 @dataclass(kw_only=True)
 class TrackingConfig:
     enabled: bool = True
-    uri: str = "sqlite:///mlruns/mlflow.db"  # a local store by default; `http://host:5000` for a server
+    uri: str = "sqlite:///mlruns/mlflow.db"  # a local store by default; http://127.0.0.1:5000 for a server
     experiment: str = "ebwm-scale"
-    tags: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. ladder: nlp_tiny_cpu
+    retry_interval_s: float = 30.0  # after a failed call, wait this long before trying the server again
 
 
 def local_artifact_location(uri: str) -> str | None:
@@ -32,6 +41,16 @@ def local_artifact_location(uri: str) -> str | None:
     return (db_path.parent / "artifacts").resolve().as_uri()
 
 
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
 class MLflowCallback(Callback):
     def __init__(self, cfg: TrackingConfig, is_rank0: bool, log_interval_steps: int):
         self.cfg = cfg
@@ -39,47 +58,118 @@ class MLflowCallback(Callback):
         self.log_interval_steps = log_interval_steps
         self.client = None
         self.run_id: str | None = None
+        self.buffer: list[Any] = []  # mlflow Metric entries not yet sent
+        self.pending_files: list[str] = []
+        self.dropped = 0
+        self.failures = 0
+        self.next_attempt = 0.0
+        self.trainer: Trainer | None = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        if not self.is_rank0:
-            return
-        from mlflow import MlflowClient  # heavy import, only where tracking is on
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id or ""}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = state.get("run_id") or None
+
+    def _attempt(self, action, what: str) -> bool:
+        """Run one MLflow call; on failure warn, back off for retry_interval_s and report False."""
+        if time.monotonic() < self.next_attempt:
+            return False
+        try:
+            action()
+            return True
+        except Exception as error:  # network, HTTP and MLflow errors alike: tracking must not kill training
+            self.failures += 1
+            self.next_attempt = time.monotonic() + self.cfg.retry_interval_s
+            if self.failures == 1 or self.failures % 10 == 0:
+                first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+                warnings.warn(
+                    f"MLflow at {self.cfg.uri} failed to {what} ({first_line}); training continues, "
+                    f"{len(self.buffer)} metrics buffered, {self.dropped} dropped",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return False
+
+    def _start_run(self) -> None:
         from mlflow.entities import Param
 
-        self.client = MlflowClient(tracking_uri=self.cfg.uri)
+        trainer = self.trainer
+        if self.run_id:  # resumed: continue the same run
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
         experiment = self.client.get_experiment_by_name(self.cfg.experiment)
         if experiment is None:
             artifacts = local_artifact_location(self.cfg.uri)
             experiment_id = self.client.create_experiment(self.cfg.experiment, artifact_location=artifacts)
         else:
             experiment_id = experiment.experiment_id
-        tags = {**trainer.run_tags(), **self.cfg.tags}
+        tags = {**trainer.run_tags(), "git_commit": git_commit(), **self.cfg.tags}
         run = self.client.create_run(experiment_id, run_name=trainer.run_name, tags=tags)
-        self.run_id = run.info.run_id
         params = [Param(k, str(v)[:MLFLOW_PARAM_MAX_CHARS]) for k, v in trainer.flat_config().items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=params[start : start + 100])
-        self.client.log_artifact(self.run_id, str(trainer.output_dir / "config.yaml"))
+            self.client.log_batch(run.info.run_id, params=params[start : start + 100])
+        self.run_id = run.info.run_id
+        self.pending_files.append(str(trainer.output_dir / "config.yaml"))
 
-    def _log(self, metrics: dict[str, float], step: int, prefix: str = "") -> None:
+    def _flush(self) -> None:
+        if self.run_id is None and not self._attempt(self._start_run, "start the run"):
+            return
+        while self.buffer:
+            chunk = self.buffer[:1000]  # MLflow's per-request metric limit
+            if not self._attempt(lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk), "log"):
+                return
+            del self.buffer[: len(chunk)]
+        while self.pending_files:
+            path = self.pending_files[0]
+            if not self._attempt(lambda path=path: self.client.log_artifact(self.run_id, path), "upload"):
+                return
+            self.pending_files.pop(0)
+
+    def _log(self, metrics: dict[str, float], step: int, prefix: str) -> None:
         from mlflow.entities import Metric
 
         timestamp = int(time.time() * 1000)
-        entries = [Metric(prefix + k, float(v), timestamp, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=entries)
+        self.buffer += [Metric(prefix + k, float(v), timestamp, step) for k, v in metrics.items()]
+        if len(self.buffer) > MAX_BUFFERED_METRICS:
+            excess = len(self.buffer) - MAX_BUFFERED_METRICS
+            self.dropped += excess
+            del self.buffer[:excess]
+        self._flush()
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if not self.is_rank0:
+            return
+        from mlflow import MlflowClient  # heavy import, only where tracking is on
+
+        for key, value in MLFLOW_CLIENT_ENV.items():
+            os.environ.setdefault(key, value)
+        self.trainer = trainer
+        self.client = MlflowClient(tracking_uri=self.cfg.uri)
+        self._flush()
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        if self.run_id and (step % self.log_interval_steps == 0 or step == trainer.max_steps):
+        if self.client and (step % self.log_interval_steps == 0 or step == trainer.max_steps):
             self._log(metrics, step, "train/")
 
     def on_eval_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        if self.run_id:
+        if self.client:
             self._log(metrics, step, "eval/")
 
     def on_train_end(self, trainer: Trainer, summary: dict[str, Any], error: BaseException | None) -> None:
-        if not self.run_id:
+        if not self.client:
             return
         numeric = {k: v for k, v in summary.items() if isinstance(v, int | float)}
+        self.pending_files.append(str(trainer.output_dir / "summary.json"))
+        self.next_attempt = 0.0  # one last try, whatever the back-off
         self._log(numeric, trainer.step, "final/")
-        self.client.log_artifact(self.run_id, str(trainer.output_dir / "summary.json"))
-        self.client.set_terminated(self.run_id, status="FINISHED" if error is None else "FAILED")
+        status = "FAILED" if error else ("KILLED" if trainer.stop_requested else "FINISHED")
+        if self.run_id:
+            self._attempt(lambda: self.client.set_terminated(self.run_id, status=status), "close the run")
+        if self.buffer or self.dropped or self.run_id is None:
+            warnings.warn(
+                f"MLflow at {self.cfg.uri}: {len(self.buffer) + self.dropped} metrics were never logged "
+                "(they are in metrics.jsonl)",
+                RuntimeWarning,
+                stacklevel=2,
+            )

@@ -1,21 +1,35 @@
-"""The training loop: accumulate, all-reduce, clip, step, schedule, evaluate. Everything else is a callback."""
+"""The training loop: accumulate, all-reduce, guard against non-finite steps, clip, step, schedule, evaluate,
+checkpoint, stop cleanly on SIGTERM/SIGUSR1. Output (console, MLflow, metrics file, checkpoints) is callbacks."""
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist_c10d
 from torch import nn
 
 from ebwm_scale.data.sampler import SampleDataset, fixed_batches
 from ebwm_scale.models.blocks import count_params
 from ebwm_scale.parallel.dist import DistInfo, all_reduce_gradients, all_reduce_mean
 from ebwm_scale.train.callbacks import Callback
-from ebwm_scale.train.metrics import train_flops_per_token
+from ebwm_scale.train.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    TRAINER_FILE,
+    Checkpointer,
+    capture_rng_state,
+    model_file_bytes,
+    restore_rng_state,
+    torch_bytes,
+)
+from ebwm_scale.train.metrics import peak_memory_gb, peak_tflops, train_flops_per_token
 from ebwm_scale.train.optim import lr_at, set_lr
 
 if TYPE_CHECKING:
@@ -24,6 +38,7 @@ if TYPE_CHECKING:
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 EVAL_NOISE_SEED = 1234  # every eval starts the MCMC chains from the same noise, so evals are comparable
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM preemption sends one of these before the kill
 
 
 @dataclass(kw_only=True)
@@ -36,9 +51,19 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # bf16: autocast for the matmuls; the MCMC state and losses stay fp32
-    output_dir: str = "runs"  # the run writes <output_dir>/<run_name>/{config.yaml,summary.json}
+    output_dir: str = "runs"  # the run writes <output_dir>/<run_name>/{config.yaml,summary.json,metrics.jsonl}
     run_name: str = ""  # default: the recipe's file name
     progress_bar: bool = True
+    checkpoint_dir: str = ""  # any fsspec URL; default <output_dir>/<run_name>/checkpoints
+    checkpoint_interval_steps: int = 0  # 0: only at the end and when stopped by a signal
+    keep_last_checkpoints: int = 3
+    resume: str = "none"  # none | auto (newest complete checkpoint in checkpoint_dir, if any) | a checkpoint URL
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    peak_tflops: float = 0.0  # device peak for MFU; 0: known GPUs from a table, none on CPU
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row had a non-finite loss, energy, alpha or gradient."""
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -66,24 +91,37 @@ class Trainer:
         self.params = [p for p in objective.parameters() if p.requires_grad]
         self.train_loader = cfg.data.build_loader(train_set, dist.rank, dist.world_size)
         self.step = 0
+        self.skipped_steps = 0
+        self.bad_steps_in_a_row = 0
+        self.stop_requested: str | None = None  # the name of the signal that asked us to stop
+        self.resumed_from = ""
         self.max_steps = cfg.train.max_steps
         self.run_name = cfg.train.run_name
         self.output_dir = Path(cfg.train.output_dir) / self.run_name
+        self.checkpointer = Checkpointer(
+            cfg.train.checkpoint_dir or str(self.output_dir / "checkpoints"),
+            cfg.train.keep_last_checkpoints,
+            dist.rank,
+            dist.world_size,
+        )
+        self.unit = "tokens" if cfg.model.modality == "text" else "frames"
         self.tokens_per_step = (
             cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * dist.world_size
         )
         self.num_params = count_params(objective)
         self.flops_per_token = train_flops_per_token(objective.model, cfg.model, cfg.data.seq_len, cfg.mcmc.num_steps)
+        self.peak_tflops = peak_tflops(dist.device, cfg.train.peak_tflops)
         self.autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
     def describe(self) -> list[str]:
         c = self.cfg
         return [
             f"run {self.run_name}: {c.model.kind.upper()}-{c.model.modality}, {self.num_params:,} parameters, "
-            f"{c.model.num_layers} layers x {c.model.dim} dim, {self.flops_per_token / 1e6:.1f} MFLOP/token",
-            f"data: {', '.join(f'{k} {v}' for k, v in self.data_info.items())}; {self.tokens_per_step:,} tokens/step",
+            f"{c.model.num_layers} layers x {c.model.dim} dim, {self.flops_per_token / 1e6:.1f} MFLOP/{self.unit[:-1]}",
+            f"data: {', '.join(f'{k} {v}' for k, v in self.data_info.items())}; "
+            f"{self.tokens_per_step:,} {self.unit}/step",
             f"device {self.dist.device}, {self.dist.world_size} rank(s), {c.train.precision}; "
-            f"resolved config: {self.output_dir / 'config.yaml'}",
+            f"resolved config: {self.output_dir / 'config.yaml'}; checkpoints: {self.checkpointer.url}",
         ]
 
     def run_tags(self) -> dict[str, str]:
@@ -92,6 +130,7 @@ class Trainer:
             "model_kind": c.model.kind,
             "modality": c.model.modality,
             "params": str(self.num_params),
+            "size": f"{c.model.num_layers}L-{c.model.dim}d",
             "tokens": str(self.tokens_per_step * self.max_steps),
             "flops": f"{self.flops_per_token * self.tokens_per_step * self.max_steps:.4g}",
         }
@@ -99,26 +138,45 @@ class Trainer:
     def flat_config(self) -> dict[str, object]:
         return self.cfg.flat()
 
+    # ---- one optimizer step ----
+
     def train_step(self) -> dict[str, float]:
+        """Accumulate, all-reduce, clip and step; a step whose loss, energy, alpha or gradient is not finite is
+        skipped (no update), counted, and after train.max_bad_steps in a row the run stops."""
         lr = lr_at(self.step, self.cfg.optim, self.max_steps)
         set_lr(self.optimizer, lr)
         accum = self.cfg.train.grad_accum_steps
         sums: dict[str, torch.Tensor] = {}
+        data_wait = 0.0
         for _ in range(accum):
+            wait_start = time.perf_counter()
             batch = to_device(next(self.train_loader), self.dist.device)
+            data_wait += time.perf_counter() - wait_start
             with self.autocast:
                 out = self.objective(batch)
             (out.loss / accum).backward()
             for key, value in out.metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.float() / accum
         all_reduce_gradients(self.params, self.dist.world_size)
-        clip = self.cfg.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip or float("inf"))
         metrics = all_reduce_mean({k: float(v) for k, v in sums.items()}, self.dist.world_size)
         metrics.update(grad_norm=float(grad_norm), lr=lr)
+        bad = [k for k, v in metrics.items() if not torch.isfinite(torch.tensor(v))]
+        if bad:
+            self.skipped_steps += 1
+            self.bad_steps_in_a_row += 1
+        else:
+            self.optimizer.step()
+            self.bad_steps_in_a_row = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        metrics.update(skipped_steps=self.skipped_steps, data_wait_s=data_wait)
+        if bad and self.bad_steps_in_a_row >= self.cfg.train.max_bad_steps:
+            raise NonFiniteError(
+                f"{self.bad_steps_in_a_row} steps in a row (up to step {self.step}) had non-finite "
+                f"{', '.join(bad)}; stopping (train.max_bad_steps={self.cfg.train.max_bad_steps}). Lower optim.lr "
+                "or mcmc.alpha_init, or check the data."
+            )
         return metrics
 
     def evaluate(self) -> dict[str, float]:
@@ -144,22 +202,95 @@ class Trainer:
         self.objective.train()
         return all_reduce_mean({k: v / num_batches for k, v in sums.items()}, self.dist.world_size)
 
+    # ---- checkpoint state ----
+
+    def shared_state(self) -> dict[str, Any]:
+        """What every rank holds alike (saved once, by rank 0)."""
+        return {
+            "step": self.step,
+            "tokens_seen": self.step * self.tokens_per_step,
+            "skipped_steps": self.skipped_steps,
+            "bad_steps_in_a_row": self.bad_steps_in_a_row,
+            "optimizer": self.optimizer.state_dict(),
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
+        }
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"rng": capture_rng_state(), "loader": self.train_loader.state_dict()}
+
+    def save_checkpoint(self) -> str:
+        def shared_files() -> dict[str, bytes]:
+            return {
+                MODEL_FILE: model_file_bytes(self.objective.state_dict()),
+                TRAINER_FILE: torch_bytes(self.shared_state()),
+                CONFIG_FILE: self.cfg.to_yaml().encode(),
+            }
+
+        path = self.checkpointer.save(self.step, shared_files, torch_bytes(self.rank_state()))
+        for cb in self.callbacks:
+            cb.on_checkpoint_saved(self, self.step, path)
+        return path
+
+    def resume(self, url: str) -> None:
+        weights, shared, rank = self.checkpointer.load(url)
+        self.objective.load_state_dict(weights)
+        self.optimizer.load_state_dict(shared["optimizer"])
+        self.step = shared["step"]
+        self.skipped_steps = shared["skipped_steps"]
+        self.bad_steps_in_a_row = shared["bad_steps_in_a_row"]
+        for cb in self.callbacks:
+            cb.load_state_dict(shared["callbacks"].get(type(cb).__name__, {}))
+        self.train_loader.load_state_dict(rank["loader"])
+        restore_rng_state(rank["rng"])
+
+    def _resume_url(self) -> str | None:
+        resume = self.cfg.train.resume
+        if resume == "none":
+            return None
+        return self.checkpointer.latest() if resume == "auto" else resume
+
+    # ---- preemption ----
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        self.stop_requested = signal.Signals(signum).name
+
+    def _agree_on_stop(self) -> None:
+        """A signal may reach only some ranks; all must stop after the same step."""
+        if self.dist.world_size == 1:
+            return
+        flag = torch.tensor([1 if self.stop_requested else 0])
+        dist_c10d.all_reduce(flag, op=dist_c10d.ReduceOp.MAX)
+        if flag.item() and not self.stop_requested:
+            self.stop_requested = "signal on another rank"
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self._request_stop) for sig in STOP_SIGNALS}
+
+    # ---- the loop ----
+
     def fit(self) -> dict[str, Any]:
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        resume_url = self._resume_url()
+        if resume_url:
+            self.resume(resume_url)
+            self.resumed_from = resume_url
         if self.dist.is_rank0:
             (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml())
-        for cb in self.callbacks:
-            cb.on_train_start(self)
-        start = time.perf_counter()
+        previous_handlers = self._install_signal_handlers()
+        start_step, start = self.step, time.perf_counter()
         last_train: dict[str, float] = {}
         last_eval: dict[str, float] = {}
         error: BaseException | None = None
         try:
-            while self.step < self.max_steps:
+            for cb in self.callbacks:
+                cb.on_train_start(self)
+            while self.step < self.max_steps and not self.stop_requested:
                 step_start = time.perf_counter()
                 last_train = self.train_step()
-                last_train["tokens_per_s"] = self.tokens_per_step / (time.perf_counter() - step_start)
-                last_train["tflops"] = last_train["tokens_per_s"] * self.flops_per_token / 1e12
+                self._agree_on_stop()
+                self._add_throughput(last_train, time.perf_counter() - step_start)
                 for cb in self.callbacks:
                     cb.on_step_end(self, self.step, last_train)
                 interval = self.cfg.train.eval_interval_steps
@@ -171,13 +302,20 @@ class Trainer:
             error = caught
             raise
         finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
             elapsed = time.perf_counter() - start
             summary = {
                 "run": self.run_name,
+                "status": "failed"
+                if error
+                else (f"stopped by {self.stop_requested}" if self.stop_requested else "finished"),
+                "resumed_from": self.resumed_from,
                 "steps": self.step,
-                "tokens": self.step * self.tokens_per_step,
+                "skipped_steps": self.skipped_steps,
+                self.unit: self.step * self.tokens_per_step,
                 "wall_time_s": elapsed,
-                "tokens_per_s": self.step * self.tokens_per_step / max(elapsed, 1e-9),
+                f"{self.unit}_per_s": (self.step - start_step) * self.tokens_per_step / max(elapsed, 1e-9),
                 "train_loss": last_train.get("loss", float("nan")),
                 "eval_loss": last_eval.get("loss", float("nan")),
                 "output_dir": str(self.output_dir),
@@ -187,3 +325,11 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_train_end(self, summary, error)
         return summary
+
+    def _add_throughput(self, metrics: dict[str, float], step_seconds: float) -> None:
+        metrics[f"{self.unit}_per_s"] = self.tokens_per_step / step_seconds
+        metrics["tflops"] = metrics[f"{self.unit}_per_s"] * self.flops_per_token / 1e12
+        if self.peak_tflops:
+            metrics["mfu"] = metrics["tflops"] / self.peak_tflops
+        metrics["data_wait_pct"] = 100 * metrics.pop("data_wait_s") / step_seconds
+        metrics["peak_mem_gb"] = peak_memory_gb(self.dist.device)

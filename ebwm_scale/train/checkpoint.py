@@ -1,0 +1,277 @@
+"""Atomic, verifiable checkpoints on any fsspec filesystem (local, file://, s3://, gs://, memory:// in tests).
+
+Layout of one checkpoint, `<dir>/step_00000050/`:
+    model.safetensors   the objective's weights (model + alpha): safetensors, so loading never runs code
+    trainer.pt          optimizer, step, callback states (torch.load(weights_only=True))
+    rank_00000.pt ...   per rank: RNG states (python, numpy, torch, cuda) and the data-loader position
+    config.yaml         the resolved recipe
+    COMPLETE.json       written last: size and sha256 of every file above
+
+A checkpoint is written under `.tmp-step_…`, fsynced, its manifest added, then renamed into place. One without a
+manifest that matches its files (a crash mid-write, a partial copy on an object store) is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ebwm_scale.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from ebwm_scale.train.trainer import Trainer
+
+MANIFEST = "COMPLETE.json"
+MODEL_FILE = "model.safetensors"
+TRAINER_FILE = "trainer.pt"
+CONFIG_FILE = "config.yaml"
+NAME_PATTERN = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the path."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def torch_from_bytes(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG a step may draw from, in a form torch.load(weights_only=True) accepts."""
+    _, key, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    key = numpy["key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, numpy["pos"], numpy["has_gauss"], numpy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class Checkpointer:
+    """Saves and finds checkpoints under one directory URL. Every rank calls save/load; rank 0 commits."""
+
+    def __init__(self, url: str, keep_last: int, rank: int = 0, world_size: int = 1):
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+        self.is_local = "file" in self.fs.protocol or "local" in self.fs.protocol
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def _write(self, path: str, data: bytes) -> dict[str, Any]:
+        with self.fs.open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            if self.is_local:
+                os.fsync(f.fileno())
+        return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def _fsync_dir(self, path: str) -> None:
+        if self.is_local:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def check_writable(self) -> None:
+        """Fail at start, not after hours of training, when the directory cannot take files."""
+        probe = self._path(f".write-probe-{self.rank}")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self._write(probe, b"ok")
+            self.fs.rm(probe)
+        except OSError as error:
+            raise CheckpointError(f"checkpoint directory {self.url} is not writable: {error}") from None
+
+    def save(self, step: int, shared: Callable[[], dict[str, bytes]], per_rank: bytes) -> str:
+        """Write checkpoint `step`. `shared` builds rank 0's files (name -> bytes); each rank passes its own state.
+        Returns the final path. On any write error (on any rank) the temp dir is removed and every rank raises
+        CheckpointError; earlier checkpoints are untouched."""
+        name = checkpoint_name(step)
+        tmp, final = self._path(f".tmp-{name}"), self._path(name)
+        entries: dict[str, Any] = {}
+        error = None
+        try:
+            if self.rank == 0:
+                if self.fs.exists(tmp):  # left by a crash: never complete, safe to drop
+                    self.fs.rm(tmp, recursive=True)
+                self.fs.makedirs(tmp, exist_ok=True)
+        except OSError as caught:
+            error = f"cannot write checkpoint {final}: {caught}"
+        _barrier()
+        if error is None:
+            try:
+                entries[rank_file(self.rank)] = self._write(f"{tmp}/{rank_file(self.rank)}", per_rank)
+                if self.rank == 0:
+                    for file_name, data in shared().items():
+                        entries[file_name] = self._write(f"{tmp}/{file_name}", data)
+            except OSError as caught:
+                error = f"cannot write checkpoint {final}: {caught}"
+        gathered = [(entries, error)]
+        if dist.is_initialized():
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, (entries, error))
+        if self.rank == 0:
+            error = next((e for _, e in gathered if e), None)
+            if error is None:
+                try:
+                    self._commit(step, tmp, final, [e for e, _ in gathered])
+                except OSError as caught:
+                    error = f"cannot commit checkpoint {final}: {caught}"
+            if error is not None:
+                self._discard(tmp)
+        outcome = [error]
+        if dist.is_initialized():
+            dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise CheckpointError(outcome[0])
+        return final
+
+    def _commit(self, step: int, tmp: str, final: str, rank_entries: list[dict[str, Any]]) -> None:
+        manifest = {"step": step, "world_size": self.world_size, "files": {}}
+        for entries in rank_entries:
+            manifest["files"].update(entries)
+        self._write(f"{tmp}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        self._fsync_dir(tmp)
+        if self.fs.exists(final):  # a re-save of the same step
+            self.fs.rm(final, recursive=True)
+        self.fs.mv(tmp, final, recursive=True)
+        self._fsync_dir(self.root)
+        self._prune()
+
+    def _discard(self, tmp: str) -> None:
+        if self.rank == 0:
+            try:
+                self.fs.rm(tmp, recursive=True)
+            except OSError:
+                pass  # the write already failed; the temp dir has no manifest and is never loaded
+
+    def _prune(self) -> None:
+        complete = self.complete_checkpoints()
+        for path in complete[: max(0, len(complete) - self.keep_last)]:
+            self.fs.rm(path, recursive=True)
+
+    def _manifest(self, fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+        try:
+            with fs.open(f"{path}/{MANIFEST}", "rb") as f:
+                return json.loads(f.read())
+        except (OSError, ValueError):
+            return None
+
+    def complete_checkpoints(self) -> list[str]:
+        """Paths (in this filesystem) of checkpoints with a manifest, oldest first; files are verified on load."""
+        if not self.fs.exists(self.root):
+            return []
+        found = []
+        for entry in self.fs.ls(self.root, detail=False):
+            entry = entry.rstrip("/")
+            match = NAME_PATTERN.match(entry.rsplit("/", 1)[-1])
+            if match and self._manifest(self.fs, entry) is not None:
+                found.append((int(match.group(1)), entry))
+        return [path for _, path in sorted(found)]
+
+    def latest(self) -> str | None:
+        """URL of the newest complete checkpoint, or None."""
+        complete = self.complete_checkpoints()
+        return self.fs.unstrip_protocol(complete[-1]) if complete else None
+
+    def load(self, url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+        """(model weights, trainer state, this rank's state) of the verified checkpoint at `url`."""
+        fs, path = fsspec.core.url_to_fs(url)
+        manifest = self._manifest(fs, path)
+        if manifest is None:
+            raise CheckpointError(f"{url} is not a complete checkpoint (no readable {MANIFEST})")
+        if manifest["world_size"] != self.world_size:
+            raise CheckpointError(
+                f"{url} was saved by {manifest['world_size']} ranks, this run has {self.world_size}; "
+                "export it (tools/export.py) and start from the weights instead"
+            )
+
+        def read(file_name: str) -> bytes:
+            expected = manifest["files"][file_name]
+            try:
+                with fs.open(f"{path}/{file_name}", "rb") as f:
+                    data = f.read()
+            except OSError as error:
+                raise CheckpointError(f"cannot read {url}/{file_name}: {error}") from None
+            if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+                raise CheckpointError(f"{url}/{file_name} does not match its manifest: the checkpoint is corrupt")
+            return data
+
+        weights = load_safetensors(read(MODEL_FILE))
+        return weights, torch_from_bytes(read(TRAINER_FILE)), torch_from_bytes(read(rank_file(self.rank)))
+
+
+def model_file_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    return save_safetensors({k: v.detach().contiguous().cpu() for k, v in state.items()})
+
+
+class CheckpointCallback(Callback):
+    """Saves every `interval_steps`, when a stop was requested (preemption), and at the end of a run."""
+
+    def __init__(self, interval_steps: int):
+        self.interval_steps = interval_steps
+        self.last_saved_step = -1
+
+    def _save(self, trainer: Trainer) -> None:
+        if trainer.step != self.last_saved_step:
+            trainer.save_checkpoint()
+            self.last_saved_step = trainer.step
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.last_saved_step = trainer.step  # the resumed checkpoint needs no re-save
+        trainer.checkpointer.check_writable()
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if trainer.stop_requested or (self.interval_steps and step % self.interval_steps == 0):
+            self._save(trainer)
+
+    def on_train_end(self, trainer: Trainer, summary: dict[str, Any], error: BaseException | None) -> None:
+        if error is None:
+            self._save(trainer)
