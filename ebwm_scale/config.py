@@ -68,6 +68,19 @@ def _merge(base, update, source: str):
         raise ConfigError(f"{_describe(error)} ({source})") from None
 
 
+def config_from_text(text: str, source: str) -> PretrainConfig:
+    """A full config from YAML/JSON text (a saved config.yaml, an export's config.json), checked like a recipe."""
+    try:
+        loaded = OmegaConf.create(text)
+    except Exception as error:
+        raise ConfigError(f"cannot parse {source}: {str(error).splitlines()[0]}") from None
+    cfg: PretrainConfig = OmegaConf.to_object(_merge(OmegaConf.structured(PretrainConfig), loaded, source))
+    problem = find_problem(cfg)
+    if problem:
+        raise ConfigError(f"{problem} ({source})")
+    return cfg
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
     """Load a recipe, apply `a.b=c` overrides, check everything; raises ConfigError with a one-line message."""
     path = Path(path)

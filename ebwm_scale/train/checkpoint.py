@@ -217,35 +217,40 @@ class Checkpointer:
         return [path for _, path in sorted(found)]
 
     def latest(self) -> str | None:
-        """URL of the newest complete checkpoint, or None."""
+        """URL (in the form this checkpointer was given) of the newest complete checkpoint, or None."""
         complete = self.complete_checkpoints()
-        return self.fs.unstrip_protocol(complete[-1]) if complete else None
+        return f"{self.url.rstrip('/')}/{complete[-1].rsplit('/', 1)[-1]}" if complete else None
 
-    def load(self, url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-        """(model weights, trainer state, this rank's state) of the verified checkpoint at `url`."""
+    def read_verified(self, url: str, file_name: str) -> bytes:
+        """One file of the checkpoint at `url`, checked against the manifest's size and sha256."""
         fs, path = fsspec.core.url_to_fs(url)
         manifest = self._manifest(fs, path)
         if manifest is None:
             raise CheckpointError(f"{url} is not a complete checkpoint (no readable {MANIFEST})")
-        if manifest["world_size"] != self.world_size:
+        expected = manifest["files"].get(file_name)
+        if expected is None:
+            raise CheckpointError(f"{url} has no {file_name} (it was saved by {manifest['world_size']} ranks)")
+        try:
+            with fs.open(f"{path}/{file_name}", "rb") as f:
+                data = f.read()
+        except OSError as error:
+            raise CheckpointError(f"cannot read {url}/{file_name}: {error}") from None
+        if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise CheckpointError(f"{url}/{file_name} does not match its manifest: the checkpoint is corrupt")
+        return data
+
+    def load(self, url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+        """(model weights, trainer state, this rank's state) of the verified checkpoint at `url`."""
+        fs, path = fsspec.core.url_to_fs(url)
+        saved_by = (self._manifest(fs, path) or {}).get("world_size", self.world_size)
+        if saved_by != self.world_size:  # the data position and RNG streams are per rank
             raise CheckpointError(
-                f"{url} was saved by {manifest['world_size']} ranks, this run has {self.world_size}; "
-                "export it (tools/export.py) and start from the weights instead"
+                f"{url} was saved by {saved_by} ranks, this run has {self.world_size}: exact resume needs the same "
+                "number; export it (tools/export.py) to start a new run from its weights"
             )
-
-        def read(file_name: str) -> bytes:
-            expected = manifest["files"][file_name]
-            try:
-                with fs.open(f"{path}/{file_name}", "rb") as f:
-                    data = f.read()
-            except OSError as error:
-                raise CheckpointError(f"cannot read {url}/{file_name}: {error}") from None
-            if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-                raise CheckpointError(f"{url}/{file_name} does not match its manifest: the checkpoint is corrupt")
-            return data
-
-        weights = load_safetensors(read(MODEL_FILE))
-        return weights, torch_from_bytes(read(TRAINER_FILE)), torch_from_bytes(read(rank_file(self.rank)))
+        weights = load_safetensors(self.read_verified(url, MODEL_FILE))
+        trainer_state = torch_from_bytes(self.read_verified(url, TRAINER_FILE))
+        return weights, trainer_state, torch_from_bytes(self.read_verified(url, rank_file(self.rank)))
 
 
 def model_file_bytes(state: dict[str, torch.Tensor]) -> bytes:

@@ -1,0 +1,47 @@
+"""Topology-independent export: a checkpoint's weights as one safetensors file plus the resolved config as JSON.
+
+The export holds everything needed to rebuild the model for inference or to start a new run from its weights,
+and nothing of the training topology (ranks, optimizer, data position).
+"""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from ebwm_scale.config import PretrainConfig, config_from_text
+from ebwm_scale.objective import build_objective
+from ebwm_scale.train.checkpoint import CONFIG_FILE, MODEL_FILE, Checkpointer
+
+EXPORT_CONFIG = "config.json"
+
+
+def export_checkpoint(checkpoint_url: str, out_url: str) -> None:
+    reader = Checkpointer(checkpoint_url, keep_last=1)
+    weights = reader.read_verified(checkpoint_url, MODEL_FILE)
+    cfg = config_from_text(reader.read_verified(checkpoint_url, CONFIG_FILE).decode(), checkpoint_url)
+    fs, root = fsspec.core.url_to_fs(out_url)
+    fs.makedirs(root, exist_ok=True)
+    tensors = load_safetensors(weights)
+    with fs.open(f"{root}/{MODEL_FILE}", "wb") as f:
+        f.write(save_safetensors(tensors, metadata={"format": "ebwm-scale", "source": checkpoint_url}))
+    with fs.open(f"{root}/{EXPORT_CONFIG}", "w") as f:
+        json.dump(OmegaConf.to_container(OmegaConf.structured(cfg)), f, indent=1)
+
+
+def load_exported(url: str, device: str | torch.device = "cpu") -> tuple[PretrainConfig, nn.Module]:
+    """(config, objective with the exported weights): objective.model is the EBT/AR model, objective.mcmc its alpha."""
+    fs, root = fsspec.core.url_to_fs(url)
+    with fs.open(f"{root}/{EXPORT_CONFIG}") as f:
+        cfg = config_from_text(f.read().decode(), url)
+    with fs.open(f"{root}/{MODEL_FILE}", "rb") as f:
+        weights = load_safetensors(f.read())
+    objective = build_objective(cfg.model.build(), cfg.mcmc.build())
+    objective.load_state_dict(weights)
+    return cfg, objective.to(device)

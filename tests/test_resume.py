@@ -1,0 +1,92 @@
+"""Exact resume: N steps straight == k steps, SIGKILL, resume, finish — losses and weights bit for bit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+NOISY_MCMC = [
+    "mcmc.langevin_noise_std=0.05",
+    "mcmc.max_num_steps=3",
+    "mcmc.alpha_jitter=0.2",
+    "model.num_step_embeddings=3",
+]  # so that every RNG stream matters
+RUNS = {
+    "text": ["ci_tiny.yaml", "data.seq_len=16", "data.micro_batch_size=4", *NOISY_MCMC],
+    "frames": ["ci_tiny_video.yaml", "data.micro_batch_size=4", "data.video.num_clips=128", *NOISY_MCMC],
+}
+MAX_STEPS = 24
+
+
+def _command(modality: str, output_dir: Path, *extra: str) -> list[str]:
+    recipe, *overrides = RUNS[modality]
+    return [
+        sys.executable,
+        str(REPO / "ebwm_scale" / "pretrain.py"),
+        str(REPO / "recipes" / recipe),
+        *overrides,
+        "model.dim=32",
+        "model.num_heads=2",
+        f"train.max_steps={MAX_STEPS}",
+        "train.checkpoint_interval_steps=3",
+        "train.eval_interval_steps=4",
+        "train.eval_batches=1",
+        "train.log_interval_steps=1",
+        "train.progress_bar=false",
+        "tracking.enabled=false",
+        f"train.output_dir={output_dir}",
+        *extra,
+    ]
+
+
+def _losses(run_dir: Path) -> dict[int, tuple[float, ...]]:
+    """The last record of every train step (a resumed run repeats the steps after its checkpoint)."""
+    by_step = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["split"] == "train":
+            by_step[record["step"]] = (record["loss"], record["energy_first"], record["energy_last"], record["alpha"])
+    return by_step
+
+
+def _final_weights(run_dir: Path):
+    return load_file(run_dir / "checkpoints" / f"step_{MAX_STEPS:08d}" / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality", ["text", "frames"])
+def test_sigkill_and_resume_is_bit_identical(tmp_path, modality):
+    run_name = RUNS[modality][0].removesuffix(".yaml")
+    straight = subprocess.run(_command(modality, tmp_path / "straight"), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_command(modality, killed_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = killed_dir / run_name / "checkpoints" / "step_00000009" / "COMPLETE.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert max(_losses(killed_dir / run_name)) < MAX_STEPS
+
+    resumed = subprocess.run(
+        _command(modality, killed_dir, "train.resume=auto"), capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step" in resumed.stdout
+
+    expected, got = _losses(tmp_path / "straight" / run_name), _losses(killed_dir / run_name)
+    assert sorted(expected) == sorted(got) == list(range(1, MAX_STEPS + 1))
+    assert got == expected  # exact float equality, every step
+    w_expected, w_got = _final_weights(tmp_path / "straight" / run_name), _final_weights(killed_dir / run_name)
+    assert w_expected.keys() == w_got.keys()
+    assert all((w_expected[k] == w_got[k]).all() for k in w_expected)
