@@ -24,12 +24,13 @@ def build_trainer(cfg: PretrainConfig, dist: DistInfo, extra_callbacks: Sequence
     torch.manual_seed(cfg.train.seed + 1 + dist.rank)  # independent MCMC noise per rank
     train_set, val_set, data_info = cfg.data.build_datasets()
     callbacks = [
-        CheckpointCallback(cfg.train.checkpoint_interval_steps),  # first: the final save precedes the summaries
         ConsoleCallback(dist.is_rank0, cfg.train.log_interval_steps, cfg.train.progress_bar),
         MetricsFileCallback(dist.is_rank0),
     ]
     if cfg.tracking.enabled:
         callbacks.append(MLflowCallback(cfg.tracking, dist.is_rank0, cfg.train.log_interval_steps))
+    # Last: a step's metrics are recorded before its checkpoint exists, so a kill right after the save loses none.
+    callbacks.append(CheckpointCallback(cfg.train.checkpoint_interval_steps))
     return Trainer(cfg, objective, train_set, val_set, data_info, dist, [*callbacks, *extra_callbacks])
 
 

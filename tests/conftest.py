@@ -1,7 +1,14 @@
+from pathlib import Path
+
 import pytest
+import torch
 
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models import ModelConfig
+from ebwm_scale.parallel.dist import DistInfo
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
 def tiny_model_config(kind: str = "ebt", modality: str = "text", **overrides) -> ModelConfig:

@@ -11,14 +11,12 @@ import pytest
 import torch
 
 from ebwm_scale.config import load_config
-from ebwm_scale.parallel.dist import DistInfo
 from ebwm_scale.pretrain import build_trainer
 from ebwm_scale.train.checkpoint import MANIFEST, Checkpointer, CheckpointError, model_file_bytes, torch_bytes
 from ebwm_scale.train.export import load_exported
+from tests.conftest import CPU, REPO
 from tests.test_training import SMALL, Recorder
 
-REPO = Path(__file__).resolve().parents[1]
-CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 VIDEO = [
     "data.micro_batch_size=4",
     "data.video.num_clips=64",

@@ -3,14 +3,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.objective import EBTObjective
 from ebwm_scale.parallel.dist import all_reduce_gradients, all_reduce_mean
-from tests.conftest import tiny_model_config
+from tests.conftest import REPO, tiny_model_config
 from tests.distributed import free_port, run_distributed_test
 
 
@@ -53,9 +52,8 @@ def test_data_parallel_gradients_match_single_process():
 def test_torchrun_two_ranks_match_one_process_end_to_end(tmp_path):
     """`torchrun --nproc-per-node 2 pretrain.py` (gloo) follows the same loss curve as one process on the same
     global batch: the sampler gives the ranks disjoint halves of it, and gradients are averaged."""
-    repo = Path(__file__).resolve().parents[1]
     common = [
-        str(repo / "recipes" / "ci_tiny_ar.yaml"),
+        str(REPO / "recipes" / "ci_tiny_ar.yaml"),
         "model.dim=64",
         "data.seq_len=16",
         "train.max_steps=5",
@@ -66,8 +64,8 @@ def test_torchrun_two_ranks_match_one_process_end_to_end(tmp_path):
     ]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={free_port()}"]
     runs = {
-        "two": [*launch, str(repo / "ebwm_scale" / "pretrain.py"), *common, "data.micro_batch_size=4"],
-        "one": [sys.executable, str(repo / "ebwm_scale" / "pretrain.py"), *common, "data.micro_batch_size=8"],
+        "two": [*launch, str(REPO / "ebwm_scale" / "pretrain.py"), *common, "data.micro_batch_size=4"],
+        "one": [sys.executable, str(REPO / "ebwm_scale" / "pretrain.py"), *common, "data.micro_batch_size=8"],
     }
     summaries = {}
     for name, cmd in runs.items():

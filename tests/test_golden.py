@@ -8,16 +8,13 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from ebwm_scale.config import load_config
-from ebwm_scale.parallel.dist import DistInfo
 from ebwm_scale.pretrain import build_trainer
+from tests.conftest import CPU, REPO
 from tests.test_training import SMALL, Recorder
 
 GOLDEN = Path(__file__).parent / "assets" / "golden_losses.json"
-REPO = Path(__file__).resolve().parents[1]
-CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 RUNS = {
     "ci_tiny.yaml": ["data.seq_len=32", "data.micro_batch_size=8"],
     "ci_tiny_ar.yaml": ["data.seq_len=32", "data.micro_batch_size=8"],

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 NOISY_MCMC = [
     "mcmc.langevin_noise_std=0.05",
     "mcmc.max_num_steps=3",

@@ -6,15 +6,14 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from ebwm_scale.pretrain import main
+from tests.conftest import REPO
 from tests.distributed import free_port
 from tests.test_training import SMALL
 
-REPO = Path(__file__).resolve().parents[1]
 RUN = [
     str(REPO / "recipes" / "ci_tiny_video.yaml"),
     *SMALL,

@@ -2,17 +2,14 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from ebwm_scale.config import load_config
-from ebwm_scale.parallel.dist import DistInfo
 from ebwm_scale.pretrain import build_trainer, main
 from ebwm_scale.train.callbacks import Callback
+from tests.conftest import CPU, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = [
     "model.dim=64",
     "model.num_layers=2",
@@ -22,7 +19,6 @@ SMALL = [
     "train.eval_interval_steps=0",
     "train.eval_batches=2",
 ]
-CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
 class Recorder(Callback):

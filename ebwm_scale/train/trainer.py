@@ -4,6 +4,7 @@ checkpoint, stop cleanly on SIGTERM/SIGUSR1. Output (console, MLflow, metrics fi
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
@@ -161,7 +162,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip or float("inf"))
         metrics = all_reduce_mean({k: float(v) for k, v in sums.items()}, self.dist.world_size)
         metrics.update(grad_norm=float(grad_norm), lr=lr)
-        bad = [k for k, v in metrics.items() if not torch.isfinite(torch.tensor(v))]
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
             self.skipped_steps += 1
             self.bad_steps_in_a_row += 1
