@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ebwm_scale.data.config import DATA_SOURCES, DataConfig
+from ebwm_scale.data.text import ByteTokenizer
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models.config import ATTENTION_IMPLS, DOUBLE_BACKWARD_SAFE_ATTENTION, EBT_IMPLS, ModelConfig
 from ebwm_scale.parallel.dist import BACKENDS, ParallelConfig
@@ -142,6 +143,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         "model.ffn_hidden_dim": m.ffn_hidden_dim,
         "train.checkpoint_interval_steps": t.checkpoint_interval_steps,
         "train.peak_tflops": t.peak_tflops,
+        "data.shards.num_workers": d.shards.num_workers,
     }
     checks = [
         _choice("model.kind", m.kind, ("ebt", "ar")),
@@ -167,8 +169,10 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         )
     if m.modality != d.modality:
         checks.append(f"model.modality={m.modality!r} but data.source={d.source!r} provides {d.modality}")
-    elif m.modality == "text" and m.vocab_size != d.vocab_size:
-        checks.append(f"model.vocab_size={m.vocab_size} but data.source={d.source!r} has {d.vocab_size} tokens")
+    elif d.source == "stdlib_docs" and m.vocab_size != ByteTokenizer.vocab_size:
+        checks.append(f"model.vocab_size={m.vocab_size} but data.source='stdlib_docs' has 256 byte tokens")
+    elif d.source == "shards" and not d.shards.url:
+        checks.append("data.source='shards' needs data.shards.url (a directory made by `ebwm-prep text`)")
     elif m.modality == "frames" and m.frame_dim != d.video.frame_dim:
         checks.append(f"model.frame_dim={m.frame_dim} but data.video gives {d.video.frame_dim}-dim frames")
     if d.video.frame_size % d.video.patch_size:

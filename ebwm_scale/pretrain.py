@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ebwm_scale.config import ConfigError, PretrainConfig, load_config
+from ebwm_scale.data.shards import ShardFormatError
 from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel.dist import DistInfo, init_distributed, shutdown_distributed
 from ebwm_scale.train.callbacks import Callback, ConsoleCallback, MetricsFileCallback
@@ -22,7 +23,7 @@ def build_trainer(cfg: PretrainConfig, dist: DistInfo, extra_callbacks: Sequence
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     objective = build_objective(cfg.model.build(), cfg.mcmc.build()).to(dist.device)
     torch.manual_seed(cfg.train.seed + 1 + dist.rank)  # independent MCMC noise per rank
-    train_set, val_set, data_info = cfg.data.build_datasets()
+    train_set, val_set, data_info = cfg.data.build_datasets(cfg.model.vocab_size)
     callbacks = [
         ConsoleCallback(dist.is_rank0, cfg.train.log_interval_steps, cfg.train.progress_bar),
         MetricsFileCallback(dist.is_rank0),
@@ -52,7 +53,7 @@ def cli() -> None:
         main(sys.argv[1:])
     except ConfigError as error:
         sys.exit(f"ConfigError: {error}")
-    except (CheckpointError, NonFiniteError) as error:
+    except (CheckpointError, NonFiniteError, ShardFormatError) as error:
         sys.exit(f"{type(error).__name__}: {error}")
 
 

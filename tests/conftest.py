@@ -20,3 +20,46 @@ def tiny_model_config(kind: str = "ebt", modality: str = "text", **overrides) ->
 @pytest.fixture
 def tiny_mcmc() -> MCMCConfig:
     return MCMCConfig(num_steps=2, alpha_init=5.0)
+
+
+@pytest.fixture(scope="session")
+def stdlib_jsonl(tmp_path_factory):
+    """A small real-English corpus as JSONL files (600 stdlib docstrings over 3 files)."""
+    import json
+
+    from ebwm_scale.data.text import extract_stdlib_documents
+
+    out = tmp_path_factory.mktemp("corpus")
+    documents = extract_stdlib_documents()[:600]
+    for index in range(3):
+        with open(out / f"docs_{index}.jsonl", "w", encoding="utf-8") as f:
+            for doc in documents[index::3]:
+                f.write(json.dumps({"text": doc}) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def text_shards(stdlib_jsonl, ray_local, tmp_path_factory):
+    """A dataset made by the real prep job: sentencepiece (vocab 512), seq_len 32, small shards and chunks."""
+    from data_prep.text import TextPrepConfig, run
+
+    cfg = TextPrepConfig(
+        inputs=[f"{stdlib_jsonl}/*.jsonl"],
+        output=str(tmp_path_factory.mktemp("shards")),
+        vocab_size=512,
+        seq_len=32,
+        chunk_mb=0.05,
+        shard_mb=0.05,
+        val_percent=10,
+    )
+    run(cfg)
+    return cfg

@@ -22,6 +22,15 @@ NOISY_MCMC = [
 RUNS = {
     "text": ["ci_tiny.yaml", "data.seq_len=16", "data.micro_batch_size=4", *NOISY_MCMC],
     "frames": ["ci_tiny_video.yaml", "data.micro_batch_size=4", "data.video.num_clips=128", *NOISY_MCMC],
+    # Shards from the Ray prep job, streamed by 2 DataLoader workers (the url is added from the fixture).
+    "shards": [
+        "ci_tiny_shards.yaml",
+        "data.seq_len=32",
+        "model.vocab_size=512",
+        "data.micro_batch_size=4",
+        "data.shards.num_workers=2",
+        *NOISY_MCMC,
+    ],
 }
 MAX_STEPS = 24
 
@@ -62,14 +71,17 @@ def _final_weights(run_dir: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("modality", ["text", "frames"])
-def test_sigkill_and_resume_is_bit_identical(tmp_path, modality):
+@pytest.mark.parametrize("modality", ["text", "frames", "shards"])
+def test_sigkill_and_resume_is_bit_identical(tmp_path, modality, request):
     run_name = RUNS[modality][0].removesuffix(".yaml")
-    straight = subprocess.run(_command(modality, tmp_path / "straight"), capture_output=True, text=True, timeout=600)
+    data = [f"data.shards.url={request.getfixturevalue('text_shards').output}"] if modality == "shards" else []
+    straight = subprocess.run(
+        _command(modality, tmp_path / "straight", *data), capture_output=True, text=True, timeout=600
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_command(modality, killed_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_command(modality, killed_dir, *data), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     marker = killed_dir / run_name / "checkpoints" / "step_00000009" / "COMPLETE.json"
     deadline = time.monotonic() + 300
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -80,7 +92,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, modality):
     assert max(_losses(killed_dir / run_name)) < MAX_STEPS
 
     resumed = subprocess.run(
-        _command(modality, killed_dir, "train.resume=auto"), capture_output=True, text=True, timeout=600
+        _command(modality, killed_dir, *data, "train.resume=auto"), capture_output=True, text=True, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at step" in resumed.stdout

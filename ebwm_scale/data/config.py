@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ebwm_scale.data.loader import ShardLoader, ShardSamples, ShardSource
 from ebwm_scale.data.sampler import BatchLoader, SampleDataset
+from ebwm_scale.data.shards import ShardFormatError
 from ebwm_scale.data.text import ByteTokenizer, stdlib_docs_splits
 from ebwm_scale.data.video import synthetic_video_splits
 
-DATA_SOURCES = ("stdlib_docs", "synthetic_video")
+DATA_SOURCES = ("stdlib_docs", "synthetic_video", "shards")
 
 
 @dataclass(kw_only=True)
@@ -25,25 +27,46 @@ class SyntheticVideoConfig:
 
 
 @dataclass(kw_only=True)
+class ShardsConfig:
+    url: str = ""  # a dataset directory made by `ebwm-prep text` (any fsspec URL)
+    num_workers: int = 2  # DataLoader workers per rank (0: read in the training process)
+
+
+@dataclass(kw_only=True)
 class DataConfig:
-    source: str = "stdlib_docs"  # stdlib_docs (text, byte tokens) | synthetic_video (frame embeddings)
+    # stdlib_docs (text, byte tokens) | synthetic_video (frame embeddings) | shards (prepared text shards)
+    source: str = "stdlib_docs"
     seq_len: int = 128  # context length S; every sample holds S + 1 elements
     micro_batch_size: int = 8  # samples per rank per forward
     seed: int = 0
     val_percent: float = 5.0  # text: share of documents held out, chosen by content hash
     cache_dir: str = "~/.cache/ebwm-scale"
     video: SyntheticVideoConfig = field(default_factory=SyntheticVideoConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
 
     @property
     def modality(self) -> str:
-        return "text" if self.source == "stdlib_docs" else "frames"
+        return "frames" if self.source == "synthetic_video" else "text"
 
-    @property
-    def vocab_size(self) -> int:
-        return ByteTokenizer.vocab_size
-
-    def build_datasets(self) -> tuple[SampleDataset, SampleDataset, dict[str, str]]:
-        """(train, val, description for the run log)."""
+    def build_datasets(self, vocab_size: int) -> tuple[SampleDataset | ShardSource, SampleDataset, dict[str, str]]:
+        """(train, val, description for the run log); `vocab_size` is the model's, checked against the data."""
+        if self.source == "shards":
+            train = ShardSource.open(self.shards.url, "train")
+            meta = train.meta
+            if meta["tokenizer"]["vocab_size"] != vocab_size or meta["seq_len"] != self.seq_len:
+                raise ShardFormatError(
+                    f"the shards at {self.shards.url} hold seq_len {meta['seq_len']} and a "
+                    f"{meta['tokenizer']['vocab_size']}-token vocabulary; set data.seq_len={meta['seq_len']} "
+                    f"model.vocab_size={meta['tokenizer']['vocab_size']} (now {self.seq_len}, {vocab_size})"
+                )
+            info = {
+                "shards": self.shards.url,
+                "tokenizer": f"sentencepiece {meta['tokenizer']['sha256'][:12]}",
+                "train_samples": str(len(train)),
+            }
+            return train, ShardSamples(ShardSource.open(self.shards.url, "val")), info
+        if vocab_size != ByteTokenizer.vocab_size and self.source == "stdlib_docs":
+            raise ShardFormatError(f"data.source=stdlib_docs has 256 byte tokens, model.vocab_size={vocab_size}")
         if self.source == "stdlib_docs":
             train, val, sha = stdlib_docs_splits(self.seq_len, self.val_percent, self.cache_dir)
             return train, val, {"corpus": "python stdlib docstrings", "tokenizer": "bytes", "corpus_sha256": sha}
@@ -53,5 +76,7 @@ class DataConfig:
         )
         return train, val, {"corpus": "synthetic bouncing discs", "encoder": f"patch-mean {v.patch_size}px"}
 
-    def build_loader(self, dataset: SampleDataset, rank: int = 0, world_size: int = 1) -> BatchLoader:
+    def build_loader(self, dataset: SampleDataset | ShardSource, rank: int = 0, world_size: int = 1):
+        if isinstance(dataset, ShardSource):
+            return ShardLoader(dataset, self.micro_batch_size, self.seed, rank, world_size, self.shards.num_workers)
         return BatchLoader(dataset, self.micro_batch_size, self.seed, rank, world_size)

@@ -54,6 +54,9 @@ class BatchLoader:
         self.cursor += 1
         return collate([self.dataset[int(i)] for i in indices])
 
+    def metrics(self) -> dict[str, float]:
+        return {}
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor}
 

@@ -171,7 +171,7 @@ class Trainer:
             self.bad_steps_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        metrics.update(skipped_steps=self.skipped_steps, data_wait_s=data_wait)
+        metrics.update(skipped_steps=self.skipped_steps, data_wait_s=data_wait, **self.train_loader.metrics())
         if bad and self.bad_steps_in_a_row >= self.cfg.train.max_bad_steps:
             raise NonFiniteError(
                 f"{self.bad_steps_in_a_row} steps in a row (up to step {self.step}) had non-finite "

@@ -1,0 +1,1 @@
+"""Data preparation jobs (Ray): text -> sentencepiece -> WebDataset shards."""

@@ -1,0 +1,44 @@
+"""`ebwm-prep`: the data preparation commands.
+
+ebwm-prep stdlib-docs corpus/                 write Python's stdlib docstrings as JSONL (a corpus on every machine)
+ebwm-prep text --input ... --output ...       tokenize text into shards (see `ebwm-prep text --help`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from data_prep import text
+from ebwm_scale.data.text import extract_stdlib_documents
+
+
+def stdlib_docs(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="ebwm-prep stdlib-docs", description="Python stdlib docstrings as JSONL")
+    parser.add_argument("output", help="directory; gets stdlib_docs.jsonl")
+    parser.add_argument("--num-files", type=int, default=4, help="split the documents over this many files")
+    args = parser.parse_args(argv)
+    documents = extract_stdlib_documents()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for index in range(args.num_files):
+        with open(out / f"stdlib_docs_{index}.jsonl", "w", encoding="utf-8") as f:
+            for doc in documents[index :: args.num_files]:
+                f.write(json.dumps({"text": doc}) + "\n")
+    print(f"wrote {len(documents):,} documents to {out}/stdlib_docs_*.jsonl")
+
+
+COMMANDS = {"text": text.main, "stdlib-docs": stdlib_docs}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__)
+        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
+    COMMANDS[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,429 @@
+"""Text -> sentencepiece tokens -> fixed-length samples in WebDataset shards, in parallel with Ray.
+
+    ebwm-prep text --input 'corpus/*.jsonl' --output shards/ --vocab-size 2048 --seq-len 256
+    python -m data_prep.text ...                                   (same arguments)
+    ray submit cluster/ray/cluster.yaml data_prep/text.py -- ...  (on a Ray cluster)
+
+Inputs are fsspec URLs or globs of plain text (one document per file), JSONL (one document per line, --text-field)
+or parquet (a text column). The job (1) splits the inputs into chunks, (2) trains a sentencepiece model on a
+hash-selected sample of documents, or reuses --tokenizer, (3) runs one Ray task per chunk that tokenizes and writes
+that chunk's shards, each under a temp name then renamed, and finally a chunk marker, (4) writes meta.json from the
+markers. A re-run after a kill skips the chunks that have markers and rewrites the others byte for byte, so the final
+set has no duplicate and no missing sample. Documents go to train or val by a hash of their text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import fsspec
+import numpy as np
+
+from ebwm_scale.data.shards import FORMAT, META_FILE, SPLITS, TOKENIZER_FILE, write_shard
+from ebwm_scale.data.text import is_validation_document
+
+MARKER_DIR = "_chunks"
+SETTINGS_FILE = "_prep_settings.json"
+TAR_BYTES_PER_SAMPLE = 1536  # tar header, npy header and padding around each sample's tokens
+
+
+@dataclass(kw_only=True)
+class TextPrepConfig:
+    inputs: list[str]
+    output: str
+    input_format: str = "auto"  # auto (by extension) | text | jsonl | parquet
+    text_field: str = "text"
+    tokenizer: str = ""  # an existing sentencepiece .model to reuse; empty: train one
+    vocab_size: int = 2048
+    model_type: str = "bpe"  # bpe | unigram
+    tokenizer_sample_mb: float = 64.0
+    seed: int = 0
+    seq_len: int = 256  # samples hold seq_len + 1 tokens
+    mode: str = "pack"  # pack: documents joined by EOS and cut into windows | truncate: one window per document
+    shard_mb: float = 64.0
+    chunk_mb: float = 32.0
+    val_percent: float = 1.0
+    num_cpus: int = 0  # local Ray: 0 = all cores
+    max_in_flight: int = 0  # tasks submitted at once; 0 = 2 x cluster CPUs
+
+    def settings(self) -> dict:
+        """What determines the output bytes: a re-run into the same directory must agree on all of it."""
+        keep = (
+            "inputs",
+            "input_format",
+            "text_field",
+            "vocab_size",
+            "model_type",
+            "tokenizer_sample_mb",
+            "seed",
+            "seq_len",
+            "mode",
+            "shard_mb",
+            "chunk_mb",
+            "val_percent",
+        )
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+@dataclass(frozen=True)
+class Piece:
+    url: str
+    start: int  # bytes for text/jsonl; row group for parquet
+    end: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    input_format: str
+    pieces: tuple[Piece, ...]
+
+
+def _format_of(url: str, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    name = url.lower().removesuffix(".gz").removesuffix(".zst")
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+def list_inputs(patterns: list[str]) -> list[tuple[str, int]]:
+    """(url, size) of every input file, sorted, so chunk numbering is the same on every run."""
+    files = {}
+    for pattern in patterns:
+        fs, _ = fsspec.core.url_to_fs(pattern)
+        matches = fs.glob(pattern) if any(c in pattern for c in "*?[") else [fsspec.core.url_to_fs(pattern)[1]]
+        for path in matches:
+            if fs.isfile(path):
+                files[fs.unstrip_protocol(path)] = fs.size(path)
+    if not files:
+        raise SystemExit(f"no input files match {patterns}")
+    return sorted(files.items())
+
+
+def make_chunks(files: list[tuple[str, int]], requested_format: str, chunk_bytes: int) -> list[Chunk]:
+    """Text files group whole (one document each); JSONL files split into line-aligned byte ranges; parquet files
+    split by row group."""
+    chunks: list[Chunk] = []
+    pending: list[Piece] = []
+    pending_bytes = 0
+
+    def flush(fmt: str) -> None:
+        nonlocal pending, pending_bytes
+        if pending:
+            chunks.append(Chunk(len(chunks), fmt, tuple(pending)))
+            pending, pending_bytes = [], 0
+
+    for url, size in files:
+        fmt = _format_of(url, requested_format)
+        if fmt == "text":
+            pending.append(Piece(url, 0, size))
+            pending_bytes += size
+            if pending_bytes >= chunk_bytes:
+                flush("text")
+        elif fmt == "jsonl":
+            for start in range(0, max(size, 1), chunk_bytes):
+                chunks.append(Chunk(len(chunks), "jsonl", (Piece(url, start, min(size, start + chunk_bytes)),)))
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            with fsspec.open(url, "rb") as f:
+                num_groups = pq.ParquetFile(f).num_row_groups
+            for group in range(num_groups):
+                chunks.append(Chunk(len(chunks), "parquet", (Piece(url, group, group + 1),)))
+        else:
+            raise SystemExit(f"unknown input format {fmt!r} for {url}")
+    flush("text")
+    return chunks
+
+
+def read_documents(chunk: Chunk, text_field: str, counts: dict[str, int]) -> Iterator[str]:
+    """The documents of one chunk, in order. Malformed JSONL lines are skipped and counted in counts['bad_lines']."""
+    for piece in chunk.pieces:
+        if chunk.input_format == "text":
+            with fsspec.open(piece.url, "r", encoding="utf-8", errors="replace") as f:
+                yield f.read()
+        elif chunk.input_format == "jsonl":
+            with fsspec.open(piece.url, "rb") as f:
+                if piece.start > 0:  # a line belongs to the range holding its first byte
+                    f.seek(piece.start - 1)
+                    f.readline()
+                while f.tell() < piece.end:
+                    line = f.readline()
+                    if not line:
+                        break
+                    if not line.strip():
+                        continue
+                    try:
+                        yield json.loads(line)[text_field]
+                    except (ValueError, KeyError, TypeError):
+                        counts["bad_lines"] = counts.get("bad_lines", 0) + 1
+        else:
+            import pyarrow.parquet as pq
+
+            with fsspec.open(piece.url, "rb") as f:
+                table = pq.ParquetFile(f).read_row_group(piece.start, columns=[text_field])
+            yield from (text for text in table.column(text_field).to_pylist() if text)
+
+
+def sample_documents(chunk: Chunk, text_field: str, rate: float, seed: int) -> list[str]:
+    """Documents selected for tokenizer training: a seeded hash decides, so the sample is the same on every run."""
+    prefix = seed.to_bytes(8, "little")
+    return [doc for doc in read_documents(chunk, text_field, {}) if zlib.crc32(prefix + doc.encode()) / 2**32 < rate]
+
+
+def train_tokenizer(documents: list[str], cfg: TextPrepConfig) -> bytes:
+    """A sentencepiece model (bytes). byte_fallback makes it lossless on any input."""
+    import sentencepiece as spm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "sample.txt")
+        with open(corpus, "w", encoding="utf-8") as f:
+            for doc in documents:
+                for line in doc.splitlines():
+                    if line.strip():
+                        f.write(line.strip() + "\n")
+        spm.SentencePieceTrainer.train(
+            input=corpus,
+            model_prefix=os.path.join(tmp, "tok"),
+            vocab_size=cfg.vocab_size,
+            model_type=cfg.model_type,
+            character_coverage=1.0,
+            byte_fallback=True,
+            shuffle_input_sentence=False,
+            input_sentence_size=0,
+            num_threads=1,
+            minloglevel=2,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+        )
+        with open(os.path.join(tmp, "tok.model"), "rb") as f:
+            return f.read()
+
+
+def chunk_samples(
+    chunk: Chunk, cfg: TextPrepConfig, tokenizer: bytes
+) -> tuple[dict[str, list[np.ndarray]], dict[str, int]]:
+    """Fixed-length samples (seq_len + 1 tokens) per split, and counts."""
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_proto=tokenizer)
+    eos = processor.eos_id()
+    window = cfg.seq_len + 1
+    counts = {"documents": 0, "tokens": 0, "dropped_tokens": 0, "dropped_documents": 0}
+    streams: dict[str, list[int]] = {split: [] for split in SPLITS}
+    samples: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    for doc in read_documents(chunk, cfg.text_field, counts):
+        split = "val" if is_validation_document(doc, cfg.val_percent) else "train"
+        ids = processor.encode(doc)
+        counts["documents"] += 1
+        counts["tokens"] += len(ids)
+        if cfg.mode == "truncate":
+            if len(ids) < window:
+                counts["dropped_documents"] += 1
+                counts["dropped_tokens"] += len(ids)
+            else:
+                samples[split].append(np.asarray(ids[:window], dtype=np.int32))
+                counts["dropped_tokens"] += len(ids) - window
+            continue
+        stream = streams[split]
+        stream.extend(ids)
+        stream.append(eos)
+        while len(stream) >= window:
+            samples[split].append(np.asarray(stream[:window], dtype=np.int32))
+            del stream[:window]
+    counts["dropped_tokens"] += sum(len(s) for s in streams.values())  # each chunk's tail, shorter than a window
+    return samples, counts
+
+
+def _write_atomic(fs, path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def process_chunk(chunk: Chunk, cfg: TextPrepConfig, tokenizer: bytes) -> dict:
+    """Tokenize one chunk, write its shards (temp name, then rename) and its marker; returns the marker."""
+    fs, root = fsspec.core.url_to_fs(cfg.output)
+    samples, counts = chunk_samples(chunk, cfg, tokenizer)
+    per_shard = max(1, int(cfg.shard_mb * 2**20) // ((cfg.seq_len + 1) * 4 + TAR_BYTES_PER_SAMPLE))
+    marker: dict = {"chunk": chunk.index, "counts": counts, "shards": {split: [] for split in SPLITS}}
+    for split in SPLITS:
+        fs.makedirs(f"{root}/{split}", exist_ok=True)
+        split_samples = samples[split]
+        for shard_index, start in enumerate(range(0, len(split_samples), per_shard)):
+            name = f"{split}/chunk{chunk.index:05d}-{shard_index:04d}.tar"
+            keyed = [
+                (f"c{chunk.index:05d}-{start + i:07d}", tokens)
+                for i, tokens in enumerate(split_samples[start : start + per_shard])
+            ]
+            data = write_shard(keyed)
+            _write_atomic(fs, f"{root}/{name}", data)
+            marker["shards"][split].append(
+                {"name": name, "samples": len(keyed), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            )
+    _write_atomic(fs, f"{root}/{MARKER_DIR}/chunk{chunk.index:05d}.json", json.dumps(marker).encode())
+    return marker
+
+
+def _read_json(fs, path: str) -> dict | None:
+    try:
+        with fs.open(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def run(cfg: TextPrepConfig) -> dict:
+    """The whole job; returns meta.json's content."""
+    import ray
+    from rich.progress import Progress
+
+    fs, root = fsspec.core.url_to_fs(cfg.output)
+    fs.makedirs(f"{root}/{MARKER_DIR}", exist_ok=True)
+    previous = _read_json(fs, f"{root}/{SETTINGS_FILE}")
+    if previous is not None and previous != cfg.settings():
+        changed = sorted(k for k in cfg.settings() if previous.get(k) != cfg.settings()[k])
+        raise SystemExit(f"{cfg.output} was prepared with other settings ({', '.join(changed)}); use a new --output")
+    _write_atomic(fs, f"{root}/{SETTINGS_FILE}", json.dumps(cfg.settings(), indent=1).encode())
+    for stale in fs.glob(f"{root}/**/*.tmp-*"):  # temp files of a killed run; never listed anywhere
+        fs.rm(stale)
+
+    files = list_inputs(cfg.inputs)
+    chunks = make_chunks(files, cfg.input_format, int(cfg.chunk_mb * 2**20))
+    if not ray.is_initialized():
+        ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, log_to_driver=False)
+    max_in_flight = cfg.max_in_flight or 2 * int(ray.cluster_resources().get("CPU", 1))
+    remote_sample = ray.remote(num_cpus=1)(sample_documents)
+    remote_process = ray.remote(num_cpus=1)(process_chunk)
+    started = time.perf_counter()
+
+    tokenizer_path = f"{root}/{TOKENIZER_FILE}"
+    if cfg.tokenizer:
+        with fsspec.open(cfg.tokenizer, "rb") as f:
+            tokenizer = f.read()
+        if fs.exists(tokenizer_path) and fs.cat_file(tokenizer_path) != tokenizer:
+            raise SystemExit(f"{cfg.output} already holds shards made with another tokenizer; use a new --output")
+        _write_atomic(fs, tokenizer_path, tokenizer)
+    elif fs.exists(tokenizer_path):
+        tokenizer = fs.cat_file(tokenizer_path)  # trained by an earlier, interrupted run of this job
+    else:
+        total_bytes = sum(size for _, size in files)
+        rate = min(1.0, cfg.tokenizer_sample_mb * 2**20 / max(total_bytes, 1))
+        sampled = ray.get([remote_sample.remote(chunk, cfg.text_field, rate, cfg.seed) for chunk in chunks])
+        documents = [doc for chunk_docs in sampled for doc in chunk_docs]
+        if not documents:
+            raise SystemExit("the tokenizer sample is empty: are the inputs empty or is --text-field wrong?")
+        tokenizer = train_tokenizer(documents, cfg)
+        _write_atomic(fs, tokenizer_path, tokenizer)
+
+    markers = {}
+    todo = []
+    for chunk in chunks:
+        marker = _read_json(fs, f"{root}/{MARKER_DIR}/chunk{chunk.index:05d}.json")
+        if marker is None:
+            todo.append(chunk)
+        else:
+            markers[chunk.index] = marker
+    tokenizer_ref = ray.put(tokenizer)
+    with Progress(disable=not sys.stderr.isatty()) as progress:
+        task = progress.add_task("tokenize + write shards", total=len(chunks), completed=len(markers))
+        in_flight = []
+        pending = list(todo)
+        while pending or in_flight:
+            while pending and len(in_flight) < max_in_flight:
+                in_flight.append(remote_process.remote(pending.pop(0), cfg, tokenizer_ref))
+            done, in_flight = ray.wait(in_flight, num_returns=1)
+            marker = ray.get(done[0])
+            markers[marker["chunk"]] = marker
+            progress.advance(task)
+
+    meta = assemble_meta(cfg, tokenizer, [markers[i] for i in sorted(markers)])
+    _write_atomic(fs, f"{root}/{META_FILE}", json.dumps(meta, indent=1).encode())
+    elapsed = time.perf_counter() - started
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    print(
+        f"prepared {meta['counts']['documents']:,} documents, {meta['counts']['tokens']:,} tokens in {elapsed:.1f} s "
+        f"({len(todo)} of {len(chunks)} chunks run now): train {train['samples']:,} samples in "
+        f"{len(train['shards'])} shards, val {val['samples']:,} in {len(val['shards'])}; {cfg.output}/{META_FILE}"
+    )
+    return meta
+
+
+def assemble_meta(cfg: TextPrepConfig, tokenizer: bytes, markers: list[dict]) -> dict:
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_proto=tokenizer)
+    counts: dict[str, int] = {}
+    for marker in markers:
+        for key, value in marker["counts"].items():
+            counts[key] = counts.get(key, 0) + value
+    splits = {}
+    for split in SPLITS:
+        shards = [shard for marker in markers for shard in marker["shards"][split]]
+        splits[split] = {"samples": sum(s["samples"] for s in shards), "shards": shards}
+    return {
+        "format": FORMAT,
+        "seq_len": cfg.seq_len,
+        "sample_tokens": cfg.seq_len + 1,
+        "mode": cfg.mode,
+        "tokenizer": {
+            "file": TOKENIZER_FILE,
+            "type": "sentencepiece",
+            "model_type": cfg.model_type,
+            "vocab_size": processor.get_piece_size(),
+            "eos_id": processor.eos_id(),
+            "sha256": hashlib.sha256(tokenizer).hexdigest(),
+        },
+        "counts": counts,
+        "splits": splits,
+        "settings": cfg.settings(),
+    }
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="ebwm-prep text", description=__doc__.splitlines()[0])
+    d = TextPrepConfig(inputs=[], output="")
+    parser.add_argument("--input", dest="inputs", nargs="+", required=True, help="fsspec URLs or globs")
+    parser.add_argument("--output", required=True, help="dataset directory (fsspec URL)")
+    parser.add_argument("--input-format", default=d.input_format, choices=["auto", "text", "jsonl", "parquet"])
+    parser.add_argument("--text-field", default=d.text_field, help="JSONL field / parquet column")
+    parser.add_argument("--tokenizer", default=d.tokenizer, help="reuse this sentencepiece .model")
+    parser.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    parser.add_argument("--model-type", default=d.model_type, choices=["bpe", "unigram"])
+    parser.add_argument("--tokenizer-sample-mb", type=float, default=d.tokenizer_sample_mb)
+    parser.add_argument("--seed", type=int, default=d.seed, help="picks the tokenizer's training sample")
+    parser.add_argument("--seq-len", type=int, default=d.seq_len)
+    parser.add_argument("--mode", default=d.mode, choices=["pack", "truncate"])
+    parser.add_argument("--shard-mb", type=float, default=d.shard_mb)
+    parser.add_argument("--chunk-mb", type=float, default=d.chunk_mb)
+    parser.add_argument("--val-percent", type=float, default=d.val_percent)
+    parser.add_argument("--num-cpus", type=int, default=d.num_cpus, help="local Ray only; 0 = all cores")
+    parser.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.seq_len < 1 or args.vocab_size < 8 or not 0 < args.val_percent < 100 or args.shard_mb <= 0:
+        raise SystemExit("--seq-len must be >= 1, --vocab-size >= 8, --val-percent in (0, 100), --shard-mb > 0")
+    run(TextPrepConfig(**vars(args)))
+
+
+if __name__ == "__main__":
+    main()

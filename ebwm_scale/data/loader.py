@@ -1,0 +1,271 @@
+"""Deterministic, exactly resumable streaming of WebDataset token shards (DESIGN §5).
+
+Every (data-parallel rank, DataLoader worker) pair is one *reader*; there are world_size x num_workers of them.
+Epoch e lays the shards end to end in an order seeded by (seed, e), with each shard's samples in an order seeded by
+(seed, e, shard), and gives reader r the r-th equal, batch-aligned slice of that sequence (the remainder, fewer than
+readers x batch samples, waits for the next epoch's order). Each sample is thus seen exactly once per epoch across
+all ranks and workers. Readers stream forever, epoch after epoch.
+
+Every batch carries its reader and that reader's (epoch, position) after it; the main process records them, so the
+state is exact whatever the workers have prefetched. The DataLoader hands out batches round-robin over workers; a
+resumed loader rotates the worker -> reader mapping so the round-robin continues where it stopped.
+
+A shard whose bytes do not match meta.json (size, sha256) or that fails to parse is skipped, counted and logged once;
+a shard listed in meta.json but absent is an error at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ebwm_scale.data.shards import ShardFormatError, is_corrupt_error, read_meta, read_shard
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """One split of a prepared dataset: its URL, meta.json, and the shards of that split."""
+
+    url: str
+    split: str
+    meta: dict[str, Any]
+
+    @classmethod
+    def open(cls, url: str, split: str) -> ShardSource:
+        meta = read_meta(url)
+        source = cls(url.rstrip("/"), split, meta)
+        if not source.shards:
+            raise ShardFormatError(f"{url} has no {split} shards (meta.json)")
+        fs, root = fsspec.core.url_to_fs(source.url)
+        present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{split}", detail=False)}
+        missing = [s["name"] for s in source.shards if s["name"].rsplit("/", 1)[-1] not in present]
+        if missing:
+            raise ShardFormatError(
+                f"{len(missing)} shard(s) listed in {url}/meta.json are missing, e.g. {missing[0]}; re-run the prep job"
+            )
+        return source
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return self.meta["splits"][self.split]["shards"]
+
+    def __len__(self) -> int:
+        return self.meta["splits"][self.split]["samples"]
+
+    def load(self, index: int) -> list[np.ndarray] | None:
+        """The samples of shard `index` in stored order, or None if the shard is corrupt."""
+        info = self.shards[index]
+        url = f"{self.url}/{info['name']}"
+        try:
+            with fsspec.open(url, "rb") as f:
+                data = f.read()
+            if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+                raise ShardFormatError(f"{url} does not match meta.json (size or sha256)")
+            samples = [tokens for _, tokens in read_shard(data, url)]
+            if len(samples) != info["samples"]:
+                raise ShardFormatError(f"{url} holds {len(samples)} samples, meta.json says {info['samples']}")
+        except Exception as error:
+            if not is_corrupt_error(error) and not isinstance(error, OSError):
+                raise
+            warnings.warn(f"skipping corrupt shard {url}: {error}", RuntimeWarning, stacklevel=2)
+            return None
+        return samples
+
+
+def reader_pieces(counts: list[int], seed: int, epoch: int, reader: int, num_readers: int, batch_size: int):
+    """Reader `reader`'s slice of epoch `epoch`: [(shard index, first, last) in that shard's epoch order], where the
+    slice covers plan positions [reader * per_reader, (reader + 1) * per_reader)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(counts))
+    per_reader = (sum(counts) // (num_readers * batch_size)) * batch_size
+    lo, hi = reader * per_reader, (reader + 1) * per_reader
+    pieces, offset = [], 0
+    for shard in order:
+        start, end = max(lo, offset), min(hi, offset + counts[shard])
+        if start < end:
+            pieces.append((int(shard), start - offset, end - offset))
+        offset += counts[shard]
+    return pieces, per_reader
+
+
+class ReaderStream(IterableDataset):
+    """The batches of one rank's readers; DataLoader worker i serves reader rank * W + (rotation + i) % W."""
+
+    def __init__(
+        self,
+        source: ShardSource,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        num_workers: int,
+        world_size: int,
+        starts: dict[int, tuple[int, int]],
+        rotation: int,
+    ):
+        self.source = source
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.num_workers = num_workers
+        self.num_readers = world_size * num_workers
+        self.starts = starts
+        self.rotation = rotation
+
+    def _samples(self, reader: int) -> Iterator[tuple[np.ndarray, int, int, int]]:
+        """(tokens, epoch, position after it, corrupt shards so far), forever."""
+        counts = [s["samples"] for s in self.source.shards]
+        epoch, position = self.starts.get(reader, (0, 0))
+        corrupt: set[tuple[int, int]] = set()
+        while True:
+            pieces, per_reader = reader_pieces(counts, self.seed, epoch, reader, self.num_readers, self.batch_size)
+            if per_reader == 0:
+                raise ShardFormatError(
+                    f"{self.source.url} ({self.source.split}) has {sum(counts)} samples, fewer than one batch for "
+                    f"each of {self.num_readers} readers"
+                )
+            offset = 0
+            for shard, first, last in pieces:
+                length = last - first
+                if offset + length <= position:  # consumed before the resume point
+                    offset += length
+                    continue
+                samples = self.source.load(shard)
+                if samples is None:
+                    corrupt.add((epoch, shard))
+                else:
+                    order = np.random.default_rng([self.seed, epoch, shard]).permutation(len(samples))
+                    for i in range(max(first, first + position - offset), last):
+                        yield samples[order[i]], epoch, offset + (i - first) + 1, len(corrupt)
+                offset += length
+                position = max(position, offset)
+            epoch, position = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        reader = self.rank * self.num_workers + (self.rotation + worker) % self.num_workers
+        batch: list[np.ndarray] = []
+        for tokens, epoch, position, corrupt in self._samples(reader):
+            batch.append(tokens)
+            if len(batch) == self.batch_size:
+                yield {
+                    "tokens": torch.from_numpy(np.stack(batch).astype(np.int64)),
+                    "_reader": torch.tensor(reader),
+                    "_epoch": torch.tensor(epoch),
+                    "_position": torch.tensor(position),
+                    "_corrupt": torch.tensor(corrupt),
+                }
+                batch = []
+
+
+class ShardLoader:
+    """Infinite iterator of {"tokens": (B, S+1) int64} batches for one rank, with exact state_dict/load_state_dict."""
+
+    def __init__(
+        self, source: ShardSource, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 2
+    ):
+        self.source = source
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.readers_per_rank = max(1, num_workers)
+        self.consumed = 0
+        self.positions: dict[int, tuple[int, int]] = {}
+        self.corrupt: dict[int, int] = {}
+        self.corrupt_before_resume = 0
+        self._iterator: Iterator | None = None
+
+    def _start(self) -> Iterator:
+        stream = ReaderStream(
+            self.source,
+            self.batch_size,
+            self.seed,
+            self.rank,
+            self.readers_per_rank,
+            self.world_size,
+            dict(self.positions),
+            self.consumed % self.readers_per_rank,
+        )
+        if self.num_workers == 0:
+            return iter(stream)
+        # An own generator: DataLoader would otherwise draw its worker seed from the global torch RNG, which the
+        # MCMC noise uses, and a loader started at a resume would shift that stream.
+        generator = torch.Generator().manual_seed(self.seed)
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=4,
+            worker_init_fn=_single_thread_worker,
+            generator=generator,
+        )
+        return iter(loader)
+
+    def __iter__(self) -> ShardLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iterator is None:
+            self._iterator = self._start()
+        batch = next(self._iterator)
+        reader = int(batch.pop("_reader"))
+        self.positions[reader] = (int(batch.pop("_epoch")), int(batch.pop("_position")))
+        self.corrupt[reader] = int(batch.pop("_corrupt"))
+        self.consumed += 1
+        return batch
+
+    def metrics(self) -> dict[str, float]:
+        return {"corrupt_shards": float(self.corrupt_before_resume + sum(self.corrupt.values()))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "consumed": self.consumed,
+            "num_workers": self.num_workers,
+            "positions": {str(r): list(p) for r, p in self.positions.items()},
+            "corrupt_shards": int(self.metrics()["corrupt_shards"]),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_workers"] != self.num_workers:
+            raise ValueError(
+                f"the checkpoint's loader ran {state['num_workers']} workers, this run has data.shards.num_workers="
+                f"{self.num_workers}; exact resume needs the same number"
+            )
+        self.consumed = state["consumed"]
+        self.positions = {int(r): (p[0], p[1]) for r, p in state["positions"].items()}
+        self.corrupt_before_resume, self.corrupt = state["corrupt_shards"], {}
+        self._iterator = None
+
+
+def _single_thread_worker(worker_id: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with the training step for cores
+
+
+class ShardSamples:
+    """Map-style view of a split (for the fixed evaluation batches): sample i in stored order, shard by shard."""
+
+    def __init__(self, source: ShardSource):
+        self.source = source
+        self.bounds = np.cumsum([0] + [s["samples"] for s in source.shards])
+        self._cached: tuple[int, list[np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return int(self.bounds[-1])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        shard = int(np.searchsorted(self.bounds, index, side="right") - 1)
+        if self._cached is None or self._cached[0] != shard:
+            samples = self.source.load(shard)
+            if samples is None:
+                raise ShardFormatError(f"evaluation shard {self.source.shards[shard]['name']} is corrupt")
+            self._cached = (shard, samples)
+        return {"tokens": self._cached[1][index - self.bounds[shard]].astype(np.int64)}

@@ -1,0 +1,163 @@
+"""The Ray text prep job on a real local Ray, with real sentencepiece and real tar shards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece as spm
+
+from data_prep.text import Chunk, Piece, TextPrepConfig, make_chunks, read_documents, run
+from ebwm_scale.data.shards import META_FILE, read_shard
+from ebwm_scale.data.text import is_validation_document
+
+
+def _shard_samples(root: str, meta: dict, split: str) -> dict[int, list]:
+    """chunk -> its samples in key order."""
+    by_chunk = defaultdict(list)
+    for shard in meta["splits"][split]["shards"]:
+        data = Path(root, shard["name"]).read_bytes()
+        for key, tokens in read_shard(data):
+            chunk, index = key[1:].split("-")
+            by_chunk[int(chunk)].append((int(index), tokens.tolist()))
+    return {c: [t for _, t in sorted(samples)] for c, samples in by_chunk.items()}
+
+
+def test_shards_decode_to_the_tokenized_input(text_shards):
+    cfg = text_shards
+    meta = json.loads(Path(cfg.output, META_FILE).read_text())
+    processor = spm.SentencePieceProcessor(model_file=str(Path(cfg.output, "tokenizer.model")))
+    window = cfg.seq_len + 1
+    chunks = make_chunks(
+        [(p, os.path.getsize(p)) for p in sorted(map(str, Path(cfg.inputs[0]).parent.glob("*.jsonl")))],
+        "auto",
+        int(cfg.chunk_mb * 2**20),
+    )
+    assert meta["tokenizer"]["vocab_size"] == 512 and len(chunks) > 3
+    for split in ("train", "val"):
+        got = _shard_samples(cfg.output, meta, split)
+        for chunk in chunks:
+            stream = []
+            for doc in read_documents(chunk, "text", {}):
+                if is_validation_document(doc, cfg.val_percent) == (split == "val"):
+                    stream += processor.encode(doc) + [processor.eos_id()]
+            expected = [stream[i : i + window] for i in range(0, len(stream) - window + 1, window)]
+            assert got.get(chunk.index, []) == expected, (split, chunk.index)
+    assert meta["splits"]["val"]["samples"] > 0 and meta["counts"]["documents"] == 600
+
+
+def test_jsonl_byte_ranges_split_lines_exactly_once(tmp_path):
+    lines = [json.dumps({"text": f"document number {i} " * (i % 7 + 1)}) for i in range(200)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    chunks = make_chunks([(str(path), path.stat().st_size)], "auto", 97)  # ranges cut lines in the middle
+    docs = [doc for chunk in chunks for doc in read_documents(chunk, "text", {})]
+    assert docs == [json.loads(line)["text"] for line in lines]
+
+
+def test_text_parquet_and_bad_jsonl_inputs(tmp_path):
+    (tmp_path / "a.txt").write_text("first document")
+    (tmp_path / "b.txt").write_text("second document")
+    files = [(str(p), p.stat().st_size) for p in sorted(tmp_path.glob("*.txt"))]
+    (chunk,) = make_chunks(files, "auto", 2**20)
+    assert list(read_documents(chunk, "text", {})) == ["first document", "second document"]
+    pq.write_table(pa.table({"content": ["x y", "z"] * 10}), tmp_path / "c.parquet", row_group_size=5)
+    chunks = make_chunks([(str(tmp_path / "c.parquet"), 0)], "auto", 2**20)
+    assert len(chunks) == 4 and [d for c in chunks for d in read_documents(c, "content", {})] == ["x y", "z"] * 10
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n{"other": 1}\n')
+    counts = {}
+    docs = list(read_documents(Chunk(0, "jsonl", (Piece(str(tmp_path / "bad.jsonl"), 0, 99),)), "text", counts))
+    assert docs == ["ok"] and counts["bad_lines"] == 2
+
+
+def test_memory_filesystem_input_and_output(ray_local, stdlib_jsonl):
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/prep-in/docs.jsonl", Path(stdlib_jsonl, "docs_0.jsonl").read_bytes())
+    # Ray tasks run in other processes, which do not share the memory filesystem: only listing and reading the
+    # inputs can use it there, so this checks the driver side (chunking) and a single task run in-process.
+    (chunk,) = make_chunks([("memory://prep-in/docs.jsonl", fs.size("/prep-in/docs.jsonl"))], "auto", 2**30)
+    assert len(list(read_documents(chunk, "text", {}))) == 200
+    fs.rm("/prep-in", recursive=True)
+
+
+@pytest.mark.slow
+def test_rerun_after_kill_gives_the_same_shards(stdlib_jsonl, tmp_path):
+    args = [
+        "--input",
+        f"{stdlib_jsonl}/*.jsonl",
+        "--vocab-size",
+        "512",
+        "--seq-len",
+        "32",
+        "--chunk-mb",
+        "0.02",
+        "--shard-mb",
+        "0.02",
+        "--val-percent",
+        "10",
+        "--num-cpus",
+        "1",
+        "--max-in-flight",
+        "1",
+    ]
+    straight = subprocess.run(
+        [sys.executable, "-m", "data_prep.text", *args, "--output", str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    meta = json.loads((tmp_path / "a" / META_FILE).read_text())
+    num_chunks = len(list((tmp_path / "a" / "_chunks").glob("*.json")))
+    assert num_chunks >= 6
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep.text", *args, "--output", str(tmp_path / "b")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    markers = tmp_path / "b" / "_chunks"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(markers.glob("*.json"))) < 3:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    proc.wait()
+    time.sleep(3)  # a Ray worker in its own session may still finish (atomically) the task it was running
+    done_before = len(list(markers.glob("*.json")))
+    assert 3 <= done_before < num_chunks and not (tmp_path / "b" / META_FILE).exists()
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "data_prep.text", *args, "--output", str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"({num_chunks - done_before} of {num_chunks} chunks run now)" in rerun.stdout
+    assert json.loads((tmp_path / "b" / META_FILE).read_text())["splits"] == meta["splits"]  # names, counts, sha256
+    names = {p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.tar")}
+    assert names == {Path(s["name"]) for split in meta["splits"].values() for s in split["shards"]}
+
+
+def test_changed_settings_are_refused(text_shards):
+    with pytest.raises(SystemExit, match="other settings .*seq_len"):
+        run(
+            TextPrepConfig(
+                inputs=text_shards.inputs,
+                output=text_shards.output,
+                vocab_size=512,
+                seq_len=64,
+                chunk_mb=0.05,
+                shard_mb=0.05,
+                val_percent=10,
+            )
+        )
