@@ -53,6 +53,7 @@ class TextPrepConfig:
     chunk_mb: float = 32.0
     val_percent: float = 1.0
     num_cpus: int = 0  # local Ray: 0 = all cores
+    ray_address: str = ""  # "": connect to $RAY_ADDRESS if set, else start Ray on this machine; "auto": running cluster
     max_in_flight: int = 0  # tasks submitted at once; 0 = 2 x cluster CPUs
 
     def settings(self) -> dict:
@@ -277,6 +278,7 @@ def process_chunk(chunk: Chunk, cfg: TextPrepConfig, tokenizer: bytes) -> dict:
             marker["shards"][split].append(
                 {"name": name, "samples": len(keyed), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             )
+    fs.makedirs(f"{root}/{MARKER_DIR}", exist_ok=True)
     _write_atomic(fs, f"{root}/{MARKER_DIR}/chunk{chunk.index:05d}.json", json.dumps(marker).encode())
     return marker
 
@@ -307,7 +309,10 @@ def run(cfg: TextPrepConfig) -> dict:
     files = list_inputs(cfg.inputs)
     chunks = make_chunks(files, cfg.input_format, int(cfg.chunk_mb * 2**20))
     if not ray.is_initialized():
-        ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, log_to_driver=False)
+        if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=cfg.ray_address or None, log_to_driver=False)
+        else:
+            ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, log_to_driver=False)
     max_in_flight = cfg.max_in_flight or 2 * int(ray.cluster_resources().get("CPU", 1))
     remote_sample = ray.remote(num_cpus=1)(sample_documents)
     remote_process = ray.remote(num_cpus=1)(process_chunk)
@@ -414,6 +419,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--chunk-mb", type=float, default=d.chunk_mb)
     parser.add_argument("--val-percent", type=float, default=d.val_percent)
     parser.add_argument("--num-cpus", type=int, default=d.num_cpus, help="local Ray only; 0 = all cores")
+    parser.add_argument("--ray-address", default=d.ray_address, help="'auto' on a cluster started by `ray up`")
     parser.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
     return parser
 

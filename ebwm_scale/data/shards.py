@@ -24,7 +24,7 @@ META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
 TOKENS_KEY = "tokens.npy"
 SPLITS = ("train", "val")
-SHARD_MTIME = 1.0  # fixed tar mtime: a re-run writes byte-identical shards
+SHARD_MTIME = 1  # fixed (integer: a float mtime costs a pax header per member) so re-runs are byte-identical
 
 
 class ShardFormatError(ValueError):
@@ -44,7 +44,7 @@ def decode_tokens(data: bytes) -> np.ndarray:
 def write_shard(samples: list[tuple[str, np.ndarray]]) -> bytes:
     """A WebDataset tar (as bytes) holding (key, tokens) samples."""
     buffer = io.BytesIO()
-    with TarWriter(buffer, encoder=False, mtime=SHARD_MTIME) as writer:
+    with TarWriter(buffer, encoder=False, mtime=SHARD_MTIME, format=tarfile.USTAR_FORMAT) as writer:
         for key, tokens in samples:
             writer.write({"__key__": key, TOKENS_KEY: encode_tokens(tokens)})
     return buffer.getvalue()

@@ -1,0 +1,85 @@
+"""Throughput of the Ray text prep job against raw single-core sentencepiece, on the same text.
+
+Prints pipeline tokens/s (reading, tokenizing, packing, writing and renaming shards, meta.json), raw
+`SentencePieceProcessor.encode` tokens/s on one core, and pipeline / (cores x raw); goal >= 0.8.
+The corpus is Python's stdlib docstrings, copied --copies times into JSONL files; the tokenizer is trained once
+beforehand (its training is a fixed cost, not throughput), and Ray is started and its worker processes have
+imported the job's modules before the clock (on a cluster they are long-lived; here their ~1 s import of torch, via
+webdataset, would dominate a small corpus).
+
+    python tools/bench_prep.py [--copies 8] [--num-cpus 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import sentencepiece as spm
+
+from data_prep.text import TextPrepConfig, run, train_tokenizer
+from ebwm_scale.data.text import extract_stdlib_documents
+
+
+@ray.remote(num_cpus=1)
+def _warm_up() -> None:
+    import data_prep.text  # noqa: F401
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=8, help="corpus size: copies of the ~1.3 MB docstring set")
+    parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=256)
+    args = parser.parse_args()
+
+    documents = extract_stdlib_documents()
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp, "corpus")
+        corpus.mkdir()
+        all_docs = []
+        for copy in range(args.copies):  # a suffix per copy keeps documents distinct
+            docs = [f"{doc}\n(copy {copy})" for doc in documents]
+            all_docs += docs
+            with open(corpus / f"docs_{copy:03d}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps({"text": doc}) + "\n" for doc in docs)
+        base = TextPrepConfig(
+            inputs=[f"{corpus}/*.jsonl"],
+            output="",
+            vocab_size=args.vocab_size,
+            seq_len=args.seq_len,
+            chunk_mb=2.0,
+            shard_mb=16.0,
+            num_cpus=args.num_cpus,
+        )
+        tokenizer = Path(tmp, "tok.model")
+        tokenizer.write_bytes(train_tokenizer(documents, base))
+
+        processor = spm.SentencePieceProcessor(model_file=str(tokenizer), num_threads=1)
+        start = time.perf_counter()
+        raw_tokens = sum(len(processor.encode(doc)) for doc in all_docs)
+        raw_tps = raw_tokens / (time.perf_counter() - start)
+
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        cores = int(ray.cluster_resources()["CPU"])
+        ray.get([_warm_up.remote() for _ in range(4 * cores)])
+        cfg = TextPrepConfig(**{**base.__dict__, "output": str(Path(tmp, "shards")), "tokenizer": str(tokenizer)})
+        start = time.perf_counter()
+        meta = run(cfg)
+        pipeline_tps = meta["counts"]["tokens"] / (time.perf_counter() - start)
+        ray.shutdown()
+
+    size_mb = sum(len(d.encode()) for d in all_docs) / 2**20
+    print(f"corpus: {len(all_docs):,} documents, {size_mb:.1f} MB, {raw_tokens:,} tokens")
+    print(f"raw sentencepiece, 1 core: {raw_tps:,.0f} tokens/s")
+    print(f"ray pipeline, {cores} cores:  {pipeline_tps:,.0f} tokens/s")
+    print(f"pipeline / (cores x raw) = {pipeline_tps / (cores * raw_tps):.3f}  (goal >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
