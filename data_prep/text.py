@@ -101,11 +101,17 @@ def _format_of(url: str, requested: str) -> str:
 
 
 def list_inputs(patterns: list[str]) -> list[tuple[str, int]]:
-    """(url, size) of every input file, sorted, so chunk numbering is the same on every run."""
+    """(url, size) of every input file (a directory stands for every file below it), sorted, so chunk numbering
+    is the same on every run."""
     files = {}
     for pattern in patterns:
-        fs, _ = fsspec.core.url_to_fs(pattern)
-        matches = fs.glob(pattern) if any(c in pattern for c in "*?[") else [fsspec.core.url_to_fs(pattern)[1]]
+        fs, path = fsspec.core.url_to_fs(pattern)
+        if any(c in pattern for c in "*?["):
+            matches = fs.glob(pattern)
+        elif fs.isdir(path):
+            matches = fs.find(path)
+        else:
+            matches = [path]
         for path in matches:
             if fs.isfile(path):
                 files[fs.unstrip_protocol(path)] = fs.size(path)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
-from data_prep.text import Chunk, Piece, TextPrepConfig, make_chunks, read_documents, run
+from data_prep.text import Chunk, Piece, TextPrepConfig, list_inputs, make_chunks, read_documents, run
 from ebwm_scale.data.shards import META_FILE, read_shard
 from ebwm_scale.data.text import is_validation_document
 
@@ -161,3 +161,10 @@ def test_changed_settings_are_refused(text_shards):
                 val_percent=10,
             )
         )
+
+
+def test_a_directory_input_means_every_file_below_it(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("one")
+    (tmp_path / "sub" / "b.txt").write_text("two")
+    assert [Path(url).name for url, _ in list_inputs([str(tmp_path)])] == ["a.txt", "b.txt"]
