@@ -17,7 +17,7 @@ from ebwm_scale.data.config import DATA_SOURCES, DataConfig
 from ebwm_scale.data.text import ByteTokenizer
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models.config import ATTENTION_IMPLS, DOUBLE_BACKWARD_SAFE_ATTENTION, EBT_IMPLS, ModelConfig
-from ebwm_scale.parallel.dist import BACKENDS, ParallelConfig
+from ebwm_scale.parallel.dist import BACKENDS, DATA_PARALLEL_MODES, ParallelConfig
 from ebwm_scale.train.optim import OptimConfig
 from ebwm_scale.train.tracking import TrackingConfig
 from ebwm_scale.train.trainer import DEVICES, PRECISIONS, TrainConfig
@@ -155,6 +155,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         _choice("train.device", t.device, DEVICES),
         _choice("train.precision", t.precision, PRECISIONS),
         _choice("parallel.backend", cfg.parallel.backend, BACKENDS),
+        _choice("parallel.data_parallel", cfg.parallel.data_parallel, DATA_PARALLEL_MODES),
         *(f"{key}={value} must be > 0" for key, value in positive.items() if value <= 0),
         *(f"{key}={value} must be >= 0" for key, value in non_negative.items() if value < 0),
     ]
@@ -187,6 +188,13 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         checks.append(f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         checks.append(f"optim.betas={o.betas} must be two numbers in [0, 1)")
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        checks.append(f"parallel.zero_stage={cfg.parallel.zero_stage} is not one of 0, 1, 2, 3")
+    elif cfg.parallel.data_parallel == "zero" and cfg.parallel.zero_stage == 3:
+        checks.append(
+            "parallel.zero_stage=3 is not available yet: DeepSpeed re-partitions parameters before the EBT's "
+            "second-order pass (DESIGN §4); use parallel.zero_stage=1 or 2"
+        )
     if not t.resume:
         checks.append("train.resume='' must be none, auto or a checkpoint URL")
     if not 0 < d.val_percent < 100:

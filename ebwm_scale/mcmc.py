@@ -86,10 +86,12 @@ class MCMC(nn.Module):
     def __init__(self, cfg: MCMCConfig):
         super().__init__()
         self.cfg = cfg
-        self.alpha = nn.Parameter(torch.tensor(float(cfg.alpha_init)), requires_grad=cfg.learn_alpha)
+        # Shape (1,), not a 0-dim scalar: DeepSpeed's parameter broadcast views every parameter as bytes, which a
+        # 0-dim tensor cannot do.
+        self.alpha = nn.Parameter(torch.full((1,), float(cfg.alpha_init)), requires_grad=cfg.learn_alpha)
 
     def step_size(self) -> torch.Tensor:
-        return self.alpha.clamp(min=self.cfg.alpha_min)
+        return self.alpha.clamp(min=self.cfg.alpha_min).squeeze(0)  # a scalar for the update
 
     def sample_num_steps(self) -> int:
         """Randomized step count (drawn from the torch RNG, so a resumed run draws the same)."""

@@ -56,7 +56,9 @@ class EBTObjective(nn.Module):
             lambda pred, step: self.model.energy(context, pred, step), self.init_state(ctx), target, reconstruction_loss
         )
         metrics = {"loss": loss.detach(), "alpha": self.mcmc.step_size().detach()}
-        metrics.update({f"loss_step{k}": step_loss.detach() for k, step_loss in enumerate(result.losses)})
+        # Only the steps every batch runs: with a random step count, ranks must still report the same keys.
+        always = result.losses[: self.mcmc.cfg.num_steps]
+        metrics.update({f"loss_step{k}": step_loss.detach() for k, step_loss in enumerate(always)})
         metrics["energy_first"], metrics["energy_last"] = result.energies[0], result.energies[-1]
         return StepOutput(loss=loss, metrics=metrics)
 

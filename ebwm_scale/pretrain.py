@@ -37,6 +37,7 @@ def build_trainer(cfg: PretrainConfig, dist: DistInfo, extra_callbacks: Sequence
 
 def main(argv: list[str]) -> dict:
     """Train the recipe argv[0] with overrides argv[1:]; returns the run summary."""
+    argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's; LOCAL_RANK is set too
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if argv else 2)

@@ -14,11 +14,18 @@ import torch
 import torch.distributed as dist
 
 BACKENDS = ("auto", "gloo", "nccl")
+DATA_PARALLEL_MODES = ("ddp", "zero")
 
 
 @dataclass(kw_only=True)
 class ParallelConfig:
     backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
+    # ddp: replicated parameters and optimizer, gradients averaged after the outer backward (our own all-reduce).
+    # zero: DeepSpeed ZeRO with parallel.zero_stage (0: DeepSpeed's data parallel, 1: optimizer states sharded,
+    # 2: + gradients sharded).
+    data_parallel: str = "ddp"
+    zero_stage: int = 1
+    deepspeed_config: str = ""  # a DeepSpeed JSON whose keys are added to the generated config; conflicts are errors
 
 
 @dataclass(frozen=True)

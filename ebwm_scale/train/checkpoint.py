@@ -239,8 +239,9 @@ class Checkpointer:
             raise CheckpointError(f"{url}/{file_name} does not match its manifest: the checkpoint is corrupt")
         return data
 
-    def load(self, url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-        """(model weights, trainer state, this rank's state) of the verified checkpoint at `url`."""
+    def load(self, url: str, safe_globals: list | None = None) -> tuple[dict[str, torch.Tensor], dict, dict]:
+        """(model weights, trainer state, this rank's state) of the verified checkpoint at `url`. `safe_globals`:
+        plain data classes (e.g. DeepSpeed's ZeRO state) that torch.load(weights_only=True) may rebuild."""
         fs, path = fsspec.core.url_to_fs(url)
         saved_by = (self._manifest(fs, path) or {}).get("world_size", self.world_size)
         if saved_by != self.world_size:  # the data position and RNG streams are per rank
@@ -249,8 +250,10 @@ class Checkpointer:
                 "number; export it (tools/export.py) to start a new run from its weights"
             )
         weights = load_safetensors(self.read_verified(url, MODEL_FILE))
-        trainer_state = torch_from_bytes(self.read_verified(url, TRAINER_FILE))
-        return weights, trainer_state, torch_from_bytes(self.read_verified(url, rank_file(self.rank)))
+        with torch.serialization.safe_globals(safe_globals or []):
+            trainer_state = torch_from_bytes(self.read_verified(url, TRAINER_FILE))
+            rank_state = torch_from_bytes(self.read_verified(url, rank_file(self.rank)))
+        return weights, trainer_state, rank_state
 
 
 def model_file_bytes(state: dict[str, torch.Tensor]) -> bytes:

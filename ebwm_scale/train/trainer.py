@@ -18,20 +18,22 @@ from torch import nn
 
 from ebwm_scale.data.sampler import SampleDataset, fixed_batches
 from ebwm_scale.models.blocks import count_params
-from ebwm_scale.parallel.dist import DistInfo, all_reduce_gradients, all_reduce_mean
+from ebwm_scale.parallel.dist import DistInfo, all_reduce_mean
+from ebwm_scale.parallel.engine import build_engine
 from ebwm_scale.train.callbacks import Callback
 from ebwm_scale.train.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
     TRAINER_FILE,
     Checkpointer,
+    CheckpointError,
     capture_rng_state,
     model_file_bytes,
     restore_rng_state,
     torch_bytes,
 )
 from ebwm_scale.train.metrics import peak_memory_gb, peak_tflops, train_flops_per_token
-from ebwm_scale.train.optim import lr_at, set_lr
+from ebwm_scale.train.optim import lr_at
 
 if TYPE_CHECKING:
     from ebwm_scale.config import PretrainConfig
@@ -88,8 +90,7 @@ class Trainer:
         self.data_info = data_info
         self.dist = dist
         self.callbacks = callbacks
-        self.optimizer = cfg.optim.build(objective, cfg.mcmc.alpha_lr_multiplier)
-        self.params = [p for p in objective.parameters() if p.requires_grad]
+        self.engine = build_engine(cfg, objective, dist)
         self.train_loader = cfg.data.build_loader(train_set, dist.rank, dist.world_size)
         self.step = 0
         self.skipped_steps = 0
@@ -121,9 +122,14 @@ class Trainer:
             f"{c.model.num_layers} layers x {c.model.dim} dim, {self.flops_per_token / 1e6:.1f} MFLOP/{self.unit[:-1]}",
             f"data: {', '.join(f'{k} {v}' for k, v in self.data_info.items())}; "
             f"{self.tokens_per_step:,} {self.unit}/step",
-            f"device {self.dist.device}, {self.dist.world_size} rank(s), {c.train.precision}; "
+            f"device {self.dist.device}, {self.dist.world_size} rank(s) ({self._parallel_mode()}), "
+            f"{c.train.precision}; "
             f"resolved config: {self.output_dir / 'config.yaml'}; checkpoints: {self.checkpointer.url}",
         ]
+
+    def _parallel_mode(self) -> str:
+        p = self.cfg.parallel
+        return f"DeepSpeed ZeRO-{p.zero_stage}" if p.data_parallel == "zero" else "data parallel"
 
     def run_tags(self) -> dict[str, str]:
         c = self.cfg
@@ -145,7 +151,7 @@ class Trainer:
         """Accumulate, all-reduce, clip and step; a step whose loss, energy, alpha or gradient is not finite is
         skipped (no update), counted, and after train.max_bad_steps in a row the run stops."""
         lr = lr_at(self.step, self.cfg.optim, self.max_steps)
-        set_lr(self.optimizer, lr)
+        self.engine.set_lr(lr)
         accum = self.cfg.train.grad_accum_steps
         sums: dict[str, torch.Tensor] = {}
         data_wait = 0.0
@@ -154,22 +160,25 @@ class Trainer:
             batch = to_device(next(self.train_loader), self.dist.device)
             data_wait += time.perf_counter() - wait_start
             with self.autocast:
-                out = self.objective(batch)
-            (out.loss / accum).backward()
+                out = self.engine.module(batch)
+            self.engine.backward(out.loss)
             for key, value in out.metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.float() / accum
-        all_reduce_gradients(self.params, self.dist.world_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip or float("inf"))
         metrics = all_reduce_mean({k: float(v) for k, v in sums.items()}, self.dist.world_size)
-        metrics.update(grad_norm=float(grad_norm), lr=lr)
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad and not self.engine.can_skip_steps:
+            raise NonFiniteError(
+                f"non-finite {', '.join(bad)} at step {self.step + 1} under DeepSpeed ZeRO, whose gradients are "
+                "already reduced into the optimizer's partitions, so the step cannot be skipped; resume from the "
+                "last checkpoint with a lower optim.lr or mcmc.alpha_init"
+            )
+        metrics.update(grad_norm=self.engine.finish_step(skip=bool(bad)), lr=lr)
+        bad = bad or ([] if math.isfinite(metrics["grad_norm"]) else ["grad_norm"])
         if bad:
             self.skipped_steps += 1
             self.bad_steps_in_a_row += 1
         else:
-            self.optimizer.step()
             self.bad_steps_in_a_row = 0
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         metrics.update(skipped_steps=self.skipped_steps, data_wait_s=data_wait, **self.train_loader.metrics())
         if bad and self.bad_steps_in_a_row >= self.cfg.train.max_bad_steps:
@@ -212,12 +221,15 @@ class Trainer:
             "tokens_seen": self.step * self.tokens_per_step,
             "skipped_steps": self.skipped_steps,
             "bad_steps_in_a_row": self.bad_steps_in_a_row,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.engine.optimizer_state_is_sharded else self.engine.optimizer_state_dict(),
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
         }
 
     def rank_state(self) -> dict[str, Any]:
-        return {"rng": capture_rng_state(), "loader": self.train_loader.state_dict()}
+        state = {"rng": capture_rng_state(), "loader": self.train_loader.state_dict()}
+        if self.engine.optimizer_state_is_sharded:  # each rank holds its own partition
+            state["optimizer"] = self.engine.optimizer_state_dict()
+        return state
 
     def save_checkpoint(self) -> str:
         def shared_files() -> dict[str, bytes]:
@@ -233,9 +245,12 @@ class Trainer:
         return path
 
     def resume(self, url: str) -> None:
-        weights, shared, rank = self.checkpointer.load(url)
+        weights, shared, rank = self.checkpointer.load(url, self.engine.checkpoint_safe_globals)
         self.objective.load_state_dict(weights)
-        self.optimizer.load_state_dict(shared["optimizer"])
+        optimizer_state = rank.get("optimizer") if self.engine.optimizer_state_is_sharded else shared["optimizer"]
+        if optimizer_state is None:
+            raise CheckpointError(f"{url} holds no optimizer state for this parallel.data_parallel/zero_stage")
+        self.engine.load_optimizer_state_dict(optimizer_state)
         self.step = shared["step"]
         self.skipped_steps = shared["skipped_steps"]
         self.bad_steps_in_a_row = shared["bad_steps_in_a_row"]
