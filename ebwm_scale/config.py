@@ -17,7 +17,7 @@ from ebwm_scale.data.config import DATA_SOURCES, DataConfig
 from ebwm_scale.data.text import ByteTokenizer
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models.config import ATTENTION_IMPLS, DOUBLE_BACKWARD_SAFE_ATTENTION, EBT_IMPLS, ModelConfig
-from ebwm_scale.parallel.dist import BACKENDS, DATA_PARALLEL_MODES, ParallelConfig
+from ebwm_scale.parallel.dist import ACTIVATION_CHECKPOINTING, BACKENDS, DATA_PARALLEL_MODES, ParallelConfig
 from ebwm_scale.train.optim import OptimConfig
 from ebwm_scale.train.tracking import TrackingConfig
 from ebwm_scale.train.trainer import DEVICES, PRECISIONS, TrainConfig
@@ -156,6 +156,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         _choice("train.precision", t.precision, PRECISIONS),
         _choice("parallel.backend", cfg.parallel.backend, BACKENDS),
         _choice("parallel.data_parallel", cfg.parallel.data_parallel, DATA_PARALLEL_MODES),
+        _choice("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing, ACTIVATION_CHECKPOINTING),
         *(f"{key}={value} must be > 0" for key, value in positive.items() if value <= 0),
         *(f"{key}={value} must be >= 0" for key, value in non_negative.items() if value < 0),
     ]

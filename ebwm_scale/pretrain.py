@@ -11,6 +11,7 @@ from ebwm_scale.config import ConfigError, PretrainConfig, load_config
 from ebwm_scale.data.shards import ShardFormatError
 from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel.dist import DistInfo, init_distributed, shutdown_distributed
+from ebwm_scale.parallel.parallelize import parallelize
 from ebwm_scale.train.callbacks import Callback, ConsoleCallback, MetricsFileCallback
 from ebwm_scale.train.checkpoint import CheckpointCallback, CheckpointError
 from ebwm_scale.train.tracking import MLflowCallback
@@ -21,7 +22,7 @@ USAGE = "usage: ebwm-pretrain RECIPE.yaml [key.sub=value ...]   (e.g. recipes/ci
 
 def build_trainer(cfg: PretrainConfig, dist: DistInfo, extra_callbacks: Sequence[Callback] = ()) -> Trainer:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    objective = build_objective(cfg.model.build(), cfg.mcmc.build()).to(dist.device)
+    objective = parallelize(build_objective(cfg.model.build(), cfg.mcmc.build()), cfg.parallel).to(dist.device)
     torch.manual_seed(cfg.train.seed + 1 + dist.rank)  # independent MCMC noise per rank
     train_set, val_set, data_info = cfg.data.build_datasets(cfg.model.vocab_size)
     callbacks = [

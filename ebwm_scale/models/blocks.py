@@ -108,9 +108,13 @@ class Attention(nn.Module):
         batch, _, length, _ = out.shape
         return self.wo(out.transpose(1, 2).reshape(batch, length, -1))  # (B, nh, L, hd) -> (B, L, D)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+    def forward(self, x, cos, sin, mask: torch.Tensor | None = None, kv_ctx: tuple | None = None) -> torch.Tensor:
+        """Self-attention over x (mask None: causal), or, given kv_ctx = (k, v) of the real tokens, the EBT
+        prediction rows attending to them (see prediction_attention)."""
         q, k, v = self.project(x, cos, sin)
-        return self.merge_heads(attention(q, k, v, mask, self.impl))
+        if kv_ctx is None:
+            return self.merge_heads(attention(q, k, v, mask, self.impl))
+        return self.merge_heads(prediction_attention(q, k, v, *kv_ctx))
 
 
 class SwiGLU(nn.Module):
@@ -132,8 +136,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.dim, cfg.resolved_ffn_hidden_dim)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask=None, kv_ctx=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, kv_ctx)
         return x + self.feed_forward(self.ffn_norm(x))
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ebwm_scale.models.blocks import RMSNorm, Transformer, attention, init_weights, prediction_attention
+from ebwm_scale.models.blocks import RMSNorm, Transformer, attention, init_weights
 from ebwm_scale.models.config import ModelConfig
 
 
@@ -100,11 +100,9 @@ class EBT(nn.Module):
     def _prediction_stream(self, context: EncodedContext, h: torch.Tensor) -> torch.Tensor:
         """Only the S prediction rows of the 2S sequence, attending to the cached real keys/values."""
         cos, sin = self.transformer.rope(torch.arange(1, h.shape[1] + 1, device=h.device))  # prediction i at i+1
-        for layer, (k_ctx, v_ctx) in zip(self.transformer.layers, context.kv):
-            q, k, v = layer.attention.project(layer.attention_norm(h), cos, sin)  # (B, nh, S, hd)
-            h = h + layer.attention.merge_heads(prediction_attention(q, k, v, k_ctx, v_ctx))
-            h = h + layer.feed_forward(layer.ffn_norm(h))
-        return self.transformer.norm(h)  # (B, S, D)
+        for layer, kv_ctx in zip(self.transformer.layers, context.kv):
+            h = layer(h, cos, sin, kv_ctx=kv_ctx)  # (B, S, D)
+        return self.transformer.norm(h)
 
     def _masked_sequence(self, real: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
         seq_len = real.shape[1]

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 BACKENDS = ("auto", "gloo", "nccl")
 DATA_PARALLEL_MODES = ("ddp", "zero")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
 @dataclass(kw_only=True)
@@ -26,6 +27,9 @@ class ParallelConfig:
     data_parallel: str = "ddp"
     zero_stage: int = 1
     deepspeed_config: str = ""  # a DeepSpeed JSON whose keys are added to the generated config; conflicts are errors
+    # Recompute transformer blocks in the backward instead of storing their activations: full = every block,
+    # selective = every second block.
+    activation_checkpointing: str = "none"
 
 
 @dataclass(frozen=True)

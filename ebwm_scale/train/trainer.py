@@ -32,7 +32,7 @@ from ebwm_scale.train.checkpoint import (
     restore_rng_state,
     torch_bytes,
 )
-from ebwm_scale.train.metrics import peak_memory_gb, peak_tflops, train_flops_per_token
+from ebwm_scale.train.metrics import model_state_gb_per_rank, peak_memory_gb, peak_tflops, train_flops_per_token
 from ebwm_scale.train.optim import lr_at
 
 if TYPE_CHECKING:
@@ -125,7 +125,16 @@ class Trainer:
             f"device {self.dist.device}, {self.dist.world_size} rank(s) ({self._parallel_mode()}), "
             f"{c.train.precision}; "
             f"resolved config: {self.output_dir / 'config.yaml'}; checkpoints: {self.checkpointer.url}",
+            f"per step: {self.flops_per_token * self.tokens_per_step / 1e12:.3g} TFLOP (pinned formula); "
+            f"model states {self._model_state_gb():.2f} GB per rank "
+            "(params + grads + AdamW; activations extra)",
         ]
+
+    def _model_state_gb(self) -> float:
+        p = self.cfg.parallel
+        return model_state_gb_per_rank(
+            self.num_params, self.cfg.train.precision, p.data_parallel, p.zero_stage, self.dist.world_size
+        )
 
     def _parallel_mode(self) -> str:
         p = self.cfg.parallel
