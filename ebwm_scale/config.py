@@ -193,8 +193,8 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         checks.append(f"parallel.zero_stage={cfg.parallel.zero_stage} is not one of 0, 1, 2, 3")
     elif cfg.parallel.data_parallel == "zero" and cfg.parallel.zero_stage == 3:
         checks.append(
-            "parallel.zero_stage=3 is not available yet: DeepSpeed re-partitions parameters before the EBT's "
-            "second-order pass (DESIGN §4); use parallel.zero_stage=1 or 2"
+            "parallel.zero_stage=3: DeepSpeed re-partitions parameters before the EBT's second-order pass "
+            "(DESIGN §4); for sharded parameters use parallel.data_parallel=fsdp"
         )
     if not t.resume:
         checks.append("train.resume='' must be none, auto or a checkpoint URL")

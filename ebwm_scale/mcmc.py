@@ -33,6 +33,7 @@ class MCMCConfig:
     init_scale: float = 1.0  # pred starts as init_scale * randn
     langevin_noise_std: float = 0.0  # > 0: add N(0, std^2) to the state before every energy evaluation
     max_num_steps: int = 0  # > num_steps: each training batch draws its step count from [num_steps, max_num_steps]
+    step_count_seed: int = 0  # the step-count draws; the same on every rank, so ranks run equal numbers of passes
     alpha_jitter: float = 0.0  # > 0: each step uses alpha * U(1 - jitter, 1 + jitter)
     loss_on: str = "all"  # all: mean of the loss after every step | last: the last step only
 
@@ -89,15 +90,23 @@ class MCMC(nn.Module):
         # Shape (1,), not a 0-dim scalar: DeepSpeed's parameter broadcast views every parameter as bytes, which a
         # 0-dim tensor cannot do.
         self.alpha = nn.Parameter(torch.full((1,), float(cfg.alpha_init)), requires_grad=cfg.learn_alpha)
+        # The step-count RNG lives in a buffer: checkpointed with the weights, and identical on every rank (sharded
+        # engines need every rank to run the same number of forward/backward passes).
+        generator = torch.Generator().manual_seed(cfg.step_count_seed)
+        self.register_buffer("step_count_rng", generator.get_state())
 
     def step_size(self) -> torch.Tensor:
         return self.alpha.clamp(min=self.cfg.alpha_min).squeeze(0)  # a scalar for the update
 
     def sample_num_steps(self) -> int:
-        """Randomized step count (drawn from the torch RNG, so a resumed run draws the same)."""
-        if self.cfg.max_num_steps > self.cfg.num_steps:
-            return int(torch.randint(self.cfg.num_steps, self.cfg.max_num_steps + 1, ()).item())
-        return self.cfg.num_steps
+        """Randomized step count, from the module's own RNG state (see __init__)."""
+        if self.cfg.max_num_steps <= self.cfg.num_steps:
+            return self.cfg.num_steps
+        generator = torch.Generator()
+        generator.set_state(self.step_count_rng.cpu())
+        num_steps = int(torch.randint(self.cfg.num_steps, self.cfg.max_num_steps + 1, (), generator=generator))
+        self.step_count_rng.copy_(generator.get_state())
+        return num_steps
 
     def train_refine(self, energy_fn: EnergyFn, pred: torch.Tensor, target: torch.Tensor, loss_fn: LossFn):
         """Training: random step count, noise and jitter as configured; returns the result and the loss."""

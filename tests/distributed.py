@@ -40,7 +40,10 @@ def run_distributed_test(fn, world_size: int = 2, args: tuple = ()) -> None:
         p.start()
     for p in procs:
         p.join(timeout=300)
-    if not errors.empty():
-        raise AssertionError(errors.get())
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    if failures:  # every rank's traceback: the first to fail is often not the one that reports first
+        raise AssertionError("\n".join(failures))
     bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
     assert not bad, f"ranks exited abnormally: {bad}"

@@ -108,13 +108,15 @@ class Attention(nn.Module):
         batch, _, length, _ = out.shape
         return self.wo(out.transpose(1, 2).reshape(batch, length, -1))  # (B, nh, L, hd) -> (B, L, D)
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None = None, kv_ctx: tuple | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask=None, kv_ctx=None, return_kv: bool = False):
         """Self-attention over x (mask None: causal), or, given kv_ctx = (k, v) of the real tokens, the EBT
-        prediction rows attending to them (see prediction_attention)."""
+        prediction rows attending to them (see prediction_attention). return_kv: also return this layer's (k, v)."""
         q, k, v = self.project(x, cos, sin)
         if kv_ctx is None:
-            return self.merge_heads(attention(q, k, v, mask, self.impl))
-        return self.merge_heads(prediction_attention(q, k, v, *kv_ctx))
+            out = self.merge_heads(attention(q, k, v, mask, self.impl))
+        else:
+            out = self.merge_heads(prediction_attention(q, k, v, *kv_ctx))
+        return (out, (k, v)) if return_kv else out
 
 
 class SwiGLU(nn.Module):
@@ -136,9 +138,13 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.dim, cfg.resolved_ffn_hidden_dim)
 
-    def forward(self, x, cos, sin, mask=None, kv_ctx=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, kv_ctx)
-        return x + self.feed_forward(self.ffn_norm(x))
+    def forward(self, x, cos, sin, mask=None, kv_ctx=None, return_kv: bool = False):
+        attended = self.attention(self.attention_norm(x), cos, sin, mask, kv_ctx, return_kv)
+        if return_kv:
+            attended, kv = attended
+        x = x + attended
+        x = x + self.feed_forward(self.ffn_norm(x))
+        return (x, kv) if return_kv else x
 
 
 class Transformer(nn.Module):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ebwm_scale.models.blocks import RMSNorm, Transformer, attention, init_weights
+from ebwm_scale.models.blocks import RMSNorm, Transformer, init_weights
 from ebwm_scale.models.config import ModelConfig
 
 
@@ -76,13 +76,9 @@ class EBT(nn.Module):
         if self.cfg.ebt_impl == "split":
             h = real
             cos, sin = self.transformer.rope(torch.arange(real.shape[1], device=real.device))
-            for index, layer in enumerate(self.transformer.layers):
-                q, k, v = layer.attention.project(layer.attention_norm(h), cos, sin)  # (B, nh, S, hd)
-                kv.append((k, v))
-                if index == len(self.transformer.layers) - 1:
-                    break  # the last layer's real outputs feed nothing
-                h = h + layer.attention.merge_heads(attention(q, k, v, None, self.cfg.attn_impl))
-                h = h + layer.feed_forward(layer.ffn_norm(h))
+            for layer in self.transformer.layers:  # whole-layer calls, so wrappers (sharding, checkpointing) apply
+                h, layer_kv = layer(h, cos, sin, return_kv=True)  # layer_kv: 2 x (B, nh, S, hd)
+                kv.append(layer_kv)
         return EncodedContext(embeddings=real, kv=kv)
 
     def energy(self, context: EncodedContext, pred: torch.Tensor, mcmc_step: int | None = None) -> torch.Tensor:

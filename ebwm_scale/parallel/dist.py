@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 BACKENDS = ("auto", "gloo", "nccl")
-DATA_PARALLEL_MODES = ("ddp", "zero")
+DATA_PARALLEL_MODES = ("ddp", "zero", "fsdp")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
@@ -23,7 +23,8 @@ class ParallelConfig:
     backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
     # ddp: replicated parameters and optimizer, gradients averaged after the outer backward (our own all-reduce).
     # zero: DeepSpeed ZeRO with parallel.zero_stage (0: DeepSpeed's data parallel, 1: optimizer states sharded,
-    # 2: + gradients sharded).
+    # 2: + gradients sharded). fsdp: parameters, gradients and optimizer states sharded (torch FSDP2; ZeRO-3's memory
+    # model, made safe for the EBT's double backward).
     data_parallel: str = "ddp"
     zero_stage: int = 1
     deepspeed_config: str = ""  # a DeepSpeed JSON whose keys are added to the generated config; conflicts are errors

@@ -5,6 +5,13 @@ The trainer talks to one interface: `module(batch)` (the objective), `backward(l
 
 - DataParallelEngine (`parallel.data_parallel: ddp`): every rank holds everything; gradients are averaged after the
   outer backward, outside the double-backward graph, so the EBT's second-order gradients are exact.
+- FSDPEngine (`parallel.data_parallel: fsdp`): parameters, gradients and optimizer state sharded (ZeRO-3's memory
+  model) with torch FSDP2, per transformer block. FSDP2 frees gathered weights after each backward by default, but
+  the EBT's outer backward runs through the energy gradient's graph, which still needs them ("setStorage: ... out of
+  bounds for storage of size 0"): reshard-after-backward is off, and the engine reshards explicitly once the outer
+  backward is done, before the optimizer step. Cost: from the first backward of a step to its end, the blocks that
+  backward touched stay gathered, i.e. up to all parameters for the step (grads and optimizer state stay sharded);
+  in the forward, blocks are gathered one at a time.
 - DeepSpeedEngine (`parallel.data_parallel: zero`): DeepSpeed ZeRO stage 0/1/2. DeepSpeed's backward hooks fire on
   the outer backward only (the energy gradient is taken with autograd.grad, which touches no parameter .grad), which
   is why stages 0-2 train the EBT correctly. Stage 3 re-partitions parameters between the forward and the second-order
@@ -62,11 +69,108 @@ class DataParallelEngine:
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.module.evaluate(batch)
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
     def optimizer_state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
 
     def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
+
+
+class FSDPEngine(DataParallelEngine):
+    """Sharded parameters (FSDP2), see the module docstring. Checkpoints hold full (gathered) weights and optimizer
+    state, so they load under any parallel mode with the same number of ranks."""
+
+    def __init__(self, objective: nn.Module, cfg, dist: DistInfo):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+        self.units = []
+        for block in objective.model.transformer.layers:
+            fully_shard(block, mesh=mesh)
+            self.units.append(block)
+        fully_shard(objective, mesh=mesh)  # the rest: embeddings, state mapping, energy/output head, alpha
+        self.units.append(objective)
+        for unit in self.units:
+            unit.set_reshard_after_backward(False)  # the outer backward still needs the gathered weights
+        optimizer = cfg.optim.build(objective, cfg.mcmc.alpha_lr_multiplier)  # over the sharded parameters
+        super().__init__(objective, optimizer, dist, cfg.optim.grad_clip, cfg.train.grad_accum_steps)
+
+    def finish_step(self, skip: bool) -> float:
+        for unit in self.units:
+            unit.reshard()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not skip and math.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for unit in self.units:  # evaluate() is not forward(), so no FSDP hook gathers the weights for it
+            unit.unshard()
+        try:
+            return self.module.evaluate(batch)
+        finally:
+            for unit in self.units:
+                unit.reshard()
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.module, options=options)
+
+    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        current = self.module.state_dict()
+        self.module.load_state_dict({key: _local_shard(state[key], value) for key, value in current.items()})
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.module, self.optimizer, options=options)
+
+    def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
+        """From the full, name-keyed state of optimizer_state_dict() to this rank's shards, with no communication
+        (every rank read the whole file; torch's set_optimizer_state_dict would scatter, and gloo aborts on the
+        empty shard of a 1-element parameter such as alpha)."""
+        params = dict(self.module.named_parameters())
+        local_state, groups = {}, []
+        index = 0
+        for saved_group, group in zip(state["param_groups"], self.optimizer.param_groups):
+            ids = []
+            for name in saved_group["params"]:
+                param = params[name]
+                assert param is group["params"][len(ids)], "parameter order changed since the checkpoint"
+                if name in state["state"]:
+                    local_state[index] = {
+                        key: _local_shard(value, param) if key != "step" else value
+                        for key, value in state["state"][name].items()
+                    }
+                ids.append(index)
+                index += 1
+            groups.append({**saved_group, "params": ids})
+        self.optimizer.load_state_dict({"state": local_state, "param_groups": groups})
+
+
+def _local_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of `full`, laid out like `like` (a DTensor shard, or a plain tensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(device=like.device, dtype=like.dtype)
+    if isinstance(like, DTensor):
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    return full
 
 
 def deepspeed_config(cfg, world_size: int) -> dict[str, Any]:
@@ -144,6 +248,15 @@ class DeepSpeedEngine:
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.engine.module.evaluate(batch)
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.engine.module.state_dict()
+
+    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.engine.module.load_state_dict(state)
+
     def optimizer_state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
 
@@ -158,6 +271,8 @@ class DeepSpeedEngine:
 
 
 def build_engine(cfg, objective: nn.Module, dist: DistInfo):
+    if cfg.parallel.data_parallel == "fsdp":
+        return FSDPEngine(objective, cfg, dist)
     optimizer = cfg.optim.build(objective, cfg.mcmc.alpha_lr_multiplier)
     if cfg.parallel.data_parallel == "zero":
         return DeepSpeedEngine(objective, optimizer, deepspeed_config(cfg, dist.world_size))

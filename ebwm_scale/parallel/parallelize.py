@@ -2,8 +2,8 @@
 
 1. Activation checkpointing: transformer blocks recompute their activations in the backward. Non-reentrant
    checkpointing (use_reentrant=False) is the variant that supports double backward (DESIGN §4); the reentrant one
-   does not. It covers every block forward: the AR trunk, the masked EBT, and the EBT prediction stream that runs
-   once per MCMC step; the split layout's context stream, run once per batch, keeps its activations.
+   does not. It covers every block forward: the AR trunk, the masked EBT, the EBT context stream and the prediction
+   stream that runs once per MCMC step.
 2. Data parallelism / ZeRO: by the training engine (parallel/engine.py), after this.
 """
 

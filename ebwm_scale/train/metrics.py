@@ -60,7 +60,7 @@ def model_state_gb_per_rank(num_params: int, precision: str, data_parallel: str,
     bf16: 2 B params, 2 B grads, 12 B fp32 master + moments; fp32: 4 + 4 + 8. ZeRO-1 shards the optimizer state,
     ZeRO-2 also the gradients, ZeRO-3 also the parameters."""
     params, grads, optimizer = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
-    stage = zero_stage if data_parallel == "zero" else 0
+    stage = {"zero": zero_stage, "fsdp": 3}.get(data_parallel, 0)
     shard = [1.0, 1.0, 1.0]
     for index in range(stage):  # 1: optimizer, 2: + gradients, 3: + parameters
         shard[2 - index] = 1 / world

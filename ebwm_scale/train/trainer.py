@@ -138,7 +138,9 @@ class Trainer:
 
     def _parallel_mode(self) -> str:
         p = self.cfg.parallel
-        return f"DeepSpeed ZeRO-{p.zero_stage}" if p.data_parallel == "zero" else "data parallel"
+        return {"zero": f"DeepSpeed ZeRO-{p.zero_stage}", "fsdp": "FSDP2, sharded parameters"}.get(
+            p.data_parallel, "data parallel"
+        )
 
     def run_tags(self) -> dict[str, str]:
         c = self.cfg
@@ -214,7 +216,7 @@ class Trainer:
             )
             for batch in batches:
                 with self.autocast:
-                    result = self.objective.evaluate(to_device(batch, self.dist.device))
+                    result = self.engine.evaluate(to_device(batch, self.dist.device))
                 for key, value in result.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
                 num_batches += 1
@@ -223,39 +225,41 @@ class Trainer:
 
     # ---- checkpoint state ----
 
-    def shared_state(self) -> dict[str, Any]:
+    def shared_state(self, optimizer_state: dict[str, Any] | None) -> dict[str, Any]:
         """What every rank holds alike (saved once, by rank 0)."""
         return {
             "step": self.step,
             "tokens_seen": self.step * self.tokens_per_step,
             "skipped_steps": self.skipped_steps,
             "bad_steps_in_a_row": self.bad_steps_in_a_row,
-            "optimizer": None if self.engine.optimizer_state_is_sharded else self.engine.optimizer_state_dict(),
+            "optimizer": optimizer_state,
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
         }
 
-    def rank_state(self) -> dict[str, Any]:
-        state = {"rng": capture_rng_state(), "loader": self.train_loader.state_dict()}
-        if self.engine.optimizer_state_is_sharded:  # each rank holds its own partition
-            state["optimizer"] = self.engine.optimizer_state_dict()
-        return state
-
     def save_checkpoint(self) -> str:
+        # Every rank calls these: gathering sharded weights or optimizer state is a collective.
+        weights = self.engine.model_state_dict()
+        optimizer_state = self.engine.optimizer_state_dict()
+        rank_state = {"rng": capture_rng_state(), "loader": self.train_loader.state_dict()}
+        if self.engine.optimizer_state_is_sharded:  # each rank holds its own partition
+            rank_state["optimizer"] = optimizer_state
+
         def shared_files() -> dict[str, bytes]:
+            shared_optimizer = None if self.engine.optimizer_state_is_sharded else optimizer_state
             return {
-                MODEL_FILE: model_file_bytes(self.objective.state_dict()),
-                TRAINER_FILE: torch_bytes(self.shared_state()),
+                MODEL_FILE: model_file_bytes(weights),
+                TRAINER_FILE: torch_bytes(self.shared_state(shared_optimizer)),
                 CONFIG_FILE: self.cfg.to_yaml().encode(),
             }
 
-        path = self.checkpointer.save(self.step, shared_files, torch_bytes(self.rank_state()))
+        path = self.checkpointer.save(self.step, shared_files, torch_bytes(rank_state))
         for cb in self.callbacks:
             cb.on_checkpoint_saved(self, self.step, path)
         return path
 
     def resume(self, url: str) -> None:
         weights, shared, rank = self.checkpointer.load(url, self.engine.checkpoint_safe_globals)
-        self.objective.load_state_dict(weights)
+        self.engine.load_model_state_dict(weights)
         optimizer_state = rank.get("optimizer") if self.engine.optimizer_state_is_sharded else shared["optimizer"]
         if optimizer_state is None:
             raise CheckpointError(f"{url} holds no optimizer state for this parallel.data_parallel/zero_stage")
