@@ -196,6 +196,8 @@ def find_problem(cfg: PretrainConfig) -> str | None:
             "parallel.zero_stage=3: DeepSpeed re-partitions parameters before the EBT's second-order pass "
             "(DESIGN §4); for sharded parameters use parallel.data_parallel=fsdp"
         )
+    if cfg.parallel.deepspeed_config and not Path(cfg.parallel.deepspeed_config).is_file():
+        checks.append(f"parallel.deepspeed_config={cfg.parallel.deepspeed_config!r}: no such file")
     if not t.resume:
         checks.append("train.resume='' must be none, auto or a checkpoint URL")
     if not 0 < d.val_percent < 100:

@@ -1,5 +1,6 @@
 """One init path for every launcher: torchrun and the deepspeed launcher (RANK/WORLD_SIZE/LOCAL_RANK) and SLURM
-(SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, with MASTER_ADDR/MASTER_PORT exported by the batch script).
+(SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR/MASTER_PORT from the batch script, or else the job's first
+node and a port derived from SLURM_JOB_ID).
 
 Data parallelism is a plain all-reduce of the accumulated gradients after the outer backward: it sits outside the
 double-backward graph, so it is correct for the EBT loss by construction (DDP's autograd hooks are not).
@@ -8,6 +9,7 @@ double-backward graph, so it is correct for the EBT loss by construction (DDP's 
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +56,26 @@ def _launcher_env() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
+SLURM_BASE_PORT = 20000
+
+
+def slurm_rendezvous() -> tuple[str, str]:
+    """(MASTER_ADDR, MASTER_PORT) for srun-launched ranks: the job's first node, and a port derived from the job id
+    (so two jobs sharing a node do not collide)."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise RuntimeError("SLURM ranks without MASTER_ADDR need SLURM_JOB_NODELIST to find the first node")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise RuntimeError(f"cannot expand SLURM_JOB_NODELIST={nodelist} with scontrol: {error}") from None
+    hosts = out.stdout.split()
+    if out.returncode != 0 or not hosts:
+        raise RuntimeError(f"scontrol show hostnames {nodelist} failed: {out.stderr.strip()}")
+    port = SLURM_BASE_PORT + int(os.environ.get("SLURM_JOB_ID", "0")) % 10000
+    return hosts[0], str(port)
+
+
 def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,6 +91,9 @@ def init_distributed(cfg: ParallelConfig, device: str) -> DistInfo:
     rank, local_rank, world_size = _launcher_env()
     info = DistInfo(rank, local_rank, world_size, resolve_device(device, local_rank))
     if world_size > 1 and not dist.is_initialized():
+        if "SLURM_PROCID" in os.environ and "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"], port = slurm_rendezvous()
+            os.environ.setdefault("MASTER_PORT", port)
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
                 raise RuntimeError(f"{var} is not set: the launcher (or the SLURM batch script) must export it")
