@@ -99,8 +99,8 @@ class Attention(nn.Module):
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """(B, L, D) -> q, k, v as (B, nh, L, hd), RoPE applied to q and k."""
-        batch, length, dim = x.shape
-        q, k, v = self.wqkv(x).split(dim, dim=-1)  # 3 x (B, L, D)
+        batch, length, _ = x.shape
+        q, k, v = self.wqkv(x).chunk(3, dim=-1)  # 3 x (B, L, D / tensor-parallel ranks)
         q, k, v = (t.view(batch, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hd)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 

@@ -9,10 +9,17 @@
 
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
 from ebwm_scale.parallel.dist import ParallelConfig
+from ebwm_scale.parallel.tensor import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelOutput,
+)
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
@@ -22,6 +29,28 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     for index, block in enumerate(layers):
         if index % every == 0:
             layers[index] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def apply_tensor_parallel(model: nn.Module, group) -> None:
+    """Megatron layout, in place: attention heads and the SwiGLU hidden units split over `group`, q/k/v and gate/up
+    column-parallel, the output projections row-parallel; token embeddings, the EBT's V -> D state mapping and the
+    AR head split over the vocabulary; norms, frame projections and the energy head replicated."""
+    size = dist.get_world_size(group)
+    for block in model.transformer.layers:
+        attention, ffn = block.attention, block.feed_forward
+        if attention.num_heads % size:
+            raise ValueError(f"model.num_heads={attention.num_heads} is not divisible by tensor_parallel={size}")
+        attention.wqkv = ColumnParallelLinear(attention.wqkv, group, blocks=3)
+        attention.wo = RowParallelLinear(attention.wo, group)
+        attention.num_heads //= size
+        ffn.w_gate, ffn.w_up = ColumnParallelLinear(ffn.w_gate, group), ColumnParallelLinear(ffn.w_up, group)
+        ffn.w_down = RowParallelLinear(ffn.w_down, group)
+    if hasattr(model, "tok_embeddings"):
+        model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group)
+    if hasattr(model, "vocab_to_embed"):
+        model.vocab_to_embed = RowParallelLinear(model.vocab_to_embed, group, input_is_parallel=False)
+    if isinstance(getattr(model, "output", None), nn.Linear) and hasattr(model, "tok_embeddings"):
+        model.output = VocabParallelOutput(model.output, group)
 
 
 def parallelize(objective: nn.Module, cfg: ParallelConfig) -> nn.Module:

@@ -1,0 +1,151 @@
+"""Megatron-style tensor parallelism whose collectives are differentiable twice (DESIGN §4).
+
+The EBT loss back-propagates through the energy gradient, so the backward of every collective is itself part of a
+graph that gets differentiated again. Two autograd Functions carry the whole scheme, and each one's backward *is* the
+other one, applied as an autograd Function:
+
+    copy_to_tp      forward: identity           backward: all-reduce (reduce_from_tp)
+    reduce_from_tp  forward: all-reduce (sum)   backward: identity   (copy_to_tp)
+
+so the gradient of a gradient sees the right collective again. Measured unsafe (2 gloo ranks, torch 2.13):
+megatron-core 0.16's ColumnParallelLinear/RowParallelLinear call `c10d::allreduce_`, which has no autograd kernel;
+PyTorch treats it as identity in the double-backward pass and warns that this is deprecated and may silently be
+wrong. `torch.distributed.nn.functional.all_reduce` differentiates to another all-reduce, which double-counts
+(gradients 3.8x too large, no error). Hence these two Functions; the parity tests are the protection.
+
+Layouts (Y = X A):
+- ColumnParallelLinear: A split by columns (output features); input replicated (copy_to_tp), output sharded.
+- RowParallelLinear: A split by rows (input features); input sharded, output summed over ranks (reduce_from_tp).
+- VocabParallelEmbedding: the table split by vocabulary rows; each rank looks up its rows, then reduce_from_tp.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ReduceFromTP.apply(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _CopyToTP.apply(grad, ctx.group), None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return _ReduceFromTP.apply(x, group)
+
+
+def _shard(weight: torch.Tensor, dim: int, rank: int, size: int, blocks: int = 1) -> torch.Tensor:
+    """This rank's slice along `dim`; with blocks > 1 (e.g. q, k, v stacked) each block is sliced on its own."""
+    return torch.cat([block.chunk(size, dim=dim)[rank] for block in weight.chunk(blocks, dim=dim)], dim=dim).clone()
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y_r = X A_r: this rank's output features. `blocks`: the output stacks that many equal parts (q, k, v), each
+    split separately so that every rank gets whole heads of each."""
+
+    def __init__(self, full: nn.Linear, group, blocks: int = 1):
+        super().__init__()
+        self.group = group
+        self.blocks = blocks
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        self.weight = nn.Parameter(_shard(full.weight.detach(), 0, rank, size, blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tp(x, self.group), self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """Y = sum_r X_r A_r: the input arrives sharded over features, or (input_is_parallel=False) replicated, then this
+    rank takes its slice after copy_to_tp, whose backward sums the slices' gradients into the full input gradient.
+    Used for the EBT's V -> D state mapping: the vocabulary dimension is split."""
+
+    def __init__(self, full: nn.Linear, group, input_is_parallel: bool = True):
+        super().__init__()
+        self.group = group
+        self.input_is_parallel = input_is_parallel
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        per_rank = full.in_features // size
+        self.start, self.end = rank * per_rank, (rank + 1) * per_rank
+        self.weight = nn.Parameter(_shard(full.weight.detach(), 1, rank, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = copy_to_tp(x, self.group)[..., self.start : self.end]
+        return reduce_from_tp(F.linear(x, self.weight), self.group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds a contiguous slice of the vocabulary; ids outside it contribute zeros before the all-reduce."""
+
+    def __init__(self, full: nn.Embedding, group):
+        super().__init__()
+        self.group = group
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        per_rank = full.num_embeddings // size
+        self.start, self.end = rank * per_rank, (rank + 1) * per_rank
+        self.weight = nn.Parameter(full.weight.detach()[self.start : self.end].clone())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (ids < self.start) | (ids >= self.end)
+        rows = F.embedding(local.masked_fill(outside, 0), self.weight)  # (..., D)
+        rows = rows.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(rows, self.group)
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """forward: all-gather along the last dim; backward: this rank's slice (_SplitToTP), differentiable again."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _SplitToTP.apply(grad, ctx.group), None
+
+
+class _SplitToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.chunk(dist.get_world_size(group), dim=-1)[dist.get_rank(group)].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _GatherFromTP.apply(grad, ctx.group), None
+
+
+class VocabParallelOutput(ColumnParallelLinear):
+    """The AR head over a vocabulary split by rank, gathered to full logits for the loss."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _GatherFromTP.apply(super().forward(x), self.group)
