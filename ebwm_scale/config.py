@@ -196,6 +196,15 @@ def find_problem(cfg: PretrainConfig) -> str | None:
             "parallel.zero_stage=3: DeepSpeed re-partitions parameters before the EBT's second-order pass "
             "(DESIGN §4); for sharded parameters use parallel.data_parallel=fsdp"
         )
+    tp = cfg.parallel.tensor_parallel
+    if tp < 1:
+        checks.append(f"parallel.tensor_parallel={tp} must be >= 1")
+    elif tp > 1 and cfg.parallel.data_parallel != "ddp":
+        checks.append(f"parallel.tensor_parallel={tp} works with parallel.data_parallel=ddp only (for now)")
+    elif tp > 1 and (
+        m.num_heads % tp or m.resolved_ffn_hidden_dim % tp or (m.modality == "text" and m.vocab_size % tp)
+    ):
+        checks.append(f"parallel.tensor_parallel={tp} must divide model.num_heads, the FFN width and model.vocab_size")
     if cfg.parallel.deepspeed_config and not Path(cfg.parallel.deepspeed_config).is_file():
         checks.append(f"parallel.deepspeed_config={cfg.parallel.deepspeed_config!r}: no such file")
     if not t.resume:

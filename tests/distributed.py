@@ -23,6 +23,7 @@ def _worker(rank: int, world_size: int, port: int, fn, args, errors) -> None:
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears the group down while another still has collectives in flight
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise

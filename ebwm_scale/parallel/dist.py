@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,7 @@ class ParallelConfig:
     data_parallel: str = "ddp"
     zero_stage: int = 1
     deepspeed_config: str = ""  # a DeepSpeed JSON whose keys are added to the generated config; conflicts are errors
+    tensor_parallel: int = 1  # ranks that split each layer (Megatron layout); the rest of the world is data parallel
     # Recompute transformer blocks in the backward instead of storing their activations: full = every block,
     # selective = every second block.
     activation_checkpointing: str = "none"
@@ -37,14 +39,28 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class DistInfo:
+    """Where this process sits. Ranks form a (data parallel x tensor parallel) grid, tensor-parallel ranks adjacent:
+    rank = dp_rank * tp_size + tp_rank. Tensor-parallel ranks see the same data and the same MCMC noise."""
+
     rank: int
     local_rank: int
     world_size: int
     device: torch.device
+    tp_size: int = 1
+    tp_group: Any = None
+    dp_group: Any = None
 
     @property
     def is_rank0(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp_size
 
 
 def _launcher_env() -> tuple[int, int, int]:
@@ -90,6 +106,8 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
 def init_distributed(cfg: ParallelConfig, device: str) -> DistInfo:
     rank, local_rank, world_size = _launcher_env()
     info = DistInfo(rank, local_rank, world_size, resolve_device(device, local_rank))
+    if world_size % cfg.tensor_parallel:
+        raise RuntimeError(f"parallel.tensor_parallel={cfg.tensor_parallel} does not divide the {world_size} ranks")
     if world_size > 1 and not dist.is_initialized():
         if "SLURM_PROCID" in os.environ and "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"], port = slurm_rendezvous()
@@ -99,17 +117,27 @@ def init_distributed(cfg: ParallelConfig, device: str) -> DistInfo:
                 raise RuntimeError(f"{var} is not set: the launcher (or the SLURM batch script) must export it")
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if info.device.type == "cuda" else "gloo")
         dist.init_process_group(backend, rank=rank, world_size=world_size)
-    return info
+    return with_parallel_groups(info, cfg.tensor_parallel)
 
 
-def all_reduce_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Average .grad over the data-parallel ranks, in one flat buffer."""
+def with_parallel_groups(info: DistInfo, tp_size: int) -> DistInfo:
+    """Adds the tensor- and data-parallel process groups of the (dp, tp) grid (every rank must call this)."""
+    if tp_size == 1:
+        return info
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(info.device.type, (info.world_size // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
+    return replace(info, tp_size=tp_size, tp_group=mesh.get_group("tp"), dp_group=mesh.get_group("dp"))
+
+
+def all_reduce_gradients(params: list[torch.nn.Parameter], dp_size: int, group: Any = None) -> None:
+    """Average .grad over the data-parallel ranks (`group`; None = all ranks), in one flat buffer."""
     grads = [p.grad for p in params if p.grad is not None]
-    if world_size == 1 or not grads:
+    if dp_size == 1 or not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
+    dist.all_reduce(flat, group=group)
+    flat /= dp_size
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))

@@ -28,13 +28,13 @@ import torch
 from torch import nn
 
 from ebwm_scale.parallel.dist import DistInfo, all_reduce_gradients
+from ebwm_scale.parallel.tensor import gather_full_state, shard_full_state, sharded_weights
 from ebwm_scale.train.optim import set_lr
 
 STEPS_PER_PRINT_NEVER = 2**62
 
 
 class DataParallelEngine:
-    optimizer_state_is_sharded = False
     can_skip_steps = True
     checkpoint_safe_globals: list = []
 
@@ -52,6 +52,7 @@ class DataParallelEngine:
         self.grad_clip = grad_clip
         self.grad_accum_steps = grad_accum_steps
         self.params = [p for p in objective.parameters() if p.requires_grad]
+        self.optimizer_state_is_sharded = dist.tp_size > 1  # tensor-parallel ranks hold different shards
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum_steps).backward()
@@ -59,11 +60,30 @@ class DataParallelEngine:
     def finish_step(self, skip: bool) -> float:
         """Average, clip and apply the accumulated gradients (unless skip, or the gradient is not finite); returns
         the global gradient norm before clipping (nan when skipped without one)."""
-        all_reduce_gradients(self.params, self.dist.world_size)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf")))
+        all_reduce_gradients(self.params, self.dist.dp_size, self.dist.dp_group)
+        grad_norm = self._clip_gradients()
         if not skip and math.isfinite(grad_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _clip_gradients(self) -> float:
+        """Clip by the global norm. Under tensor parallelism the sharded weights' squares are summed over the group
+        (replicated ones counted once), so every rank scales by the same factor."""
+        if self.dist.tp_size == 1:
+            return float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf")))
+        sharded = {id(layer.weight) for _, layer in sharded_weights(self.module)}
+        grads = [(p.grad, id(p) in sharded) for p in self.params if p.grad is not None]
+        squares = torch.zeros(2, dtype=torch.float64)  # [sharded, replicated]
+        for grad, is_sharded in grads:
+            squares[0 if is_sharded else 1] += grad.double().pow(2).sum()
+        shard_squares = squares[:1].clone()
+        torch.distributed.all_reduce(shard_squares, group=self.dist.tp_group)
+        grad_norm = float((shard_squares[0] + squares[1]).sqrt())
+        if self.grad_clip and grad_norm > 0:
+            scale = min(1.0, self.grad_clip / (grad_norm + 1e-6))
+            for grad, _ in grads:
+                grad.mul_(scale)
         return grad_norm
 
     def set_lr(self, lr: float) -> None:
@@ -73,10 +93,12 @@ class DataParallelEngine:
         return self.module.evaluate(batch)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
+        """Unsharded weights (tensor-parallel shards gathered): checkpoints and exports are topology-free."""
+        state = self.module.state_dict()
+        return gather_full_state(self.module, state) if self.dist.tp_size > 1 else state
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)
+        self.module.load_state_dict(shard_full_state(self.module, state) if self.dist.tp_size > 1 else state)
 
     def optimizer_state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()

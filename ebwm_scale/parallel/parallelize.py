@@ -1,5 +1,6 @@
 """Applies parallelism and memory techniques to a plain model from the outside, in a fixed order.
 
+0. Tensor parallelism (parallel.tensor_parallel): layers split Megatron-style over the tensor-parallel group.
 1. Activation checkpointing: transformer blocks recompute their activations in the backward. Non-reentrant
    checkpointing (use_reentrant=False) is the variant that supports double backward (DESIGN §4); the reentrant one
    does not. It covers every block forward: the AR trunk, the masked EBT, the EBT context stream and the prediction
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-from ebwm_scale.parallel.dist import ParallelConfig
+from ebwm_scale.parallel.dist import DistInfo, ParallelConfig
 from ebwm_scale.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -53,7 +54,9 @@ def apply_tensor_parallel(model: nn.Module, group) -> None:
         model.output = VocabParallelOutput(model.output, group)
 
 
-def parallelize(objective: nn.Module, cfg: ParallelConfig) -> nn.Module:
+def parallelize(objective: nn.Module, cfg: ParallelConfig, dist_info: DistInfo | None = None) -> nn.Module:
+    if dist_info is not None and dist_info.tp_size > 1:
+        apply_tensor_parallel(objective.model, dist_info.tp_group)
     if cfg.activation_checkpointing != "none":
         apply_activation_checkpointing(objective.model, cfg.activation_checkpointing)
     return objective

@@ -68,6 +68,8 @@ class ColumnParallelLinear(nn.Module):
     """Y_r = X A_r: this rank's output features. `blocks`: the output stacks that many equal parts (q, k, v), each
     split separately so that every rank gets whole heads of each."""
 
+    shard_dim = 0
+
     def __init__(self, full: nn.Linear, group, blocks: int = 1):
         super().__init__()
         self.group = group
@@ -83,6 +85,8 @@ class RowParallelLinear(nn.Module):
     """Y = sum_r X_r A_r: the input arrives sharded over features, or (input_is_parallel=False) replicated, then this
     rank takes its slice after copy_to_tp, whose backward sums the slices' gradients into the full input gradient.
     Used for the EBT's V -> D state mapping: the vocabulary dimension is split."""
+
+    shard_dim, blocks = 1, 1
 
     def __init__(self, full: nn.Linear, group, input_is_parallel: bool = True):
         super().__init__()
@@ -101,6 +105,8 @@ class RowParallelLinear(nn.Module):
 
 class VocabParallelEmbedding(nn.Module):
     """Each rank holds a contiguous slice of the vocabulary; ids outside it contribute zeros before the all-reduce."""
+
+    shard_dim, blocks = 0, 1
 
     def __init__(self, full: nn.Embedding, group):
         super().__init__()
@@ -149,3 +155,37 @@ class VocabParallelOutput(ColumnParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _GatherFromTP.apply(super().forward(x), self.group)
+
+
+TENSOR_PARALLEL_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
+
+
+def sharded_weights(module: nn.Module):
+    """(state_dict key, layer) of every tensor-parallel weight; keys as in the unsharded model."""
+    for name, layer in module.named_modules():
+        if isinstance(layer, TENSOR_PARALLEL_LAYERS):
+            yield f"{name.replace('._checkpoint_wrapped_module', '')}.weight", layer
+
+
+def gather_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The unsharded state dict from this rank's shards (a collective over each layer's group)."""
+    full = dict(state)
+    for key, layer in sharded_weights(module):
+        shard = state[key].contiguous()
+        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(layer.group))]
+        dist.all_gather(parts, shard, group=layer.group)
+        blocks = [
+            torch.cat([p.chunk(layer.blocks, layer.shard_dim)[b] for p in parts], layer.shard_dim)
+            for b in range(layer.blocks)
+        ]
+        full[key] = torch.cat(blocks, dim=layer.shard_dim)
+    return full
+
+
+def shard_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's shards of an unsharded state dict (no communication)."""
+    local = dict(state)
+    for key, layer in sharded_weights(module):
+        rank, size = dist.get_rank(layer.group), dist.get_world_size(layer.group)
+        local[key] = _shard(state[key], layer.shard_dim, rank, size, layer.blocks)
+    return local

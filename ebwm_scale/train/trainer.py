@@ -91,7 +91,7 @@ class Trainer:
         self.dist = dist
         self.callbacks = callbacks
         self.engine = build_engine(cfg, objective, dist)
-        self.train_loader = cfg.data.build_loader(train_set, dist.rank, dist.world_size)
+        self.train_loader = cfg.data.build_loader(train_set, dist.dp_rank, dist.dp_size)
         self.step = 0
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
@@ -107,9 +107,7 @@ class Trainer:
             dist.world_size,
         )
         self.unit = "tokens" if cfg.model.modality == "text" else "frames"
-        self.tokens_per_step = (
-            cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * dist.world_size
-        )
+        self.tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * dist.dp_size
         self.num_params = count_params(objective)
         self.flops_per_token = train_flops_per_token(objective.model, cfg.model, cfg.data.seq_len, cfg.mcmc.num_steps)
         self.peak_tflops = peak_tflops(dist.device, cfg.train.peak_tflops)
@@ -138,9 +136,10 @@ class Trainer:
 
     def _parallel_mode(self) -> str:
         p = self.cfg.parallel
-        return {"zero": f"DeepSpeed ZeRO-{p.zero_stage}", "fsdp": "FSDP2, sharded parameters"}.get(
+        mode = {"zero": f"DeepSpeed ZeRO-{p.zero_stage}", "fsdp": "FSDP2, sharded parameters"}.get(
             p.data_parallel, "data parallel"
         )
+        return f"{mode}, tensor parallel {p.tensor_parallel}" if p.tensor_parallel > 1 else mode
 
     def run_tags(self) -> dict[str, str]:
         c = self.cfg
@@ -206,13 +205,13 @@ class Trainer:
         sums: dict[str, float] = {}
         num_batches = 0
         with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
-            torch.manual_seed(EVAL_NOISE_SEED + self.dist.rank)
+            torch.manual_seed(EVAL_NOISE_SEED + self.dist.dp_rank)
             batches = fixed_batches(
                 self.val_set,
                 self.cfg.data.micro_batch_size,
                 self.cfg.train.eval_batches,
-                self.dist.rank,
-                self.dist.world_size,
+                self.dist.dp_rank,
+                self.dist.dp_size,
             )
             for batch in batches:
                 with self.autocast:
