@@ -220,3 +220,29 @@ def test_entry_point_trains_with_tensor_parallel(launcher, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 rank(s) (data parallel, tensor parallel 2)" in proc.stdout and "step 5/5" in proc.stdout
+
+
+def _check_tp_times_dp(rank, size, output_dir, expected):
+    from ebwm_scale.parallel.dist import DistInfo, with_parallel_groups
+    from tests.test_zero import _run
+
+    dist_info = with_parallel_groups(
+        DistInfo(rank=rank, local_rank=rank, world_size=size, device=torch.device("cpu")), 2
+    )
+    assert (dist_info.dp_size, dist_info.dp_rank) == (2, rank // 2)
+    losses, params = _run(
+        "ci_tiny.yaml", dist_info, output_dir, "data.micro_batch_size=4", "parallel.tensor_parallel=2"
+    )
+    assert losses == pytest.approx(expected[0], rel=2e-5)
+    for name, value in expected[1].items():
+        torch.testing.assert_close(params[name], value, rtol=1e-4, atol=3e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_tensor_parallel_times_data_parallel_on_four_ranks(tmp_path):
+    """TP=2 x DP=2 (4 gloo processes) vs one process on the same global batch of 8 (noise-free MCMC start)."""
+    from tests.conftest import CPU
+    from tests.test_zero import _run
+
+    expected = _run("ci_tiny.yaml", CPU, tmp_path / "one", "data.micro_batch_size=8")
+    run_distributed_test(_check_tp_times_dp, world_size=4, args=(str(tmp_path / "four"), expected))
