@@ -48,3 +48,32 @@ def run_distributed_test(fn, world_size: int = 2, args: tuple = ()) -> None:
         raise AssertionError("\n".join(failures))
     bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
     assert not bad, f"ranks exited abnormally: {bad}"
+
+
+def launch_entry_point(launcher: str, recipe_args: list[str], timeout: int = 600):
+    """Run ebwm_scale/pretrain.py on 2 CPU ranks under `torchrun` or the `deepspeed` launcher; returns the process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    entry = str(Path(__file__).resolve().parents[1] / "ebwm_scale" / "pretrain.py")
+    launch = {
+        "torchrun": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            f"--master-port={free_port()}",
+        ],
+        "deepspeed": [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+        ],
+    }[launcher]
+    return subprocess.run([*launch, entry, *recipe_args], capture_output=True, text=True, timeout=timeout)

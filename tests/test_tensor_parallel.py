@@ -179,44 +179,13 @@ def test_tensor_parallel_resume_is_exact_and_checkpoints_load_without_it(tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_entry_point_trains_with_tensor_parallel(launcher, tmp_path):
-    import subprocess
-    import sys
-
     from tests.conftest import REPO
-    from tests.distributed import free_port
+    from tests.distributed import launch_entry_point
     from tests.test_zero import COMMON
 
-    launch = {
-        "torchrun": [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            f"--master-port={free_port()}",
-        ],
-        "deepspeed": [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
-        ],
-    }[launcher]
-    proc = subprocess.run(
-        [
-            *launch,
-            str(REPO / "ebwm_scale" / "pretrain.py"),
-            str(REPO / "recipes" / "ci_tiny.yaml"),
-            *COMMON,
-            "parallel.tensor_parallel=2",
-            f"train.output_dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = launch_entry_point(
+        launcher,
+        [str(REPO / "recipes" / "ci_tiny.yaml"), *COMMON, "parallel.tensor_parallel=2", f"train.output_dir={tmp_path}"],
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 rank(s) (data parallel, tensor parallel 2)" in proc.stdout and "step 5/5" in proc.stdout

@@ -2,8 +2,6 @@
 parameters as one process on the same global batch (EBT-text with its second-order gradients, and AR-text),
 exact resume, and the deepspeed launcher."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from ebwm_scale.config import load_config
 from ebwm_scale.parallel.dist import DistInfo
 from ebwm_scale.pretrain import build_trainer
 from tests.conftest import CPU, REPO
-from tests.distributed import run_distributed_test
+from tests.distributed import launch_entry_point, run_distributed_test
 from tests.test_training import SMALL, Recorder
 
 STEPS = 5
@@ -110,26 +108,14 @@ def test_resume_is_exact_on_two_ranks(mode, tmp_path):
 
 @pytest.mark.slow
 def test_deepspeed_launcher_runs_the_entry_point(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            "2",
-            "--master_port",
-            "29671",
-            str(REPO / "ebwm_scale" / "pretrain.py"),
-            str(REPO / "recipes" / "ci_tiny.yaml"),
-            *COMMON,
-            "parallel.data_parallel=zero",
-            "parallel.zero_stage=2",
-            f"train.output_dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    args = [
+        str(REPO / "recipes" / "ci_tiny.yaml"),
+        *COMMON,
+        "parallel.data_parallel=zero",
+        "parallel.zero_stage=2",
+        f"train.output_dir={tmp_path}",
+    ]
+    proc = launch_entry_point("deepspeed", args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 rank(s) (DeepSpeed ZeRO-2)" in proc.stdout and f"step {STEPS}/{STEPS}" in proc.stdout
     assert (tmp_path / "ci_tiny" / "checkpoints" / f"step_{STEPS:08d}" / "rank_00001.pt").exists()
