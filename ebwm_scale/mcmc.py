@@ -59,6 +59,7 @@ def refine(
     create_graph: bool = True,
     langevin_noise_std: float = 0.0,
     alpha_jitter: float = 0.0,
+    noise_fn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
 ) -> RefineResult:
     """Refine `pred` by `num_steps` of gradient descent on the energy. Works under torch.no_grad() too."""
     result = RefineResult(pred=pred)
@@ -66,7 +67,7 @@ def refine(
         for step in range(num_steps):
             pred = pred.detach()
             if langevin_noise_std > 0:  # Langevin dynamics: explore around the current state
-                pred = pred + langevin_noise_std * torch.randn_like(pred)
+                pred = pred + langevin_noise_std * noise_fn(pred)
             pred.requires_grad_(True)
             energy = energy_fn(pred, step)  # (B, S)
             (grad,) = torch.autograd.grad(energy.sum(), pred, create_graph=create_graph)
@@ -94,9 +95,17 @@ class MCMC(nn.Module):
         # engines need every rank to run the same number of forward/backward passes).
         generator = torch.Generator().manual_seed(cfg.step_count_seed)
         self.register_buffer("step_count_rng", generator.get_state())
+        # Set by tensor parallelism when each rank refines a slice of the state: alpha's gradient is then the sum
+        # of the slices' contributions (copy_to_tp: identity forward, all-reduce backward).
+        self.state_split_group = None
 
     def step_size(self) -> torch.Tensor:
-        return self.alpha.clamp(min=self.cfg.alpha_min).squeeze(0)  # a scalar for the update
+        alpha = self.alpha.clamp(min=self.cfg.alpha_min).squeeze(0)  # a scalar for the update
+        if self.state_split_group is None:
+            return alpha
+        from ebwm_scale.parallel.tensor import copy_to_tp
+
+        return copy_to_tp(alpha, self.state_split_group)
 
     def sample_num_steps(self) -> int:
         """Randomized step count, from the module's own RNG state (see __init__)."""
@@ -108,7 +117,14 @@ class MCMC(nn.Module):
         self.step_count_rng.copy_(generator.get_state())
         return num_steps
 
-    def train_refine(self, energy_fn: EnergyFn, pred: torch.Tensor, target: torch.Tensor, loss_fn: LossFn):
+    def train_refine(
+        self,
+        energy_fn: EnergyFn,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        loss_fn: LossFn,
+        noise_fn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+    ):
         """Training: random step count, noise and jitter as configured; returns the result and the loss."""
         result = refine(
             energy_fn,
@@ -120,6 +136,7 @@ class MCMC(nn.Module):
             create_graph=True,
             langevin_noise_std=self.cfg.langevin_noise_std,
             alpha_jitter=self.cfg.alpha_jitter,
+            noise_fn=noise_fn,
         )
         if self.cfg.loss_on == "last":
             return result, result.losses[-1]

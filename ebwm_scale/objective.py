@@ -41,19 +41,34 @@ class EBTObjective(nn.Module):
         super().__init__()
         self.model = model
         self.mcmc = mcmc
+        self.loss_fn = reconstruction_loss
+        self.state_shard = (0, 1)  # (index, count): tensor parallelism keeps only this slice of the vocabulary state
+
+    def state_noise(self, like: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like this rank's state, drawn at full width and sliced, so that a
+        vocabulary-split state starts and moves exactly like the unsplit one."""
+        index, count = self.state_shard
+        if count == 1:
+            return torch.randn_like(like)
+        full = torch.randn(*like.shape[:-1], like.shape[-1] * count, device=like.device, dtype=like.dtype)
+        return full.chunk(count, dim=-1)[index]
 
     def init_state(self, ctx: torch.Tensor) -> torch.Tensor:
         """Noise to start from: V logits per position for text, an F-dim embedding for frames. Always fp32."""
         cfg = self.model.cfg
         state_dim = cfg.vocab_size if cfg.modality == "text" else cfg.frame_dim
-        shape = (ctx.shape[0], ctx.shape[1], state_dim)
-        return self.mcmc.cfg.init_scale * torch.randn(shape, device=ctx.device, dtype=torch.float32)
+        local = torch.empty(ctx.shape[0], ctx.shape[1], state_dim // self.state_shard[1], device=ctx.device)
+        return self.mcmc.cfg.init_scale * self.state_noise(local)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         ctx, target = split_batch(batch)
         context = self.model.encode_context(ctx)  # once per batch, shared by every MCMC step
         result, loss = self.mcmc.train_refine(
-            lambda pred, step: self.model.energy(context, pred, step), self.init_state(ctx), target, reconstruction_loss
+            lambda pred, step: self.model.energy(context, pred, step),
+            self.init_state(ctx),
+            target,
+            self.loss_fn,
+            noise_fn=self.state_noise,
         )
         metrics = {"loss": loss.detach(), "alpha": self.mcmc.step_size().detach()}
         # Only the steps every batch runs: with a random step count, ranks must still report the same keys.
@@ -73,7 +88,7 @@ class EBTObjective(nn.Module):
             self.mcmc.step_size(),
             num_steps or self.mcmc.cfg.num_steps,
             target=target,
-            loss_fn=reconstruction_loss,
+            loss_fn=self.loss_fn,
             create_graph=False,
         )
         return {"loss": result.losses[-1].detach(), "energy_last": result.energies[-1]}

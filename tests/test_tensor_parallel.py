@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.objective import build_objective
-from ebwm_scale.parallel.parallelize import apply_tensor_parallel
+from ebwm_scale.parallel.parallelize import apply_tensor_parallel_objective
 from ebwm_scale.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -44,19 +44,22 @@ def _check(rank, size, kind, modality):
     torch.manual_seed(0)
     reference = build_objective(tiny_model_config(kind, modality).build(), MCMCConfig(alpha_init=5.0).build())
     parallel = copy.deepcopy(reference)
-    apply_tensor_parallel(parallel.model, group)
+    apply_tensor_parallel_objective(parallel, group)
     batch = _batch(modality)
 
-    if kind == "ebt":  # energies and the energy gradient w.r.t. the (replicated) state
+    if kind == "ebt":  # energies and the energy gradient w.r.t. the state (text: each rank holds a vocab slice)
         ctx = batch["tokens"][:, :-1] if modality == "text" else batch["frames"][:, :-1]
-        pred = torch.randn(3, 8, 32 if modality == "text" else 8, requires_grad=True)
+        pred = torch.randn(3, 8, 32 if modality == "text" else 8)
+        local = pred.chunk(size, dim=-1)[rank] if modality == "text" else pred
         energies, state_grads = [], []
-        for objective in (reference, parallel):
-            energy = objective.model(ctx, pred)
+        for objective, state in ((reference, pred), (parallel, local)):
+            state = state.clone().requires_grad_(True)
+            energy = objective.model(ctx, state)
             energies.append(energy)
-            state_grads.append(torch.autograd.grad(energy.sum(), pred)[0])
+            state_grads.append(torch.autograd.grad(energy.sum(), state)[0])
         torch.testing.assert_close(energies[1], energies[0], rtol=RTOL, atol=ATOL)
-        torch.testing.assert_close(state_grads[1], state_grads[0], rtol=RTOL, atol=ATOL)
+        expected = state_grads[0].chunk(size, dim=-1)[rank] if modality == "text" else state_grads[0]
+        torch.testing.assert_close(state_grads[1], expected, rtol=RTOL, atol=ATOL)
 
     optimizers = [torch.optim.SGD(o.parameters(), lr=0.05) for o in (reference, parallel)]
     modules = dict(parallel.named_modules())

@@ -2,7 +2,6 @@
 parameters as one process on the same global batch (EBT-text with its second-order gradients, and AR-text),
 exact resume, and the deepspeed launcher."""
 
-
 import pytest
 import torch
 

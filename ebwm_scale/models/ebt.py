@@ -113,6 +113,7 @@ class EBTText(EBT):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.state_softmax = nn.Softmax(dim=-1)  # a module, so tensor parallelism can swap in a vocab-split one
         self.vocab_to_embed = nn.Linear(cfg.vocab_size, cfg.dim, bias=False)
         init_weights(self)
 
@@ -122,7 +123,7 @@ class EBTText(EBT):
     def embed_pred(self, pred: torch.Tensor) -> torch.Tensor:
         # The state is fp32 (float64 in gradient checks) and autocast keeps softmax in fp32; only the V->D
         # matmul runs in low precision.
-        probs = torch.softmax(pred, dim=-1)  # (B, S, V)
+        probs = self.state_softmax(pred)  # (B, S, V)
         return self.vocab_to_embed(probs)  # (B, S, D)
 
 

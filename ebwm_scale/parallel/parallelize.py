@@ -18,8 +18,10 @@ from ebwm_scale.parallel.dist import DistInfo, ParallelConfig
 from ebwm_scale.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
+    VocabParallelCrossEntropy,
     VocabParallelEmbedding,
     VocabParallelOutput,
+    VocabParallelSoftmax,
 )
 
 
@@ -48,15 +50,26 @@ def apply_tensor_parallel(model: nn.Module, group) -> None:
         ffn.w_down = RowParallelLinear(ffn.w_down, group)
     if hasattr(model, "tok_embeddings"):
         model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group)
-    if hasattr(model, "vocab_to_embed"):
-        model.vocab_to_embed = RowParallelLinear(model.vocab_to_embed, group, input_is_parallel=False)
+    if hasattr(model, "vocab_to_embed"):  # the EBT's state is split over the vocabulary too (see parallelize)
+        model.state_softmax = VocabParallelSoftmax(group)
+        model.vocab_to_embed = RowParallelLinear(model.vocab_to_embed, group)
     if isinstance(getattr(model, "output", None), nn.Linear) and hasattr(model, "tok_embeddings"):
         model.output = VocabParallelOutput(model.output, group)
 
 
+def apply_tensor_parallel_objective(objective: nn.Module, group) -> None:
+    """The model's layers (apply_tensor_parallel) and, for the text EBT, the MCMC state itself: each rank keeps and
+    refines only its slice of the B x S x V logits, and the loss is a vocabulary-parallel cross-entropy."""
+    apply_tensor_parallel(objective.model, group)
+    if hasattr(objective.model, "vocab_to_embed"):
+        objective.state_shard = (dist.get_rank(group), dist.get_world_size(group))
+        objective.mcmc.state_split_group = group
+        objective.loss_fn = VocabParallelCrossEntropy(group, objective.model.cfg.vocab_size)
+
+
 def parallelize(objective: nn.Module, cfg: ParallelConfig, dist_info: DistInfo | None = None) -> nn.Module:
     if dist_info is not None and dist_info.tp_size > 1:
-        apply_tensor_parallel(objective.model, dist_info.tp_group)
+        apply_tensor_parallel_objective(objective, dist_info.tp_group)
     if cfg.activation_checkpointing != "none":
         apply_activation_checkpointing(objective.model, cfg.activation_checkpointing)
     return objective

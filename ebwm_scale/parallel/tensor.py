@@ -7,7 +7,11 @@ other one, applied as an autograd Function:
     copy_to_tp      forward: identity           backward: all-reduce (reduce_from_tp)
     reduce_from_tp  forward: all-reduce (sum)   backward: identity   (copy_to_tp)
 
-so the gradient of a gradient sees the right collective again. Measured unsafe (2 gloo ranks, torch 2.13):
+so the gradient of a gradient sees the right collective again. These assume what follows a reduce is replicated
+(every rank computes the same thing from it). The vocabulary-split softmax divides each rank's own slice by the
+summed normalizer, so its sum uses _SumOfSlices, whose backward all-reduces (and is itself).
+
+Measured unsafe (2 gloo ranks, torch 2.13):
 megatron-core 0.16's ColumnParallelLinear/RowParallelLinear call `c10d::allreduce_`, which has no autograd kernel;
 PyTorch treats it as identity in the double-backward pass and warns that this is deprecated and may silently be
 wrong. `torch.distributed.nn.functional.all_reduce` differentiates to another all-reduce, which double-counts
@@ -189,3 +193,57 @@ def shard_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[
         rank, size = dist.get_rank(layer.group), dist.get_world_size(layer.group)
         local[key] = _shard(state[key], layer.shard_dim, rank, size, layer.blocks)
     return local
+
+
+def _global_max(x: torch.Tensor, group) -> torch.Tensor:
+    """Max over the last dim across the group; a constant shift for stability, so no gradient flows through it."""
+    with torch.no_grad():
+        peak = x.max(dim=-1, keepdim=True).values
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    return peak
+
+
+class _SumOfSlices(torch.autograd.Function):
+    """All-reduce whose result feeds rank-local computation (each rank divides its own slice by it): the gradient
+    of the sum is the sum of every rank's gradient, so the backward all-reduces too (and is this Function again)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _SumOfSlices.apply(grad, ctx.group), None
+
+
+class VocabParallelSoftmax(nn.Module):
+    """softmax over a last dimension split across the group: each rank gets its slice of the probabilities."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.group = group
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        exp = torch.exp(logits - _global_max(logits, self.group))
+        return exp / _SumOfSlices.apply(exp.sum(dim=-1, keepdim=True), self.group)
+
+
+class VocabParallelCrossEntropy(nn.Module):
+    """Mean cross-entropy of logits split over the vocabulary (this rank holds [start, end)) against full targets."""
+
+    def __init__(self, group, vocab_size: int):
+        super().__init__()
+        self.group = group
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        self.start, self.end = rank * vocab_size // size, (rank + 1) * vocab_size // size
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        shifted = logits.float() - _global_max(logits.float(), self.group)  # (B, S, V / ranks)
+        sum_exp = reduce_from_tp(torch.exp(shifted).sum(dim=-1), self.group)  # (B, S)
+        inside = (target >= self.start) & (target < self.end)
+        local = (target - self.start).clamp(0, self.end - self.start - 1)
+        picked = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1) * inside  # the target's logit, on its rank
+        return (torch.log(sum_exp) - reduce_from_tp(picked, self.group)).mean()
