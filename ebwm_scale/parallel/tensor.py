@@ -203,16 +203,10 @@ def _global_max(x: torch.Tensor, group) -> torch.Tensor:
     return peak
 
 
-class _SumOfSlices(torch.autograd.Function):
-    """All-reduce whose result feeds rank-local computation (each rank divides its own slice by it): the gradient
-    of the sum is the sum of every rank's gradient, so the backward all-reduces too (and is this Function again)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        out = x.clone()
-        dist.all_reduce(out, group=group)
-        return out
+class _SumOfSlices(_ReduceFromTP):
+    """The same all-reduce, for a result that feeds rank-local computation (each rank divides its own slice by it):
+    the gradient of the sum is the sum of every rank's gradient, so the backward all-reduces too (and is this
+    Function again)."""
 
     @staticmethod
     def backward(ctx, grad):
