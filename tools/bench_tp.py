@@ -12,19 +12,17 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_step import time_train_steps  # tools/ is this script's directory
 
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models import ModelConfig
 from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel.dist import DistInfo, ParallelConfig, with_parallel_groups
 from ebwm_scale.parallel.parallelize import parallelize
-from ebwm_scale.train.optim import OptimConfig
 
 
 def step_seconds(args, dist_info: DistInfo | None) -> float:
@@ -35,18 +33,8 @@ def step_seconds(args, dist_info: DistInfo | None) -> float:
     objective = build_objective(cfg.build(), MCMCConfig(alpha_init=20.0).build())
     if dist_info is not None:
         objective = parallelize(objective, ParallelConfig(tensor_parallel=2), dist_info)
-    optimizer = OptimConfig().build(objective, 1.0)
     batch = {"tokens": torch.randint(0, 256, (args.batch_size, args.seq_len + 1))}
-    times = []
-    for i in range(args.warmup + args.steps):
-        torch.manual_seed(i)
-        start = time.perf_counter()
-        objective(batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time_train_steps(objective, batch, args.warmup, args.steps)
 
 
 def _rank(rank: int, args, port: int, out) -> None:

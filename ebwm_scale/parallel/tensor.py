@@ -86,24 +86,18 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """Y = sum_r X_r A_r: the input arrives sharded over features, or (input_is_parallel=False) replicated, then this
-    rank takes its slice after copy_to_tp, whose backward sums the slices' gradients into the full input gradient.
-    Used for the EBT's V -> D state mapping: the vocabulary dimension is split."""
+    """Y = sum_r X_r A_r: the input arrives sharded over features; partial products are all-reduced. Also the EBT's
+    V -> D state mapping, whose input is this rank's slice of the vocabulary state."""
 
     shard_dim, blocks = 1, 1
 
-    def __init__(self, full: nn.Linear, group, input_is_parallel: bool = True):
+    def __init__(self, full: nn.Linear, group):
         super().__init__()
         self.group = group
-        self.input_is_parallel = input_is_parallel
         rank, size = dist.get_rank(group), dist.get_world_size(group)
-        per_rank = full.in_features // size
-        self.start, self.end = rank * per_rank, (rank + 1) * per_rank
         self.weight = nn.Parameter(_shard(full.weight.detach(), 1, rank, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.input_is_parallel:
-            x = copy_to_tp(x, self.group)[..., self.start : self.end]
         return reduce_from_tp(F.linear(x, self.weight), self.group)
 
 

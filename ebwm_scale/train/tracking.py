@@ -106,7 +106,7 @@ class MLflowCallback(Callback):
             experiment_id = experiment.experiment_id
         tags = {**trainer.run_tags(), "git_commit": git_commit(), **self.cfg.tags}
         run = self.client.create_run(experiment_id, run_name=trainer.run_name, tags=tags)
-        params = [Param(k, str(v)[:MLFLOW_PARAM_MAX_CHARS]) for k, v in trainer.flat_config().items()]
+        params = [Param(k, str(v)[:MLFLOW_PARAM_MAX_CHARS]) for k, v in trainer.cfg.flat().items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run.info.run_id, params=params[start : start + 100])
         self.run_id = run.info.run_id

@@ -152,9 +152,6 @@ class Trainer:
             "flops": f"{self.flops_per_token * self.tokens_per_step * self.max_steps:.4g}",
         }
 
-    def flat_config(self) -> dict[str, object]:
-        return self.cfg.flat()
-
     # ---- one optimizer step ----
 
     def train_step(self) -> dict[str, float]:
