@@ -46,9 +46,12 @@ def main(argv: list[str]) -> dict:
     cfg = load_config(argv[0], argv[1:])
     dist = init_distributed(cfg.parallel, cfg.train.device)
     try:
-        return build_trainer(cfg, dist).fit()
-    finally:
-        shutdown_distributed()
+        summary = build_trainer(cfg, dist).fit()
+    except BaseException:
+        shutdown_distributed(clean_exit=False)
+        raise
+    shutdown_distributed()
+    return summary
 
 
 def cli() -> None:

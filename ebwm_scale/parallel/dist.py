@@ -153,6 +153,10 @@ def all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, floa
     return {k: float(v) / world_size for k, v in zip(keys, buffer)}
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(clean_exit: bool = True) -> None:
     if dist.is_initialized():
+        if clean_exit:
+            # A rank that tears gloo down while a peer still talks to it can abort the peer ("terminate called
+            # without an active exception"); after an error a peer may never arrive, so no barrier then.
+            dist.barrier()
         dist.destroy_process_group()
