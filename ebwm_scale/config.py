@@ -18,9 +18,9 @@ from ebwm_scale.data.text import ByteTokenizer
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models.config import ATTENTION_IMPLS, DOUBLE_BACKWARD_SAFE_ATTENTION, EBT_IMPLS, ModelConfig
 from ebwm_scale.parallel.dist import ACTIVATION_CHECKPOINTING, BACKENDS, DATA_PARALLEL_MODES, ParallelConfig
+from ebwm_scale.train.config import DEVICES, PRECISIONS, TrainConfig
 from ebwm_scale.train.optim import OptimConfig
 from ebwm_scale.train.tracking import TrackingConfig
-from ebwm_scale.train.trainer import DEVICES, PRECISIONS, TrainConfig
 
 
 class ConfigError(ValueError):

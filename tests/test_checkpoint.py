@@ -10,8 +10,9 @@ import fsspec
 import pytest
 import torch
 
-from ebwm_scale.config import load_config
+from ebwm_scale.config import ConfigError, load_config
 from ebwm_scale.pretrain import build_trainer
+from ebwm_scale.train.callbacks import Callback
 from ebwm_scale.train.checkpoint import MANIFEST, Checkpointer, CheckpointError, model_file_bytes, torch_bytes
 from ebwm_scale.train.export import load_exported
 from tests.conftest import CPU, REPO
@@ -155,6 +156,18 @@ def test_export_rebuilds_the_same_model(tmp_path):
     ctx, pred = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
     assert torch.equal(objective.model(ctx, pred), trainer.objective.model(ctx, pred))
     assert objective.mcmc.alpha.item() == trainer.objective.mcmc.alpha.item()
+
+    class EnergyAtStart(Callback):
+        def on_train_start(self, trainer):
+            self.energy = trainer.objective.model(ctx, pred)
+
+    at_start = EnergyAtStart()
+    _trainer(tmp_path / "b", f"train.init_from={out}", "train.max_steps=1", callbacks=[at_start]).fit()
+    assert torch.equal(at_start.energy, objective.model(ctx, pred))  # a new run starts from the exported weights
+    with pytest.raises(ConfigError, match=r"train.init_from=.*: model.dim=32 there, 48 here"):
+        _trainer(tmp_path / "c", f"train.init_from={out}", "model.dim=48").fit()
+    with pytest.raises(CheckpointError, match="not an export: config.json is missing"):
+        _trainer(tmp_path / "d", f"train.init_from={tmp_path}").fit()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

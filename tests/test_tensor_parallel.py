@@ -151,6 +151,9 @@ def test_tensor_parallel_training_matches_one_process(tmp_path):
     run_distributed_test(_check_training, world_size=2, args=(str(tmp_path / "two"), expected))
 
 
+START_FROM_EXPORT = ["data.micro_batch_size=4", "train.max_steps=3"]
+
+
 def _check_resume_and_export(rank, size, output_dir):
     from ebwm_scale.train.export import export_checkpoint, load_exported
     from tests.test_zero import _run
@@ -174,9 +177,25 @@ def _check_resume_and_export(rank, size, output_dir):
         assert all(torch.equal(single.state_dict()[k], v) for k, v in params.items())
 
 
+def _check_start_from_export(rank, size, output_dir, expected):
+    from tests.test_zero import _run
+
+    fresh = [*START_FROM_EXPORT, f"train.init_from={output_dir}/export", "parallel.tensor_parallel=2"]
+    losses, _ = _run("ci_tiny.yaml", _tp_dist(rank, size), f"{output_dir}/d", *fresh)
+    assert losses == pytest.approx(expected, rel=2e-5)
+
+
 @pytest.mark.slow
-def test_tensor_parallel_resume_is_exact_and_checkpoints_load_without_it(tmp_path):
+def test_tensor_parallel_resume_is_exact_and_exports_start_runs_under_either_layout(tmp_path):
+    from tests.conftest import CPU
+    from tests.test_zero import _run
+
     run_distributed_test(_check_resume_and_export, world_size=2, args=(str(tmp_path),))
+    # The TP=2 export starts a one-process run, and a TP=2 run from it follows the same trajectory.
+    one, _ = _run("ci_tiny.yaml", CPU, tmp_path / "c", *START_FROM_EXPORT, f"train.init_from={tmp_path}/export")
+    from_scratch, _ = _run("ci_tiny.yaml", CPU, tmp_path / "e", *START_FROM_EXPORT)
+    assert one[0] < from_scratch[0]  # it did start from the trained weights
+    run_distributed_test(_check_start_from_export, world_size=2, args=(str(tmp_path), one))
 
 
 @pytest.mark.slow

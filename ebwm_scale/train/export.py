@@ -7,6 +7,7 @@ and nothing of the training topology (ranks, optimizer, data position).
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import fsspec
 import torch
@@ -15,9 +16,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from ebwm_scale.config import PretrainConfig, config_from_text
+from ebwm_scale.config import ConfigError, PretrainConfig, config_from_text
+from ebwm_scale.models.config import ModelConfig
 from ebwm_scale.objective import build_objective
-from ebwm_scale.train.checkpoint import CONFIG_FILE, MODEL_FILE, Checkpointer
+from ebwm_scale.train.checkpoint import CONFIG_FILE, MODEL_FILE, Checkpointer, CheckpointError
 
 EXPORT_CONFIG = "config.json"
 
@@ -35,13 +37,31 @@ def export_checkpoint(checkpoint_url: str, out_url: str) -> None:
         json.dump(OmegaConf.to_container(OmegaConf.structured(cfg)), f, indent=1)
 
 
-def load_exported(url: str, device: str | torch.device = "cpu") -> tuple[PretrainConfig, nn.Module]:
-    """(config, objective with the exported weights): objective.model is the EBT/AR model, objective.mcmc its alpha."""
+def _read_export(url: str) -> tuple[PretrainConfig, dict[str, torch.Tensor]]:
     fs, root = fsspec.core.url_to_fs(url)
+    for name in (EXPORT_CONFIG, MODEL_FILE):
+        if not fs.exists(f"{root}/{name}"):
+            raise CheckpointError(f"{url} is not an export: {name} is missing (write one with tools/export.py)")
     with fs.open(f"{root}/{EXPORT_CONFIG}") as f:
         cfg = config_from_text(f.read().decode(), url)
     with fs.open(f"{root}/{MODEL_FILE}", "rb") as f:
-        weights = load_safetensors(f.read())
+        return cfg, load_safetensors(f.read())
+
+
+def read_exported_weights(url: str, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """The unsharded weights of an export, after checking they were trained with the `model` architecture (the
+    attention kernel, EBT layout and RoPE base may differ: the weights mean the same under each)."""
+    cfg, weights = _read_export(url)
+    exported, wanted = asdict(cfg.model), asdict(model)
+    for key in wanted.keys() - {"attn_impl", "ebt_impl", "rope_theta"}:
+        if exported[key] != wanted[key]:
+            raise ConfigError(f"train.init_from={url}: model.{key}={exported[key]!r} there, {wanted[key]!r} here")
+    return weights
+
+
+def load_exported(url: str, device: str | torch.device = "cpu") -> tuple[PretrainConfig, nn.Module]:
+    """(config, objective with the exported weights): objective.model is the EBT/AR model, objective.mcmc its alpha."""
+    cfg, weights = _read_export(url)
     objective = build_objective(cfg.model.build(), cfg.mcmc.build())
     objective.load_state_dict(weights)
     return cfg, objective.to(device)

@@ -8,7 +8,6 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,37 +31,15 @@ from ebwm_scale.train.checkpoint import (
     restore_rng_state,
     torch_bytes,
 )
+from ebwm_scale.train.export import read_exported_weights
 from ebwm_scale.train.metrics import model_state_gb_per_rank, peak_memory_gb, peak_tflops, train_flops_per_token
 from ebwm_scale.train.optim import lr_at
 
 if TYPE_CHECKING:
     from ebwm_scale.config import PretrainConfig
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16")
 EVAL_NOISE_SEED = 1234  # every eval starts the MCMC chains from the same noise, so evals are comparable
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM preemption sends one of these before the kill
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    max_steps: int = 300  # optimizer steps
-    grad_accum_steps: int = 1
-    log_interval_steps: int = 10
-    eval_interval_steps: int = 100  # 0: evaluate only at the end
-    eval_batches: int = 8
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "fp32"  # bf16: autocast for the matmuls; the MCMC state and losses stay fp32
-    output_dir: str = "runs"  # the run writes <output_dir>/<run_name>/{config.yaml,summary.json,metrics.jsonl}
-    run_name: str = ""  # default: the recipe's file name
-    progress_bar: bool = True
-    checkpoint_dir: str = ""  # any fsspec URL; default <output_dir>/<run_name>/checkpoints
-    checkpoint_interval_steps: int = 0  # 0: only at the end and when stopped by a signal
-    keep_last_checkpoints: int = 3
-    resume: str = "none"  # none | auto (newest complete checkpoint in checkpoint_dir, if any) | a checkpoint URL
-    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
-    peak_tflops: float = 0.0  # device peak for MFU; 0: known GPUs from a table, none on CPU
 
 
 class NonFiniteError(RuntimeError):
@@ -301,6 +278,8 @@ class Trainer:
         if resume_url:
             self.resume(resume_url)
             self.resumed_from = resume_url
+        elif self.cfg.train.init_from:
+            self.engine.load_model_state_dict(read_exported_weights(self.cfg.train.init_from, self.cfg.model))
         if self.dist.is_rank0:
             (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml())
         previous_handlers = self._install_signal_handlers()

@@ -1,0 +1,30 @@
+"""The training loop's configuration (the `train` section of a recipe)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = 300  # optimizer steps
+    grad_accum_steps: int = 1
+    log_interval_steps: int = 10
+    eval_interval_steps: int = 100  # 0: evaluate only at the end
+    eval_batches: int = 8
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"  # bf16: autocast for the matmuls; the MCMC state and losses stay fp32
+    output_dir: str = "runs"  # the run writes <output_dir>/<run_name>/{config.yaml,summary.json,metrics.jsonl}
+    run_name: str = ""  # default: the recipe's file name
+    progress_bar: bool = True
+    checkpoint_dir: str = ""  # any fsspec URL; default <output_dir>/<run_name>/checkpoints
+    checkpoint_interval_steps: int = 0  # 0: only at the end and when stopped by a signal
+    keep_last_checkpoints: int = 3
+    resume: str = "none"  # none | auto (newest complete checkpoint in checkpoint_dir, if any) | a checkpoint URL
+    init_from: str = ""  # an export (tools/export.py) whose weights start a new run, under any parallel layout
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    peak_tflops: float = 0.0  # device peak for MFU; 0: known GPUs from a table, none on CPU
