@@ -205,6 +205,17 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         m.num_heads % tp or m.resolved_ffn_hidden_dim % tp or (m.modality == "text" and m.vocab_size % tp)
     ):
         checks.append(f"parallel.tensor_parallel={tp} must divide model.num_heads, the FFN width and model.vocab_size")
+    pp, chunks = cfg.parallel.pipeline_parallel, cfg.parallel.pipeline_microbatches
+    if pp < 1 or chunks < 1:
+        checks.append(f"parallel.pipeline_parallel={pp} and parallel.pipeline_microbatches={chunks} must be >= 1")
+    elif pp > 1 and cfg.parallel.data_parallel != "ddp":
+        checks.append(f"parallel.pipeline_parallel={pp} works with parallel.data_parallel=ddp only (for now)")
+    elif pp > m.num_layers:
+        checks.append(f"parallel.pipeline_parallel={pp} exceeds model.num_layers={m.num_layers}: a stage needs a block")
+    elif pp > 1 and d.micro_batch_size % chunks:
+        checks.append(f"parallel.pipeline_microbatches={chunks} does not divide data.micro_batch_size")
+    elif pp > 1 and m.kind == "ebt" and m.ebt_impl != "split":
+        checks.append(f"parallel.pipeline_parallel={pp} needs model.ebt_impl='split' (the stages pass prediction rows)")
     if cfg.parallel.deepspeed_config and not Path(cfg.parallel.deepspeed_config).is_file():
         checks.append(f"parallel.deepspeed_config={cfg.parallel.deepspeed_config!r}: no such file")
     if not t.resume:

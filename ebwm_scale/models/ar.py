@@ -9,7 +9,18 @@ from ebwm_scale.models.blocks import RMSNorm, Transformer, init_weights
 from ebwm_scale.models.config import ModelConfig
 
 
-class ARText(nn.Module):
+class AR(nn.Module):
+    """Shared core: embed -> causal blocks -> norm -> output head. A pipeline stage runs `trunk` on its own
+    range of layers; the first stage embeds, the last reads out."""
+
+    def trunk(self, h: torch.Tensor, layers: range) -> torch.Tensor:
+        return self.transformer.blocks(h, torch.arange(h.shape[1], device=h.device), None, layers)
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(self.transformer.norm(h))
+
+
+class ARText(AR):
     """tokens (B, S) -> next-token logits (B, S, V)."""
 
     def __init__(self, cfg: ModelConfig):
@@ -21,12 +32,13 @@ class ARText(nn.Module):
         init_weights(self)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(tokens)  # (B, S, D)
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        return self.output(self.transformer(h, positions, mask=None))  # (B, S, V)
+        return self.readout(self.trunk(self.embed(tokens), range(self.cfg.num_layers)))  # (B, S, V)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tok_embeddings(tokens)  # (B, S, D)
 
 
-class ARFrames(nn.Module):
+class ARFrames(AR):
     """frame embeddings (B, S, F) -> predicted next frame embeddings (B, S, F)."""
 
     def __init__(self, cfg: ModelConfig):
@@ -39,6 +51,7 @@ class ARFrames(nn.Module):
         init_weights(self)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        h = self.frame_in_norm(self.frame_in(frames))  # (B, S, D)
-        positions = torch.arange(frames.shape[1], device=frames.device)
-        return self.output(self.transformer(h, positions, mask=None))  # (B, S, F)
+        return self.readout(self.trunk(self.embed(frames), range(self.cfg.num_layers)))  # (B, S, F)
+
+    def embed(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.frame_in_norm(self.frame_in(frames))  # (B, S, D)

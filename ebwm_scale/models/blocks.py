@@ -148,7 +148,7 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The shared trunk: pre-norm blocks and a final RMSNorm. Input and output (B, L, D)."""
+    """The shared trunk: pre-norm blocks and a final RMSNorm (applied by the models' readout). (B, L, D) in and out."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -156,11 +156,12 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def blocks(self, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, layers: range | None = None):
+        """`layers` (default all) without the final norm; a pipeline stage runs its own range."""
         cos, sin = self.rope(positions)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask)
-        return self.norm(h)
+        for index in layers if layers is not None else range(len(self.layers)):
+            h = self.layers[index](h, cos, sin, mask)
+        return h
 
 
 def init_weights(module: nn.Module) -> None:

@@ -74,37 +74,52 @@ class EBT(nn.Module):
         real = self.embed_context(ctx)  # (B, S, D)
         kv = []
         if self.cfg.ebt_impl == "split":
-            h = real
-            cos, sin = self.transformer.rope(torch.arange(real.shape[1], device=real.device))
-            for layer in self.transformer.layers:  # whole-layer calls, so wrappers (sharding, checkpointing) apply
-                h, layer_kv = layer(h, cos, sin, return_kv=True)  # layer_kv: 2 x (B, nh, S, hd)
-                kv.append(layer_kv)
+            _, kv = self.context_layers(real, range(self.cfg.num_layers))
         return EncodedContext(embeddings=real, kv=kv)
 
     def energy(self, context: EncodedContext, pred: torch.Tensor, mcmc_step: int | None = None) -> torch.Tensor:
+        candidate = self.embed_candidate(pred, mcmc_step)  # (B, S, D)
+        if self.cfg.ebt_impl == "split":
+            h = self.prediction_layers(candidate, context.kv, range(self.cfg.num_layers))
+        else:
+            h = self._masked_sequence(context.embeddings, candidate)
+        return self.readout(h)
+
+    # The pieces below are what a pipeline stage runs on its own range of layers (parallel/pipeline.py).
+
+    def embed_candidate(self, pred: torch.Tensor, mcmc_step: int | None = None) -> torch.Tensor:
         candidate = self.embed_pred(pred)  # (B, S, D)
         if self.step_embeddings is not None and mcmc_step is not None:
             # Inference may run more steps than were trained: reuse the last learned step embedding.
             index = min(mcmc_step, self.step_embeddings.num_embeddings - 1)
             candidate = candidate + self.step_embeddings.weight[index]
-        if self.cfg.ebt_impl == "split":
-            h = self._prediction_stream(context, candidate)
-        else:
-            h = self._masked_sequence(context.embeddings, candidate)
-        return self.energy_head(h).squeeze(-1)  # (B, S)
+        return candidate
 
-    def _prediction_stream(self, context: EncodedContext, h: torch.Tensor) -> torch.Tensor:
-        """Only the S prediction rows of the 2S sequence, attending to the cached real keys/values."""
+    def context_layers(self, h: torch.Tensor, layers: range) -> tuple[torch.Tensor, list]:
+        """The real-token stream through `layers`: its output and each layer's keys/values."""
+        cos, sin = self.transformer.rope(torch.arange(h.shape[1], device=h.device))
+        kv = []
+        for index in layers:  # whole-layer calls, so wrappers (sharding, checkpointing) apply
+            h, layer_kv = self.transformer.layers[index](h, cos, sin, return_kv=True)  # 2 x (B, nh, S, hd)
+            kv.append(layer_kv)
+        return h, kv
+
+    def prediction_layers(self, h: torch.Tensor, kv: list, layers: range) -> torch.Tensor:
+        """Only the S prediction rows of the 2S sequence through `layers`, attending to the real keys/values `kv`
+        (one pair per layer in `layers`)."""
         cos, sin = self.transformer.rope(torch.arange(1, h.shape[1] + 1, device=h.device))  # prediction i at i+1
-        for layer, kv_ctx in zip(self.transformer.layers, context.kv):
-            h = layer(h, cos, sin, kv_ctx=kv_ctx)  # (B, S, D)
-        return self.transformer.norm(h)
+        for index, kv_ctx in zip(layers, kv, strict=True):
+            h = self.transformer.layers[index](h, cos, sin, kv_ctx=kv_ctx)  # (B, S, D)
+        return h
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        return self.energy_head(self.transformer.norm(h)).squeeze(-1)  # (B, S)
 
     def _masked_sequence(self, real: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
         seq_len = real.shape[1]
         h = torch.cat((real, candidate), dim=1)  # (B, 2S, D)
         mask = ebt_attention_mask(seq_len, h.device)
-        return self.transformer(h, ebt_positions(seq_len, h.device), mask)[:, seq_len:]  # (B, S, D)
+        return self.transformer.blocks(h, ebt_positions(seq_len, h.device), mask)[:, seq_len:]  # (B, S, D)
 
 
 class EBTText(EBT):

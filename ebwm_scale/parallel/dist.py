@@ -32,6 +32,8 @@ class ParallelConfig:
     zero_stage: int = 1
     deepspeed_config: str = ""  # a DeepSpeed JSON whose keys are added to the generated config; conflicts are errors
     tensor_parallel: int = 1  # ranks that split each layer (Megatron layout); the rest of the world is data parallel
+    pipeline_parallel: int = 1  # stages of consecutive blocks, one per rank (parallel/pipeline.py)
+    pipeline_microbatches: int = 4  # each rank's batch is cut into this many, in flight through the stages at once
     # Recompute transformer blocks in the backward instead of storing their activations: full = every block,
     # selective = every second block.
     activation_checkpointing: str = "none"
@@ -39,15 +41,18 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits. Ranks form a (data parallel x tensor parallel) grid, tensor-parallel ranks adjacent:
-    rank = dp_rank * tp_size + tp_rank. Tensor-parallel ranks see the same data and the same MCMC noise."""
+    """Where this process sits. Ranks form a (data parallel x pipeline x tensor parallel) grid, tensor-parallel ranks
+    adjacent: rank = (dp_rank * pp_size + pp_rank) * tp_size + tp_rank. The tensor-parallel ranks and pipeline stages
+    of one data-parallel replica see the same data and the same MCMC noise."""
 
     rank: int
     local_rank: int
     world_size: int
     device: torch.device
     tp_size: int = 1
+    pp_size: int = 1
     tp_group: Any = None
+    pp_group: Any = None
     dp_group: Any = None
 
     @property
@@ -56,11 +61,16 @@ class DistInfo:
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp_size
+        return self.rank // (self.tp_size * self.pp_size)
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // self.tp_size
+        return self.world_size // (self.tp_size * self.pp_size)
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's pipeline stage; its neighbours are the ranks tp_size below and above."""
+        return self.rank // self.tp_size % self.pp_size
 
 
 def _launcher_env() -> tuple[int, int, int]:
@@ -106,8 +116,12 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
 def init_distributed(cfg: ParallelConfig, device: str) -> DistInfo:
     rank, local_rank, world_size = _launcher_env()
     info = DistInfo(rank, local_rank, world_size, resolve_device(device, local_rank))
-    if world_size % cfg.tensor_parallel:
-        raise RuntimeError(f"parallel.tensor_parallel={cfg.tensor_parallel} does not divide the {world_size} ranks")
+    model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel
+    if world_size % model_parallel:
+        raise RuntimeError(
+            f"parallel.tensor_parallel={cfg.tensor_parallel} x parallel.pipeline_parallel={cfg.pipeline_parallel} "
+            f"does not divide the {world_size} ranks"
+        )
     if world_size > 1 and not dist.is_initialized():
         if "SLURM_PROCID" in os.environ and "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"], port = slurm_rendezvous()
@@ -117,17 +131,22 @@ def init_distributed(cfg: ParallelConfig, device: str) -> DistInfo:
                 raise RuntimeError(f"{var} is not set: the launcher (or the SLURM batch script) must export it")
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if info.device.type == "cuda" else "gloo")
         dist.init_process_group(backend, rank=rank, world_size=world_size)
-    return with_parallel_groups(info, cfg.tensor_parallel)
+    return with_parallel_groups(info, cfg.tensor_parallel, cfg.pipeline_parallel)
 
 
-def with_parallel_groups(info: DistInfo, tp_size: int) -> DistInfo:
-    """Adds the tensor- and data-parallel process groups of the (dp, tp) grid (every rank must call this)."""
-    if tp_size == 1:
+def with_parallel_groups(info: DistInfo, tp_size: int, pp_size: int = 1) -> DistInfo:
+    """Adds the data-parallel, pipeline and tensor-parallel process groups of the (dp, pp, tp) grid (every rank must
+    call this)."""
+    if tp_size == pp_size == 1:
         return info
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(info.device.type, (info.world_size // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
-    return replace(info, tp_size=tp_size, tp_group=mesh.get_group("tp"), dp_group=mesh.get_group("dp"))
+    shape = (info.world_size // (tp_size * pp_size), pp_size, tp_size)
+    mesh = init_device_mesh(info.device.type, shape, mesh_dim_names=("dp", "pp", "tp"))
+    groups = {name: mesh.get_group(name) for name in ("dp", "pp", "tp")}
+    return replace(
+        info, tp_size=tp_size, pp_size=pp_size, tp_group=groups["tp"], pp_group=groups["pp"], dp_group=groups["dp"]
+    )
 
 
 def all_reduce_gradients(params: list[torch.nn.Parameter], dp_size: int, group: Any = None) -> None:

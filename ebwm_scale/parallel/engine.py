@@ -28,13 +28,29 @@ import torch
 from torch import nn
 
 from ebwm_scale.parallel.dist import DistInfo, all_reduce_gradients
+from ebwm_scale.parallel.pipeline import pipeline_schedule
 from ebwm_scale.parallel.tensor import gather_full_state, shard_full_state, sharded_weights
 from ebwm_scale.train.optim import set_lr
 
 STEPS_PER_PRINT_NEVER = 2**62
 
 
-class DataParallelEngine:
+class Engine:
+    """What every engine shares: one micro-batch's forward under autocast, then its backward outside it."""
+
+    module: nn.Module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], autocast) -> dict[str, torch.Tensor]:
+        with autocast:
+            out = self.module(batch)
+        self.backward(out.loss)
+        return out.metrics
+
+
+class DataParallelEngine(Engine):
     can_skip_steps = True
     checkpoint_safe_globals: list = []
 
@@ -69,17 +85,22 @@ class DataParallelEngine:
 
     def _clip_gradients(self) -> float:
         """Clip by the global norm. Under tensor parallelism the sharded weights' squares are summed over the group
-        (replicated ones counted once), so every rank scales by the same factor."""
-        if self.dist.tp_size == 1:
+        (replicated ones counted once), under pipeline parallelism over the stages, so every rank scales by the same
+        factor."""
+        if self.dist.tp_size == self.dist.pp_size == 1:
             return float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf")))
         sharded = {id(layer.weight) for _, layer in sharded_weights(self.module)}
         grads = [(p.grad, id(p) in sharded) for p in self.params if p.grad is not None]
-        squares = torch.zeros(2, dtype=torch.float64)  # [sharded, replicated]
+        device = grads[0][0].device if grads else self.dist.device
+        squares = torch.zeros(2, dtype=torch.float64, device=device)  # [sharded, replicated]
         for grad, is_sharded in grads:
             squares[0 if is_sharded else 1] += grad.double().pow(2).sum()
-        shard_squares = squares[:1].clone()
-        torch.distributed.all_reduce(shard_squares, group=self.dist.tp_group)
-        grad_norm = float((shard_squares[0] + squares[1]).sqrt())
+        if self.dist.tp_size > 1:
+            torch.distributed.all_reduce(squares[0], group=self.dist.tp_group)
+        total = squares.sum()
+        if self.dist.pp_size > 1:  # each stage holds different parameters
+            torch.distributed.all_reduce(total, group=self.dist.pp_group)
+        grad_norm = float(total.sqrt())
         if self.grad_clip and grad_norm > 0:
             scale = min(1.0, self.grad_clip / (grad_norm + 1e-6))
             for grad, _ in grads:
@@ -239,7 +260,7 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     def __init__(self, objective: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
         import deepspeed
 
@@ -292,10 +313,40 @@ class DeepSpeedEngine:
             self.optimizer.load_state_dict([state] * world_size, load_from_fp32_weights=True)
 
 
+class PipelineEngine(DataParallelEngine):
+    """`parallel.pipeline_parallel`: this rank holds one stage; its schedule runs forward and backward together,
+    exchanging activations and gradients with the neighbouring stages. Gradients are then reduced over the
+    data-parallel replicas of the stage and clipped by the norm over all stages."""
+
+    def __init__(self, objective, optimizer, dist: DistInfo, grad_clip: float, grad_accum_steps: int, schedule):
+        super().__init__(objective, optimizer, dist, grad_clip, grad_accum_steps)
+        self.schedule = schedule
+        self.optimizer_state_is_sharded = True  # each stage's optimizer holds its own parameters
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], autocast) -> dict[str, torch.Tensor]:
+        return self.schedule.forward_backward(batch, 1 / self.grad_accum_steps, autocast)
+
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.schedule.evaluate(batch)
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        stage_state = {key: value.cpu() for key, value in super().model_state_dict().items()}
+        stages = [None] * self.dist.pp_size
+        torch.distributed.all_gather_object(stages, stage_state, group=self.dist.pp_group)
+        return {key: value for stage in stages for key, value in stage.items()}
+
+    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_model_state_dict({key: state[key] for key in self.module.state_dict()})
+
+
 def build_engine(cfg, objective: nn.Module, dist: DistInfo):
     if cfg.parallel.data_parallel == "fsdp":
         return FSDPEngine(objective, cfg, dist)
     optimizer = cfg.optim.build(objective, cfg.mcmc.alpha_lr_multiplier)
     if cfg.parallel.data_parallel == "zero":
         return DeepSpeedEngine(objective, optimizer, deepspeed_config(cfg, dist.world_size))
-    return DataParallelEngine(objective, optimizer, dist, cfg.optim.grad_clip, cfg.train.grad_accum_steps)
+    clip, accum = cfg.optim.grad_clip, cfg.train.grad_accum_steps
+    if dist.pp_size > 1:
+        schedule = pipeline_schedule(objective, dist, cfg.parallel.pipeline_microbatches, cfg.mcmc)
+        return PipelineEngine(objective, optimizer, dist, clip, accum, schedule)
+    return DataParallelEngine(objective, optimizer, dist, clip, accum)

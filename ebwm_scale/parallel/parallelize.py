@@ -1,11 +1,13 @@
 """Applies parallelism and memory techniques to a plain model from the outside, in a fixed order.
 
 0. Tensor parallelism (parallel.tensor_parallel): layers split Megatron-style over the tensor-parallel group.
-1. Activation checkpointing: transformer blocks recompute their activations in the backward. Non-reentrant
+1. Pipeline parallelism (parallel.pipeline_parallel): each rank keeps only its stage's blocks and ends; the schedule
+   that runs them is the training engine's (parallel/pipeline.py).
+2. Activation checkpointing: transformer blocks recompute their activations in the backward. Non-reentrant
    checkpointing (use_reentrant=False) is the variant that supports double backward (DESIGN §4); the reentrant one
    does not. It covers every block forward: the AR trunk, the masked EBT, the EBT context stream and the prediction
    stream that runs once per MCMC step.
-2. Data parallelism / ZeRO: by the training engine (parallel/engine.py), after this.
+3. Data parallelism / ZeRO: by the training engine (parallel/engine.py), after this.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
 from ebwm_scale.parallel.dist import DistInfo, ParallelConfig
+from ebwm_scale.parallel.pipeline import VacantLayer, apply_pipeline
 from ebwm_scale.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -30,7 +33,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     layers = model.transformer.layers
     every = {"full": 1, "selective": 2}[mode]
     for index, block in enumerate(layers):
-        if index % every == 0:
+        if index % every == 0 and not isinstance(block, VacantLayer):
             layers[index] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
@@ -70,6 +73,8 @@ def apply_tensor_parallel_objective(objective: nn.Module, group) -> None:
 def parallelize(objective: nn.Module, cfg: ParallelConfig, dist_info: DistInfo | None = None) -> nn.Module:
     if dist_info is not None and dist_info.tp_size > 1:
         apply_tensor_parallel_objective(objective, dist_info.tp_group)
+    if dist_info is not None and dist_info.pp_size > 1:
+        apply_pipeline(objective, dist_info.pp_rank, dist_info.pp_size)
     if cfg.activation_checkpointing != "none":
         apply_activation_checkpointing(objective.model, cfg.activation_checkpointing)
     return objective

@@ -17,6 +17,7 @@ from torch import nn
 
 from ebwm_scale.data.sampler import SampleDataset, fixed_batches
 from ebwm_scale.models.blocks import count_params
+from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel.dist import DistInfo, all_reduce_mean
 from ebwm_scale.parallel.engine import build_engine
 from ebwm_scale.train.callbacks import Callback
@@ -85,8 +86,10 @@ class Trainer:
         )
         self.unit = "tokens" if cfg.model.modality == "text" else "frames"
         self.tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * dist.dp_size
-        self.num_params = count_params(objective)
-        self.flops_per_token = train_flops_per_token(objective.model, cfg.model, cfg.data.seq_len, cfg.mcmc.num_steps)
+        with torch.device("meta"):  # sizes and FLOPs of the whole model, however this rank's part is cut
+            whole = build_objective(cfg.model.build(), cfg.mcmc.build())
+        self.num_params = count_params(whole)
+        self.flops_per_token = train_flops_per_token(whole.model, cfg.model, cfg.data.seq_len, cfg.mcmc.num_steps)
         self.peak_tflops = peak_tflops(dist.device, cfg.train.peak_tflops)
         self.autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
@@ -116,7 +119,11 @@ class Trainer:
         mode = {"zero": f"DeepSpeed ZeRO-{p.zero_stage}", "fsdp": "FSDP2, sharded parameters"}.get(
             p.data_parallel, "data parallel"
         )
-        return f"{mode}, tensor parallel {p.tensor_parallel}" if p.tensor_parallel > 1 else mode
+        if p.tensor_parallel > 1:
+            mode += f", tensor parallel {p.tensor_parallel}"
+        if p.pipeline_parallel > 1:
+            mode += f", pipeline {p.pipeline_parallel} stages x {p.pipeline_microbatches} micro-batches"
+        return mode
 
     def run_tags(self) -> dict[str, str]:
         c = self.cfg
@@ -143,10 +150,7 @@ class Trainer:
             wait_start = time.perf_counter()
             batch = to_device(next(self.train_loader), self.dist.device)
             data_wait += time.perf_counter() - wait_start
-            with self.autocast:
-                out = self.engine.module(batch)
-            self.engine.backward(out.loss)
-            for key, value in out.metrics.items():
+            for key, value in self.engine.forward_backward(batch, self.autocast).items():
                 sums[key] = sums.get(key, 0.0) + value.float() / accum
         metrics = all_reduce_mean({k: float(v) for k, v in sums.items()}, self.dist.world_size)
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]

@@ -1,0 +1,368 @@
+"""Pipeline parallelism for a loss that contains the gradient of the model's output (DESIGN §4).
+
+The model is cut into `parallel.pipeline_parallel` stages of consecutive blocks, one per rank: stage 0 also embeds
+the context and the candidate state (and, for the EBT, owns alpha, the state and the loss), the last stage also
+reads out the energy or the logits. torch has no send/recv that autograd can differentiate, let alone twice, so the
+exchange is scheduled here with plain send/recv: a tensor that arrives becomes a leaf of the receiving stage's
+graph, and what lands on that leaf's .grad is what travels back.
+
+EBT, per MCMC step, every phase a wave of the M micro-batches through the stages (GPipe-style fill and drain):
+  1. energy forward (first -> last): h_s = blocks_s(x_s); the last stage reads out E and takes g = dE/dx with
+     create_graph.
+  2. energy gradient (last -> first): each stage gets G_s = dE/dh_s as a leaf and sends back
+     dE/dx_s = grad(h_s, x_s, G_s, create_graph=True). Stage 0 ends with dE/dstate: it updates the state and
+     computes the reconstruction loss, exactly as one process does.
+  3. outer backward, through the energy gradient (first -> last): stage 0 back-propagates the loss; what lands on
+     its leaf G_0 is the cotangent of stage 1's dE/dx_1, which stage 1 back-propagates, and so on.
+  4. outer backward, through the forward (last -> first): what landed on x_s is the cotangent of h_{s-1}.
+Phases 3-4 run only for steps whose loss counts (mcmc.loss_on). Before the first step the context (real tokens)
+flows first -> last once; each stage keeps its blocks' keys/values as leaves that collect gradient from every step,
+and one last wave (last -> first) back-propagates them through the context stream.
+
+AR: one forward wave (the last stage computes the loss and back-propagates it at once), one backward wave.
+
+Tensors cross stages after a small header with their dtype and shape; the step count of a randomized-step batch is
+decided by stage 0 and broadcast, so every stage runs the same waves. Every stage measures the time it waits for a
+neighbour: `pipeline_bubble` is that share of the step, averaged over stages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.models import EBT
+from ebwm_scale.objective import reconstruction_loss, split_batch
+from ebwm_scale.parallel.dist import DistInfo
+
+WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+HEADER_LEN = 8  # dtype, ndim, up to 6 dims
+
+
+def stage_layers(num_layers: int, num_stages: int) -> list[range]:
+    """Consecutive blocks per stage, as even as possible; the remainder goes to the last stages, since stage 0 also
+    carries the embeddings (and the text EBT's V x D state mapping)."""
+    base, extra = divmod(num_layers, num_stages)
+    sizes = [base + (stage >= num_stages - extra) for stage in range(num_stages)]
+    starts = [sum(sizes[:stage]) for stage in range(num_stages)]
+    return [range(start, start + size) for start, size in zip(starts, sizes)]
+
+
+class VacantLayer(nn.Module):
+    """Stands in for a block held by another stage, so the blocks this stage holds keep their indices and names."""
+
+    def __init__(self, index: int, stage: int):
+        super().__init__()
+        self.index, self.stage = index, stage
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"block {self.index} lives on pipeline stage {self.stage}")
+
+
+def apply_pipeline(objective: nn.Module, stage: int, num_stages: int) -> None:
+    """Keeps only this stage's part of the objective, in place; state_dict keys stay those of the whole model."""
+    model = objective.model
+    ranges = stage_layers(model.cfg.num_layers, num_stages)
+    for owner, layers in enumerate(ranges):
+        for index in layers:
+            if owner != stage:
+                model.transformer.layers[index] = VacantLayer(index, owner)
+    if stage > 0:
+        for name in ("tok_embeddings", "vocab_to_embed", "step_embeddings", "frame_in", "frame_in_norm"):
+            if hasattr(model, name):
+                setattr(model, name, None)
+        if hasattr(objective, "mcmc"):  # alpha and the step-count RNG live with the state, on stage 0
+            objective.mcmc = None
+    if stage < num_stages - 1:
+        model.transformer.norm = None
+        for name in ("energy_head", "output"):
+            if hasattr(model, name):
+                setattr(model, name, None)
+
+
+class StageLink:
+    """Point-to-point transfers to a neighbouring stage; each tensor travels after a header with its dtype and
+    shape, so the receiver needs no prior knowledge of what arrives."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def send(self, tensor: torch.Tensor, peer: int) -> list:
+        tensor = tensor.detach().contiguous()
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
+        header[0], header[1] = WIRE_DTYPES.index(tensor.dtype), tensor.dim()
+        header[2 : 2 + tensor.dim()] = torch.tensor(tensor.shape)
+        return [(dist.isend(header, peer), header), (dist.isend(tensor, peer), tensor)]  # keep both alive until done
+
+    def recv(self, peer: int) -> torch.Tensor:
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        dist.recv(header, peer)
+        dtype, ndim = WIRE_DTYPES[int(header[0])], int(header[1])
+        tensor = torch.empty(header[2 : 2 + ndim].tolist(), dtype=dtype, device=self.device)
+        dist.recv(tensor, peer)
+        return tensor
+
+
+Work = Callable[[int, torch.Tensor | None], torch.Tensor | None]  # (micro-batch, what arrived) -> what to pass on
+
+
+class PipelineSchedule:
+    """What both schedules share: the stage's place, waves over the micro-batches, agreement and metrics."""
+
+    def __init__(self, objective: nn.Module, layers: range, dist_info: DistInfo, num_microbatches: int):
+        self.objective, self.model, self.layers = objective, objective.model, layers
+        self.num_microbatches = num_microbatches
+        self.first, self.last = dist_info.pp_rank == 0, dist_info.pp_rank == dist_info.pp_size - 1
+        self.prev = None if self.first else dist_info.rank - dist_info.tp_size
+        self.next = None if self.last else dist_info.rank + dist_info.tp_size
+        self.group, self.num_stages, self.device = dist_info.pp_group, dist_info.pp_size, dist_info.device
+        self.link = StageLink(dist_info.device)
+        self.wait_seconds = 0.0
+
+    def wave(self, forward: bool, work: Work) -> None:
+        """Every micro-batch through this stage in order: receive from upstream, work, pass on downstream."""
+        source, dest = (self.prev, self.next) if forward else (self.next, self.prev)
+        pending = []
+        for index in range(self.num_microbatches):
+            received = None
+            if source is not None:
+                start = time.perf_counter()
+                received = self.link.recv(source)
+                self.wait_seconds += time.perf_counter() - start
+            out = work(index, received)
+            if dest is not None:
+                pending.extend(self.link.send(out, dest))
+        start = time.perf_counter()
+        for request, _ in pending:
+            request.wait()
+        self.wait_seconds += time.perf_counter() - start
+
+    def chunks(self, batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        ctx, target = split_batch(batch)
+        return ctx.chunk(self.num_microbatches), target.chunk(self.num_microbatches)
+
+    def share(self, metrics: dict[str, float], keys: list[str]) -> dict[str, torch.Tensor]:
+        """Every stage ends with every metric: each contributes the ones it computed, the others count zero."""
+        values = torch.tensor([float(metrics.get(key, 0.0)) for key in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values, group=self.group)
+        return dict(zip(keys, values.cpu()))
+
+    def timed(self, run: Callable[[], dict[str, float]], keys: list[str]) -> dict[str, torch.Tensor]:
+        self.wait_seconds = 0.0
+        start = time.perf_counter()
+        metrics = run()
+        metrics["pipeline_bubble"] = self.wait_seconds / (time.perf_counter() - start) / self.num_stages
+        return self.share(metrics, [*keys, "pipeline_bubble"])
+
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], loss_scale: float, autocast: AbstractContextManager
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _mean(values: list[torch.Tensor]) -> float:
+    return float(torch.stack(values).detach().double().mean())
+
+
+class ARPipeline(PipelineSchedule):
+    def _run(self, batch, train: bool, loss_scale: float, autocast: AbstractContextManager) -> dict[str, float]:
+        ctx, target = self.chunks(batch)
+        inputs, outputs, losses = {}, {}, []
+
+        def forward(index: int, received: torch.Tensor | None) -> torch.Tensor:
+            with torch.set_grad_enabled(train), autocast:
+                x = self.model.embed(ctx[index]) if self.first else received.requires_grad_(train)
+                h = self.model.trunk(x, self.layers)
+                if self.last:
+                    loss = reconstruction_loss(self.model.readout(h), target[index])
+            if self.last:
+                losses.append(loss.detach())
+                if train:
+                    (loss * loss_scale / self.num_microbatches).backward()
+            inputs[index], outputs[index] = x, h
+            return h
+
+        def backward(index: int, received: torch.Tensor | None) -> torch.Tensor | None:
+            if not self.last:
+                torch.autograd.backward(outputs[index], received)
+            return None if self.first else inputs[index].grad
+
+        self.wave(True, forward)
+        if train:
+            self.wave(False, backward)
+        return {"loss": _mean(losses)} if self.last else {}
+
+    def forward_backward(self, batch, loss_scale, autocast):
+        return self.timed(lambda: self._run(batch, True, loss_scale, autocast), ["loss"])
+
+    def evaluate(self, batch):
+        return self.share(self._run(batch, False, 1.0, nullcontext()), ["loss"])
+
+
+class EBTPipeline(PipelineSchedule):
+    def __init__(self, objective, layers, dist_info, num_microbatches, mcmc: MCMCConfig):
+        super().__init__(objective, layers, dist_info, num_microbatches)
+        self.mcmc = mcmc  # the options; the MCMC module itself (alpha, step-count RNG) lives on stage 0 only
+
+    def _agree_on_num_steps(self) -> int:
+        """Stage 0 draws the batch's step count from the checkpointed RNG; the other stages follow."""
+        count = torch.tensor([self.objective.mcmc.sample_num_steps() if self.first else 0], device=self.device)
+        dist.broadcast(count, group=self.group, group_src=0)
+        return int(count)
+
+    def _run(self, batch, train: bool, loss_scale: float, autocast) -> dict[str, float]:
+        num_steps = self._agree_on_num_steps() if train else self.mcmc.num_steps
+        if not train:
+            weights = [0.0] * num_steps
+        elif self.mcmc.loss_on == "last":
+            weights = [0.0] * (num_steps - 1) + [1.0]
+        else:
+            weights = [1.0 / num_steps] * num_steps
+        run = _EBTBatch(self, batch, train, autocast)
+        self.wave(True, run.encode_context)
+        for step in range(num_steps):
+            run.start_step(step, weights[step] * loss_scale / self.num_microbatches)
+            self.wave(True, run.energy_forward)
+            self.wave(False, run.energy_backward)
+            if weights[step] > 0:
+                self.wave(True, run.second_order_backward)
+                self.wave(False, run.first_order_backward)
+        if train:
+            self.wave(False, run.context_backward)
+        return run.metrics(weights)
+
+    def train_keys(self) -> list[str]:
+        return ["loss", "alpha", *(f"loss_step{k}" for k in range(self.mcmc.num_steps)), "energy_first", "energy_last"]
+
+    def forward_backward(self, batch, loss_scale, autocast):
+        return self.timed(lambda: self._run(batch, True, loss_scale, autocast), self.train_keys())
+
+    def evaluate(self, batch):
+        return self.share(self._run(batch, False, 1.0, nullcontext()), ["loss", "energy_last"])
+
+
+class _EBTBatch:
+    """One batch on one stage: the phases of the EBT schedule (module docstring), each called once per micro-batch
+    with what arrived from the neighbouring stage, returning what to pass on."""
+
+    def __init__(self, schedule: EBTPipeline, batch, train: bool, autocast):
+        self.schedule, self.model, self.objective = schedule, schedule.model, schedule.objective
+        self.first, self.last = schedule.first, schedule.last
+        self.train, self.autocast, self.mcmc = train, autocast, schedule.mcmc
+        count = schedule.num_microbatches
+        self.ctx, self.target = schedule.chunks(batch) if self.first else ((None,) * count, None)
+        self.ctx_in, self.ctx_out, self.kv, self.kv_leaves = [], [], [], []
+        self.states = [self.objective.init_state(c) for c in self.ctx] if self.first else []
+        self.alpha = self.objective.mcmc.step_size() if self.first else None
+        self.losses: list[list[torch.Tensor]] = []  # [step][micro-batch], stage 0
+        self.energies: list[list[torch.Tensor]] = []  # [step][micro-batch], last stage
+
+    def encode_context(self, index: int, received: torch.Tensor | None) -> torch.Tensor:
+        """The real tokens through this stage's blocks, once per batch. Their keys/values become leaves that every
+        MCMC step reads and adds gradient to; context_backward takes it through the stream at the end."""
+        with torch.set_grad_enabled(self.train), self.autocast:
+            x = self.model.embed_context(self.ctx[index]) if self.first else received.requires_grad_(self.train)
+            h, layer_kv = self.model.context_layers(x, self.schedule.layers)
+        flat = [t for pair in layer_kv for t in pair]
+        self.ctx_in.append(x)
+        self.ctx_out.append(h)
+        self.kv.append(flat)
+        self.kv_leaves.append([t.detach().requires_grad_(self.train) for t in flat])
+        return h
+
+    def start_step(self, step: int, loss_weight: float) -> None:
+        self.step, self.loss_weight = step, loss_weight
+        self.x, self.h, self.state_grad, self.grad_out = {}, {}, {}, {}  # this step's, per micro-batch
+        self.losses.append([])
+        self.energies.append([])
+
+    def energy_forward(self, index: int, received: torch.Tensor | None) -> torch.Tensor:
+        with torch.enable_grad(), self.autocast:
+            if self.first:
+                pred = self.states[index].detach()
+                if self.train and self.mcmc.langevin_noise_std > 0:
+                    pred = pred + self.mcmc.langevin_noise_std * self.objective.state_noise(pred)
+                self.x[index] = pred.requires_grad_(True)
+                candidate = self.model.embed_candidate(pred, self.step)
+            else:
+                self.x[index] = candidate = received.requires_grad_(True)
+            leaves = self.kv_leaves[index]
+            h = self.model.prediction_layers(candidate, list(zip(leaves[0::2], leaves[1::2])), self.schedule.layers)
+            self.h[index] = h
+            if self.last:
+                energy = self.model.readout(h)
+                self.energies[-1].append(energy.detach().mean())
+                (self.state_grad[index],) = torch.autograd.grad(energy.sum(), self.x[index], create_graph=self.train)
+        return h
+
+    def energy_backward(self, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
+        """dE/dx of this stage from dE/dh; on stage 0 that is dE/dstate: descend, then the loss."""
+        if self.last:
+            return self.state_grad[index]
+        with torch.enable_grad(), self.autocast:
+            self.grad_out[index] = received.requires_grad_(self.train)
+            (self.state_grad[index],) = torch.autograd.grad(
+                self.h[index], self.x[index], self.grad_out[index], create_graph=self.train
+            )
+            if not self.first:
+                return self.state_grad[index]
+            alpha = self.alpha
+            if self.train and self.mcmc.alpha_jitter > 0:
+                alpha = alpha * (1 + self.mcmc.alpha_jitter * (2 * torch.rand((), device=alpha.device) - 1))
+            self.states[index] = self.x[index] - alpha * self.state_grad[index]
+            loss = self.objective.loss_fn(self.states[index], self.target[index])
+        self.losses[-1].append(loss if self.loss_weight > 0 else loss.detach())  # keep only graphs still needed
+        return None
+
+    def second_order_backward(self, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
+        if self.first:
+            (self.losses[-1][index] * self.loss_weight).backward(retain_graph=True)
+        else:
+            torch.autograd.backward(self.state_grad[index], received, retain_graph=not self.last)
+        return None if self.last else self.grad_out[index].grad
+
+    def first_order_backward(self, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.last:
+            torch.autograd.backward(self.h[index], received)
+        return None if self.first else self.x[index].grad
+
+    def context_backward(self, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
+        pairs = [(t, leaf.grad) for t, leaf in zip(self.kv[index], self.kv_leaves[index]) if leaf.grad is not None]
+        if received is not None:
+            pairs.append((self.ctx_out[index], received))
+        outputs, grads = zip(*pairs)
+        torch.autograd.backward(list(outputs), list(grads))
+        return None if self.first else self.ctx_in[index].grad
+
+    def metrics(self, weights: list[float]) -> dict[str, float]:
+        metrics = {}
+        if self.first and self.train:
+            metrics["loss"] = sum(w * _mean(step_losses) for w, step_losses in zip(weights, self.losses))
+            metrics["alpha"] = float(self.alpha)
+            metrics.update({f"loss_step{k}": _mean(self.losses[k]) for k in range(self.mcmc.num_steps)})
+        elif self.first:
+            metrics["loss"] = _mean(self.losses[-1])
+        if self.last:
+            metrics["energy_last"] = _mean(self.energies[-1])
+            if self.train:
+                metrics["energy_first"] = _mean(self.energies[0])
+        return metrics
+
+
+def pipeline_schedule(
+    objective: nn.Module, dist_info: DistInfo, num_microbatches: int, mcmc: MCMCConfig
+) -> PipelineSchedule:
+    """The schedule that runs this rank's stage of an objective cut by apply_pipeline."""
+    layers = stage_layers(objective.model.cfg.num_layers, dist_info.pp_size)[dist_info.pp_rank]
+    if isinstance(objective.model, EBT):
+        return EBTPipeline(objective, layers, dist_info, num_microbatches, mcmc)
+    return ARPipeline(objective, layers, dist_info, num_microbatches)

@@ -1,0 +1,101 @@
+"""Pipeline parallelism on gloo ranks vs one process: the loss over 3 training steps and every parameter gradient,
+for EBT-text (fixed and randomized MCMC step counts) and AR-text, with 1 and 4 micro-batches, 2 and 3 stages."""
+
+import copy
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.objective import build_objective
+from ebwm_scale.parallel.dist import DistInfo, with_parallel_groups
+from ebwm_scale.parallel.pipeline import apply_pipeline, pipeline_schedule, stage_layers
+from tests.conftest import tiny_model_config
+from tests.distributed import run_distributed_test
+
+# float64, so that a wrong term shows far above the rounding of summing the same terms in another order
+RTOL, ATOL = 1e-9, 1e-12
+
+
+def _pp_dist(rank, size):
+    return with_parallel_groups(DistInfo(rank=rank, local_rank=rank, world_size=size, device=torch.device("cpu")), 1, size)
+
+
+def _check(rank, size, kind, microbatches, mcmc_overrides):
+    torch.set_default_dtype(torch.float64)
+    mcmc = MCMCConfig(alpha_init=5.0, **mcmc_overrides)
+    torch.manual_seed(0)
+    reference = build_objective(tiny_model_config(kind, "text", num_layers=3).build(), mcmc.build())
+    stage = copy.deepcopy(reference)
+    dist_info = _pp_dist(rank, size)
+    apply_pipeline(stage, dist_info.pp_rank, size)
+    schedule = pipeline_schedule(stage, dist_info, microbatches, mcmc)
+    torch.manual_seed(7)
+    batch = {"tokens": torch.randint(0, 32, (4, 9))}
+    optimizers = [torch.optim.SGD(o.parameters(), lr=0.05) for o in (reference, stage)]
+    for step in range(3):
+        torch.manual_seed(100 + step)  # the same MCMC start noise for both (drawn per micro-batch on stage 0)
+        expected = reference(batch)
+        expected.loss.backward()
+        torch.manual_seed(100 + step)
+        got = schedule.forward_backward(batch, 1.0, nullcontext())
+        for key, value in expected.metrics.items():
+            assert float(got[key]) == pytest.approx(float(value), rel=RTOL, abs=ATOL), (step, key)
+        full = dict(reference.named_parameters())
+        assert dict(stage.named_parameters()), "every stage holds parameters"
+        for name, param in stage.named_parameters():
+            torch.testing.assert_close(param.grad, full[name].grad, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: n + m)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    torch.manual_seed(5)
+    expected = reference.evaluate(batch)
+    torch.manual_seed(5)
+    got = schedule.evaluate(batch)
+    for key, value in expected.items():
+        assert float(got[key]) == pytest.approx(float(value), rel=RTOL, abs=ATOL), key
+
+
+@pytest.mark.parametrize("microbatches", [1, 4])
+@pytest.mark.parametrize(
+    "kind, mcmc_overrides",
+    [
+        ("ebt", {}),
+        ("ebt", {"num_steps": 1, "max_num_steps": 3, "step_count_seed": 3}),
+        ("ebt", {"loss_on": "last", "num_steps": 3}),
+        ("ar", {}),
+    ],
+    ids=["ebt", "ebt-random-steps", "ebt-loss-on-last", "ar"],
+)
+def test_two_stages_match_one_process(kind, microbatches, mcmc_overrides):
+    run_distributed_test(_check, world_size=2, args=(kind, microbatches, mcmc_overrides))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ebt", "ar"])
+def test_three_stages_match_one_process(kind):
+    run_distributed_test(_check, world_size=3, args=(kind, 2, {}))
+
+
+def test_stages_are_balanced_and_cover_every_block():
+    assert stage_layers(8, 2) == [range(0, 4), range(4, 8)]
+    assert stage_layers(7, 3) == [range(0, 2), range(2, 4), range(4, 7)]
+    assert stage_layers(3, 3) == [range(0, 1), range(1, 2), range(2, 3)]
+
+
+def test_a_stage_keeps_only_its_part_and_the_whole_models_names():
+    objective = build_objective(tiny_model_config("ebt", "text", num_layers=3).build(), MCMCConfig().build())
+    names = set(objective.state_dict())
+    stages = []
+    for stage in range(2):
+        part = copy.deepcopy(objective)
+        apply_pipeline(part, stage, 2)
+        stages.append(set(part.state_dict()))
+    assert stages[0] | stages[1] == names and not stages[0] & stages[1]
+    assert "mcmc.alpha" in stages[0] and "model.tok_embeddings.weight" in stages[0]
+    assert "model.energy_head.weight" in stages[1] and "model.transformer.layers.2.ffn_norm.weight" in stages[1]
+    part = copy.deepcopy(objective)
+    apply_pipeline(part, 0, 2)
+    with pytest.raises(RuntimeError, match="block 2 lives on pipeline stage 1"):
+        part.model.transformer.layers[2](torch.zeros(1))
