@@ -18,8 +18,9 @@ from tests.distributed import run_distributed_test
 RTOL, ATOL = 1e-9, 1e-12
 
 
-def _pp_dist(rank, size):
-    return with_parallel_groups(DistInfo(rank=rank, local_rank=rank, world_size=size, device=torch.device("cpu")), 1, size)
+def _pp_dist(rank, size, tp_size=1, pp_size=None):
+    info = DistInfo(rank=rank, local_rank=rank, world_size=size, device=torch.device("cpu"))
+    return with_parallel_groups(info, tp_size, pp_size or size)
 
 
 def _check(rank, size, kind, microbatches, mcmc_overrides):
@@ -104,9 +105,7 @@ def test_a_stage_keeps_only_its_part_and_the_whole_models_names():
 def _check_training(rank, size, output_dir, expected, tp_size, pp_size):
     from tests.test_zero import RECIPES, _run
 
-    dist_info = with_parallel_groups(
-        DistInfo(rank=rank, local_rank=rank, world_size=size, device=torch.device("cpu")), tp_size, pp_size
-    )
+    dist_info = _pp_dist(rank, size, tp_size, pp_size)
     batch = 8 // dist_info.dp_size
     for recipe in RECIPES:
         losses, params = _run(
