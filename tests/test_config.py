@@ -50,6 +50,11 @@ def test_wrong_type_names_key(tmp_path):
         ("model:\n  modality: frames\n", "model.modality='frames' but data.source='stdlib_docs'"),
         ("mcmc:\n  num_steps: 3\n  max_num_steps: 2\n", "mcmc.max_num_steps=2 is below mcmc.num_steps=3"),
         ("optim:\n  betas: [0.9]\n", "optim.betas=[0.9] must be two numbers"),
+        ("parallel:\n  tensor_parallel: 2\n  data_parallel: fsdp\n", "tensor_parallel=2 works with parallel.data_"),
+        ("parallel:\n  pipeline_parallel: 2\n  data_parallel: zero\n", "pipeline_parallel=2 works with parallel.da"),
+        ("parallel:\n  pipeline_parallel: 9\n", "pipeline_parallel=9 exceeds model.num_layers="),
+        ("parallel:\n  pipeline_parallel: 2\n  pipeline_microbatches: 5\n", "pipeline_microbatches=5 does not div"),
+        ("parallel:\n  pipeline_parallel: 2\nmodel:\n  ebt_impl: masked\n", "needs model.ebt_impl='split'"),
     ],
 )
 def test_impossible_values_are_rejected(tmp_path, yaml_text, expected):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -109,6 +110,7 @@ class StageLink:
         return tensor
 
 
+StepKey = tuple[int, int]  # (MCMC step, micro-batch)
 Work = Callable[[int, torch.Tensor | None], torch.Tensor | None]  # (micro-batch, what arrived) -> what to pass on
 
 
@@ -125,9 +127,30 @@ class PipelineSchedule:
         self.link = StageLink(dist_info.device)
         self.wait_seconds = 0.0
 
-    def wave(self, forward: bool, work: Work) -> None:
-        """Every micro-batch through this stage in order: receive from upstream, work, pass on downstream."""
-        source, dest = (self.prev, self.next) if forward else (self.next, self.prev)
+    def run_phases(self, phases: list[tuple[bool, Work]]) -> None:
+        """Runs the phases in order, each a wave of every micro-batch through the stages (forward: first -> last).
+        Where this stage ends one phase and starts the next (the last stage between a forward and a backward
+        phase, stage 0 the other way round), the two run micro-batch by micro-batch: micro-batch m turns around
+        at once instead of waiting for the whole wave, which keeps both ends of the pipeline busy."""
+        start, pending = 0, []
+        while start < len(phases):
+            stop = start + 1
+            while stop < len(phases) and self._turns_here(phases[stop - 1][0], phases[stop][0]):
+                stop += 1
+            pending += self._wave(phases[start:stop])
+            start = stop
+        wait_start = time.perf_counter()
+        for request, _ in pending:  # sends complete when received; waiting per wave would drain the pipeline
+            request.wait()
+        self.wait_seconds += time.perf_counter() - wait_start
+
+    def _turns_here(self, forward: bool, next_forward: bool) -> bool:
+        return forward != next_forward and (self.last if forward else self.first)
+
+    def _wave(self, phases: list[tuple[bool, Work]]) -> list:
+        """Returns the sends in flight (request, tensor)."""
+        source = self.prev if phases[0][0] else self.next
+        dest = self.next if phases[-1][0] else self.prev
         pending = []
         for index in range(self.num_microbatches):
             received = None
@@ -135,13 +158,12 @@ class PipelineSchedule:
                 start = time.perf_counter()
                 received = self.link.recv(source)
                 self.wait_seconds += time.perf_counter() - start
-            out = work(index, received)
+            out = phases[0][1](index, received)
+            for _, work in phases[1:]:  # this stage starts these phases: nothing arrives for them
+                out = work(index, None)
             if dest is not None:
                 pending.extend(self.link.send(out, dest))
-        start = time.perf_counter()
-        for request, _ in pending:
-            request.wait()
-        self.wait_seconds += time.perf_counter() - start
+        return pending
 
     def chunks(self, batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         ctx, target = split_batch(batch)
@@ -196,9 +218,7 @@ class ARPipeline(PipelineSchedule):
                 torch.autograd.backward(outputs[index], received)
             return None if self.first else inputs[index].grad
 
-        self.wave(True, forward)
-        if train:
-            self.wave(False, backward)
+        self.run_phases([(True, forward), (False, backward)] if train else [(True, forward)])
         return {"loss": _mean(losses)} if self.last else {}
 
     def forward_backward(self, batch, loss_scale, autocast):
@@ -227,17 +247,18 @@ class EBTPipeline(PipelineSchedule):
             weights = [0.0] * (num_steps - 1) + [1.0]
         else:
             weights = [1.0 / num_steps] * num_steps
-        run = _EBTBatch(self, batch, train, autocast)
-        self.wave(True, run.encode_context)
+        run = _EBTBatch(self, batch, train, autocast, [w * loss_scale / self.num_microbatches for w in weights])
+        phases = [(True, run.encode_context)]
         for step in range(num_steps):
-            run.start_step(step, weights[step] * loss_scale / self.num_microbatches)
-            self.wave(True, run.energy_forward)
-            self.wave(False, run.energy_backward)
+            phases += [(True, partial(run.energy_forward, step)), (False, partial(run.energy_backward, step))]
             if weights[step] > 0:
-                self.wave(True, run.second_order_backward)
-                self.wave(False, run.first_order_backward)
+                phases += [
+                    (True, partial(run.second_order_backward, step)),
+                    (False, partial(run.first_order_backward, step)),
+                ]
         if train:
-            self.wave(False, run.context_backward)
+            phases.append((False, run.context_backward))
+        self.run_phases(phases)
         return run.metrics(weights)
 
     def train_keys(self) -> list[str]:
@@ -252,19 +273,25 @@ class EBTPipeline(PipelineSchedule):
 
 class _EBTBatch:
     """One batch on one stage: the phases of the EBT schedule (module docstring), each called once per micro-batch
-    with what arrived from the neighbouring stage, returning what to pass on."""
+    with what arrived from the neighbouring stage, returning what to pass on. A step's tensors are kept per
+    (step, micro-batch) and dropped after their last phase."""
 
-    def __init__(self, schedule: EBTPipeline, batch, train: bool, autocast):
+    def __init__(self, schedule: EBTPipeline, batch, train: bool, autocast, loss_weights: list[float]):
         self.schedule, self.model, self.objective = schedule, schedule.model, schedule.objective
         self.first, self.last = schedule.first, schedule.last
         self.train, self.autocast, self.mcmc = train, autocast, schedule.mcmc
+        self.loss_weights = loss_weights  # per step, with the micro-batch and accumulation scaling
         count = schedule.num_microbatches
         self.ctx, self.target = schedule.chunks(batch) if self.first else ((None,) * count, None)
         self.ctx_in, self.ctx_out, self.kv, self.kv_leaves = [], [], [], []
         self.states = [self.objective.init_state(c) for c in self.ctx] if self.first else []
         self.alpha = self.objective.mcmc.step_size() if self.first else None
-        self.losses: list[list[torch.Tensor]] = []  # [step][micro-batch], stage 0
-        self.energies: list[list[torch.Tensor]] = []  # [step][micro-batch], last stage
+        self.losses = [[None] * count for _ in loss_weights]  # [step][micro-batch], stage 0
+        self.energies = [[None] * count for _ in loss_weights]  # [step][micro-batch], last stage
+        self.x: dict[StepKey, torch.Tensor] = {}  # the stage's input: the state on stage 0, a received leaf elsewhere
+        self.h: dict[StepKey, torch.Tensor] = {}  # the stage's output
+        self.state_grad: dict[StepKey, torch.Tensor] = {}  # dE/dx, with graph when training
+        self.grad_out: dict[StepKey, torch.Tensor] = {}  # dE/dh as received, a leaf
 
     def encode_context(self, index: int, received: torch.Tensor | None) -> torch.Tensor:
         """The real tokens through this stage's blocks, once per batch. Their keys/values become leaves that every
@@ -279,61 +306,76 @@ class _EBTBatch:
         self.kv_leaves.append([t.detach().requires_grad_(self.train) for t in flat])
         return h
 
-    def start_step(self, step: int, loss_weight: float) -> None:
-        self.step, self.loss_weight = step, loss_weight
-        self.x, self.h, self.state_grad, self.grad_out = {}, {}, {}, {}  # this step's, per micro-batch
-        self.losses.append([])
-        self.energies.append([])
-
-    def energy_forward(self, index: int, received: torch.Tensor | None) -> torch.Tensor:
+    def energy_forward(self, step: int, index: int, received: torch.Tensor | None) -> torch.Tensor:
+        key = (step, index)
         with torch.enable_grad(), self.autocast:
             if self.first:
                 pred = self.states[index].detach()
                 if self.train and self.mcmc.langevin_noise_std > 0:
                     pred = pred + self.mcmc.langevin_noise_std * self.objective.state_noise(pred)
-                self.x[index] = pred.requires_grad_(True)
-                candidate = self.model.embed_candidate(pred, self.step)
+                self.x[key] = pred.requires_grad_(True)
+                candidate = self.model.embed_candidate(pred, step)
             else:
-                self.x[index] = candidate = received.requires_grad_(True)
+                self.x[key] = candidate = received.requires_grad_(True)
             leaves = self.kv_leaves[index]
             h = self.model.prediction_layers(candidate, list(zip(leaves[0::2], leaves[1::2])), self.schedule.layers)
-            self.h[index] = h
+            self.h[key] = h
             if self.last:
                 energy = self.model.readout(h)
-                self.energies[-1].append(energy.detach().mean())
-                (self.state_grad[index],) = torch.autograd.grad(energy.sum(), self.x[index], create_graph=self.train)
+                self.energies[step][index] = energy.detach().mean()
+                (self.state_grad[key],) = torch.autograd.grad(energy.sum(), self.x[key], create_graph=self.train)
         return h
 
-    def energy_backward(self, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
+    def energy_backward(self, step: int, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
         """dE/dx of this stage from dE/dh; on stage 0 that is dE/dstate: descend, then the loss."""
+        key = (step, index)
         if self.last:
-            return self.state_grad[index]
-        with torch.enable_grad(), self.autocast:
-            self.grad_out[index] = received.requires_grad_(self.train)
-            (self.state_grad[index],) = torch.autograd.grad(
-                self.h[index], self.x[index], self.grad_out[index], create_graph=self.train
-            )
-            if not self.first:
-                return self.state_grad[index]
-            alpha = self.alpha
-            if self.train and self.mcmc.alpha_jitter > 0:
-                alpha = alpha * (1 + self.mcmc.alpha_jitter * (2 * torch.rand((), device=alpha.device) - 1))
-            self.states[index] = self.x[index] - alpha * self.state_grad[index]
-            loss = self.objective.loss_fn(self.states[index], self.target[index])
-        self.losses[-1].append(loss if self.loss_weight > 0 else loss.detach())  # keep only graphs still needed
-        return None
-
-    def second_order_backward(self, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
-        if self.first:
-            (self.losses[-1][index] * self.loss_weight).backward(retain_graph=True)
+            out = self.state_grad[key]
         else:
-            torch.autograd.backward(self.state_grad[index], received, retain_graph=not self.last)
-        return None if self.last else self.grad_out[index].grad
+            with torch.enable_grad(), self.autocast:
+                self.grad_out[key] = received.requires_grad_(self.train)
+                (self.state_grad[key],) = torch.autograd.grad(
+                    self.h[key], self.x[key], self.grad_out[key], create_graph=self.train
+                )
+                out = self.state_grad[key] if not self.first else self._descend(step, index)
+        if self.loss_weights[step] == 0:
+            self._release(key)
+        return out
 
-    def first_order_backward(self, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
+    def _descend(self, step: int, index: int) -> None:
+        key = (step, index)
+        alpha = self.alpha
+        if self.train and self.mcmc.alpha_jitter > 0:
+            alpha = alpha * (1 + self.mcmc.alpha_jitter * (2 * torch.rand((), device=alpha.device) - 1))
+        self.states[index] = self.x[key] - alpha * self.state_grad[key]
+        loss = self.objective.loss_fn(self.states[index], self.target[index])
+        self.losses[step][index] = loss if self.loss_weights[step] > 0 else loss.detach()
+        if self.loss_weights[step] == 0:
+            self.states[index] = self.states[index].detach()
+
+    def second_order_backward(self, step: int, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
+        key = (step, index)
+        if self.first:
+            loss = self.losses[step][index]
+            (loss * self.loss_weights[step]).backward(retain_graph=True)
+            self.losses[step][index] = loss.detach()
+        else:
+            torch.autograd.backward(self.state_grad[key], received, retain_graph=not self.last)
+        return None if self.last else self.grad_out[key].grad
+
+    def first_order_backward(self, step: int, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
+        key = (step, index)
         if not self.last:
-            torch.autograd.backward(self.h[index], received)
-        return None if self.first else self.x[index].grad
+            torch.autograd.backward(self.h[key], received)
+        out = None if self.first else self.x[key].grad
+        if self.first:
+            self.states[index] = self.states[index].detach()
+        self._release(key)
+        return out
+
+    def _release(self, key: StepKey) -> None:
+        for tensors in (self.x, self.h, self.state_grad, self.grad_out):
+            tensors.pop(key, None)
 
     def context_backward(self, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
         pairs = [(t, leaf.grad) for t, leaf in zip(self.kv[index], self.kv_leaves[index]) if leaf.grad is not None]
@@ -347,7 +389,7 @@ class _EBTBatch:
         metrics = {}
         if self.first and self.train:
             metrics["loss"] = sum(w * _mean(step_losses) for w, step_losses in zip(weights, self.losses))
-            metrics["alpha"] = float(self.alpha)
+            metrics["alpha"] = float(self.alpha.detach())
             metrics.update({f"loss_step{k}": _mean(self.losses[k]) for k in range(self.mcmc.num_steps)})
         elif self.first:
             metrics["loss"] = _mean(self.losses[-1])
