@@ -2,6 +2,7 @@
 
 ebwm-prep stdlib-docs corpus/                 write Python's stdlib docstrings as JSONL (a corpus on every machine)
 ebwm-prep text --input ... --output ...       tokenize text into shards (see `ebwm-prep text --help`)
+ebwm-prep video --input ... --output ...      encode video clips into latent shards (see `ebwm-prep video --help`)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from data_prep import text
+from data_prep import text, video
 from ebwm_scale.data.text import extract_stdlib_documents
 
 
@@ -30,7 +31,7 @@ def stdlib_docs(argv: list[str]) -> None:
     print(f"wrote {len(documents):,} documents to {out}/stdlib_docs_*.jsonl")
 
 
-COMMANDS = {"text": text.main, "stdlib-docs": stdlib_docs}
+COMMANDS = {"text": text.main, "video": video.main, "stdlib-docs": stdlib_docs}
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 import zlib
@@ -28,11 +27,21 @@ from dataclasses import asdict, dataclass
 import fsspec
 import numpy as np
 
-from ebwm_scale.data.shards import FORMAT, META_FILE, SPLITS, TOKENIZER_FILE, write_shard
+from data_prep.common import (
+    bounded,
+    init_ray,
+    list_inputs,
+    merge_counts,
+    open_output,
+    run_chunks,
+    split_entries,
+    write_atomic,
+    write_marker,
+    write_split_shards,
+)
+from ebwm_scale.data.shards import META_FILE, SPLITS, TEXT_FORMAT, TOKENIZER_FILE, TOKENS_KEY
 from ebwm_scale.data.text import is_validation_document
 
-MARKER_DIR = "_chunks"
-SETTINGS_FILE = "_prep_settings.json"
 TAR_BYTES_PER_SAMPLE = 1536  # tar header, npy header and padding around each sample's tokens
 
 
@@ -98,26 +107,6 @@ def _format_of(url: str, requested: str) -> str:
     if name.endswith(".parquet"):
         return "parquet"
     return "text"
-
-
-def list_inputs(patterns: list[str]) -> list[tuple[str, int]]:
-    """(url, size) of every input file (a directory stands for every file below it), sorted, so chunk numbering
-    is the same on every run."""
-    files = {}
-    for pattern in patterns:
-        fs, path = fsspec.core.url_to_fs(pattern)
-        if any(c in pattern for c in "*?["):
-            matches = fs.glob(pattern)
-        elif fs.isdir(path):
-            matches = fs.find(path)
-        else:
-            matches = [path]
-        for path in matches:
-            if fs.isfile(path):
-                files[fs.unstrip_protocol(path)] = fs.size(path)
-    if not files:
-        raise SystemExit(f"no input files match {patterns}")
-    return sorted(files.items())
 
 
 def make_chunks(files: list[tuple[str, int]], requested_format: str, chunk_bytes: int) -> list[Chunk]:
@@ -257,68 +246,26 @@ def chunk_samples(
     return samples, counts
 
 
-def _write_atomic(fs, path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
-
-
 def process_chunk(chunk: Chunk, cfg: TextPrepConfig, tokenizer: bytes) -> dict:
     """Tokenize one chunk, write its shards (temp name, then rename) and its marker; returns the marker."""
     fs, root = fsspec.core.url_to_fs(cfg.output)
     samples, counts = chunk_samples(chunk, cfg, tokenizer)
     per_shard = max(1, int(cfg.shard_mb * 2**20) // ((cfg.seq_len + 1) * 4 + TAR_BYTES_PER_SAMPLE))
-    marker: dict = {"chunk": chunk.index, "counts": counts, "shards": {split: [] for split in SPLITS}}
-    for split in SPLITS:
-        fs.makedirs(f"{root}/{split}", exist_ok=True)
-        split_samples = samples[split]
-        for shard_index, start in enumerate(range(0, len(split_samples), per_shard)):
-            name = f"{split}/chunk{chunk.index:05d}-{shard_index:04d}.tar"
-            keyed = [
-                (f"c{chunk.index:05d}-{start + i:07d}", tokens)
-                for i, tokens in enumerate(split_samples[start : start + per_shard])
-            ]
-            data = write_shard(keyed)
-            _write_atomic(fs, f"{root}/{name}", data)
-            marker["shards"][split].append(
-                {"name": name, "samples": len(keyed), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            )
-    fs.makedirs(f"{root}/{MARKER_DIR}", exist_ok=True)
-    _write_atomic(fs, f"{root}/{MARKER_DIR}/chunk{chunk.index:05d}.json", json.dumps(marker).encode())
-    return marker
-
-
-def _read_json(fs, path: str) -> dict | None:
-    try:
-        with fs.open(path) as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, ValueError):
-        return None
+    shards = {
+        split: write_split_shards(fs, root, chunk.index, split, samples[split], per_shard, TOKENS_KEY)
+        for split in SPLITS
+    }
+    return write_marker(fs, root, chunk.index, {"chunk": chunk.index, "counts": counts, "shards": shards})
 
 
 def run(cfg: TextPrepConfig) -> dict:
     """The whole job; returns meta.json's content."""
     import ray
-    from rich.progress import Progress
 
-    fs, root = fsspec.core.url_to_fs(cfg.output)
-    fs.makedirs(f"{root}/{MARKER_DIR}", exist_ok=True)
-    previous = _read_json(fs, f"{root}/{SETTINGS_FILE}")
-    if previous is not None and previous != cfg.settings():
-        changed = sorted(k for k in cfg.settings() if previous.get(k) != cfg.settings()[k])
-        raise SystemExit(f"{cfg.output} was prepared with other settings ({', '.join(changed)}); use a new --output")
-    _write_atomic(fs, f"{root}/{SETTINGS_FILE}", json.dumps(cfg.settings(), indent=1).encode())
-    for stale in fs.glob(f"{root}/**/*.tmp-*"):  # temp files of a killed run; never listed anywhere
-        fs.rm(stale)
-
+    fs, root = open_output(cfg.output, cfg.settings())
     files = list_inputs(cfg.inputs)
     chunks = make_chunks(files, cfg.input_format, int(cfg.chunk_mb * 2**20))
-    if not ray.is_initialized():
-        if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=cfg.ray_address or None, log_to_driver=False)
-        else:
-            ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, log_to_driver=False)
+    init_ray(cfg.ray_address, cfg.num_cpus)
     max_in_flight = cfg.max_in_flight or 2 * int(ray.cluster_resources().get("CPU", 1))
     remote_sample = ray.remote(num_cpus=1)(sample_documents)
     remote_process = ray.remote(num_cpus=1)(process_chunk)
@@ -330,7 +277,7 @@ def run(cfg: TextPrepConfig) -> dict:
             tokenizer = f.read()
         if fs.exists(tokenizer_path) and fs.cat_file(tokenizer_path) != tokenizer:
             raise SystemExit(f"{cfg.output} already holds shards made with another tokenizer; use a new --output")
-        _write_atomic(fs, tokenizer_path, tokenizer)
+        write_atomic(fs, tokenizer_path, tokenizer)
     elif fs.exists(tokenizer_path):
         tokenizer = fs.cat_file(tokenizer_path)  # trained by an earlier, interrupted run of this job
     else:
@@ -341,36 +288,21 @@ def run(cfg: TextPrepConfig) -> dict:
         if not documents:
             raise SystemExit("the tokenizer sample is empty: are the inputs empty or is --text-field wrong?")
         tokenizer = train_tokenizer(documents, cfg)
-        _write_atomic(fs, tokenizer_path, tokenizer)
+        write_atomic(fs, tokenizer_path, tokenizer)
 
-    markers = {}
-    todo = []
-    for chunk in chunks:
-        marker = _read_json(fs, f"{root}/{MARKER_DIR}/chunk{chunk.index:05d}.json")
-        if marker is None:
-            todo.append(chunk)
-        else:
-            markers[chunk.index] = marker
     tokenizer_ref = ray.put(tokenizer)
-    with Progress(disable=not sys.stderr.isatty()) as progress:
-        task = progress.add_task("tokenize + write shards", total=len(chunks), completed=len(markers))
-        in_flight = []
-        pending = list(todo)
-        while pending or in_flight:
-            while pending and len(in_flight) < max_in_flight:
-                in_flight.append(remote_process.remote(pending.pop(0), cfg, tokenizer_ref))
-            done, in_flight = ray.wait(in_flight, num_returns=1)
-            marker = ray.get(done[0])
-            markers[marker["chunk"]] = marker
-            progress.advance(task)
 
-    meta = assemble_meta(cfg, tokenizer, [markers[i] for i in sorted(markers)])
-    _write_atomic(fs, f"{root}/{META_FILE}", json.dumps(meta, indent=1).encode())
+    def process(todo: list[int]):
+        return bounded(lambda i: remote_process.remote(chunks[i], cfg, tokenizer_ref), todo, max_in_flight)
+
+    markers, num_run = run_chunks(fs, root, [c.index for c in chunks], process, "tokenize + write shards")
+    meta = assemble_meta(cfg, tokenizer, markers)
+    write_atomic(fs, f"{root}/{META_FILE}", json.dumps(meta, indent=1).encode())
     elapsed = time.perf_counter() - started
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     print(
         f"prepared {meta['counts']['documents']:,} documents, {meta['counts']['tokens']:,} tokens in {elapsed:.1f} s "
-        f"({len(todo)} of {len(chunks)} chunks run now): train {train['samples']:,} samples in "
+        f"({num_run} of {len(chunks)} chunks run now): train {train['samples']:,} samples in "
         f"{len(train['shards'])} shards, val {val['samples']:,} in {len(val['shards'])}; {cfg.output}/{META_FILE}"
     )
     return meta
@@ -380,16 +312,8 @@ def assemble_meta(cfg: TextPrepConfig, tokenizer: bytes, markers: list[dict]) ->
     import sentencepiece as spm
 
     processor = spm.SentencePieceProcessor(model_proto=tokenizer)
-    counts: dict[str, int] = {}
-    for marker in markers:
-        for key, value in marker["counts"].items():
-            counts[key] = counts.get(key, 0) + value
-    splits = {}
-    for split in SPLITS:
-        shards = [shard for marker in markers for shard in marker["shards"][split]]
-        splits[split] = {"samples": sum(s["samples"] for s in shards), "shards": shards}
     return {
-        "format": FORMAT,
+        "format": TEXT_FORMAT,
         "seq_len": cfg.seq_len,
         "sample_tokens": cfg.seq_len + 1,
         "mode": cfg.mode,
@@ -401,8 +325,8 @@ def assemble_meta(cfg: TextPrepConfig, tokenizer: bytes, markers: list[dict]) ->
             "eos_id": processor.eos_id(),
             "sha256": hashlib.sha256(tokenizer).hexdigest(),
         },
-        "counts": counts,
-        "splits": splits,
+        "counts": merge_counts(markers),
+        "splits": split_entries(markers),
         "settings": cfg.settings(),
     }
 

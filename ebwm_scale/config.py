@@ -169,7 +169,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
             f"model.attn_impl={m.attn_impl!r} has no double backward, which model.ebt_impl='masked' needs; use "
             + " or ".join(DOUBLE_BACKWARD_SAFE_ATTENTION)
         )
-    if m.modality != d.modality:
+    if d.modality is not None and m.modality != d.modality:
         checks.append(f"model.modality={m.modality!r} but data.source={d.source!r} provides {d.modality}")
     elif d.source == "stdlib_docs" and m.vocab_size != ByteTokenizer.vocab_size:
         checks.append(f"model.vocab_size={m.vocab_size} but data.source='stdlib_docs' has 256 byte tokens")

@@ -36,6 +36,13 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return F.smooth_l1_loss(at_least_fp32(pred), target.to(at_least_fp32(pred).dtype), beta=1.0)
 
 
+def frame_metrics(pred: torch.Tensor, ctx: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Evaluation of predicted frames (B, S, F): MSE per predicted frame, and the copy-last-frame baseline, which
+    predicts frame i + 1 as the context's frame i."""
+    pred, target = at_least_fp32(pred).detach(), target.float()
+    return {"mse": F.mse_loss(pred, target), "copy_last_mse": F.mse_loss(ctx.float(), target)}
+
+
 class EBTObjective(nn.Module):
     def __init__(self, model: EBT, mcmc: MCMC):
         super().__init__()
@@ -91,7 +98,10 @@ class EBTObjective(nn.Module):
             loss_fn=self.loss_fn,
             create_graph=False,
         )
-        return {"loss": result.losses[-1].detach(), "energy_last": result.energies[-1]}
+        metrics = {"loss": result.losses[-1].detach(), "energy_last": result.energies[-1]}
+        if target.is_floating_point():
+            metrics.update(frame_metrics(result.pred, ctx, target))
+        return metrics
 
 
 class ARObjective(nn.Module):
@@ -106,7 +116,12 @@ class ARObjective(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, batch: dict[str, torch.Tensor], num_steps: int | None = None) -> dict[str, torch.Tensor]:
-        return {"loss": self.forward(batch).loss}
+        ctx, target = split_batch(batch)
+        pred = self.model(ctx)
+        metrics = {"loss": reconstruction_loss(pred, target)}
+        if target.is_floating_point():
+            metrics.update(frame_metrics(pred, ctx, target))
+        return metrics
 
 
 def build_objective(model: nn.Module, mcmc: MCMC) -> nn.Module:

@@ -25,7 +25,7 @@ def build_trainer(cfg: PretrainConfig, dist: DistInfo, extra_callbacks: Sequence
     objective = parallelize(build_objective(cfg.model.build(), cfg.mcmc.build()), cfg.parallel, dist)
     objective = objective.to(dist.device)
     torch.manual_seed(cfg.train.seed + 1 + dist.dp_rank)  # MCMC noise: per data-parallel rank, shared within TP
-    train_set, val_set, data_info = cfg.data.build_datasets(cfg.model.vocab_size)
+    train_set, val_set, data_info = cfg.data.build_datasets(cfg.model)
     callbacks = [
         ConsoleCallback(dist.is_rank0, cfg.train.log_interval_steps, cfg.train.progress_bar),
         MetricsFileCallback(dist.is_rank0),

@@ -23,17 +23,17 @@ def _pp_dist(rank, size, tp_size=1, pp_size=None):
     return with_parallel_groups(info, tp_size, pp_size or size)
 
 
-def _check(rank, size, kind, microbatches, mcmc_overrides):
+def _check(rank, size, kind, microbatches, mcmc_overrides, modality="text"):
     torch.set_default_dtype(torch.float64)
     mcmc = MCMCConfig(alpha_init=5.0, **mcmc_overrides)
     torch.manual_seed(0)
-    reference = build_objective(tiny_model_config(kind, "text", num_layers=3).build(), mcmc.build())
+    reference = build_objective(tiny_model_config(kind, modality, num_layers=3).build(), mcmc.build())
     stage = copy.deepcopy(reference)
     dist_info = _pp_dist(rank, size)
     apply_pipeline(stage, dist_info.pp_rank, size)
     schedule = pipeline_schedule(stage, dist_info, microbatches, mcmc)
     torch.manual_seed(7)
-    batch = {"tokens": torch.randint(0, 32, (4, 9))}
+    batch = {"tokens": torch.randint(0, 32, (4, 9))} if modality == "text" else {"frames": torch.randn(4, 9, 8)}
     optimizers = [torch.optim.SGD(o.parameters(), lr=0.05) for o in (reference, stage)]
     for step in range(3):
         torch.manual_seed(100 + step)  # the same MCMC start noise for both (drawn per micro-batch on stage 0)
@@ -71,6 +71,11 @@ def _check(rank, size, kind, microbatches, mcmc_overrides):
 )
 def test_two_stages_match_one_process(kind, microbatches, mcmc_overrides):
     run_distributed_test(_check, world_size=2, args=(kind, microbatches, mcmc_overrides))
+
+
+@pytest.mark.parametrize("kind", ["ebt", "ar"])
+def test_frame_models_match_one_process_with_frame_metrics(kind):
+    run_distributed_test(_check, world_size=2, args=(kind, 2, {}, "frames"))
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
-from data_prep.text import Chunk, Piece, TextPrepConfig, list_inputs, make_chunks, read_documents, run
+from data_prep.common import list_inputs
+from data_prep.text import Chunk, Piece, TextPrepConfig, make_chunks, read_documents, run
 from ebwm_scale.data.shards import META_FILE, read_shard
 from ebwm_scale.data.text import is_validation_document
 

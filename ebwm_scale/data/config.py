@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 from ebwm_scale.data.loader import ShardLoader, ShardSamples, ShardSource
 from ebwm_scale.data.sampler import BatchLoader, SampleDataset
-from ebwm_scale.data.shards import ShardFormatError
+from ebwm_scale.data.shards import VIDEO_FORMAT, ShardFormatError
 from ebwm_scale.data.text import ByteTokenizer, stdlib_docs_splits
 from ebwm_scale.data.video import synthetic_video_splits
+from ebwm_scale.models.config import ModelConfig
 
 DATA_SOURCES = ("stdlib_docs", "synthetic_video", "shards")
 
@@ -28,13 +29,13 @@ class SyntheticVideoConfig:
 
 @dataclass(kw_only=True)
 class ShardsConfig:
-    url: str = ""  # a dataset directory made by `ebwm-prep text` (any fsspec URL)
+    url: str = ""  # a dataset directory made by `ebwm-prep text` or `ebwm-prep video` (any fsspec URL)
     num_workers: int = 2  # DataLoader workers per rank (0: read in the training process)
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    # stdlib_docs (text, byte tokens) | synthetic_video (frame embeddings) | shards (prepared text shards)
+    # stdlib_docs (text, byte tokens) | synthetic_video (frame embeddings) | shards (`ebwm-prep text|video` output)
     source: str = "stdlib_docs"
     seq_len: int = 128  # context length S; every sample holds S + 1 elements
     micro_batch_size: int = 8  # samples per rank per forward
@@ -45,28 +46,24 @@ class DataConfig:
     shards: ShardsConfig = field(default_factory=ShardsConfig)
 
     @property
-    def modality(self) -> str:
-        return "frames" if self.source == "synthetic_video" else "text"
+    def modality(self) -> str | None:
+        """text | frames; None for shards, whose meta.json says (checked when they are opened)."""
+        return {"stdlib_docs": "text", "synthetic_video": "frames"}.get(self.source)
 
-    def build_datasets(self, vocab_size: int) -> tuple[SampleDataset | ShardSource, SampleDataset, dict[str, str]]:
-        """(train, val, description for the run log); `vocab_size` is the model's, checked against the data."""
+    def build_datasets(self, model: ModelConfig) -> tuple[SampleDataset | ShardSource, SampleDataset, dict[str, str]]:
+        """(train, val, description for the run log); the data must fit the `model` (vocabulary, frame size)."""
         if self.source == "shards":
             train = ShardSource.open(self.shards.url, "train")
-            meta = train.meta
-            if meta["tokenizer"]["vocab_size"] != vocab_size or meta["seq_len"] != self.seq_len:
-                raise ShardFormatError(
-                    f"the shards at {self.shards.url} hold seq_len {meta['seq_len']} and a "
-                    f"{meta['tokenizer']['vocab_size']}-token vocabulary; set data.seq_len={meta['seq_len']} "
-                    f"model.vocab_size={meta['tokenizer']['vocab_size']} (now {self.seq_len}, {vocab_size})"
-                )
-            info = {
-                "shards": self.shards.url,
-                "tokenizer": f"sentencepiece {meta['tokenizer']['sha256'][:12]}",
-                "train_samples": str(len(train)),
-            }
+            self._check_shards_fit(train.meta, model)
+            if train.modality == "text":
+                described = f"sentencepiece {train.meta['tokenizer']['sha256'][:12]}"
+                info = {"shards": self.shards.url, "tokenizer": described}
+            else:
+                info = {"shards": self.shards.url, "encoder": train.meta["encoder"]["id"]}
+            info["train_samples"] = str(len(train))
             return train, ShardSamples(ShardSource.open(self.shards.url, "val")), info
-        if vocab_size != ByteTokenizer.vocab_size and self.source == "stdlib_docs":
-            raise ShardFormatError(f"data.source=stdlib_docs has 256 byte tokens, model.vocab_size={vocab_size}")
+        if model.vocab_size != ByteTokenizer.vocab_size and self.source == "stdlib_docs":
+            raise ShardFormatError(f"data.source=stdlib_docs has 256 byte tokens, model.vocab_size={model.vocab_size}")
         if self.source == "stdlib_docs":
             train, val, sha = stdlib_docs_splits(self.seq_len, self.val_percent, self.cache_dir)
             return train, val, {"corpus": "python stdlib docstrings", "tokenizer": "bytes", "corpus_sha256": sha}
@@ -75,6 +72,24 @@ class DataConfig:
             v.num_clips, v.num_val_clips, self.seq_len, v.frame_size, v.patch_size, v.max_objects, self.seed
         )
         return train, val, {"corpus": "synthetic bouncing discs", "encoder": f"patch-mean {v.patch_size}px"}
+
+    def _check_shards_fit(self, meta: dict, model: ModelConfig) -> None:
+        url, video = self.shards.url, meta["format"] == VIDEO_FORMAT
+        if (model.modality == "frames") != video:
+            held = "video frame latents" if video else "text tokens"
+            raise ShardFormatError(f"the shards at {url} hold {held}, model.modality={model.modality!r}")
+        if video and (meta["clip_frames"] != self.seq_len + 1 or meta["latent_dim"] != model.frame_dim):
+            raise ShardFormatError(
+                f"the shards at {url} hold clips of {meta['clip_frames']} frames x {meta['latent_dim']} dims; set "
+                f"data.seq_len={meta['clip_frames'] - 1} model.frame_dim={meta['latent_dim']} "
+                f"(now {self.seq_len}, {model.frame_dim})"
+            )
+        if not video and (meta["tokenizer"]["vocab_size"] != model.vocab_size or meta["seq_len"] != self.seq_len):
+            raise ShardFormatError(
+                f"the shards at {url} hold seq_len {meta['seq_len']} and a "
+                f"{meta['tokenizer']['vocab_size']}-token vocabulary; set data.seq_len={meta['seq_len']} "
+                f"model.vocab_size={meta['tokenizer']['vocab_size']} (now {self.seq_len}, {model.vocab_size})"
+            )
 
     def build_loader(self, dataset: SampleDataset | ShardSource, rank: int = 0, world_size: int = 1):
         if isinstance(dataset, ShardSource):

@@ -1,4 +1,4 @@
-"""Deterministic, exactly resumable streaming of WebDataset token shards (DESIGN §5).
+"""Deterministic, exactly resumable streaming of WebDataset shards, text tokens or video latents (DESIGN §5).
 
 Every (data-parallel rank, DataLoader worker) pair is one *reader*; there are world_size x num_workers of them.
 Epoch e lays the shards end to end in an order seeded by (seed, e), with each shard's samples in an order seeded by
@@ -27,7 +27,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ebwm_scale.data.shards import ShardFormatError, is_corrupt_error, read_meta, read_shard
+from ebwm_scale.data.shards import (
+    VIDEO_FORMAT,
+    ShardFormatError,
+    is_corrupt_error,
+    read_meta,
+    read_shard,
+    sample_field,
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,18 @@ class ShardSource:
         return source
 
     @property
+    def modality(self) -> str:
+        return "frames" if self.meta["format"] == VIDEO_FORMAT else "text"
+
+    def to_model(self, stored: np.ndarray) -> tuple[str, np.ndarray]:
+        """(batch key, model input) of stacked stored samples: int64 tokens, or float32 frame latents standardized
+        with the train split's statistics (meta.json)."""
+        if self.modality == "text":
+            return "tokens", stored.astype(np.int64)
+        stats = self.meta["latents"]
+        return "frames", (stored.astype(np.float32) - stats["mean"]) / stats["std"]
+
+    @property
     def shards(self) -> list[dict[str, Any]]:
         return self.meta["splits"][self.split]["shards"]
 
@@ -69,7 +88,7 @@ class ShardSource:
                 data = f.read()
             if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
                 raise ShardFormatError(f"{url} does not match meta.json (size or sha256)")
-            samples = [tokens for _, tokens in read_shard(data, url)]
+            samples = [array for _, array in read_shard(data, url, sample_field(self.meta))]
             if len(samples) != info["samples"]:
                 raise ShardFormatError(f"{url} holds {len(samples)} samples, meta.json says {info['samples']}")
         except Exception as error:
@@ -119,7 +138,7 @@ class ReaderStream(IterableDataset):
         self.rotation = rotation
 
     def _samples(self, reader: int) -> Iterator[tuple[np.ndarray, int, int, int]]:
-        """(tokens, epoch, position after it, corrupt shards so far), forever."""
+        """(stored sample, epoch, position after it, corrupt shards so far), forever."""
         counts = [s["samples"] for s in self.source.shards]
         epoch, position = self.starts.get(reader, (0, 0))
         corrupt: set[tuple[int, int]] = set()
@@ -152,11 +171,12 @@ class ReaderStream(IterableDataset):
         worker = info.id if info is not None else 0
         reader = self.rank * self.num_workers + (self.rotation + worker) % self.num_workers
         batch: list[np.ndarray] = []
-        for tokens, epoch, position, corrupt in self._samples(reader):
-            batch.append(tokens)
+        for sample, epoch, position, corrupt in self._samples(reader):
+            batch.append(sample)
             if len(batch) == self.batch_size:
+                key, values = self.source.to_model(np.stack(batch))
                 yield {
-                    "tokens": torch.from_numpy(np.stack(batch).astype(np.int64)),
+                    key: torch.from_numpy(values),
                     "_reader": torch.tensor(reader),
                     "_epoch": torch.tensor(epoch),
                     "_position": torch.tensor(position),
@@ -166,7 +186,8 @@ class ReaderStream(IterableDataset):
 
 
 class ShardLoader:
-    """Infinite iterator of {"tokens": (B, S+1) int64} batches for one rank, with exact state_dict/load_state_dict."""
+    """Infinite iterator of {"tokens": (B, S+1) int64} or {"frames": (B, T, D) float32} batches for one rank, with
+    exact state_dict/load_state_dict."""
 
     def __init__(
         self, source: ShardSource, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 2
@@ -268,4 +289,5 @@ class ShardSamples:
             if samples is None:
                 raise ShardFormatError(f"evaluation shard {self.source.shards[shard]['name']} is corrupt")
             self._cached = (shard, samples)
-        return {"tokens": self._cached[1][index - self.bounds[shard]].astype(np.int64)}
+        key, values = self.source.to_model(self._cached[1][index - self.bounds[shard]][None])
+        return {key: values[0]}

@@ -1,9 +1,11 @@
-"""The one shard schema, shared by the prep jobs (writers) and the loader (reader).
+"""The shard schema, shared by the prep jobs (writers) and the loader (reader).
 
 A dataset directory (any fsspec URL):
-    meta.json              FORMAT, tokenizer, seq_len, and per split the shards with sample count, bytes, sha256
-    tokenizer.model        the sentencepiece model the tokens were made with
-    train/*.tar, val/*.tar WebDataset shards; each sample is {"__key__": str, "tokens.npy": int32 (seq_len + 1,)}
+    meta.json              format, per split the shards with sample count, bytes, sha256, and what the samples are:
+                           text: tokenizer, seq_len; video: frame encoder, clip frames, latent dim and statistics
+    tokenizer.model        text: the sentencepiece model the tokens were made with
+    train/*.tar, val/*.tar WebDataset shards; each sample is {"__key__": str, FIELD: array} where FIELD is
+                           "tokens.npy" (text: int32 (seq_len + 1,)) or "latents.npy" (video: float16 (T, D))
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import numpy as np
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-FORMAT = "ebwm-scale/text-shards/1"
+TEXT_FORMAT = "ebwm-scale/text-shards/1"
+VIDEO_FORMAT = "ebwm-scale/video-shards/1"
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
 TOKENS_KEY = "tokens.npy"
+LATENTS_KEY = "latents.npy"
 SPLITS = ("train", "val")
 SHARD_MTIME = 1  # fixed (integer: a float mtime costs a pax header per member) so re-runs are byte-identical
 
@@ -31,32 +35,34 @@ class ShardFormatError(ValueError):
     """A dataset directory or shard that does not follow this schema; the message names the URL."""
 
 
-def encode_tokens(tokens: np.ndarray) -> bytes:
+def encode_array(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, tokens.astype(np.int32), allow_pickle=False)
+    np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
 
 
-def decode_tokens(data: bytes) -> np.ndarray:
+def decode_array(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def write_shard(samples: list[tuple[str, np.ndarray]]) -> bytes:
-    """A WebDataset tar (as bytes) holding (key, tokens) samples."""
+def write_shard(samples: list[tuple[str, np.ndarray]], field: str = TOKENS_KEY) -> bytes:
+    """A WebDataset tar (as bytes) holding (key, array) samples under `field` (tokens are stored as int32)."""
     buffer = io.BytesIO()
     with TarWriter(buffer, encoder=False, mtime=SHARD_MTIME, format=tarfile.USTAR_FORMAT) as writer:
-        for key, tokens in samples:
-            writer.write({"__key__": key, TOKENS_KEY: encode_tokens(tokens)})
+        for key, array in samples:
+            writer.write(
+                {"__key__": key, field: encode_array(array.astype(np.int32) if field == TOKENS_KEY else array)}
+            )
     return buffer.getvalue()
 
 
-def read_shard(data: bytes, url: str = "") -> Iterator[tuple[str, np.ndarray]]:
-    """(key, tokens) of every sample of a shard's bytes; raises on a truncated or malformed tar."""
+def read_shard(data: bytes, url: str = "", field: str = TOKENS_KEY) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, array) of every sample of a shard's bytes; raises on a truncated or malformed tar."""
     stream = ({**entry, "__url__": url} for entry in tar_file_iterator(io.BytesIO(data)))
     for sample in group_by_keys(stream):
-        if TOKENS_KEY not in sample:
-            raise ShardFormatError(f"sample {sample.get('__key__')!r} has no {TOKENS_KEY}")
-        yield sample["__key__"], decode_tokens(sample[TOKENS_KEY])
+        if field not in sample:
+            raise ShardFormatError(f"sample {sample.get('__key__')!r} has no {field}")
+        yield sample["__key__"], decode_array(sample[field])
 
 
 def read_meta(url: str) -> dict[str, Any]:
@@ -67,12 +73,18 @@ def read_meta(url: str) -> dict[str, Any]:
         with fs.open(path) as f:
             meta = json.loads(f.read())
     except FileNotFoundError:
-        raise ShardFormatError(f"{url} has no {META_FILE}: run `ebwm-prep text` to make a dataset there") from None
+        raise ShardFormatError(f"{url} has no {META_FILE}: make a dataset there with `ebwm-prep text|video`") from None
     except ValueError as error:
         raise ShardFormatError(f"{url}/{META_FILE} is not valid JSON: {error}") from None
-    if meta.get("format") != FORMAT:
-        raise ShardFormatError(f"{url}/{META_FILE} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format") not in (TEXT_FORMAT, VIDEO_FORMAT):
+        raise ShardFormatError(
+            f"{url}/{META_FILE} has format {meta.get('format')!r}, expected {TEXT_FORMAT!r} or {VIDEO_FORMAT!r}"
+        )
     return meta
+
+
+def sample_field(meta: dict[str, Any]) -> str:
+    return LATENTS_KEY if meta["format"] == VIDEO_FORMAT else TOKENS_KEY
 
 
 def is_corrupt_error(error: BaseException) -> bool:

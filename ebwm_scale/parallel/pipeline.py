@@ -39,11 +39,12 @@ from torch import nn
 
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models import EBT
-from ebwm_scale.objective import reconstruction_loss, split_batch
+from ebwm_scale.objective import frame_metrics, reconstruction_loss, split_batch
 from ebwm_scale.parallel.dist import DistInfo
 
 WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 HEADER_LEN = 8  # dtype, ndim, up to 6 dims
+FRAME_METRICS = ("mse", "copy_last_mse")  # evaluation of frame models, besides the loss
 
 
 def stage_layers(num_layers: int, num_stages: int) -> list[range]:
@@ -125,6 +126,7 @@ class PipelineSchedule:
         self.next = None if self.last else dist_info.rank + dist_info.tp_size
         self.group, self.num_stages, self.device = dist_info.pp_group, dist_info.pp_size, dist_info.device
         self.link = StageLink(dist_info.device)
+        self.frames = self.model.cfg.modality == "frames"
         self.wait_seconds = 0.0
 
     def run_phases(self, phases: list[tuple[bool, Work]]) -> None:
@@ -195,17 +197,24 @@ def _mean(values: list[torch.Tensor]) -> float:
     return float(torch.stack(values).detach().double().mean())
 
 
+def _mean_frame_metrics(preds, ctx, target) -> dict[str, float]:
+    per_chunk = [frame_metrics(p, c, t) for p, c, t in zip(preds, ctx, target)]
+    return {key: _mean([m[key] for m in per_chunk]) for key in FRAME_METRICS}
+
+
 class ARPipeline(PipelineSchedule):
     def _run(self, batch, train: bool, loss_scale: float, autocast: AbstractContextManager) -> dict[str, float]:
         ctx, target = self.chunks(batch)
-        inputs, outputs, losses = {}, {}, []
+        inputs, outputs, losses, preds = {}, {}, [], []
 
         def forward(index: int, received: torch.Tensor | None) -> torch.Tensor:
             with torch.set_grad_enabled(train), autocast:
                 x = self.model.embed(ctx[index]) if self.first else received.requires_grad_(train)
                 h = self.model.trunk(x, self.layers)
                 if self.last:
-                    loss = reconstruction_loss(self.model.readout(h), target[index])
+                    pred = self.model.readout(h)
+                    loss = reconstruction_loss(pred, target[index])
+                    preds.append(pred.detach())
             if self.last:
                 losses.append(loss.detach())
                 if train:
@@ -219,13 +228,18 @@ class ARPipeline(PipelineSchedule):
             return None if self.first else inputs[index].grad
 
         self.run_phases([(True, forward), (False, backward)] if train else [(True, forward)])
-        return {"loss": _mean(losses)} if self.last else {}
+        if not self.last:
+            return {}
+        if not train and self.frames:
+            return {"loss": _mean(losses), **_mean_frame_metrics(preds, ctx, target)}
+        return {"loss": _mean(losses)}
 
     def forward_backward(self, batch, loss_scale, autocast):
         return self.timed(lambda: self._run(batch, True, loss_scale, autocast), ["loss"])
 
     def evaluate(self, batch):
-        return self.share(self._run(batch, False, 1.0, nullcontext()), ["loss"])
+        keys = ["loss", *(FRAME_METRICS if self.frames else ())]
+        return self.share(self._run(batch, False, 1.0, nullcontext()), keys)
 
 
 class EBTPipeline(PipelineSchedule):
@@ -268,7 +282,8 @@ class EBTPipeline(PipelineSchedule):
         return self.timed(lambda: self._run(batch, True, loss_scale, autocast), self.train_keys())
 
     def evaluate(self, batch):
-        return self.share(self._run(batch, False, 1.0, nullcontext()), ["loss", "energy_last"])
+        keys = ["loss", "energy_last", *(FRAME_METRICS if self.frames else ())]
+        return self.share(self._run(batch, False, 1.0, nullcontext()), keys)
 
 
 class _EBTBatch:
@@ -393,6 +408,8 @@ class _EBTBatch:
             metrics.update({f"loss_step{k}": _mean(self.losses[k]) for k in range(self.mcmc.num_steps)})
         elif self.first:
             metrics["loss"] = _mean(self.losses[-1])
+            if self.schedule.frames:
+                metrics.update(_mean_frame_metrics(self.states, self.ctx, self.target))
         if self.last:
             metrics["energy_last"] = _mean(self.energies[-1])
             if self.train:
