@@ -39,8 +39,8 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 def frame_metrics(pred: torch.Tensor, ctx: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Evaluation of predicted frames (B, S, F): MSE per predicted frame, and the copy-last-frame baseline, which
     predicts frame i + 1 as the context's frame i."""
-    pred, target = at_least_fp32(pred).detach(), target.float()
-    return {"mse": F.mse_loss(pred, target), "copy_last_mse": F.mse_loss(ctx.float(), target)}
+    pred, ctx, target = (at_least_fp32(t).detach() for t in (pred, ctx, target))
+    return {"mse": F.mse_loss(pred, target), "copy_last_mse": F.mse_loss(ctx, target)}
 
 
 class EBTObjective(nn.Module):
