@@ -175,7 +175,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         checks.append(f"model.vocab_size={m.vocab_size} but data.source='stdlib_docs' has 256 byte tokens")
     elif d.source == "shards" and not d.shards.url:
         checks.append("data.source='shards' needs data.shards.url (a directory made by `ebwm-prep text`)")
-    elif m.modality == "frames" and m.frame_dim != d.video.frame_dim:
+    elif d.source == "synthetic_video" and m.frame_dim != d.video.frame_dim:
         checks.append(f"model.frame_dim={m.frame_dim} but data.video gives {d.video.frame_dim}-dim frames")
     if d.video.frame_size % d.video.patch_size:
         checks.append(f"data.video.patch_size={d.video.patch_size} does not divide frame_size={d.video.frame_size}")

@@ -176,3 +176,29 @@ def test_a_missing_vae_is_a_clear_error(tmp_path):
         timeout=120,
     )
     assert proc.returncode != 0 and "nothing is downloaded" in proc.stderr
+
+
+@pytest.mark.slow
+def test_video_models_train_from_prepared_shards_and_ebt_beats_copying_the_last_frame(ray_local, tmp_path):
+    """recipes/video_tiny*.yaml end to end: 128 physics videos -> shards -> EBT and AR; after 600 steps the EBT's
+    next-frame MSE is below the copy-last-frame baseline's (0.066 vs 0.074 when measured), its loss fell."""
+    from ebwm_scale.config import load_config
+    from ebwm_scale.pretrain import build_trainer
+    from tests.conftest import CPU
+    from tests.test_training import Recorder
+
+    videos = make_videos(tmp_path / "videos", 128, 8.0)
+    shards = tmp_path / "latents"
+    encoder = FrameEncoderConfig(resolution=32, patch_size=4, latent_dim=48)
+    run(VideoPrepConfig(inputs=[str(videos)], output=str(shards), clip_frames=8, frame_gap=0.25, encoder=encoder))
+    results = {}
+    for recipe in ("video_tiny.yaml", "video_tiny_ar.yaml"):
+        overrides = [f"data.shards.url={shards}", f"train.output_dir={tmp_path}", "tracking.enabled=false"]
+        recorder = Recorder()
+        trainer = build_trainer(load_config(REPO / "recipes" / recipe, overrides), CPU, [recorder])
+        trainer.fit()
+        results[recipe] = (recorder.train[0]["loss"], recorder.train[-1]["loss"], recorder.eval[-1])
+    first, last, final = results["video_tiny.yaml"]
+    assert last < 0.5 * first and final["mse"] < 0.95 * final["copy_last_mse"]
+    first, last, final = results["video_tiny_ar.yaml"]
+    assert last < 0.5 * first and final["mse"] < final["copy_last_mse"]

@@ -40,7 +40,7 @@ VARIANTS = {
 def simulate(rng: np.random.Generator, physics: Physics, num_frames: int, fps: float, substeps: int = 8):
     """Positions (T, n, 2) in [0, 1] and radii (n,) of objects thrown into a unit box with gravity along +y."""
     n = int(rng.integers(physics.objects[0], physics.objects[1] + 1))
-    radius = rng.uniform(0.06, 0.12, n)
+    radius = rng.uniform(0.1, 0.2, n)
     position = rng.uniform(radius[:, None], 1 - radius[:, None], (n, 2))
     velocity = rng.uniform(-physics.speed, physics.speed, (n, 2))
     dt = 1.0 / (fps * substeps)
