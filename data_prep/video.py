@@ -14,7 +14,7 @@ As in the text job, videos are grouped into numbered chunks; each chunk's shards
 renamed, then a marker; a re-run skips finished chunks and redoes the rest byte for byte. A video that fails to
 decode is skipped and counted (its name is in the chunk marker), as is one too short for a single clip. Videos go
 to train or val by a hash of their file name; meta.json records the encoder, T, D, frame gap, counts, the train
-latents' mean and std (the loader standardizes with them) and every shard's sha256.
+latents' mean and std per dimension (the loader standardizes with them) and every shard's sha256.
 """
 
 from __future__ import annotations
@@ -182,8 +182,8 @@ class ClipEncoder:
             split = "val" if is_validation_document(PurePosixPath(url).name, cfg.val_percent) else "train"
             latents[split].extend(encoded.astype(np.float16))
             counts["clips"] += len(clips)
-        train = np.asarray(latents["train"], dtype=np.float64)
-        stats = {"count": int(train.size), "sum": float(train.sum()), "sum_sq": float((train**2).sum())}
+        train = np.asarray(latents["train"], dtype=np.float64).reshape(-1, self.encoder.dim)  # (clips x T, D)
+        stats = {"count": len(train), "sum": train.sum(0).tolist(), "sum_sq": (train**2).sum(0).tolist()}
         sample_bytes = cfg.clip_frames * self.encoder.dim * 2 + TAR_BYTES_PER_SAMPLE
         per_shard = max(1, int(cfg.shard_mb * 2**20) // sample_bytes)
         shards = {
@@ -199,8 +199,9 @@ def assemble_meta(cfg: VideoPrepConfig, markers: list[dict], encoder_id: str, la
     count = sum(m["latent_stats"]["count"] for m in markers)
     if count == 0:
         raise SystemExit("no train clips: are the videos shorter than one clip (--clip-frames x --frame-gap)?")
-    mean = sum(m["latent_stats"]["sum"] for m in markers) / count
-    var = sum(m["latent_stats"]["sum_sq"] for m in markers) / count - mean**2
+    used = [m["latent_stats"] for m in markers if m["latent_stats"]["count"]]
+    mean = np.sum([s["sum"] for s in used], axis=0) / count
+    var = np.sum([s["sum_sq"] for s in used], axis=0) / count - mean**2
     return {
         "format": VIDEO_FORMAT,
         "clip_frames": cfg.clip_frames,
@@ -208,7 +209,7 @@ def assemble_meta(cfg: VideoPrepConfig, markers: list[dict], encoder_id: str, la
         "clip_stride": cfg.stride,
         "latent_dim": latent_dim,
         "encoder": {"id": encoder_id, **cfg.encoder.describe()},
-        "latents": {"dtype": "float16", "mean": mean, "std": max(var, 1e-12) ** 0.5},
+        "latents": {"dtype": "float16", "mean": mean.tolist(), "std": np.sqrt(np.maximum(var, 1e-12)).tolist()},
         "counts": merge_counts(markers),
         "skipped": [entry for m in markers for entry in m["skipped"]],
         "splits": split_entries(markers),
@@ -271,9 +272,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--image-fps", type=float, default=d.image_fps, help="frame rate of image folders")
     parser.add_argument("--encoder", default=e.kind, choices=ENCODERS)
     parser.add_argument("--resolution", type=int, default=e.resolution)
-    parser.add_argument("--patch-size", type=int, default=e.patch_size, help="patch_projection")
-    parser.add_argument("--latent-dim", type=int, default=e.latent_dim, help="patch_projection")
-    parser.add_argument("--encoder-seed", type=int, default=e.seed, help="patch_projection")
+    parser.add_argument("--patch-size", type=int, default=e.patch_size, help="patch_dct")
+    parser.add_argument("--latent-dim", type=int, default=e.latent_dim, help="patch_dct")
     parser.add_argument("--vae-path", default=e.vae_path, help="sd_vae: local diffusers AutoencoderKL directory")
     parser.add_argument("--videos-per-chunk", type=int, default=d.videos_per_chunk)
     parser.add_argument("--shard-mb", type=float, default=d.shard_mb)
@@ -292,7 +292,6 @@ def main(argv: list[str] | None = None) -> None:
         resolution=args.pop("resolution"),
         patch_size=args.pop("patch_size"),
         latent_dim=args.pop("latent_dim"),
-        seed=args.pop("encoder_seed"),
         vae_path=args.pop("vae_path"),
     )
     cfg = VideoPrepConfig(**args, encoder=encoder)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ebwm_scale.mcmc import MCMC, refine
+from ebwm_scale.mcmc import MCMC, RefineResult, refine
 from ebwm_scale.models import EBT
 from ebwm_scale.models.blocks import at_least_fp32
 
@@ -85,19 +85,27 @@ class EBTObjective(nn.Module):
         return StepOutput(loss=loss, metrics=metrics)
 
     @torch.no_grad()
-    def evaluate(self, batch: dict[str, torch.Tensor], num_steps: int | None = None) -> dict[str, torch.Tensor]:
-        """Deterministic refinement (no noise, no jitter), loss after the last step; no graph is kept."""
-        ctx, target = split_batch(batch)
+    def predict(
+        self, ctx: torch.Tensor, target: torch.Tensor | None = None, num_steps: int | None = None
+    ) -> RefineResult:
+        """Deterministic refinement (no noise, no jitter) from fresh start noise; no graph is kept. With a target,
+        the result holds the loss after every step."""
         context = self.model.encode_context(ctx)
-        result = refine(
+        return refine(
             lambda pred, step: self.model.energy(context, pred, step),
             self.init_state(ctx),
             self.mcmc.step_size(),
             num_steps or self.mcmc.cfg.num_steps,
             target=target,
-            loss_fn=self.loss_fn,
+            loss_fn=None if target is None else self.loss_fn,
             create_graph=False,
         )
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, torch.Tensor], num_steps: int | None = None) -> dict[str, torch.Tensor]:
+        """The loss after the last step of `predict`."""
+        ctx, target = split_batch(batch)
+        result = self.predict(ctx, target, num_steps)
         metrics = {"loss": result.losses[-1].detach(), "energy_last": result.energies[-1]}
         if target.is_floating_point():
             metrics.update(frame_metrics(result.pred, ctx, target))
@@ -115,9 +123,13 @@ class ARObjective(nn.Module):
         return StepOutput(loss=loss, metrics={"loss": loss.detach()})
 
     @torch.no_grad()
+    def predict(self, ctx: torch.Tensor) -> torch.Tensor:
+        return self.model(ctx)
+
+    @torch.no_grad()
     def evaluate(self, batch: dict[str, torch.Tensor], num_steps: int | None = None) -> dict[str, torch.Tensor]:
         ctx, target = split_batch(batch)
-        pred = self.model(ctx)
+        pred = self.predict(ctx)
         metrics = {"loss": reconstruction_loss(pred, target)}
         if target.is_floating_point():
             metrics.update(frame_metrics(pred, ctx, target))

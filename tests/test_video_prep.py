@@ -61,16 +61,18 @@ def test_prep_turns_videos_into_latent_shards(video_shards):
     assert [Path(s["video"]).name for s in meta["skipped"]] == ["broken.mp4"]
     assert meta["splits"]["train"]["samples"] + meta["splits"]["val"]["samples"] == 33
     assert meta["splits"]["val"]["samples"] > 0 and len(meta["splits"]["train"]["shards"]) > 1
-    assert meta["encoder"]["id"] == "patch_projection-32px-p4-d48-s0" and meta["latents"]["std"] > 0
+    assert meta["encoder"]["id"] == "patch_dct-32px-p4-d48" and min(meta["latents"]["std"]) > 0
 
 
 def test_loader_yields_standardized_clips_of_the_recorded_shape(video_shards):
     source = ShardSource.open(video_shards.output, "train")
     batch = next(iter(ShardLoader(source, batch_size=4, seed=0, num_workers=0)))
     assert batch["frames"].shape == (4, 8, 48) and batch["frames"].dtype == torch.float32
-    everything = np.concatenate([np.stack(source.load(i)) for i in range(len(source.shards))]).astype(np.float32)
+    everything = np.concatenate([np.stack(source.load(i)) for i in range(len(source.shards))]).reshape(-1, 48)
+    everything = everything.astype(np.float64)
     stats = source.meta["latents"]
-    assert abs(everything.mean() - stats["mean"]) < 1e-3 and abs(everything.std() / stats["std"] - 1) < 1e-3
+    assert np.allclose(everything.mean(0), stats["mean"], atol=1e-3)
+    assert np.allclose(everything.std(0) / stats["std"], 1, atol=1e-3)
 
 
 def test_latents_are_the_encoding_of_the_sampled_frames(video_shards, videos):
@@ -180,8 +182,8 @@ def test_a_missing_vae_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_video_models_train_from_prepared_shards_and_ebt_beats_copying_the_last_frame(ray_local, tmp_path):
-    """recipes/video_tiny*.yaml end to end: 128 physics videos -> shards -> EBT and AR; after 600 steps the EBT's
-    next-frame MSE is below the copy-last-frame baseline's (0.066 vs 0.074 when measured), its loss fell."""
+    """recipes/video_tiny*.yaml end to end: 128 physics videos -> shards -> EBT and AR; after 800 steps the EBT's
+    next-frame MSE is below the copy-last-frame baseline's (0.275 vs 0.312 when measured; AR 0.2), its loss fell."""
     from ebwm_scale.config import load_config
     from ebwm_scale.pretrain import build_trainer
     from tests.conftest import CPU
@@ -192,8 +194,9 @@ def test_video_models_train_from_prepared_shards_and_ebt_beats_copying_the_last_
     encoder = FrameEncoderConfig(resolution=32, patch_size=4, latent_dim=48)
     run(VideoPrepConfig(inputs=[str(videos)], output=str(shards), clip_frames=8, frame_gap=0.25, encoder=encoder))
     results = {}
+    tracking = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     for recipe in ("video_tiny.yaml", "video_tiny_ar.yaml"):
-        overrides = [f"data.shards.url={shards}", f"train.output_dir={tmp_path}", "tracking.enabled=false"]
+        overrides = [f"data.shards.url={shards}", f"train.output_dir={tmp_path}", f"tracking.uri={tracking}"]
         recorder = Recorder()
         trainer = build_trainer(load_config(REPO / "recipes" / recipe, overrides), CPU, [recorder])
         trainer.fit()
@@ -202,3 +205,23 @@ def test_video_models_train_from_prepared_shards_and_ebt_beats_copying_the_last_
     assert last < 0.5 * first and final["mse"] < 0.95 * final["copy_last_mse"]
     first, last, final = results["video_tiny_ar.yaml"]
     assert last < 0.5 * first and final["mse"] < final["copy_last_mse"]
+
+    # The PNG grid of predictions, decoded by the shards' frame encoder, logged to the run's MLflow run.
+    png = tmp_path / "predictions.png"
+    render = [
+        sys.executable,
+        str(REPO / "tools" / "render_predictions.py"),
+        str(tmp_path / "video_tiny" / "checkpoints"),
+    ]
+    proc = subprocess.run([*render, str(png), "--latest", "--clips", "3", "--mlflow"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from PIL import Image
+
+    assert Image.open(png).size == (7 * 34 * 4, 6 * 34 * 4)  # 7 frames x (3 clips x true/predicted), 32 px + gap
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking)
+    run_id = proc.stdout.split("logged to MLflow run ")[1].split()[0]
+    assert [a.path for a in client.list_artifacts(run_id, "predictions")] == [
+        "predictions/predictions_step00000800.png"
+    ]

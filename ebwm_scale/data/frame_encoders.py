@@ -4,9 +4,10 @@ Every encoder maps (N, H, W, 3) uint8 frames at `resolution` x `resolution` to (
 `describe()` what rebuilds it (written to meta.json by the video prep job), and decodes latents back to frames for
 looking at predictions.
 
-- patch_projection (default, no download): per-channel mean of every patch, centred, times a fixed orthonormal
-  matrix drawn from `seed`. Decoding is the least-squares inverse (exact when latent_dim equals the patch count x 3),
-  shown at patch resolution.
+- patch_dct (default, no download): the per-channel mean of every patch, centred, then the `latent_dim`
+  lowest-frequency coefficients of its 2-D DCT (an orthonormal basis, lowest frequencies first, the 3 channels of
+  each frequency together). Decoding inverts it with the dropped coefficients at zero: a blurred frame at patch
+  resolution (exact when latent_dim is the patch count x 3).
 - sd_vae: the Stable Diffusion VAE the official EBT video code uses (diffusers AutoencoderKL; 4 x 28 x 28 latents at
   224 x 224), loaded only from a local directory (`vae_path`); nothing is downloaded.
 """
@@ -20,36 +21,43 @@ from typing import Any
 import numpy as np
 import torch
 
-ENCODERS = ("patch_projection", "sd_vae")
+ENCODERS = ("patch_dct", "sd_vae")
 
 
 @dataclass(kw_only=True)
 class FrameEncoderConfig:
-    kind: str = "patch_projection"
+    kind: str = "patch_dct"
     resolution: int = 64  # frames are resized (shorter side) and centre-cropped to this square
-    patch_size: int = 8  # patch_projection
-    latent_dim: int = 64  # patch_projection
-    seed: int = 0  # patch_projection: draws the projection
+    patch_size: int = 8  # patch_dct
+    latent_dim: int = 64  # patch_dct
     vae_path: str = ""  # sd_vae: a local directory holding a diffusers AutoencoderKL (config.json + weights)
     device: str = "cpu"  # where the encoder runs (not part of what it computes)
 
     def describe(self) -> dict[str, Any]:
         """What determines the latents (meta.json, the prep job's settings)."""
-        keep = {"patch_projection": ("resolution", "patch_size", "latent_dim", "seed"), "sd_vae": ("resolution",)}
+        keep = {"patch_dct": ("resolution", "patch_size", "latent_dim"), "sd_vae": ("resolution",)}
         described = {"kind": self.kind, **{k: v for k, v in asdict(self).items() if k in keep[self.kind]}}
         if self.kind == "sd_vae":
             described["vae"] = os.path.basename(os.path.normpath(self.vae_path))
         return described
 
-    def build(self) -> PatchProjection | SDVAE:
-        if self.kind == "patch_projection":
-            return PatchProjection(self)
+    def build(self) -> PatchDCT | SDVAE:
+        if self.kind == "patch_dct":
+            return PatchDCT(self)
         if self.kind == "sd_vae":
             return SDVAE(self)
         raise ValueError(f"frame encoder {self.kind!r} is not one of {', '.join(ENCODERS)}")
 
 
-class PatchProjection:
+def dct_basis(size: int) -> np.ndarray:
+    """(size, size) orthonormal DCT-II matrix: row k is frequency k."""
+    n = np.arange(size)
+    basis = np.sqrt(2 / size) * np.cos(np.pi * (n[None, :] + 0.5) * n[:, None] / size)
+    basis[0] /= np.sqrt(2)
+    return basis
+
+
+class PatchDCT:
     def __init__(self, cfg: FrameEncoderConfig):
         if cfg.resolution % cfg.patch_size:
             raise ValueError(f"patch size {cfg.patch_size} does not divide the resolution {cfg.resolution}")
@@ -58,10 +66,17 @@ class PatchProjection:
         features = self.grid * self.grid * 3
         if not 0 < cfg.latent_dim <= features:
             raise ValueError(f"latent_dim must lie in [1, {features}] (patches x channels), got {cfg.latent_dim}")
-        gaussian = np.random.default_rng(cfg.seed).standard_normal((features, cfg.latent_dim))
-        self.projection = np.linalg.qr(gaussian)[0].astype(np.float32)  # (features, dim), orthonormal columns
+        basis = dct_basis(self.grid)
+        frequencies = sorted(((u, v) for u in range(self.grid) for v in range(self.grid)), key=lambda f: (sum(f), f))
+        columns = []  # one basis image per kept coefficient, as a (grid, grid, 3) array flattened
+        for u, v in frequencies:
+            for channel in range(3):
+                image = np.zeros((self.grid, self.grid, 3))
+                image[:, :, channel] = np.outer(basis[u], basis[v])
+                columns.append(image.reshape(-1))
+        self.projection = np.stack(columns[: cfg.latent_dim], axis=1).astype(np.float32)  # (features, dim)
         self.dim = cfg.latent_dim
-        self.id = f"patch_projection-{cfg.resolution}px-p{cfg.patch_size}-d{cfg.latent_dim}-s{cfg.seed}"
+        self.id = f"patch_dct-{cfg.resolution}px-p{cfg.patch_size}-d{cfg.latent_dim}"
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         n, p = len(frames), self.cfg.patch_size
@@ -121,7 +136,7 @@ class SDVAE:
         return np.concatenate(out)
 
 
-def encoder_from_meta(described: dict[str, Any], vae_path: str = "") -> PatchProjection | SDVAE:
+def encoder_from_meta(described: dict[str, Any], vae_path: str = "") -> PatchDCT | SDVAE:
     """The encoder a dataset was made with, from meta.json's record (sd_vae needs the local VAE again)."""
     fields = {k: v for k, v in described.items() if k in FrameEncoderConfig.__dataclass_fields__}
     return FrameEncoderConfig(**fields, vae_path=vae_path).build()

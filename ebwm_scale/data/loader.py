@@ -66,11 +66,12 @@ class ShardSource:
 
     def to_model(self, stored: np.ndarray) -> tuple[str, np.ndarray]:
         """(batch key, model input) of stacked stored samples: int64 tokens, or float32 frame latents standardized
-        with the train split's statistics (meta.json)."""
+        per dimension with the train split's statistics (meta.json)."""
         if self.modality == "text":
             return "tokens", stored.astype(np.int64)
         stats = self.meta["latents"]
-        return "frames", (stored.astype(np.float32) - stats["mean"]) / stats["std"]
+        mean, std = np.asarray(stats["mean"], dtype=np.float32), np.asarray(stats["std"], dtype=np.float32)
+        return "frames", (stored.astype(np.float32) - mean) / std
 
     @property
     def shards(self) -> list[dict[str, Any]]:
