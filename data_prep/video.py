@@ -8,7 +8,8 @@ Inputs are fsspec URLs or globs of video files (anything PyAV decodes: mp4, webm
 images (png/jpg, one folder = one video, frames in name order at --image-fps). Each video gives clips of T frames
 taken every --frame-gap seconds (default 16 frames 0.25 s apart, as the official EBT video setup), one clip every
 --clip-stride seconds (default: back to back). Frames are resized (shorter side) and centre-cropped to the encoder's
-resolution and encoded by a frame encoder (ebwm_scale/data/frame_encoders.py) that every Ray actor loads once.
+resolution and encoded by a frame encoder (ebwm_scale/data/frame_encoders.py) that every Ray actor loads once, on
+a GPU per actor when the cluster has GPUs (--gpus-per-actor), else on a CPU core.
 
 As in the text job, videos are grouped into numbered chunks; each chunk's shards are written under temp names and
 renamed, then a marker; a re-run skips finished chunks and redoes the rest byte for byte. A video that fails to
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import PurePosixPath
 
 import fsspec
@@ -64,7 +65,7 @@ class VideoPrepConfig:
     num_cpus: int = 0  # local Ray: 0 = all cores
     ray_address: str = ""  # "": $RAY_ADDRESS if set, else Ray on this machine; "auto": a running cluster
     num_actors: int = 0  # encoder actors; 0 = one per CPU (or per GPU with --gpus-per-actor 1)
-    gpus_per_actor: float = 0.0  # > 0: actors run the encoder on a GPU
+    gpus_per_actor: float = -1.0  # > 0: actors run the encoder on GPUs; 0: on CPUs; -1: 1 if the cluster has GPUs
 
     def settings(self) -> dict:
         """What determines the output bytes: a re-run into the same directory must agree on all of it."""
@@ -228,13 +229,11 @@ def run(cfg: VideoPrepConfig) -> dict:
     init_ray(cfg.ray_address, cfg.num_cpus)
     started = time.perf_counter()
     resources = ray.cluster_resources()
-    slots = resources.get("GPU", 0) / cfg.gpus_per_actor if cfg.gpus_per_actor else resources.get("CPU", 1)
+    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else float(resources.get("GPU", 0) > 0)
+    slots = resources.get("GPU", 0) / gpus if gpus else resources.get("CPU", 1)
     num_actors = max(1, min(cfg.num_actors or int(slots), len(chunks)))
-    actor_cfg = cfg
-    if cfg.gpus_per_actor:
-        actor_cfg = VideoPrepConfig(**{**asdict(cfg), "encoder": FrameEncoderConfig(**asdict(cfg.encoder))})
-        actor_cfg.encoder.device = "cuda"
-    actor_class = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_actor)(ClipEncoder)
+    actor_cfg = replace(cfg, encoder=replace(cfg.encoder, device="cuda")) if gpus else cfg
+    actor_class = ray.remote(num_cpus=1, num_gpus=gpus)(ClipEncoder)
 
     def process(todo: list[int]):
         if not todo:
@@ -281,7 +280,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--num-cpus", type=int, default=d.num_cpus, help="local Ray only; 0 = all cores")
     parser.add_argument("--ray-address", default=d.ray_address, help="'auto' on a cluster started by `ray up`")
     parser.add_argument("--num-actors", type=int, default=d.num_actors)
-    parser.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor)
+    parser.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="-1: 1 if the cluster has GPUs")
     return parser
 
 

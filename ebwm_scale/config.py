@@ -82,16 +82,25 @@ def config_from_text(text: str, source: str) -> PretrainConfig:
     return cfg
 
 
+def _load_yaml(path: Path, what: str):
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return OmegaConf.load(path)
+    except Exception as error:  # yaml errors carry several lines; keep the first
+        raise ConfigError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
+
+
+def load_structured(schema: type, path: str | Path, what: str):
+    """A YAML file read into the dataclass `schema`: unknown keys and wrong types are one-line ConfigErrors."""
+    path = Path(path)
+    return OmegaConf.to_object(_merge(OmegaConf.structured(schema), _load_yaml(path, what), str(path)))
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
     """Load a recipe, apply `a.b=c` overrides, check everything; raises ConfigError with a one-line message."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}")
-    try:
-        recipe = OmegaConf.load(path)
-    except Exception as error:  # yaml errors carry several lines; keep the first
-        raise ConfigError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
-    merged = _merge(OmegaConf.structured(PretrainConfig), recipe, str(path))
+    merged = _merge(OmegaConf.structured(PretrainConfig), _load_yaml(path, "recipe"), str(path))
     for override in overrides:
         if "=" not in override or override.startswith("="):
             raise ConfigError(f"override {override!r} is not of the form key.sub=value (command line)")

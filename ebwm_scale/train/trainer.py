@@ -319,6 +319,13 @@ class Trainer:
                 if error
                 else (f"stopped by {self.stop_requested}" if self.stop_requested else "finished"),
                 "resumed_from": self.resumed_from,
+                "scale": {  # what scaling fits need (ebwm-fit), for the steps actually trained
+                    "kind": self.cfg.model.kind,
+                    "params": self.num_params,
+                    "data": self.step * self.tokens_per_step,  # tokens (text) or predicted frames (video)
+                    "unit": self.unit,
+                    "flops": self.flops_per_token * self.step * self.tokens_per_step,
+                },
                 "steps": self.step,
                 "skipped_steps": self.skipped_steps,
                 self.unit: self.step * self.tokens_per_step,

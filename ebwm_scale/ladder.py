@@ -1,0 +1,234 @@
+"""Scaling ladders: one base recipe x model sizes x data budgets x model kinds, run as ordinary training runs.
+
+    ebwm-ladder recipes/ladders/nlp_tiny_cpu.yaml --dry-run        # the grid, what is done, what is left
+    ebwm-ladder recipes/ladders/nlp_tiny_cpu.yaml                  # run what is left, one after another
+    ebwm-ladder recipes/ladders/nlp_tiny_cpu.yaml --only '*-s1-*'  # a subset (shell-style patterns on run names)
+    ebwm-ladder recipes/ladders/nlp_paper.yaml --emit-slurm ladder.sbatch [--sbatch-option=--gres=gpu:8 ...]
+    ebwm-ladder recipes/ladders/nlp_paper.yaml --ray [--cpus-per-run 2 --gpus-per-run 1]
+
+Every kind trains on the same data in the same order (the base recipe's data and seed) with the same tokenizer.
+Run names are stable: <ladder>-<kind>-<size>-<budget>. A run whose summary.json says it finished all its steps is
+skipped, and every run resumes from its newest checkpoint (train.resume=auto), so a killed ladder picks up where it
+stopped. All runs log to one MLflow experiment with the tags ladder, kind, size, params, tokens and flops, which
+`ebwm-fit` reads.
+
+Learning rate per size: lr = lr_base * (lr_ref_dim / dim) ** lr_width_power (default power 1: Adam's lr falling as
+1 / width, the muP rule for hidden matrices, applied to every parameter for simplicity); warmup is
+warmup_fraction of each run's steps. Steps = budget / (micro batch x seq_len x grad accumulation x data-parallel
+ranks), rounded up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ebwm_scale.config import ConfigError, PretrainConfig, load_config, load_structured
+
+ENTRY_POINT = Path(__file__).resolve().parent / "pretrain.py"
+
+
+@dataclass(kw_only=True)
+class LadderConfig:
+    name: str
+    base: str  # the recipe every run starts from, relative to the ladder file
+    kinds: list[str] = field(default_factory=lambda: ["ebt", "ar"])
+    sizes: dict[str, Any] = field(default_factory=dict)  # size name -> {model key: value}
+    budgets: list[int] = field(default_factory=list)  # tokens (text) or frames (video) each run trains on
+    lr_base: float = 1e-3
+    lr_ref_dim: int = 128
+    lr_width_power: float = 1.0
+    warmup_fraction: float = 0.1
+    data_parallel_ranks: int = 1  # ranks per run: budgets are divided into steps by the global batch
+    overrides: list[str] = field(default_factory=list)  # recipe overrides for every run
+    kind_overrides: dict[str, Any] = field(default_factory=dict)  # kind -> [overrides] for that kind's runs
+    output_dir: str = "runs/ladders"  # runs go to <output_dir>/<name>/<run>
+    experiment: str = ""  # MLflow experiment; default ladder-<name>
+
+
+@dataclass(frozen=True)
+class LadderRun:
+    name: str
+    kind: str
+    size: str
+    budget: int
+    overrides: tuple[str, ...]
+    output_dir: Path
+    max_steps: int
+
+    def is_finished(self) -> bool:
+        summary = self.output_dir / self.name / "summary.json"
+        try:
+            done = json.loads(summary.read_text())
+        except (FileNotFoundError, ValueError):
+            return False
+        return done.get("status") == "finished" and done.get("steps") == self.max_steps
+
+
+def budget_label(budget: int) -> str:
+    for unit, scale in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if budget >= scale:
+            return f"{budget / scale:g}{unit}"
+    return str(budget)
+
+
+def load_ladder(path: str | Path) -> tuple[LadderConfig, Path]:
+    path = Path(path)
+    ladder: LadderConfig = load_structured(LadderConfig, path, "ladder")
+    base = (path.parent / ladder.base).resolve()
+    problems = [
+        not ladder.sizes and "sizes is empty",
+        not ladder.budgets and "budgets is empty",
+        any(b <= 0 for b in ladder.budgets) and f"budgets={ladder.budgets} must be > 0",
+        any(k not in ("ebt", "ar") for k in ladder.kinds) and f"kinds={ladder.kinds} must be ebt and/or ar",
+        not 0 <= ladder.warmup_fraction < 1 and f"warmup_fraction={ladder.warmup_fraction} must lie in [0, 1)",
+        any(not isinstance(v, dict) for v in ladder.sizes.values()) and "sizes: each size is {model key: value}",
+    ]
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise ConfigError(f"{problem} ({path})")
+    return ladder, base
+
+
+def expand(ladder: LadderConfig, base: Path) -> list[LadderRun]:
+    """The concrete runs, each checked like a recipe (a bad size or override fails here, before anything runs)."""
+    plain = load_config(base, ladder.overrides)
+    runs = []
+    for kind in ladder.kinds:
+        for size, model in ladder.sizes.items():
+            for budget in ladder.budgets:
+                name = f"{ladder.name}-{kind}-{size}-{budget_label(budget)}"
+                overrides = [*ladder.overrides, *ladder.kind_overrides.get(kind, []), f"model.kind={kind}"]
+                overrides += [f"model.{key}={value}" for key, value in model.items()]
+                sized = load_config(base, overrides)
+                per_step = sized.data.micro_batch_size * sized.data.seq_len * sized.train.grad_accum_steps
+                steps = math.ceil(budget / (per_step * ladder.data_parallel_ranks))
+                lr = ladder.lr_base * (ladder.lr_ref_dim / sized.model.dim) ** ladder.lr_width_power
+                overrides += [
+                    f"train.max_steps={steps}",
+                    f"optim.lr={lr:.6g}",
+                    f"optim.warmup_steps={max(1, int(ladder.warmup_fraction * steps))}",
+                    f"train.run_name={name}",
+                    f"train.output_dir={Path(ladder.output_dir) / ladder.name}",
+                    "train.resume=auto",
+                    f"train.checkpoint_interval_steps={max(1, steps // 4)}",
+                    f"tracking.experiment={ladder.experiment or 'ladder-' + ladder.name}",
+                    f"tracking.tags.ladder={ladder.name}",
+                    f"tracking.tags.ladder_size={size}",
+                    f"tracking.tags.budget={budget}",
+                    f"data.seed={plain.data.seed}",  # the same data order for every kind and size
+                ]
+                cfg: PretrainConfig = load_config(base, overrides)
+                runs.append(LadderRun(name, kind, size, budget, tuple(overrides), Path(cfg.train.output_dir), steps))
+    return runs
+
+
+def run_command(base: Path, run: LadderRun) -> list[str]:
+    return [sys.executable, str(ENTRY_POINT), str(base), *run.overrides]
+
+
+def run_locally(base: Path, runs: list[LadderRun]) -> None:
+    todo = [r for r in runs if not r.is_finished()]
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; running {len(todo)}")
+    for index, run in enumerate(todo, 1):
+        print(f"[{index}/{len(todo)}] {run.name}: {run.max_steps} steps", flush=True)
+        proc = subprocess.run(run_command(base, run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{run.name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        summary = json.loads((run.output_dir / run.name / "summary.json").read_text())
+        print(
+            f"    eval loss {summary.get('eval_loss', float('nan')):.4f} in {summary['wall_time_s']:.0f} s", flush=True
+        )
+
+
+def run_with_ray(base: Path, runs: list[LadderRun], cpus: float, gpus: float, address: str) -> None:
+    import ray
+
+    ray.init(address=address or None, log_to_driver=False)
+
+    @ray.remote(num_cpus=cpus, num_gpus=gpus)
+    def train(command: list[str]) -> tuple[int, str]:
+        proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return proc.returncode, proc.stderr[-3000:]
+
+    todo = [r for r in runs if not r.is_finished()]
+    pending = {train.remote(run_command(base, run)): run for run in todo}
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} submitted to Ray")
+    failed = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        run = pending.pop(done[0])
+        code, stderr = ray.get(done[0])
+        print(f"{run.name}: {'done' if code == 0 else f'FAILED (exit {code})'}", flush=True)
+        if code:
+            failed.append(f"{run.name}:\n{stderr}")
+    if failed:
+        raise SystemExit("\n".join(failed))
+
+
+def slurm_script(ladder_path: Path, runs: list[LadderRun], sbatch_options: list[str]) -> str:
+    """An sbatch job array, one task per run (finished ones exit at once); each task calls `ebwm-ladder --index`."""
+    ladder = shlex.quote(str(ladder_path.resolve()))
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name=ladder-{runs[0].name.split('-')[0]}",
+        f"#SBATCH --array=0-{len(runs) - 1}",
+        "#SBATCH --output=ladder-%A_%a.out",
+        *(f"#SBATCH {option}" for option in sbatch_options),
+        "set -euo pipefail",
+        f'{shlex.quote(sys.executable)} -m ebwm_scale.ladder {ladder} --index "$SLURM_ARRAY_TASK_ID"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ebwm-ladder", description=__doc__.splitlines()[0])
+    parser.add_argument("ladder", help="a ladder YAML (recipes/ladders/)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
+    parser.add_argument("--only", nargs="+", default=[], help="run names matching any of these patterns")
+    parser.add_argument("--index", type=int, help="run only this run of the grid (a SLURM array task)")
+    parser.add_argument("--emit-slurm", metavar="FILE", help="write an sbatch job-array script instead of running")
+    parser.add_argument("--sbatch-option", action="append", default=[], help="extra #SBATCH line, e.g. --gres=gpu:8")
+    parser.add_argument("--ray", action="store_true", help="run as Ray tasks (local Ray or --ray-address)")
+    parser.add_argument("--ray-address", default="")
+    parser.add_argument("--cpus-per-run", type=float, default=1.0)
+    parser.add_argument("--gpus-per-run", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    try:
+        ladder, base = load_ladder(args.ladder)
+        runs = expand(ladder, base)
+    except ConfigError as error:
+        raise SystemExit(f"ConfigError: {error}") from None
+    if args.only:
+        runs = [r for r in runs if any(fnmatch.fnmatch(r.name, pattern) for pattern in args.only)]
+        if not runs:
+            raise SystemExit(f"no run matches {args.only}")
+    if args.index is not None:
+        if not 0 <= args.index < len(runs):
+            raise SystemExit(f"--index {args.index} is outside the {len(runs)} runs")
+        runs = [runs[args.index]]
+    if args.dry_run:
+        for index, run in enumerate(runs):
+            state = "done" if run.is_finished() else "todo"
+            print(f"{index:4d}  {state}  {run.name:40s} {run.max_steps:7d} steps  {budget_label(run.budget)}")
+        return
+    if args.emit_slurm:
+        Path(args.emit_slurm).write_text(slurm_script(Path(args.ladder), runs, args.sbatch_option))
+        print(f"wrote {args.emit_slurm}: sbatch {args.emit_slurm} runs {len(runs)} array tasks")
+        return
+    if args.ray:
+        run_with_ray(base, runs, args.cpus_per_run, args.gpus_per_run, args.ray_address)
+    else:
+        run_locally(base, runs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Ladders: grid expansion and names, one-line errors, and a real tiny ladder that is interrupted, resumed and fitted
+(from summary files and from MLflow)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ebwm_scale.config import ConfigError
+from ebwm_scale.ladder import expand, load_ladder, slurm_script
+from tests.conftest import REPO
+
+
+def test_grid_expands_to_stably_named_runs_with_the_lr_rule():
+    ladder, base = load_ladder(REPO / "recipes" / "ladders" / "nlp_tiny_cpu.yaml")
+    runs = expand(ladder, base)
+    assert len(runs) == 2 * 3 * 4 and len({r.name for r in runs}) == 24
+    assert runs[0].name == "nlp_tiny_cpu-ebt-s1-64k" and runs[-1].name == "nlp_tiny_cpu-ar-s3-512k"
+    by_name = {r.name: r for r in runs}
+    assert by_name["nlp_tiny_cpu-ar-s2-256k"].max_steps == 250  # 256k tokens / (16 x 64)
+    lr = {r.name: next(o for o in r.overrides if o.startswith("optim.lr=")) for r in runs}
+    assert lr["nlp_tiny_cpu-ebt-s1-64k"] == "optim.lr=0.00266667"  # 1e-3 x 128 / 48
+    seeds = {next(o for o in r.overrides if o.startswith("data.seed=")) for r in runs}
+    assert seeds == {"data.seed=0"}  # every kind and size sees the same data in the same order
+    for name in ("video_tiny_cpu", "nlp_paper", "video_paper"):
+        assert expand(*load_ladder(REPO / "recipes" / "ladders" / f"{name}.yaml"))
+
+
+def test_bad_ladders_are_one_line_errors(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        f"name: x\nbase: {REPO}/recipes/ci_tiny.yaml\nsizes: {{s: {{dim: 64}}}}\nbudgets: [1000]\nwidth: 3\n"
+    )
+    with pytest.raises(ConfigError, match="width"):
+        load_ladder(path)
+    path.write_text(f"name: x\nbase: {REPO}/recipes/ci_tiny.yaml\nsizes: {{s: {{dim: 63}}}}\nbudgets: [1000]\n")
+    with pytest.raises(ConfigError, match="model.num_heads=4 does not divide model.dim=63"):
+        expand(*load_ladder(path))
+
+
+def test_slurm_array_has_one_task_per_run(tmp_path):
+    ladder_path = REPO / "recipes" / "ladders" / "nlp_paper.yaml"
+    runs = expand(*load_ladder(ladder_path))
+    script = slurm_script(ladder_path, runs, ["--gres=gpu:8"])
+    assert f"#SBATCH --array=0-{len(runs) - 1}" in script and "#SBATCH --gres=gpu:8" in script
+    assert '--index "$SLURM_ARRAY_TASK_ID"' in script
+
+
+@pytest.mark.slow
+def test_a_ladder_resumes_where_it_stopped_and_is_fitted(tmp_path):
+    tracking = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    ladder = tmp_path / "tiny.yaml"
+    ladder.write_text(
+        f"name: tiny\nbase: {REPO}/recipes/ci_tiny.yaml\nkinds: [ebt, ar]\n"
+        "sizes:\n  s1: {dim: 32, num_layers: 1, num_heads: 2}\nbudgets: [2048, 4096]\n"
+        f"output_dir: {tmp_path}/runs\n"
+        f"overrides: [train.eval_interval_steps=0, train.eval_batches=1, tracking.uri='{tracking}']\n"
+    )
+    command = [sys.executable, "-m", "ebwm_scale.ladder", str(ladder)]
+    first = subprocess.run([*command, "--only", "*-ebt-*"], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    listing = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, timeout=120).stdout
+    assert [line.split()[1] for line in listing.splitlines()] == ["done", "done", "todo", "todo"]
+    rest = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    assert "2 of 4 runs already finished; running 2" in rest.stdout
+    summary = json.loads((tmp_path / "runs" / "tiny" / "tiny-ar-s1-4.096k" / "summary.json").read_text())
+    assert summary["scale"] == {**summary["scale"], "kind": "ar", "data": 4096, "unit": "tokens"}
+
+    for source in (["--runs-dir", f"{tmp_path}/runs/tiny"], ["--tracking-uri", tracking, "--mlflow"]):
+        out = tmp_path / f"fit{len(source)}"
+        fit = subprocess.run(
+            [sys.executable, "-m", "ebwm_scale.scaling", "--ladder", "tiny", "--out", str(out), *source],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert fit.returncode == 0, fit.stderr[-2000:]
+        result = json.loads((out / "summary.json").read_text())
+        assert len(result["runs"]) == 4 and {p["kind"] for p in result["runs"]} == {"ebt", "ar"}
+        assert "needs at least 6 runs" in result["kinds"]["ebt"]["not_fitted"]  # 2 runs a kind: no fit is made
+    assert "logged to MLflow run fit-tiny" in fit.stdout
