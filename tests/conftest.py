@@ -63,3 +63,22 @@ def text_shards(stdlib_jsonl, ray_local, tmp_path_factory):
     )
     run(cfg)
     return cfg
+
+
+def kill_prep_job_after(command: list[str], output: Path, markers: int) -> int:
+    """Start a prep job, SIGKILL it (driver and the Ray processes it started) once `markers` chunk markers exist in
+    `output`, and return how many chunks were finished by then."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker_dir = output / "_chunks"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(marker_dir.glob("*.json"))) < markers:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # a Ray worker in its own session may still finish (atomically) the chunk it was on
+    return len(list(marker_dir.glob("*.json")))

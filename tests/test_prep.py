@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from data_prep.common import list_inputs
 from data_prep.text import Chunk, Piece, TextPrepConfig, make_chunks, read_documents, run
 from ebwm_scale.data.shards import META_FILE, read_shard
 from ebwm_scale.data.text import is_validation_document
+from tests.conftest import kill_prep_job_after
 
 
 def _shard_samples(root: str, meta: dict, split: str) -> dict[int, list]:
@@ -120,20 +119,8 @@ def test_rerun_after_kill_gives_the_same_shards(stdlib_jsonl, tmp_path):
     num_chunks = len(list((tmp_path / "a" / "_chunks").glob("*.json")))
     assert num_chunks >= 6
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "data_prep.text", *args, "--output", str(tmp_path / "b")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    markers = tmp_path / "b" / "_chunks"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list(markers.glob("*.json"))) < 3:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-    proc.wait()
-    time.sleep(3)  # a Ray worker in its own session may still finish (atomically) the task it was running
-    done_before = len(list(markers.glob("*.json")))
+    command = [sys.executable, "-m", "data_prep.text", *args, "--output", str(tmp_path / "b")]
+    done_before = kill_prep_job_after(command, tmp_path / "b", markers=3)
     assert 3 <= done_before < num_chunks and not (tmp_path / "b" / META_FILE).exists()
 
     rerun = subprocess.run(

@@ -3,10 +3,8 @@ cluster, frame encoders (the offline one and the Stable Diffusion VAE code path)
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from data_prep.video import VideoPrepConfig, run, video_clips
 from ebwm_scale.data.frame_encoders import FrameEncoderConfig, encoder_from_meta
 from ebwm_scale.data.loader import ShardLoader, ShardSource
 from ebwm_scale.data.shards import META_FILE, VIDEO_FORMAT
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_prep_job_after
 
 CLIP = {"clip_frames": 8, "frame_gap": 0.125, "image_fps": 16}  # 1 s clips of 8 frames from 16 fps videos
 
@@ -119,17 +117,7 @@ def test_rerun_after_kill_gives_the_same_shards(videos, tmp_path):
     num_chunks = len(list((tmp_path / "a" / "_chunks").glob("*.json")))
     assert num_chunks == 13
 
-    proc = subprocess.Popen(
-        [*command, str(tmp_path / "b")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    markers = tmp_path / "b" / "_chunks"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list(markers.glob("*.json"))) < 3:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-    proc.wait()
-    time.sleep(3)  # a Ray worker in its own session may still finish (atomically) the chunk it was on
-    done_before = len(list(markers.glob("*.json")))
+    done_before = kill_prep_job_after([*command, str(tmp_path / "b")], tmp_path / "b", markers=3)
     assert 3 <= done_before < num_chunks and not (tmp_path / "b" / META_FILE).exists()
 
     rerun = subprocess.run([*command, str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
