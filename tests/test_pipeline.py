@@ -155,29 +155,15 @@ def test_pipeline_composes_on_four_ranks(tmp_path, tp_size):
 
 
 def _check_resume_and_export(rank, size, output_dir):
-    from ebwm_scale.train.export import export_checkpoint, load_exported
-    from tests.test_zero import _run
+    from tests.test_zero import check_resume_and_export
 
-    noisy = [
-        "data.micro_batch_size=4",
+    check_resume_and_export(
+        _pp_dist(rank, size),
+        output_dir,
         "parallel.pipeline_parallel=2",
         "parallel.pipeline_microbatches=2",
         "mcmc.init_scale=1",
-        "mcmc.langevin_noise_std=0.05",
-        "mcmc.max_num_steps=3",
-        "train.max_steps=6",
-        "train.checkpoint_interval_steps=2",
-    ]
-    dist_info = _pp_dist(rank, size)
-    straight, params = _run("ci_tiny.yaml", dist_info, f"{output_dir}/a", *noisy)
-    checkpoint = f"{output_dir}/a/ci_tiny/checkpoints/step_00000004"
-    resumed, _ = _run("ci_tiny.yaml", dist_info, f"{output_dir}/b", *noisy, f"train.resume={checkpoint}")
-    assert resumed == straight[4:]  # bit for bit, with noise and random step counts
-    if rank == 0:  # the checkpoint holds the whole model: it exports and loads on one process
-        export_checkpoint(f"{output_dir}/a/ci_tiny/checkpoints/step_00000006", f"{output_dir}/export")
-        _, single = load_exported(f"{output_dir}/export")
-        assert single.state_dict().keys() == params.keys()
-        assert all(torch.equal(single.state_dict()[k], v) for k, v in params.items())
+    )
 
 
 @pytest.mark.slow

@@ -155,26 +155,9 @@ START_FROM_EXPORT = ["data.micro_batch_size=4", "train.max_steps=3"]
 
 
 def _check_resume_and_export(rank, size, output_dir):
-    from ebwm_scale.train.export import export_checkpoint, load_exported
-    from tests.test_zero import _run
+    from tests.test_zero import check_resume_and_export
 
-    noisy = [
-        "data.micro_batch_size=4",
-        "parallel.tensor_parallel=2",
-        "mcmc.langevin_noise_std=0.05",
-        "mcmc.max_num_steps=3",
-        "train.max_steps=6",
-        "train.checkpoint_interval_steps=2",
-    ]
-    dist_info = _tp_dist(rank, size)
-    straight, params = _run("ci_tiny.yaml", dist_info, f"{output_dir}/a", *noisy)
-    checkpoint = f"{output_dir}/a/ci_tiny/checkpoints/step_00000004"
-    resumed, _ = _run("ci_tiny.yaml", dist_info, f"{output_dir}/b", *noisy, f"train.resume={checkpoint}")
-    assert resumed == straight[4:]  # bit for bit under TP=2
-    if rank == 0:  # the checkpoint holds unsharded weights: it exports and loads without tensor parallelism
-        export_checkpoint(f"{output_dir}/a/ci_tiny/checkpoints/step_00000006", f"{output_dir}/export")
-        _, single = load_exported(f"{output_dir}/export")
-        assert all(torch.equal(single.state_dict()[k], v) for k, v in params.items())
+    check_resume_and_export(_tp_dist(rank, size), output_dir, "parallel.tensor_parallel=2")
 
 
 def _check_start_from_export(rank, size, output_dir, expected):

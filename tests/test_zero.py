@@ -33,6 +33,30 @@ def _run(recipe, dist, output_dir, *overrides):
     return losses, {k: v.detach().float().clone() for k, v in trainer.engine.model_state_dict().items()}
 
 
+def check_resume_and_export(dist_info, output_dir, *parallel) -> None:
+    """Under the `parallel` overrides: a run resumed from its step-4 checkpoint repeats the straight run's losses
+    bit for bit (Langevin noise and random step counts on), and the final checkpoint exports to the whole model."""
+    from ebwm_scale.train.export import export_checkpoint, load_exported
+
+    noisy = [
+        "data.micro_batch_size=4",
+        *parallel,
+        "mcmc.langevin_noise_std=0.05",
+        "mcmc.max_num_steps=3",
+        "train.max_steps=6",
+        "train.checkpoint_interval_steps=2",
+    ]
+    straight, params = _run("ci_tiny.yaml", dist_info, f"{output_dir}/a", *noisy)
+    checkpoint = f"{output_dir}/a/ci_tiny/checkpoints/step_00000004"
+    resumed, _ = _run("ci_tiny.yaml", dist_info, f"{output_dir}/b", *noisy, f"train.resume={checkpoint}")
+    assert resumed == straight[4:]
+    if dist_info.rank == 0:  # checkpoints hold the whole, unsharded model: it exports and loads on one process
+        export_checkpoint(f"{output_dir}/a/ci_tiny/checkpoints/step_00000006", f"{output_dir}/export")
+        _, single = load_exported(f"{output_dir}/export")
+        assert single.state_dict().keys() == params.keys()
+        assert all(torch.equal(single.state_dict()[k], v) for k, v in params.items())
+
+
 def _mode(mode: str) -> tuple[str, str]:
     """'ddp' | 'fsdp' | 'zeroN' -> (parallel.data_parallel, parallel.zero_stage)."""
     return ("zero", mode.removeprefix("zero")) if mode.startswith("zero") else (mode, "1")
