@@ -217,6 +217,7 @@ Fits = dict[str, tuple[SurfaceFit, list[SurfaceFit]]]  # kind -> (fit, bootstrap
 
 def analyse(points: list[Point], samples: int = 200, seed: int = 0) -> tuple[dict, Fits]:
     """(what summary.json holds, the fits); kinds that cannot be fitted carry the reason instead of a fit."""
+    points = sorted(points, key=lambda p: p.run)  # the same resamples whichever source listed the runs
     result: dict = {"runs": [asdict(p) for p in points], "kinds": {}}
     fits: Fits = {}
     for kind in sorted({p.kind for p in points}):
