@@ -83,19 +83,26 @@ def test_refine_runs_under_no_grad_and_returns_detached_state():
     assert len(result.energies) == 3 and not result.pred.requires_grad
 
 
-def test_more_inference_steps_than_training_lower_the_energy():
-    """Train a tiny frames EBT briefly (2 MCMC steps), then think longer: energy keeps going down."""
+def trained_frames_objective():
+    """A tiny frames EBT trained briefly (40 steps, 2 MCMC steps) on smooth trajectories, whose next frame is
+    predictable from the context; and its last batch."""
     objective = _frames_objective(alpha_init=2.0)
     optimizer = OptimConfig(lr=3e-3, warmup_steps=1).build(objective, alpha_lr_multiplier=10.0)
     set_lr(optimizer, 3e-3)
     torch.manual_seed(0)
     t = torch.arange(7.0)
-    for _ in range(40):  # smooth trajectories: the next frame is predictable from the context
+    for _ in range(40):
         phase = torch.rand(8, 1, 1) * 6
         frames = torch.sin(t[None, :, None] * 0.5 + phase + torch.arange(8.0)[None, None, :])
         objective({"frames": frames}).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    return objective, frames
+
+
+def test_more_inference_steps_than_training_lower_the_energy():
+    """Train a tiny frames EBT briefly (2 MCMC steps), then think longer: energy keeps going down."""
+    objective, frames = trained_frames_objective()
     ctx = frames[:, :-1]
     energy_fn = lambda p, s: objective.model(ctx, p, s)  # noqa: E731
     init = torch.randn(8, 6, 8)

@@ -19,22 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load as load_safetensors
 
-from ebwm_scale.config import config_from_text
 from ebwm_scale.data.frame_encoders import encoder_from_meta
 from ebwm_scale.data.loader import ShardSamples, ShardSource
-from ebwm_scale.objective import EBTObjective, build_objective, split_batch
-from ebwm_scale.train.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_FILE, Checkpointer, torch_from_bytes
-
-
-def load_run(checkpoint: str):
-    """(config, objective with the checkpoint's weights, trainer state) of a checkpoint directory."""
-    reader = Checkpointer(checkpoint, keep_last=1)
-    cfg = config_from_text(reader.read_verified(checkpoint, CONFIG_FILE).decode(), checkpoint)
-    objective = build_objective(cfg.model.build(), cfg.mcmc.build())
-    objective.load_state_dict(load_safetensors(reader.read_verified(checkpoint, MODEL_FILE)))
-    return cfg, objective.eval(), torch_from_bytes(reader.read_verified(checkpoint, TRAINER_FILE))
+from ebwm_scale.objective import EBTObjective, split_batch
+from ebwm_scale.train.checkpoint import Checkpointer
+from ebwm_scale.train.export import load_checkpoint
 
 
 def predicted_frames(objective, frames: torch.Tensor, num_steps: int | None) -> torch.Tensor:
@@ -77,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = Checkpointer(args.checkpoint, keep_last=1).latest()
         if checkpoint is None:
             sys.exit(f"no complete checkpoint in {args.checkpoint}")
-    cfg, objective, trainer_state = load_run(checkpoint)
+    cfg, objective, trainer_state = load_checkpoint(checkpoint)
+    objective.eval()
     if cfg.model.modality != "frames":
         sys.exit(f"{checkpoint} is a {cfg.model.modality} model; this tool renders frame predictions")
     source = ShardSource.open(args.shards or cfg.data.shards.url, "val")

@@ -78,15 +78,16 @@ def prediction_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor
 ) -> torch.Tensor:
     """The EBT's prediction rows without the 2S x 2S matrix: prediction i attends to real keys 0..i and to its own
-    key only. q, k, v: (B, nh, S, hd) of the predictions; k_ctx, v_ctx: (B, nh, S, hd) of the real tokens.
+    key only. q, k, v: (B, nh, S, hd) of the predictions; k_ctx, v_ctx: (B, nh, T, hd) of the real tokens, where the
+    predictions are the last S of T positions (T > S when generating with a cache of earlier tokens).
     Explicit math, so it supports double backward."""
-    seq_len, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
-    scores_ctx = (q @ k_ctx.transpose(-2, -1)) * scale  # (B, nh, S, S)
+    rows, keys, scale = q.shape[-2], k_ctx.shape[-2], 1.0 / math.sqrt(q.shape[-1])
+    causal = torch.ones(rows, keys, dtype=torch.bool, device=q.device).tril(keys - rows)
+    scores_ctx = (q @ k_ctx.transpose(-2, -1)) * scale  # (B, nh, S, T)
     scores_ctx = scores_ctx.masked_fill(~causal, float("-inf"))
     score_self = (q * k).sum(-1, keepdim=True) * scale  # (B, nh, S, 1): the diagonal of the prediction block
-    probs = F.softmax(at_least_fp32(torch.cat((scores_ctx, score_self), dim=-1)), dim=-1).type_as(q)  # (B,nh,S,S+1)
-    return probs[..., :seq_len] @ v_ctx + probs[..., seq_len:] * v  # (B, nh, S, hd)
+    probs = F.softmax(at_least_fp32(torch.cat((scores_ctx, score_self), dim=-1)), dim=-1).type_as(q)  # (B,nh,S,T+1)
+    return probs[..., :keys] @ v_ctx + probs[..., keys:] * v  # (B, nh, S, hd)
 
 
 class Attention(nn.Module):
@@ -108,10 +109,15 @@ class Attention(nn.Module):
         batch, _, length, _ = out.shape
         return self.wo(out.transpose(1, 2).reshape(batch, length, -1))  # (B, nh, L, hd) -> (B, L, D)
 
-    def forward(self, x, cos, sin, mask=None, kv_ctx=None, return_kv: bool = False):
+    def forward(self, x, cos, sin, mask=None, kv_ctx=None, return_kv: bool = False, past_kv=None):
         """Self-attention over x (mask None: causal), or, given kv_ctx = (k, v) of the real tokens, the EBT
-        prediction rows attending to them (see prediction_attention). return_kv: also return this layer's (k, v)."""
+        prediction rows attending to them (see prediction_attention). past_kv: (k, v) of earlier positions that x
+        continues (generation with a cache). return_kv: also return this layer's (k, v), past included."""
         q, k, v = self.project(x, cos, sin)
+        if past_kv is not None:
+            k, v = torch.cat((past_kv[0], k), dim=-2), torch.cat((past_kv[1], v), dim=-2)
+            rows, keys = q.shape[-2], k.shape[-2]
+            mask = torch.ones(rows, keys, dtype=torch.bool, device=q.device).tril(keys - rows)
         if kv_ctx is None:
             out = self.merge_heads(attention(q, k, v, mask, self.impl))
         else:
@@ -138,8 +144,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.dim, cfg.resolved_ffn_hidden_dim)
 
-    def forward(self, x, cos, sin, mask=None, kv_ctx=None, return_kv: bool = False):
-        attended = self.attention(self.attention_norm(x), cos, sin, mask, kv_ctx, return_kv)
+    def forward(self, x, cos, sin, mask=None, kv_ctx=None, return_kv: bool = False, past_kv=None):
+        attended = self.attention(self.attention_norm(x), cos, sin, mask, kv_ctx, return_kv, past_kv)
         if return_kv:
             attended, kv = attended
         x = x + attended

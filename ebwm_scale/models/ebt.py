@@ -95,19 +95,24 @@ class EBT(nn.Module):
             candidate = candidate + self.step_embeddings.weight[index]
         return candidate
 
-    def context_layers(self, h: torch.Tensor, layers: range) -> tuple[torch.Tensor, list]:
-        """The real-token stream through `layers`: its output and each layer's keys/values."""
-        cos, sin = self.transformer.rope(torch.arange(h.shape[1], device=h.device))
+    def context_layers(self, h: torch.Tensor, layers: range, past: list | None = None) -> tuple[torch.Tensor, list]:
+        """The real-token stream through `layers`: its output and each layer's keys/values. `past`: the keys/values
+        of the tokens before h (generation with a cache); h then continues at their length."""
+        start = 0 if past is None else past[0][0].shape[-2]
+        cos, sin = self.transformer.rope(torch.arange(start, start + h.shape[1], device=h.device))
         kv = []
-        for index in layers:  # whole-layer calls, so wrappers (sharding, checkpointing) apply
-            h, layer_kv = self.transformer.layers[index](h, cos, sin, return_kv=True)  # 2 x (B, nh, S, hd)
-            kv.append(layer_kv)
+        for position, index in enumerate(layers):  # whole-layer calls, so wrappers (sharding, checkpointing) apply
+            layer_past = None if past is None else past[position]
+            h, layer_kv = self.transformer.layers[index](h, cos, sin, return_kv=True, past_kv=layer_past)
+            kv.append(layer_kv)  # 2 x (B, nh, start + S, hd)
         return h, kv
 
     def prediction_layers(self, h: torch.Tensor, kv: list, layers: range) -> torch.Tensor:
         """Only the S prediction rows of the 2S sequence through `layers`, attending to the real keys/values `kv`
-        (one pair per layer in `layers`)."""
-        cos, sin = self.transformer.rope(torch.arange(1, h.shape[1] + 1, device=h.device))  # prediction i at i+1
+        (one pair per layer in `layers`). With T > S real keys the rows are the last S positions (generation)."""
+        start = kv[0][0].shape[-2] - h.shape[1]
+        positions = torch.arange(start + 1, start + h.shape[1] + 1, device=h.device)  # prediction i sits at i + 1
+        cos, sin = self.transformer.rope(positions)
         for index, kv_ctx in zip(layers, kv, strict=True):
             h = self.transformer.layers[index](h, cos, sin, kv_ctx=kv_ctx)  # (B, S, D)
         return h

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from typing import Any
 
 import fsspec
 import torch
@@ -19,7 +20,14 @@ from torch import nn
 from ebwm_scale.config import ConfigError, PretrainConfig, config_from_text
 from ebwm_scale.models.config import ModelConfig
 from ebwm_scale.objective import build_objective
-from ebwm_scale.train.checkpoint import CONFIG_FILE, MODEL_FILE, Checkpointer, CheckpointError
+from ebwm_scale.train.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    TRAINER_FILE,
+    Checkpointer,
+    CheckpointError,
+    torch_from_bytes,
+)
 
 EXPORT_CONFIG = "config.json"
 
@@ -65,3 +73,27 @@ def load_exported(url: str, device: str | torch.device = "cpu") -> tuple[Pretrai
     objective = build_objective(cfg.model.build(), cfg.mcmc.build())
     objective.load_state_dict(weights)
     return cfg, objective.to(device)
+
+
+def load_checkpoint(url: str) -> tuple[PretrainConfig, nn.Module, dict[str, Any]]:
+    """(config, objective with the weights, trainer state) of a verified training checkpoint."""
+    reader = Checkpointer(url, keep_last=1)
+    cfg = config_from_text(reader.read_verified(url, CONFIG_FILE).decode(), url)
+    objective = build_objective(cfg.model.build(), cfg.mcmc.build())
+    objective.load_state_dict(load_safetensors(reader.read_verified(url, MODEL_FILE)))
+    return cfg, objective, torch_from_bytes(reader.read_verified(url, TRAINER_FILE))
+
+
+def load_model(url: str, latest: bool = False) -> tuple[PretrainConfig, nn.Module]:
+    """(config, objective) from an export directory, a checkpoint, or (latest) the newest checkpoint of a
+    checkpoint_dir."""
+    if latest:
+        newest = Checkpointer(url, keep_last=1).latest()
+        if newest is None:
+            raise CheckpointError(f"no complete checkpoint in {url}")
+        url = newest
+    fs, root = fsspec.core.url_to_fs(url)
+    if fs.exists(f"{root}/{EXPORT_CONFIG}"):
+        return load_exported(url)
+    cfg, objective, _ = load_checkpoint(url)
+    return cfg, objective

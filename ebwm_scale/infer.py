@@ -1,0 +1,194 @@
+"""System-2 inference: an EBT refines each prediction by gradient descent on its energy, as long as that helps.
+
+Thinking options (ThinkConfig): more MCMC steps than training used; best-of-N chains from different start noise,
+keeping per position the chain with the lowest final energy; Langevin noise; and an adaptive early exit, where a
+position stops once a step improves its energy by less than `early_exit_eps`. Every prediction comes with its final
+energy (lower = the model finds it more plausible), the spread of the final energies across chains (an uncertainty
+score) and the number of steps it used.
+
+Generation appends one element at a time (a token, or a predicted frame for video rollouts). The real tokens' keys
+and values are cached per layer, so each new token costs one position of the context stream instead of the whole
+sequence again; `use_cache=False` recomputes everything (the reference the cache is tested against).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ebwm_scale.models import EBT
+
+
+@dataclass(kw_only=True)
+class ThinkConfig:
+    num_steps: int = 0  # MCMC steps; 0: as many as training used
+    best_of: int = 1  # chains per prediction, from different start noise
+    langevin_noise_std: float = 0.0
+    early_exit_eps: float = 0.0  # > 0: a position stops when a step lowers its energy by less than this
+
+
+@dataclass
+class Thought:
+    pred: torch.Tensor  # (B, S, state) the chosen chain's final state (text: logits)
+    energy: torch.Tensor  # (B, S) its final energy
+    energy_spread: torch.Tensor  # (B, S) std of the final energies over the chains (0 with one chain)
+    steps_used: torch.Tensor  # (B, S) gradient steps the chosen chain took at each position
+
+
+def think(energy_fn, init: torch.Tensor, alpha: torch.Tensor, num_steps: int, cfg: ThinkConfig) -> Thought:
+    """Refine `init` ((chains x B, S, state), chains stacked along dim 0) by gradient descent on
+    energy_fn(pred, step) -> (chains x B, S); returns the best chain per position."""
+    pred = init
+    active = torch.ones(pred.shape[:-1], dtype=torch.bool, device=pred.device)
+    steps_used = torch.zeros(pred.shape[:-1], device=pred.device)
+    previous = None
+    for step in range(num_steps):
+        with torch.enable_grad():
+            x = pred.detach()
+            if cfg.langevin_noise_std > 0:
+                x = x + cfg.langevin_noise_std * torch.randn_like(x) * active[..., None]
+            x.requires_grad_(True)
+            energy = energy_fn(x, step)
+            (grad,) = torch.autograd.grad(energy.sum(), x)
+        energy = energy.detach()
+        if previous is not None and cfg.early_exit_eps > 0:
+            active &= previous - energy >= cfg.early_exit_eps
+        if not active.any():
+            break
+        pred = torch.where(active[..., None], x.detach() - alpha * grad, pred)
+        steps_used += active
+        previous = energy
+    with torch.no_grad():
+        final = energy_fn(pred, num_steps)  # (chains x B, S)
+    chains = cfg.best_of
+    final, pred = final.view(chains, -1, *final.shape[1:]), pred.view(chains, -1, *pred.shape[1:])
+    best = final.argmin(dim=0)  # (B, S)
+    pick = best[None, ..., None].expand(1, *best.shape, pred.shape[-1])
+    return Thought(
+        pred=pred.gather(0, pick)[0],
+        energy=final.gather(0, best[None])[0],
+        energy_spread=final.std(dim=0, unbiased=False),
+        steps_used=steps_used.view(chains, *best.shape).gather(0, best[None])[0],
+    )
+
+
+class Generator:
+    """Next-element prediction and generation with a trained EBT objective (text or frames)."""
+
+    def __init__(self, objective, cfg: ThinkConfig):
+        if not isinstance(objective.model, EBT):
+            raise ValueError("System-2 thinking needs an EBT; an AR model's prediction has no energy to refine")
+        self.objective, self.model, self.cfg = objective.eval(), objective.model, cfg
+        self.layers = range(self.model.cfg.num_layers)
+        self.num_steps = cfg.num_steps or objective.mcmc.cfg.num_steps
+        self.alpha = objective.mcmc.step_size().detach()
+
+    @torch.no_grad()
+    def encode(self, context: torch.Tensor, past: list | None = None) -> list:
+        """Per-layer keys/values of the real elements `context`, continuing `past` if given."""
+        return self.model.context_layers(self.model.embed_context(context), self.layers, past)[1]
+
+    def predict_next(self, kv: list) -> Thought:
+        """The element after the last real one, refined from start noise (best_of chains)."""
+        chains = self.cfg.best_of
+        repeated = [(k.repeat(chains, 1, 1, 1), v.repeat(chains, 1, 1, 1)) for k, v in kv]
+
+        def energy_fn(pred: torch.Tensor, step: int) -> torch.Tensor:
+            candidate = self.model.embed_candidate(pred, step)
+            return self.model.readout(self.model.prediction_layers(candidate, repeated, self.layers))
+
+        batch = kv[0][0].shape[0]
+        init = self.objective.init_state(torch.empty(chains * batch, 1, device=kv[0][0].device))
+        return think(energy_fn, init, self.alpha, self.num_steps, self.cfg)
+
+    def generate(
+        self, context: torch.Tensor, num_new: int, temperature: float = 0.0, use_cache: bool = True
+    ) -> tuple[torch.Tensor, list[Thought]]:
+        """`context` (B, T) tokens or (B, T, F) frames, extended by `num_new` predictions. Text: greedy
+        (temperature 0) or sampled from softmax(logits / temperature); frames: the refined state itself."""
+        kv = self.encode(context)
+        thoughts = []
+        for _ in range(num_new):
+            thought = self.predict_next(kv)
+            thoughts.append(thought)
+            if self.model.cfg.modality == "text":
+                logits = thought.pred[:, -1].float()
+                if temperature > 0:
+                    new = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)  # (B, 1)
+                else:
+                    new = logits.argmax(dim=-1, keepdim=True)
+            else:
+                new = thought.pred[:, -1:].to(context.dtype)  # (B, 1, F)
+            context = torch.cat((context, new), dim=1)
+            kv = self.encode(new, kv) if use_cache else self.encode(context)
+        return context, thoughts
+
+
+def text_tokenizer(cfg, tokenizer_path: str = ""):
+    """(encode, decode) for a text model: bytes for the stdlib corpus, else the shards' sentencepiece model."""
+    if cfg.data.source == "stdlib_docs" and not tokenizer_path:
+        from ebwm_scale.data.text import ByteTokenizer
+
+        tokenizer = ByteTokenizer()
+        return (lambda text: tokenizer.encode(text).astype("int64")), tokenizer.decode
+    import fsspec
+    import sentencepiece as spm
+
+    path = tokenizer_path or f"{cfg.data.shards.url.rstrip('/')}/tokenizer.model"
+    with fsspec.open(path, "rb") as f:
+        processor = spm.SentencePieceProcessor(model_proto=f.read())
+    return (lambda text: processor.encode(text)), (lambda ids: processor.decode([int(i) for i in ids]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import time
+
+    from ebwm_scale.train.checkpoint import CheckpointError
+    from ebwm_scale.train.export import load_model
+
+    parser = argparse.ArgumentParser(prog="ebwm-generate", description="Generate text with a trained EBT, thinking")
+    parser.add_argument("model", help="an export directory, a checkpoint, or with --latest a checkpoint_dir")
+    parser.add_argument("--latest", action="store_true")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--num-tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=0, help="MCMC steps per token (0: as trained)")
+    parser.add_argument("--best-of", type=int, default=1)
+    parser.add_argument("--langevin", type=float, default=0.0, help="Langevin noise std at inference")
+    parser.add_argument("--early-exit", type=float, default=0.0, help="stop a token once its energy gains < this")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the context for every token")
+    parser.add_argument("--tokenizer", default="", help="a sentencepiece .model (default: the run's shards)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        cfg, objective = load_model(args.model, args.latest)
+    except CheckpointError as error:
+        raise SystemExit(f"CheckpointError: {error}") from None
+    if cfg.model.modality != "text":
+        raise SystemExit("ebwm-generate writes text; for frame models use tools/render_predictions.py")
+    think_cfg = ThinkConfig(
+        num_steps=args.steps, best_of=args.best_of, langevin_noise_std=args.langevin, early_exit_eps=args.early_exit
+    )
+    generator = Generator(objective, think_cfg)
+    encode, decode = text_tokenizer(cfg, args.tokenizer)
+    prompt = torch.as_tensor(encode(args.prompt), dtype=torch.long)[None]
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    tokens, thoughts = generator.generate(prompt, args.num_tokens, args.temperature, use_cache=not args.no_cache)
+    seconds = time.perf_counter() - start
+    energies = torch.cat([t.energy[:, -1] for t in thoughts])
+    spreads = torch.cat([t.energy_spread[:, -1] for t in thoughts])
+    steps = torch.cat([t.steps_used[:, -1] for t in thoughts])
+    print(decode(tokens[0].tolist()))
+    print(
+        f"\n{args.num_tokens} tokens in {seconds:.2f} s ({args.num_tokens / seconds:.1f} tokens/s, "
+        f"{'no cache' if args.no_cache else 'KV cache'}); {generator.num_steps} steps max, "
+        f"{steps.mean():.2f} used on average; energy {energies.mean():.3f} "
+        f"(min {energies.min():.3f}, max {energies.max():.3f}); spread over {args.best_of} chains {spreads.mean():.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""System-2 inference: thinking longer, best-of-N, early exit, uncertainty, and generation with a KV cache."""
+
+import pytest
+import torch
+
+from ebwm_scale.infer import Generator, ThinkConfig, think
+from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.objective import build_objective
+from tests.conftest import tiny_model_config
+from tests.test_mcmc import trained_frames_objective
+
+
+def _text_objective():
+    torch.manual_seed(0)
+    return build_objective(tiny_model_config("ebt", "text", num_layers=2).build(), MCMCConfig(alpha_init=5.0).build())
+
+
+def quadratic(target: torch.Tensor):
+    """E = |pred - target|^2 per position: the minimum and every chain's final energy are known."""
+    return lambda pred, step: ((pred - target) ** 2).sum(-1)
+
+
+def test_best_of_n_keeps_the_lowest_energy_chain_per_position():
+    target = torch.zeros(1, 3, 2)
+    init = torch.tensor([[[3.0, 0], [0, 1], [2, 2]], [[1.0, 0], [0, 4], [1, 1]]])  # 2 chains x (1, 3, 2)
+    thought = think(quadratic(target), init, torch.tensor(0.25), 1, ThinkConfig(best_of=2))
+    finals = ((init * 0.5) ** 2).sum(-1)  # one step of size 0.25 on |x|^2 halves x
+    assert torch.equal(thought.energy[0], finals.min(dim=0).values)
+    assert torch.equal(thought.pred[0], (init * 0.5)[finals.argmin(dim=0), torch.arange(3)])
+    assert torch.allclose(thought.energy_spread[0], finals.std(dim=0, unbiased=False))
+
+
+def test_early_exit_stops_positions_that_stop_improving_and_counts_their_steps():
+    target = torch.zeros(1, 2, 1)
+    init = torch.tensor([[[8.0], [0.01]]])  # far from the minimum, and almost at it
+    full = think(quadratic(target), init, torch.tensor(0.1), 10, ThinkConfig())
+    early = think(quadratic(target), init, torch.tensor(0.1), 10, ThinkConfig(early_exit_eps=1e-3))
+    assert full.steps_used.tolist() == [[10, 10]]
+    assert early.steps_used[0, 0] == 10 and 1 <= early.steps_used[0, 1] < 10  # never more than the maximum
+    assert early.energy[0, 1] < 1e-3
+
+
+def test_thinking_longer_never_raises_the_mean_energy_of_a_trained_model():
+    objective, frames = trained_frames_objective()
+    generator = Generator(objective, ThinkConfig())
+    kv = generator.encode(frames[:, :-1])
+    energies = []
+    for num_steps in (1, 2, 4, 8):
+        generator.num_steps = num_steps
+        torch.manual_seed(1)
+        energies.append(generator.predict_next(kv).energy.mean().item())
+    assert energies == sorted(energies, reverse=True), energies
+
+
+def test_the_cached_prediction_is_the_full_models_energy_at_the_last_position():
+    objective = _text_objective()
+    generator = Generator(objective, ThinkConfig(num_steps=1))
+    tokens = torch.randint(0, 32, (2, 6))
+    pred = torch.randn(2, 6, 32)
+    full = objective.model(tokens, pred)[:, -1]
+    kv = generator.encode(tokens[:, :3])
+    kv = generator.encode(tokens[:, 3:], kv)  # the cache built in two pieces
+    candidate = objective.model.embed_candidate(pred[:, -1:])
+    cached = objective.model.readout(objective.model.prediction_layers(candidate, kv, generator.layers))[:, -1]
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("modality", ["text", "frames"])
+def test_generation_with_the_cache_equals_generation_without(modality):
+    if modality == "text":
+        objective, context = _text_objective(), torch.randint(0, 32, (2, 4))
+    else:
+        objective, frames = trained_frames_objective()
+        context = frames[:2, :4]
+    generator = Generator(objective, ThinkConfig(num_steps=3, best_of=2))
+    outputs = []
+    for use_cache in (True, False):
+        torch.manual_seed(5)
+        outputs.append(generator.generate(context, 4, use_cache=use_cache))
+    (cached, cached_thoughts), (plain, plain_thoughts) = outputs
+    assert cached.shape[1] == context.shape[1] + 4
+    torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(cached_thoughts, plain_thoughts):
+        torch.testing.assert_close(a.energy, b.energy, rtol=1e-5, atol=1e-5)
