@@ -82,3 +82,40 @@ def test_generation_with_the_cache_equals_generation_without(modality):
     torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
     for a, b in zip(cached_thoughts, plain_thoughts):
         torch.testing.assert_close(a.energy, b.energy, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_system2_eval_curves_for_ebt_and_the_flat_ar_contrast(tmp_path):
+    """ebwm-eval on tiny trained EBT and AR checkpoints: loss per steps x best-of, in and out of distribution."""
+    import json
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from ebwm_scale.config import load_config
+    from ebwm_scale.pretrain import build_trainer
+    from tests.conftest import CPU, REPO
+    from tests.test_training import SMALL
+
+    results = {}
+    for recipe in ("ci_tiny.yaml", "ci_tiny_ar.yaml"):
+        overrides = [*SMALL, "train.max_steps=20", f"train.output_dir={tmp_path}"]
+        build_trainer(load_config(REPO / "recipes" / recipe, overrides), CPU).fit()
+        checkpoints = tmp_path / recipe.removesuffix(".yaml") / "checkpoints"
+        out = tmp_path / f"eval-{recipe}"
+        command = [sys.executable, "-m", "ebwm_scale.evaluation", str(checkpoints), "--latest", "--out", str(out)]
+        command += ["--steps", "1,2,4", "--best-of", "1,2", "--batches", "1", "--batch-size", "4"]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[recipe] = json.loads((out / "system2.json").read_text())
+        with Image.open(out / "system2.png") as image:
+            assert image.format == "PNG"
+    ebt = results["ci_tiny.yaml"]
+    assert ebt["ood"] == "stdlib code without docstrings"
+    for split in ("in_distribution", "out_of_distribution"):
+        assert set(ebt[split]) == {"1", "2"} and set(ebt[split]["2"]) == {"1", "2", "4"}
+        assert all(-1 <= entry["energy_loss_correlation"] <= 1 for entry in ebt[split]["1"].values())
+    for split in ("in_distribution", "out_of_distribution"):
+        flat = results["ci_tiny_ar.yaml"][split]["1"]
+        assert flat["1"]["loss"] == flat["4"]["loss"] and "energy" not in flat["1"]  # nothing to think about

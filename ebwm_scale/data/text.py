@@ -55,6 +55,39 @@ def extract_stdlib_documents() -> list[str]:
     return documents
 
 
+def _code_without_docstrings(path: Path) -> str:
+    source = path.read_text(encoding="utf-8")
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except (SyntaxError, ValueError):
+        return ""
+    dropped = set()
+    for node in [tree, *ast.walk(tree)]:
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            value = body[0].value
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                dropped.update(range(body[0].lineno, body[0].end_lineno + 1))
+    return "\n".join(line for number, line in enumerate(source.splitlines(), 1) if number not in dropped)
+
+
+def stdlib_code_windows(seq_len: int, max_bytes: int = 1 << 20) -> TokenWindows:
+    """Out-of-distribution text for a model trained on docstrings: the standard library's code itself, docstrings
+    removed, as byte windows (the first `max_bytes`, modules in path order)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    pieces, size = [], 0
+    for path in sorted(root.glob("*.py")):
+        try:
+            code = _code_without_docstrings(path)
+        except UnicodeDecodeError:
+            continue
+        pieces.append(code)
+        size += len(code)
+        if size >= max_bytes:
+            break
+    return TokenWindows(ByteTokenizer().encode(DOC_SEPARATOR.join(pieces)[:max_bytes]), seq_len)
+
+
 def _cached_corpus(cache_dir: Path) -> str:
     """The joined corpus, extracted once per Python version and cached (written atomically)."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"

@@ -1,0 +1,177 @@
+"""`ebwm-eval`: the System-2 curve. Loss vs MCMC steps and vs best-of-N, in and out of distribution.
+
+    ebwm-eval runs/ci_tiny/checkpoints --latest --steps 1,2,4,8,16 --best-of 1,4 --out eval/ci_tiny [--mlflow]
+    ebwm-eval runs/ci_tiny_ar/checkpoints --latest --out eval/ci_tiny_ar       # an AR model: one flat line
+
+On the first --batches validation batches (in distribution) and on as many out-of-distribution ones, every position
+is predicted with each number of steps and each best-of-N (ebwm_scale/infer.py), from the same start noise. Reported
+per split: the mean loss (cross-entropy or SmoothL1), the mean final energy, and the correlation between a
+position's final energy and its loss (does the energy know when it is wrong?). Out of distribution: for the stdlib
+docstring corpus, the standard library's code with docstrings removed (code vs prose); for synthetic video, clips
+with twice the objects; for shards, --ood-shards (another prepared dataset, e.g. `tools/make_synthetic_videos.py
+--variant ood` through `ebwm-prep video`). An AR model has nothing to refine: its loss is the same at every step,
+which is the contrast. Writes system2.json and system2.png; --mlflow logs them to the checkpoint's MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ebwm_scale.data.sampler import fixed_batches
+from ebwm_scale.infer import ThinkConfig, think
+from ebwm_scale.objective import EBTObjective, split_batch
+
+
+def position_losses(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, S) loss of every predicted position: cross-entropy for tokens, SmoothL1 (beta 1) for frames."""
+    if target.dtype == torch.long:
+        return F.cross_entropy(pred.flatten(0, 1).float(), target.flatten(), reduction="none").view(target.shape)
+    return F.smooth_l1_loss(pred.float(), target.float(), beta=1.0, reduction="none").mean(-1)
+
+
+def evaluate_batch(objective, batch, num_steps: int, best_of: int) -> dict[str, torch.Tensor]:
+    """Per-position loss and final energy (EBT), or loss only (AR), of one batch."""
+    ctx, target = split_batch(batch)
+    if not isinstance(objective, EBTObjective):
+        with torch.no_grad():
+            return {"loss": position_losses(objective.predict(ctx), target)}
+    model = objective.model
+    with torch.no_grad():
+        context = model.encode_context(ctx.repeat(best_of, *([1] * (ctx.dim() - 1))))
+    init = objective.init_state(ctx.repeat(best_of, *([1] * (ctx.dim() - 1))))
+    thought = think(
+        lambda pred, step: model.energy(context, pred, step),
+        init,
+        objective.mcmc.step_size().detach(),
+        num_steps,
+        ThinkConfig(best_of=best_of),
+    )
+    return {"loss": position_losses(thought.pred, target), "energy": thought.energy}
+
+
+def curve(objective, batches: list[dict], steps: list[int], best_of: list[int], seed: int) -> dict:
+    """{best_of: {steps: {loss, energy, energy_loss_correlation}}} over the batches."""
+    result: dict = {}
+    for chains in best_of:
+        for num_steps in steps:
+            torch.manual_seed(seed)  # the same start noise for every setting
+            parts = [evaluate_batch(objective, batch, num_steps, chains) for batch in batches]
+            losses = torch.cat([p["loss"].flatten() for p in parts])
+            entry = {"loss": float(losses.mean())}
+            if "energy" in parts[0]:
+                energies = torch.cat([p["energy"].flatten() for p in parts])
+                entry["energy"] = float(energies.mean())
+                entry["energy_loss_correlation"] = float(np.corrcoef(energies.numpy(), losses.numpy())[0, 1])
+            result.setdefault(str(chains), {})[str(num_steps)] = entry
+    return result
+
+
+def ood_dataset(cfg, ood_shards: str):
+    """The out-of-distribution split for the model's data, or None with the reason."""
+    if ood_shards:
+        from ebwm_scale.data.loader import ShardSamples, ShardSource
+
+        return ShardSamples(ShardSource.open(ood_shards, "val")), f"shards {ood_shards}"
+    if cfg.data.source == "stdlib_docs":
+        from ebwm_scale.data.text import stdlib_code_windows
+
+        return stdlib_code_windows(cfg.data.seq_len), "stdlib code without docstrings"
+    if cfg.data.source == "synthetic_video":
+        from ebwm_scale.data.video import synthetic_video_splits
+
+        v = cfg.data.video
+        twice = 2 * v.max_objects
+        _, val = synthetic_video_splits(64, 64, cfg.data.seq_len, v.frame_size, v.patch_size, twice, cfg.data.seed + 1)
+        return val, f"synthetic video, up to {twice} objects"
+    return None, "no --ood-shards given"
+
+
+def plot(results: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for split, style in (("in_distribution", "-"), ("out_of_distribution", "--")):
+        for chains, by_steps in results.get(split, {}).items():
+            steps = sorted(by_steps, key=int)
+            label = f"{split.replace('_', ' ')}, best of {chains}"
+            axis.plot([int(s) for s in steps], [by_steps[s]["loss"] for s in steps], style, marker="o", label=label)
+    axis.set(xscale="log", xlabel="MCMC steps per prediction", ylabel="loss", title=title)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ebwm_scale.train.checkpoint import Checkpointer, CheckpointError
+    from ebwm_scale.train.export import load_checkpoint, load_model
+
+    parser = argparse.ArgumentParser(prog="ebwm-eval", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="an export directory, a checkpoint, or with --latest a checkpoint_dir")
+    parser.add_argument("--latest", action="store_true")
+    parser.add_argument("--steps", default="1,2,4,8,16")
+    parser.add_argument("--best-of", default="1,4")
+    parser.add_argument("--batches", type=int, default=4, help="validation batches per split")
+    parser.add_argument("--batch-size", type=int, default=0, help="0: the recipe's micro batch")
+    parser.add_argument("--ood-shards", default="", help="a prepared dataset to use as the OOD split")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--mlflow", action="store_true", help="log to the checkpoint's MLflow run")
+    args = parser.parse_args(argv)
+    url = args.model
+    try:
+        if args.latest:
+            url = Checkpointer(url, keep_last=1).latest() or ""
+            if not url:
+                raise CheckpointError(f"no complete checkpoint in {args.model}")
+        cfg, objective = load_model(url)
+    except CheckpointError as error:
+        raise SystemExit(f"CheckpointError: {error}") from None
+    objective.eval()
+    steps = [int(s) for s in args.steps.split(",")]
+    best_of = [int(b) for b in args.best_of.split(",")] if isinstance(objective, EBTObjective) else [1]
+    if not isinstance(objective, EBTObjective):
+        steps = [steps[0], steps[-1]]  # an AR model's loss does not depend on it: two points draw the flat line
+    batch_size = args.batch_size or cfg.data.micro_batch_size
+    _, val, _ = cfg.data.build_datasets(cfg.model)
+    ood, ood_name = ood_dataset(cfg, args.ood_shards)
+    results: dict = {"model": url, "kind": cfg.model.kind, "ood": ood_name}
+    for split, dataset in (("in_distribution", val), ("out_of_distribution", ood)):
+        if dataset is None:
+            continue
+        batches = list(fixed_batches(dataset, batch_size, args.batches, 0, 1))
+        results[split] = curve(objective, batches, steps, best_of, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "system2.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "system2.png", f"{cfg.train.run_name} ({cfg.model.kind.upper()})")
+    for split in ("in_distribution", "out_of_distribution"):
+        for chains, by_steps in results.get(split, {}).items():
+            line = ", ".join(f"{s} steps {v['loss']:.4f}" for s, v in by_steps.items())
+            last = by_steps[str(steps[-1])]
+            corr = last.get("energy_loss_correlation")
+            shown = f"; energy-loss correlation {corr:.2f}" if corr is not None else ""
+            print(f"{split.replace('_', ' ')}, best of {chains}: {line}{shown}")
+    print(f"wrote {out / 'system2.json'} and {out / 'system2.png'} (OOD: {ood_name})")
+    if args.mlflow:
+        _, _, trainer_state = load_checkpoint(url)
+        run_id = trainer_state["callbacks"].get("MLflowCallback", {}).get("run_id")
+        if not run_id:
+            raise SystemExit(f"{url} records no MLflow run")
+        import mlflow
+
+        mlflow.MlflowClient(cfg.tracking.uri).log_artifacts(run_id, str(out), artifact_path="system2")
+        print(f"logged to MLflow run {run_id} (artifacts/system2)")
+
+
+if __name__ == "__main__":
+    main()
