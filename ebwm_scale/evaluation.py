@@ -42,9 +42,10 @@ def evaluate_batch(objective, batch, num_steps: int, best_of: int) -> dict[str, 
         with torch.no_grad():
             return {"loss": position_losses(objective.predict(ctx), target)}
     model = objective.model
+    chains_ctx = ctx.repeat(best_of, *([1] * (ctx.dim() - 1)))  # best_of copies of the batch, stacked
     with torch.no_grad():
-        context = model.encode_context(ctx.repeat(best_of, *([1] * (ctx.dim() - 1))))
-    init = objective.init_state(ctx.repeat(best_of, *([1] * (ctx.dim() - 1))))
+        context = model.encode_context(chains_ctx)
+    init = objective.init_state(chains_ctx)
     thought = think(
         lambda pred, step: model.energy(context, pred, step),
         init,

@@ -1,7 +1,8 @@
 """Training engines: how gradients are reduced and the optimizer is stepped, replicated or sharded.
 
-The trainer talks to one interface: `module(batch)` (the objective), `backward(loss)` once per micro-batch,
-`finish_step(skip)` once per optimizer step, `set_lr`, and optimizer state for checkpoints.
+The trainer talks to one interface: `forward_backward(batch, autocast)` once per micro-batch (the objective's
+forward, then `backward(loss)`), `finish_step(skip)` once per optimizer step, `set_lr`, `evaluate`, and model and
+optimizer state for checkpoints.
 
 - DataParallelEngine (`parallel.data_parallel: ddp`): every rank holds everything; gradients are averaged after the
   outer backward, outside the double-backward graph, so the EBT's second-order gradients are exact.
@@ -16,6 +17,8 @@ The trainer talks to one interface: `module(batch)` (the objective), `backward(l
   the outer backward only (the energy gradient is taken with autograd.grad, which touches no parameter .grad), which
   is why stages 0-2 train the EBT correctly. Stage 3 re-partitions parameters between the forward and the second-order
   pass ("mat2 must be a matrix", DESIGN §4) and is refused until its fix lands.
+- PipelineEngine (`parallel.pipeline_parallel`): a DataParallelEngine over one pipeline stage whose
+  forward_backward is the stage's schedule (parallel/pipeline.py).
 """
 
 from __future__ import annotations
