@@ -16,7 +16,13 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from ebwm_scale.data.config import DATA_SOURCES, DataConfig
 from ebwm_scale.data.text import ByteTokenizer
 from ebwm_scale.mcmc import MCMCConfig
-from ebwm_scale.models.config import ATTENTION_IMPLS, DOUBLE_BACKWARD_SAFE_ATTENTION, EBT_IMPLS, ModelConfig
+from ebwm_scale.models.config import (
+    ATTENTION_IMPLS,
+    DOUBLE_BACKWARD_SAFE_ATTENTION,
+    EBT_IMPLS,
+    VOCAB_STATES,
+    ModelConfig,
+)
 from ebwm_scale.parallel.dist import ACTIVATION_CHECKPOINTING, BACKENDS, DATA_PARALLEL_MODES, ParallelConfig
 from ebwm_scale.train.config import DEVICES, PRECISIONS, TrainConfig
 from ebwm_scale.train.optim import OptimConfig
@@ -159,6 +165,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         _choice("model.modality", m.modality, ("text", "frames")),
         _choice("model.attn_impl", m.attn_impl, ATTENTION_IMPLS),
         _choice("model.ebt_impl", m.ebt_impl, EBT_IMPLS),
+        _choice("model.vocab_state", m.vocab_state, VOCAB_STATES),
         _choice("mcmc.loss_on", mc.loss_on, ("all", "last")),
         _choice("data.source", d.source, DATA_SOURCES),
         _choice("train.device", t.device, DEVICES),

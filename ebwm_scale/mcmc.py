@@ -71,6 +71,9 @@ def refine(
             pred.requires_grad_(True)
             energy = energy_fn(pred, step)  # (B, S)
             (grad,) = torch.autograd.grad(energy.sum(), pred, create_graph=create_graph)
+            # Released: the outer backward then stores no gradient for this leaf (nothing reads it), and the lean
+            # vocabulary state skips computing it.
+            pred.requires_grad_(False)
             step_alpha = alpha
             if alpha_jitter > 0:  # randomized step size
                 step_alpha = alpha * (1 + alpha_jitter * (2 * torch.rand((), device=pred.device) - 1))

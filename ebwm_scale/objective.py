@@ -8,6 +8,7 @@ lets DeepSpeed or any other engine treat the whole thing as one model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch import nn
 from ebwm_scale.mcmc import MCMC, RefineResult, refine
 from ebwm_scale.models import EBT
 from ebwm_scale.models.blocks import at_least_fp32
+from ebwm_scale.models.vocab_state import lean_cross_entropy
 
 
 @dataclass
@@ -29,11 +31,19 @@ def split_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return seq[:, :-1], seq[:, 1:]  # context (B, S, ...), target (B, S, ...)
 
 
-def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for token targets (pred: logits), SmoothL1(beta=1) for frame targets (DESIGN §2, §3)."""
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, lean: bool = True) -> torch.Tensor:
+    """Cross-entropy for token targets (pred: logits), SmoothL1(beta=1) for frame targets (DESIGN §2, §3).
+    `lean`: the chunked cross-entropy that saves the logits instead of fp32 log-probabilities (vocab_state.py)."""
     if target.dtype == torch.long:
+        if lean:
+            return lean_cross_entropy(pred.flatten(0, 1), target.flatten())
         return F.cross_entropy(at_least_fp32(pred).flatten(0, 1), target.flatten())
     return F.smooth_l1_loss(at_least_fp32(pred), target.to(at_least_fp32(pred).dtype), beta=1.0)
+
+
+def loss_for(model: nn.Module):
+    """The model's reconstruction loss, with the cross-entropy its `model.vocab_state` asks for."""
+    return partial(reconstruction_loss, lean=model.cfg.vocab_state == "lean")
 
 
 def frame_metrics(pred: torch.Tensor, ctx: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -48,7 +58,7 @@ class EBTObjective(nn.Module):
         super().__init__()
         self.model = model
         self.mcmc = mcmc
-        self.loss_fn = reconstruction_loss
+        self.loss_fn = loss_for(model)
         self.state_shard = (0, 1)  # (index, count): tensor parallelism keeps only this slice of the vocabulary state
 
     def state_noise(self, like: torch.Tensor) -> torch.Tensor:
@@ -116,10 +126,11 @@ class ARObjective(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.loss_fn = loss_for(model)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         ctx, target = split_batch(batch)
-        loss = reconstruction_loss(self.model(ctx), target)
+        loss = self.loss_fn(self.model(ctx), target)
         return StepOutput(loss=loss, metrics={"loss": loss.detach()})
 
     @torch.no_grad()
@@ -130,7 +141,7 @@ class ARObjective(nn.Module):
     def evaluate(self, batch: dict[str, torch.Tensor], num_steps: int | None = None) -> dict[str, torch.Tensor]:
         ctx, target = split_batch(batch)
         pred = self.predict(ctx)
-        metrics = {"loss": reconstruction_loss(pred, target)}
+        metrics = {"loss": self.loss_fn(pred, target)}
         if target.is_floating_point():
             metrics.update(frame_metrics(pred, ctx, target))
         return metrics

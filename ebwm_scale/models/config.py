@@ -9,6 +9,7 @@ from torch import nn
 
 ATTENTION_IMPLS = ("math", "sdpa", "sdpa_fused")
 EBT_IMPLS = ("split", "masked")
+VOCAB_STATES = ("lean", "plain")
 DOUBLE_BACKWARD_SAFE_ATTENTION = ("math", "sdpa")
 
 
@@ -31,6 +32,9 @@ class ModelConfig:
     # EBT layout: "split" encodes the real tokens once per batch and runs only the prediction stream per MCMC step
     # (structured attention); "masked" runs the literal 2S sequence with a 2S x 2S mask every step (reference).
     ebt_impl: str = "split"
+    # Text: "lean" fuses softmax -> V->D map and the cross-entropy into chunked Functions that keep only the logits
+    # of each MCMC step (models/vocab_state.py); "plain" is the autograd reference. Same math, same weights.
+    vocab_state: str = "lean"
     num_step_embeddings: int = 0  # EBT only: learned embedding per MCMC step added to the prediction (0 = off)
 
     @property

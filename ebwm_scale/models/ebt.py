@@ -21,6 +21,7 @@ from torch import nn
 
 from ebwm_scale.models.blocks import RMSNorm, Transformer, init_weights
 from ebwm_scale.models.config import ModelConfig
+from ebwm_scale.models.vocab_state import SoftmaxLinear
 
 
 def ebt_attention_mask(seq_len: int, device: torch.device | None = None) -> torch.Tensor:
@@ -133,18 +134,17 @@ class EBTText(EBT):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.state_softmax = nn.Softmax(dim=-1)  # a module, so tensor parallelism can swap in a vocab-split one
-        self.vocab_to_embed = nn.Linear(cfg.vocab_size, cfg.dim, bias=False)
+        # softmax included; a module, so tensor parallelism can swap in a vocabulary-split one
+        self.vocab_to_embed = SoftmaxLinear(cfg.vocab_size, cfg.dim, lean=cfg.vocab_state == "lean")
         init_weights(self)
 
     def embed_context(self, ctx: torch.Tensor) -> torch.Tensor:
         return self.tok_embeddings(ctx)  # (B, S) -> (B, S, D)
 
     def embed_pred(self, pred: torch.Tensor) -> torch.Tensor:
-        # The state is fp32 (float64 in gradient checks) and autocast keeps softmax in fp32; only the V->D
-        # matmul runs in low precision.
-        probs = self.state_softmax(pred)  # (B, S, V)
-        return self.vocab_to_embed(probs)  # (B, S, D)
+        # The state is fp32 (float64 in gradient checks); softmax runs in fp32 and only the V->D matmul in the
+        # autocast dtype.
+        return self.vocab_to_embed(pred)  # (B, S, V) -> (B, S, D)
 
 
 class EBTFrames(EBT):

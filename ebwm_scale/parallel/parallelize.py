@@ -24,7 +24,7 @@ from ebwm_scale.parallel.tensor import (
     VocabParallelCrossEntropy,
     VocabParallelEmbedding,
     VocabParallelOutput,
-    VocabParallelSoftmax,
+    VocabParallelSoftmaxLinear,
 )
 
 
@@ -54,8 +54,7 @@ def apply_tensor_parallel(model: nn.Module, group) -> None:
     if hasattr(model, "tok_embeddings"):
         model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group)
     if hasattr(model, "vocab_to_embed"):  # the EBT's state is split over the vocabulary too (see parallelize)
-        model.state_softmax = VocabParallelSoftmax(group)
-        model.vocab_to_embed = RowParallelLinear(model.vocab_to_embed, group)
+        model.vocab_to_embed = VocabParallelSoftmaxLinear(model.vocab_to_embed, group)
     if isinstance(getattr(model, "output", None), nn.Linear) and hasattr(model, "tok_embeddings"):
         model.output = VocabParallelOutput(model.output, group)
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models import EBT
-from ebwm_scale.objective import frame_metrics, reconstruction_loss, split_batch
+from ebwm_scale.objective import frame_metrics, split_batch
 from ebwm_scale.parallel.dist import DistInfo
 
 WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -213,7 +213,7 @@ class ARPipeline(PipelineSchedule):
                 h = self.model.trunk(x, self.layers)
                 if self.last:
                     pred = self.model.readout(h)
-                    loss = reconstruction_loss(pred, target[index])
+                    loss = self.objective.loss_fn(pred, target[index])
                     preds.append(pred.detach())
             if self.last:
                 losses.append(loss.detach())
@@ -363,6 +363,7 @@ class _EBTBatch:
         if self.train and self.mcmc.alpha_jitter > 0:
             alpha = alpha * (1 + self.mcmc.alpha_jitter * (2 * torch.rand((), device=alpha.device) - 1))
         self.states[index] = self.x[key] - alpha * self.state_grad[key]
+        self.x[key].requires_grad_(False)  # released, as in mcmc.refine: no gradient is stored for the old state
         loss = self.objective.loss_fn(self.states[index], self.target[index])
         self.losses[step][index] = loss if self.loss_weights[step] > 0 else loss.detach()
         if self.loss_weights[step] == 0:

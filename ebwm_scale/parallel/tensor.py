@@ -207,16 +207,15 @@ class _SumOfSlices(_ReduceFromTP):
         return _SumOfSlices.apply(grad, ctx.group), None
 
 
-class VocabParallelSoftmax(nn.Module):
-    """softmax over a last dimension split across the group: each rank gets its slice of the probabilities."""
-
-    def __init__(self, group):
-        super().__init__()
-        self.group = group
+class VocabParallelSoftmaxLinear(RowParallelLinear):
+    """The EBT's state mapping softmax(logits) @ W^T with the logits split over the vocabulary: each rank turns its
+    slice into its slice of the probabilities (global max and sum), multiplies by its W columns, and the partial
+    embeddings are all-reduced. Plain autograd: the state is already split N ways (see models/vocab_state.py)."""
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         exp = torch.exp(logits - _global_max(logits, self.group))
-        return exp / _SumOfSlices.apply(exp.sum(dim=-1, keepdim=True), self.group)
+        probs = exp / _SumOfSlices.apply(exp.sum(dim=-1, keepdim=True), self.group)
+        return super().forward(probs)
 
 
 class VocabParallelCrossEntropy(nn.Module):

@@ -1,0 +1,199 @@
+"""The text EBT's vocabulary state, kept lean: softmax(logits) @ W^T and the cross-entropy, as fused Functions.
+
+With plain autograd every MCMC step leaves four to five B x S x V tensors alive until the outer backward: the
+probabilities, the energy gradient pulled back through W (g W), the energy gradient on the logits, the
+cross-entropy's log-probabilities, and the new state. At V = 50k these dominate memory (tools/bench_memory.py).
+
+Here a step keeps only its logits (shared with the previous step's output) and its energy gradient (which the
+step-size product needs); everything else is recomputed from them in row chunks of at most CHUNK_ELEMENTS:
+
+    SoftmaxLinear          e = softmax(x) W^T                   saves x, W
+    SoftmaxLinearGradient  dE/dx = p * (g W - <g W, p>), g^T p   saves x, W, g      (the energy gradient)
+      its backward         the second-order terms, recomputing p and g W chunk by chunk (once differentiable)
+
+The elementwise math over V runs in at least fp32, so the state stays fp32 under bf16 autocast; only the matmuls
+run in the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.autograd.graph import get_gradient_edge
+
+from ebwm_scale.models.blocks import at_least_fp32
+
+CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 per temporary
+
+
+def _row_chunks(rows: int, vocab: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // vocab)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _matmul_dtype(device_type: str, weight: torch.Tensor) -> torch.dtype:
+    """What autocast would run the V <-> D matmuls in; recorded at forward so backward passes agree with it."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    with torch.autocast(a.device.type, enabled=False):
+        return a.to(dtype) @ b.to(dtype)
+
+
+def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    return probs * (grad - (grad * probs).sum(-1, keepdim=True))
+
+
+class _SoftmaxLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, weight):
+        vocab = logits.shape[-1]
+        flat = logits.reshape(-1, vocab)
+        ctx.matmul_dtype = _matmul_dtype(logits.device.type, weight)
+        # W's node lets backward skip W's gradient inside the MCMC's autograd.grad(E, state) (see softmax_linear).
+        ctx.weight_node = get_gradient_edge(weight).node if weight.grad_fn is not None else None
+        out = flat.new_empty(flat.shape[0], weight.shape[0], dtype=ctx.matmul_dtype)
+        for rows in _row_chunks(flat.shape[0], vocab):
+            out[rows] = _mm(torch.softmax(at_least_fp32(flat[rows]), -1), weight.t(), ctx.matmul_dtype)
+        ctx.save_for_backward(logits, weight)
+        return out.view(*logits.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, weight = ctx.saved_tensors
+        want_logits = ctx.needs_input_grad[0] and logits.requires_grad
+        want_weight = ctx.needs_input_grad[1] and (
+            ctx.weight_node is None or torch._C._will_engine_execute_node(ctx.weight_node)
+        )
+        return _SoftmaxLinearGradient.apply(logits, weight, grad_out, want_logits, want_weight, ctx.matmul_dtype)
+
+
+class _SoftmaxLinearGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, weight, grad_out, want_logits, want_weight, matmul_dtype):
+        vocab, dim = logits.shape[-1], weight.shape[0]
+        flat, g = logits.reshape(-1, vocab), grad_out.reshape(-1, dim)
+        wide = at_least_fp32(logits).dtype
+        grad_logits = flat.new_empty(flat.shape, dtype=wide) if want_logits else None
+        grad_weight = weight.new_zeros(weight.shape, dtype=wide) if want_weight else None
+        for rows in _row_chunks(flat.shape[0], vocab):
+            probs = torch.softmax(at_least_fp32(flat[rows]), -1)
+            if want_logits:
+                grad_logits[rows] = _softmax_backward(_mm(g[rows], weight, matmul_dtype).to(wide), probs)
+            if want_weight:
+                grad_weight += _mm(g[rows].t(), probs, matmul_dtype)
+        ctx.matmul_dtype = matmul_dtype
+        ctx.save_for_backward(logits, weight, grad_out)
+        return (
+            None if grad_logits is None else grad_logits.view(logits.shape).to(logits.dtype),
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+        )
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, cot_logits, cot_weight):
+        """Cotangents of (dE/dx, dE/dW) -> gradients for (x, W, g). With u = g W, p = softmax(x), m = <u, p>:
+        dE/dx = p (u - m) pulls back to du = softmax_backward(c) and dp = c (u - m) - <c, p> u; dE/dW = g^T p pulls
+        back to dg = p C^T and dp = g C."""
+        logits, weight, grad_out = ctx.saved_tensors
+        dtype = ctx.matmul_dtype
+        vocab, dim = logits.shape[-1], weight.shape[0]
+        flat, g = logits.reshape(-1, vocab), grad_out.reshape(-1, dim)
+        wide = at_least_fp32(logits).dtype
+        # A released MCMC state (requires_grad off once its energy gradient is taken) wants no second-order term.
+        need_logits = ctx.needs_input_grad[0] and logits.requires_grad
+        need_weight, need_g = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        cot_x = None if cot_logits is None else cot_logits.reshape(-1, vocab)
+        d_logits = flat.new_zeros(flat.shape, dtype=wide) if need_logits else None
+        d_weight = weight.new_zeros(weight.shape, dtype=wide) if need_weight else None
+        d_g = g.new_zeros(g.shape, dtype=wide) if need_g else None
+        for rows in _row_chunks(flat.shape[0], vocab):
+            probs = torch.softmax(at_least_fp32(flat[rows]), -1)
+            d_probs = None
+            if cot_x is not None:
+                c = at_least_fp32(cot_x[rows])
+                c_dot_p = (c * probs).sum(-1, keepdim=True)
+                d_u = probs * (c - c_dot_p)
+                if need_g:
+                    d_g[rows] += _mm(d_u, weight.t(), dtype)
+                if need_weight:
+                    d_weight += _mm(g[rows].t(), d_u, dtype)
+                if need_logits:
+                    u = _mm(g[rows], weight, dtype).to(wide)
+                    d_probs = c * (u - (u * probs).sum(-1, keepdim=True)) - c_dot_p * u
+            if cot_weight is not None:
+                if need_g:
+                    d_g[rows] += _mm(probs, cot_weight.t(), dtype)
+                if need_logits:
+                    from_weight = _mm(g[rows], cot_weight, dtype).to(wide)
+                    d_probs = from_weight if d_probs is None else d_probs + from_weight
+            if need_logits and d_probs is not None:
+                d_logits[rows] = _softmax_backward(d_probs, probs)
+        return (
+            None if d_logits is None else d_logits.view(logits.shape).to(logits.dtype),
+            None if d_weight is None else d_weight.to(weight.dtype),
+            None if d_g is None else d_g.view(grad_out.shape).to(grad_out.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy that saves the logits, not the log-probabilities, and works in row chunks."""
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        vocab = logits.shape[-1]
+        total = logits.new_zeros((), dtype=at_least_fp32(logits).dtype)
+        for rows in _row_chunks(logits.shape[0], vocab):
+            wide = at_least_fp32(logits[rows])
+            picked = wide.gather(-1, target[rows].unsqueeze(-1)).squeeze(-1)
+            total += (torch.logsumexp(wide, -1) - picked).sum()
+        ctx.save_for_backward(logits, target)
+        return total / logits.shape[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        logits, target = ctx.saved_tensors
+        scale = grad / logits.shape[0]
+        out = torch.empty_like(logits)
+        for rows in _row_chunks(logits.shape[0], logits.shape[-1]):
+            probs = torch.softmax(at_least_fp32(logits[rows]), -1)
+            probs.scatter_add_(-1, target[rows].unsqueeze(-1), probs.new_full((probs.shape[0], 1), -1.0))
+            out[rows] = probs * scale
+        return out, None
+
+
+def softmax_linear(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """softmax(logits) @ weight.T for logits (..., V) and weight (D, V), twice differentiable, lean in memory."""
+    if weight.requires_grad and weight.grad_fn is None:
+        # The engine answers "will W's gradient be computed?" only for non-leaf nodes during autograd.grad; a
+        # free view gives a leaf weight such a node.
+        weight = weight.view_as(weight)
+    return _SoftmaxLinear.apply(logits, weight)
+
+
+def lean_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(logits, target) (mean) for logits (N, V), saving only the logits."""
+    return _CrossEntropy.apply(logits, target)
+
+
+class SoftmaxLinear(nn.Linear):
+    """The V -> D state mapping with its softmax: probabilities of the logits state mixed into an embedding.
+    An nn.Linear, so its weight is initialised, named and sharded as the plain mapping's; `lean` picks the fused
+    Functions above, otherwise plain autograd (the reference)."""
+
+    def __init__(self, vocab_size: int, dim: int, lean: bool = True):
+        super().__init__(vocab_size, dim, bias=False)
+        self.lean = lean
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.lean:
+            return softmax_linear(logits, self.weight)
+        return super().forward(torch.softmax(logits, dim=-1))
