@@ -46,6 +46,7 @@ def test_wrong_type_names_key(tmp_path):
         ("model:\n  dim: 100\n  num_heads: 3\n", "model.num_heads=3 does not divide model.dim=100"),
         ("train:\n  max_steps: 0\n", "train.max_steps=0 must be > 0"),
         ("model:\n  kind: diffusion\n", "model.kind='diffusion' is not one of ebt, ar"),
+        ("model:\n  vocab_state: fused\n", "model.vocab_state='fused' is not one of lean, plain"),
         ("model:\n  ebt_impl: masked\n  attn_impl: sdpa_fused\n", "model.attn_impl='sdpa_fused' has no double"),
         ("model:\n  modality: frames\n", "model.modality='frames' but data.source='stdlib_docs'"),
         ("mcmc:\n  num_steps: 3\n  max_num_steps: 2\n", "mcmc.max_num_steps=2 is below mcmc.num_steps=3"),

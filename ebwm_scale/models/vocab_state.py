@@ -9,7 +9,7 @@ step-size product needs); everything else is recomputed from them in row chunks 
 
     SoftmaxLinear          e = softmax(x) W^T                   saves x, W
     SoftmaxLinearGradient  dE/dx = p * (g W - <g W, p>), g^T p   saves x, W, g      (the energy gradient)
-      its backward         the second-order terms, recomputing p and g W chunk by chunk (once differentiable)
+      its backward         the second-order terms, recomputing p and g W chunk by chunk (no third order)
 
 The elementwise math over V runs in at least fp32, so the state stays fp32 under bf16 autocast; only the matmuls
 run in the autocast dtype.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.autograd.graph import get_gradient_edge
 
 from ebwm_scale.models.blocks import at_least_fp32
@@ -42,6 +41,12 @@ def _matmul_dtype(device_type: str, weight: torch.Tensor) -> torch.dtype:
 def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     with torch.autocast(a.device.type, enabled=False):
         return a.to(dtype) @ b.to(dtype)
+
+
+def _refuse_higher_order(what: str) -> None:
+    # once_differentiable would return silent zeros for a further derivative with respect to a leaf weight.
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what} is not implemented for model.vocab_state='lean'; use model.vocab_state=plain")
 
 
 def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -94,11 +99,11 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
         )
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, cot_logits, cot_weight):
         """Cotangents of (dE/dx, dE/dW) -> gradients for (x, W, g). With u = g W, p = softmax(x), m = <u, p>:
         dE/dx = p (u - m) pulls back to du = softmax_backward(c) and dp = c (u - m) - <c, p> u; dE/dW = g^T p pulls
         back to dg = p C^T and dp = g C."""
+        _refuse_higher_order("A third derivative of the vocabulary state mapping")
         logits, weight, grad_out = ctx.saved_tensors
         dtype = ctx.matmul_dtype
         vocab, dim = logits.shape[-1], weight.shape[0]
@@ -158,8 +163,8 @@ class _CrossEntropy(torch.autograd.Function):
         return total / logits.shape[0]
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
+        _refuse_higher_order("A second derivative of the cross-entropy")
         logits, target = ctx.saved_tensors
         scale = grad / logits.shape[0]
         out = torch.empty_like(logits)

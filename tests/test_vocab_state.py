@@ -1,0 +1,126 @@
+"""The lean vocabulary state (models/vocab_state.py) computes exactly what plain autograd does, to second order,
+while keeping fewer B x S x V tensors alive."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.models import vocab_state
+from ebwm_scale.models.vocab_state import lean_cross_entropy, softmax_linear
+from ebwm_scale.objective import build_objective
+from tests.conftest import tiny_model_config
+
+
+@pytest.fixture(params=[False, True], ids=["one-chunk", "row-chunks"])
+def chunking(request, monkeypatch):
+    if request.param:  # two rows per chunk, so every loop runs several chunks and a short last one
+        monkeypatch.setattr(vocab_state, "CHUNK_ELEMENTS", 2 * 7)
+
+
+def test_softmax_linear_first_and_second_derivatives(chunking):
+    logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(softmax_linear, (logits, weight))
+    assert gradgradcheck(softmax_linear, (logits, weight))
+    expected = torch.softmax(logits, -1) @ weight.t()
+    assert torch.allclose(softmax_linear(logits, weight), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_third_derivative_is_refused_clearly():
+    logits = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(softmax_linear(logits, weight).pow(2).sum(), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="third derivative .* use model.vocab_state=plain"):
+        torch.autograd.grad(grad.pow(2).sum(), weight, create_graph=True)
+    logits_cross = torch.randn(3, 7, requires_grad=True)
+    with pytest.raises(RuntimeError, match="second derivative of the cross-entropy"):
+        torch.autograd.grad(
+            lean_cross_entropy(logits_cross, torch.zeros(3, dtype=torch.long)), logits_cross, create_graph=True
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_lean_cross_entropy_matches_torch(chunking, dtype):
+    logits = (3 * torch.randn(6, 7)).to(dtype).requires_grad_()
+    target = torch.randint(0, 7, (6,))
+    lean = lean_cross_entropy(logits, target)
+    (lean_grad,) = torch.autograd.grad(2 * lean, logits)
+    reference = F.cross_entropy(logits.double(), target)
+    (reference_grad,) = torch.autograd.grad(2 * reference, logits)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert lean.item() == pytest.approx(reference.item(), rel=tolerance)
+    assert lean_grad.dtype == dtype
+    assert torch.allclose(lean_grad.double(), reference_grad.double(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def _objective(vocab_state_impl: str, vocab_size: int = 61, **mcmc):
+    torch.manual_seed(0)
+    cfg = tiny_model_config(vocab_size=vocab_size, vocab_state=vocab_state_impl)
+    return build_objective(cfg.build(), MCMCConfig(alpha_init=5.0, **mcmc).build())
+
+
+def _step(objective, batch, seed: int = 1):
+    torch.manual_seed(seed)  # the same start noise, Langevin noise and jitter for both
+    out = objective(batch)
+    out.loss.backward()
+    return out.loss.detach(), {name: p.grad.clone() for name, p in objective.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "mcmc", [dict(num_steps=3), dict(num_steps=2, langevin_noise_std=0.3, alpha_jitter=0.5, loss_on="last")]
+)
+def test_lean_training_step_equals_plain_in_float64(chunking, mcmc):
+    lean, plain = _objective("lean", **mcmc).double(), _objective("plain", **mcmc).double()
+    for objective in (lean, plain):  # the state follows the weights' dtype in this check
+        objective.init_state = lambda ctx, init=objective.init_state: init(ctx).double()
+    batch = {"tokens": torch.randint(0, 61, (3, 11))}
+    lean_loss, lean_grads = _step(lean, batch)
+    plain_loss, plain_grads = _step(plain, batch)
+    assert lean_loss.item() == pytest.approx(plain_loss.item(), rel=1e-12)
+    assert lean_grads.keys() == plain_grads.keys() and "mcmc.alpha" in lean_grads
+    for name, grad in plain_grads.items():
+        assert torch.allclose(lean_grads[name], grad, rtol=1e-9, atol=1e-12), name
+
+
+def test_state_stays_fp32_under_bf16_autocast():
+    lean, plain = _objective("lean", num_steps=2), _objective("plain", num_steps=2)
+    batch = {"tokens": torch.randint(0, 61, (2, 9))}
+    losses = []
+    for objective in (lean, plain):
+        ctx, target = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            result = objective.predict(ctx, target)
+        assert result.pred.dtype == torch.float32
+        losses.append(result.losses[-1].item())
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)
+
+
+def _state_sized_tensors_saved(objective, batch, state_numel: int) -> int:
+    storages = set()
+
+    def pack(tensor):
+        if tensor.numel() >= state_numel:
+            storages.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        objective(batch).loss.backward()
+    return len(storages)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 4])
+def test_lean_state_keeps_two_state_tensors_per_step(num_steps):
+    """Per MCMC step the lean state saves only the step's logits (shared with the previous step's output) and
+    its energy gradient (for alpha's gradient); the first step adds the start noise: 2K + 1 in all."""
+    vocab_size = 509  # B x S x V then outsizes every other saved tensor (attention scores, weights, FFN)
+    batch = {"tokens": torch.randint(0, vocab_size, (4, 17))}
+    counts = [
+        _state_sized_tensors_saved(_objective(impl, vocab_size, num_steps=num_steps), batch, 4 * 16 * vocab_size)
+        for impl in ("lean", "plain")
+    ]
+    lean, plain = counts
+    assert lean == 2 * num_steps + 1
+    assert plain >= 4 * num_steps
