@@ -232,6 +232,10 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         checks.append(f"parallel.pipeline_microbatches={chunks} does not divide data.micro_batch_size")
     elif pp > 1 and m.kind == "ebt" and m.ebt_impl != "split":
         checks.append(f"parallel.pipeline_parallel={pp} needs model.ebt_impl='split' (the stages pass prediction rows)")
+    if cfg.parallel.compile and (cfg.parallel.data_parallel != "ddp" or tp > 1 or pp > 1):
+        checks.append("parallel.compile=true works with parallel.data_parallel=ddp and no tensor/pipeline parallelism")
+    elif cfg.parallel.compile and m.kind == "ebt" and m.ebt_impl != "split":
+        checks.append("parallel.compile=true needs model.ebt_impl='split' (only its real-token stream is compiled)")
     if cfg.parallel.deepspeed_config and not Path(cfg.parallel.deepspeed_config).is_file():
         checks.append(f"parallel.deepspeed_config={cfg.parallel.deepspeed_config!r}: no such file")
     if not t.resume:

@@ -56,6 +56,8 @@ def test_wrong_type_names_key(tmp_path):
         ("parallel:\n  pipeline_parallel: 9\n", "pipeline_parallel=9 exceeds model.num_layers="),
         ("parallel:\n  pipeline_parallel: 2\n  pipeline_microbatches: 5\n", "pipeline_microbatches=5 does not div"),
         ("parallel:\n  pipeline_parallel: 2\nmodel:\n  ebt_impl: masked\n", "needs model.ebt_impl='split'"),
+        ("parallel:\n  compile: true\n  data_parallel: fsdp\n", "parallel.compile=true works with parallel.data_"),
+        ("parallel:\n  compile: true\nmodel:\n  ebt_impl: masked\n", "compile=true needs model.ebt_impl='split'"),
     ],
 )
 def test_impossible_values_are_rejected(tmp_path, yaml_text, expected):

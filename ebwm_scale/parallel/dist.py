@@ -37,6 +37,9 @@ class ParallelConfig:
     # Recompute transformer blocks in the backward instead of storing their activations: full = every block,
     # selective = every second block.
     activation_checkpointing: str = "none"
+    # torch.compile (inductor) where no second-order gradient passes (parallelize.apply_compile): every AR block; the
+    # EBT's real-token stream. Compiled graphs have no double backward, so the EBT's prediction stream stays eager.
+    compile: bool = False
 
 
 @dataclass(frozen=True)

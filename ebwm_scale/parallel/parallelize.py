@@ -7,11 +7,13 @@
    checkpointing (use_reentrant=False) is the variant that supports double backward (DESIGN §4); the reentrant one
    does not. It covers every block forward: the AR trunk, the masked EBT, the EBT context stream and the prediction
    stream that runs once per MCMC step.
-3. Data parallelism / ZeRO: by the training engine (parallel/engine.py), after this.
+3. torch.compile (parallel.compile): only what no second-order gradient passes through (apply_compile).
+4. Data parallelism / ZeRO: by the training engine (parallel/engine.py), after this.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
@@ -69,6 +71,17 @@ def apply_tensor_parallel_objective(objective: nn.Module, group) -> None:
         objective.loss_fn = VocabParallelCrossEntropy(group, objective.model.cfg.vocab_size)
 
 
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile where no gradient is taken twice (DESIGN §4: compiled graphs have no double backward). AR: every
+    block. EBT: the real-token stream (`context_layers`), which the split layout differentiates once, in the outer
+    backward; the prediction stream, differentiated twice, stays eager. Module names and state_dict keys stay."""
+    if hasattr(model, "context_layers"):
+        model.context_layers = torch.compile(model.context_layers)
+    else:
+        for block in model.transformer.layers:
+            block.compile()
+
+
 def parallelize(objective: nn.Module, cfg: ParallelConfig, dist_info: DistInfo | None = None) -> nn.Module:
     if dist_info is not None and dist_info.tp_size > 1:
         apply_tensor_parallel_objective(objective, dist_info.tp_group)
@@ -76,4 +89,6 @@ def parallelize(objective: nn.Module, cfg: ParallelConfig, dist_info: DistInfo |
         apply_pipeline(objective, dist_info.pp_rank, dist_info.pp_size)
     if cfg.activation_checkpointing != "none":
         apply_activation_checkpointing(objective.model, cfg.activation_checkpointing)
+    if cfg.compile:
+        apply_compile(objective.model)
     return objective
