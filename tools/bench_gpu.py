@@ -93,7 +93,8 @@ def main() -> None:
         for label, extra in (("ebt", []), ("ar", args.ar_overrides.split(","))):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            results[label] = run(Path(args.recipe), [*args.overrides, *extra], args.steps, args.warmup, output_dir, dist)
+            overrides = [*args.overrides, *extra]
+            results[label] = run(Path(args.recipe), overrides, args.steps, args.warmup, output_dir, dist)
             print(describe(results[label]))
     ebt, ar = results["ebt"], results["ar"]
     print(f"EBT / AR: {ebt['tflops'] / ar['tflops']:.2f}x TFLOP/s (pinned FLOPs), ", end="")
