@@ -12,12 +12,16 @@ step-size product needs); everything else is recomputed from them in row chunks 
       its backward         the second-order terms, recomputing p and g W chunk by chunk (no third order)
 
 The elementwise math over V runs in at least fp32, so the state stays fp32 under bf16 autocast; only the matmuls
-run in the autocast dtype.
+run in the autocast dtype. The forward keeps each row's log-normalizer (B x S floats), so softmax is recomputed
+without reductions. With a process `group` the vocabulary is split over it (tensor parallelism): each rank holds
+its V/N slice of the logits and of W, the row reductions over V are all-reduced, and softmax_linear returns this
+rank's partial embedding, which the caller sums (parallel/tensor.py).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
@@ -43,56 +47,79 @@ def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return a.to(dtype) @ b.to(dtype)
 
 
+def _row_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the (possibly split) vocabulary: (rows, 1)."""
+    total = x.sum(-1, keepdim=True)
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    return total
+
+
+def _log_normalizer(logits: torch.Tensor, group) -> torch.Tensor:
+    """logsumexp over the (possibly split) vocabulary of wide logits (rows, V): (rows, 1)."""
+    peak = logits.max(-1, keepdim=True).values
+    if group is not None:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    return peak + _row_sum(torch.exp(logits - peak), group).log()
+
+
 def _refuse_higher_order(what: str) -> None:
     # once_differentiable would return silent zeros for a further derivative with respect to a leaf weight.
     if torch.is_grad_enabled():
         raise RuntimeError(f"{what} is not implemented for model.vocab_state='lean'; use model.vocab_state=plain")
 
 
-def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    return probs * (grad - (grad * probs).sum(-1, keepdim=True))
+def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor, group) -> torch.Tensor:
+    return probs * (grad - _row_sum(grad * probs, group))
 
 
 class _SoftmaxLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, weight):
+    def forward(ctx, logits, weight, group):
         vocab = logits.shape[-1]
         flat = logits.reshape(-1, vocab)
-        ctx.matmul_dtype = _matmul_dtype(logits.device.type, weight)
+        ctx.matmul_dtype, ctx.group = _matmul_dtype(logits.device.type, weight), group
         # W's node lets backward skip W's gradient inside the MCMC's autograd.grad(E, state) (see softmax_linear).
         ctx.weight_node = get_gradient_edge(weight).node if weight.grad_fn is not None else None
         out = flat.new_empty(flat.shape[0], weight.shape[0], dtype=ctx.matmul_dtype)
+        log_norm = flat.new_empty(flat.shape[0], 1, dtype=at_least_fp32(flat).dtype)
         for rows in _row_chunks(flat.shape[0], vocab):
-            out[rows] = _mm(torch.softmax(at_least_fp32(flat[rows]), -1), weight.t(), ctx.matmul_dtype)
-        ctx.save_for_backward(logits, weight)
+            wide = at_least_fp32(flat[rows])
+            log_norm[rows] = _log_normalizer(wide, group)
+            out[rows] = _mm(torch.exp(wide - log_norm[rows]), weight.t(), ctx.matmul_dtype)
+        ctx.save_for_backward(logits, weight, log_norm)
         return out.view(*logits.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, weight = ctx.saved_tensors
+        logits, weight, log_norm = ctx.saved_tensors
         want_logits = ctx.needs_input_grad[0] and logits.requires_grad
         want_weight = ctx.needs_input_grad[1] and (
             ctx.weight_node is None or torch._C._will_engine_execute_node(ctx.weight_node)
         )
-        return _SoftmaxLinearGradient.apply(logits, weight, grad_out, want_logits, want_weight, ctx.matmul_dtype)
+        grads = _SoftmaxLinearGradient.apply(
+            logits, weight, grad_out, log_norm, want_logits, want_weight, ctx.matmul_dtype, ctx.group
+        )
+        return (*grads, None)
 
 
 class _SoftmaxLinearGradient(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, weight, grad_out, want_logits, want_weight, matmul_dtype):
+    def forward(ctx, logits, weight, grad_out, log_norm, want_logits, want_weight, matmul_dtype, group):
         vocab, dim = logits.shape[-1], weight.shape[0]
         flat, g = logits.reshape(-1, vocab), grad_out.reshape(-1, dim)
         wide = at_least_fp32(logits).dtype
         grad_logits = flat.new_empty(flat.shape, dtype=wide) if want_logits else None
         grad_weight = weight.new_zeros(weight.shape, dtype=wide) if want_weight else None
         for rows in _row_chunks(flat.shape[0], vocab):
-            probs = torch.softmax(at_least_fp32(flat[rows]), -1)
+            probs = torch.exp(at_least_fp32(flat[rows]) - log_norm[rows])
             if want_logits:
-                grad_logits[rows] = _softmax_backward(_mm(g[rows], weight, matmul_dtype).to(wide), probs)
+                u = _mm(g[rows], weight, matmul_dtype).to(wide)
+                grad_logits[rows] = _softmax_backward(u, probs, group)
             if want_weight:
                 grad_weight += _mm(g[rows].t(), probs, matmul_dtype)
-        ctx.matmul_dtype = matmul_dtype
-        ctx.save_for_backward(logits, weight, grad_out)
+        ctx.matmul_dtype, ctx.group = matmul_dtype, group
+        ctx.save_for_backward(logits, weight, grad_out, log_norm)
         return (
             None if grad_logits is None else grad_logits.view(logits.shape).to(logits.dtype),
             None if grad_weight is None else grad_weight.to(weight.dtype),
@@ -102,10 +129,10 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
     def backward(ctx, cot_logits, cot_weight):
         """Cotangents of (dE/dx, dE/dW) -> gradients for (x, W, g). With u = g W, p = softmax(x), m = <u, p>:
         dE/dx = p (u - m) pulls back to du = softmax_backward(c) and dp = c (u - m) - <c, p> u; dE/dW = g^T p pulls
-        back to dg = p C^T and dp = g C."""
+        back to dg = p C^T and dp = g C. Under a split vocabulary dg is this rank's partial sum."""
         _refuse_higher_order("A third derivative of the vocabulary state mapping")
-        logits, weight, grad_out = ctx.saved_tensors
-        dtype = ctx.matmul_dtype
+        logits, weight, grad_out, log_norm = ctx.saved_tensors
+        dtype, group = ctx.matmul_dtype, ctx.group
         vocab, dim = logits.shape[-1], weight.shape[0]
         flat, g = logits.reshape(-1, vocab), grad_out.reshape(-1, dim)
         wide = at_least_fp32(logits).dtype
@@ -117,11 +144,11 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
         d_weight = weight.new_zeros(weight.shape, dtype=wide) if need_weight else None
         d_g = g.new_zeros(g.shape, dtype=wide) if need_g else None
         for rows in _row_chunks(flat.shape[0], vocab):
-            probs = torch.softmax(at_least_fp32(flat[rows]), -1)
+            probs = torch.exp(at_least_fp32(flat[rows]) - log_norm[rows])
             d_probs = None
             if cot_x is not None:
                 c = at_least_fp32(cot_x[rows])
-                c_dot_p = (c * probs).sum(-1, keepdim=True)
+                c_dot_p = _row_sum(c * probs, group)
                 d_u = probs * (c - c_dot_p)
                 if need_g:
                     d_g[rows] += _mm(d_u, weight.t(), dtype)
@@ -129,7 +156,7 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
                     d_weight += _mm(g[rows].t(), d_u, dtype)
                 if need_logits:
                     u = _mm(g[rows], weight, dtype).to(wide)
-                    d_probs = c * (u - (u * probs).sum(-1, keepdim=True)) - c_dot_p * u
+                    d_probs = c * (u - _row_sum(u * probs, group)) - c_dot_p * u
             if cot_weight is not None:
                 if need_g:
                     d_g[rows] += _mm(probs, cot_weight.t(), dtype)
@@ -137,56 +164,64 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
                     from_weight = _mm(g[rows], cot_weight, dtype).to(wide)
                     d_probs = from_weight if d_probs is None else d_probs + from_weight
             if need_logits and d_probs is not None:
-                d_logits[rows] = _softmax_backward(d_probs, probs)
+                d_logits[rows] = _softmax_backward(d_probs, probs, group)
         return (
             None if d_logits is None else d_logits.view(logits.shape).to(logits.dtype),
             None if d_weight is None else d_weight.to(weight.dtype),
             None if d_g is None else d_g.view(grad_out.shape).to(grad_out.dtype),
-            None,
-            None,
-            None,
+            *([None] * 5),
         )
 
 
 class _CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy that saves the logits, not the log-probabilities, and works in row chunks."""
+    """Mean cross-entropy that saves the logits and one log-normalizer per row, and works in row chunks. Under a
+    split vocabulary this rank holds columns [vocab_start, vocab_start + V_local) and targets are global ids."""
 
     @staticmethod
-    def forward(ctx, logits, target):
+    def forward(ctx, logits, target, group, vocab_start):
         vocab = logits.shape[-1]
-        total = logits.new_zeros((), dtype=at_least_fp32(logits).dtype)
+        log_norm = logits.new_empty(logits.shape[0], 1, dtype=at_least_fp32(logits).dtype)
+        local = target - vocab_start
+        inside = (local >= 0) & (local < vocab)
+        local = local.clamp(0, vocab - 1).unsqueeze(-1)
+        picked = log_norm.new_empty(logits.shape[0], 1)
         for rows in _row_chunks(logits.shape[0], vocab):
             wide = at_least_fp32(logits[rows])
-            picked = wide.gather(-1, target[rows].unsqueeze(-1)).squeeze(-1)
-            total += (torch.logsumexp(wide, -1) - picked).sum()
-        ctx.save_for_backward(logits, target)
-        return total / logits.shape[0]
+            log_norm[rows] = _log_normalizer(wide, group)
+            picked[rows] = wide.gather(-1, local[rows]) * inside[rows].unsqueeze(-1)
+        if group is not None:
+            dist.all_reduce(picked, group=group)
+        ctx.save_for_backward(logits, local, inside, log_norm)
+        return (log_norm - picked).mean()
 
     @staticmethod
     def backward(ctx, grad):
         _refuse_higher_order("A second derivative of the cross-entropy")
-        logits, target = ctx.saved_tensors
+        logits, local, inside, log_norm = ctx.saved_tensors
         scale = grad / logits.shape[0]
         out = torch.empty_like(logits)
         for rows in _row_chunks(logits.shape[0], logits.shape[-1]):
-            probs = torch.softmax(at_least_fp32(logits[rows]), -1)
-            probs.scatter_add_(-1, target[rows].unsqueeze(-1), probs.new_full((probs.shape[0], 1), -1.0))
+            probs = torch.exp(at_least_fp32(logits[rows]) - log_norm[rows])
+            probs.scatter_add_(-1, local[rows], -inside[rows].unsqueeze(-1).to(probs.dtype))
             out[rows] = probs * scale
-        return out, None
+        return out, None, None, None
 
 
-def softmax_linear(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """softmax(logits) @ weight.T for logits (..., V) and weight (D, V), twice differentiable, lean in memory."""
+def softmax_linear(logits: torch.Tensor, weight: torch.Tensor, group=None) -> torch.Tensor:
+    """softmax(logits) @ weight.T for logits (..., V) and weight (D, V), twice differentiable, lean in memory.
+    With `group`: V is this rank's slice of a vocabulary split over the group, and the result is this rank's part
+    of the sum."""
     if weight.requires_grad and weight.grad_fn is None:
         # The engine answers "will W's gradient be computed?" only for non-leaf nodes during autograd.grad; a
         # free view gives a leaf weight such a node.
         weight = weight.view_as(weight)
-    return _SoftmaxLinear.apply(logits, weight)
+    return _SoftmaxLinear.apply(logits, weight, group)
 
 
-def lean_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """F.cross_entropy(logits, target) (mean) for logits (N, V), saving only the logits."""
-    return _CrossEntropy.apply(logits, target)
+def lean_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group=None, vocab_start: int = 0) -> torch.Tensor:
+    """F.cross_entropy(logits, target) (mean) for logits (N, V), saving only the logits. With `group`: the logits
+    are this rank's columns [vocab_start, vocab_start + V) of a vocabulary split over the group."""
+    return _CrossEntropy.apply(logits, target, group, vocab_start)
 
 
 class SoftmaxLinear(nn.Linear):

@@ -68,7 +68,8 @@ def apply_tensor_parallel_objective(objective: nn.Module, group) -> None:
     if hasattr(objective.model, "vocab_to_embed"):
         objective.state_shard = (dist.get_rank(group), dist.get_world_size(group))
         objective.mcmc.state_split_group = group
-        objective.loss_fn = VocabParallelCrossEntropy(group, objective.model.cfg.vocab_size)
+        cfg = objective.model.cfg
+        objective.loss_fn = VocabParallelCrossEntropy(group, cfg.vocab_size, lean=cfg.vocab_state == "lean")
 
 
 def apply_compile(model: nn.Module) -> None:

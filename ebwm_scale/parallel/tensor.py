@@ -30,6 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ebwm_scale.models.vocab_state import lean_cross_entropy, softmax_linear
+
 
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
@@ -210,9 +212,16 @@ class _SumOfSlices(_ReduceFromTP):
 class VocabParallelSoftmaxLinear(RowParallelLinear):
     """The EBT's state mapping softmax(logits) @ W^T with the logits split over the vocabulary: each rank turns its
     slice into its slice of the probabilities (global max and sum), multiplies by its W columns, and the partial
-    embeddings are all-reduced. Plain autograd: the state is already split N ways (see models/vocab_state.py)."""
+    embeddings are all-reduced. `lean` (models/vocab_state.py) does this inside the fused Functions; otherwise plain
+    autograd."""
+
+    def __init__(self, full: nn.Linear, group):
+        super().__init__(full, group)
+        self.lean = getattr(full, "lean", False)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.lean:
+            return reduce_from_tp(softmax_linear(logits, self.weight, self.group), self.group)
         exp = torch.exp(logits - _global_max(logits, self.group))
         probs = exp / _SumOfSlices.apply(exp.sum(dim=-1, keepdim=True), self.group)
         return super().forward(probs)
@@ -221,13 +230,15 @@ class VocabParallelSoftmaxLinear(RowParallelLinear):
 class VocabParallelCrossEntropy(nn.Module):
     """Mean cross-entropy of logits split over the vocabulary (this rank holds [start, end)) against full targets."""
 
-    def __init__(self, group, vocab_size: int):
+    def __init__(self, group, vocab_size: int, lean: bool = False):
         super().__init__()
-        self.group = group
+        self.group, self.lean = group, lean
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         self.start, self.end = rank * vocab_size // size, (rank + 1) * vocab_size // size
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.lean:
+            return lean_cross_entropy(logits.flatten(0, 1), target.flatten(), self.group, self.start)
         shifted = logits.float() - _global_max(logits.float(), self.group)  # (B, S, V / ranks)
         sum_exp = reduce_from_tp(torch.exp(shifted).sum(dim=-1), self.group)  # (B, S)
         inside = (target >= self.start) & (target < self.end)
