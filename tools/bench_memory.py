@@ -3,7 +3,7 @@ cross-entropy) vs `lean` (the default: fused, chunked Functions that keep only e
 
 One training step (forward, energy gradients with graph, outer backward) per vocabulary size, same weights and
 batch. Prints the peak memory the step adds (CPU: the process's peak RSS, reset before the step; CUDA: the
-allocator's peak), the bytes autograd saves for backward, the step time, and plain / lean ratios.
+allocator's peak), the bytes autograd saves for backward, the median step time, and plain / lean ratios.
 
     python tools/bench_memory.py [--vocab-sizes 8192,32768,50257] [--seq-len 256] [--batch-size 4] [--dim 256]
         [--device cpu|cuda] [--precision fp32|bf16]
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import time
 from pathlib import Path
 
@@ -82,13 +83,15 @@ def measure(vocab_state: str, vocab_size: int, args, device: torch.device) -> di
 
     step()  # warm-up; also allocates the gradient buffers
     with PeakMemory(device) as peak:
-        start = time.perf_counter()
         loss = step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()  # .item() inside waits for the device
+        times.append(time.perf_counter() - start)
     with SavedTensorBytes() as saved, autocast:
         objective(batch).loss.backward()
+    seconds = statistics.median(times)
     return {"peak_mb": peak.peak / 2**20, "saved_mb": saved.bytes / 2**20, "seconds": seconds, "loss": loss}
 
 
@@ -100,6 +103,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--mcmc-steps", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps (median) after the measured one")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args()

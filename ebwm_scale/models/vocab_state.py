@@ -12,10 +12,10 @@ step-size product needs); everything else is recomputed from them in row chunks 
       its backward         the second-order terms, recomputing p and g W chunk by chunk (no third order)
 
 The elementwise math over V runs in at least fp32, so the state stays fp32 under bf16 autocast; only the matmuls
-run in the autocast dtype. The forward keeps each row's log-normalizer (B x S floats), so softmax is recomputed
-without reductions. With a process `group` the vocabulary is split over it (tensor parallelism): each rank holds
-its V/N slice of the logits and of W, the row reductions over V are all-reduced, and softmax_linear returns this
-rank's partial embedding, which the caller sums (parallel/tensor.py).
+run in the autocast dtype. With a process `group` the vocabulary is split over it (tensor parallelism): each rank
+holds its V/N slice of the logits and of W, the row reductions over V are all-reduced (the forward keeps each row's
+log-normalizer, B x S floats, so recomputing softmax needs none), and softmax_linear returns this rank's partial
+embedding, which the caller sums (parallel/tensor.py).
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def _row_sum(x: torch.Tensor, group) -> torch.Tensor:
 
 def _log_normalizer(logits: torch.Tensor, group) -> torch.Tensor:
     """logsumexp over the (possibly split) vocabulary of wide logits (rows, V): (rows, 1)."""
+    if group is None:
+        return torch.logsumexp(logits, -1, keepdim=True)
     peak = logits.max(-1, keepdim=True).values
     if group is not None:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
@@ -67,6 +69,13 @@ def _refuse_higher_order(what: str) -> None:
     # once_differentiable would return silent zeros for a further derivative with respect to a leaf weight.
     if torch.is_grad_enabled():
         raise RuntimeError(f"{what} is not implemented for model.vocab_state='lean'; use model.vocab_state=plain")
+
+
+def _probabilities(logits: torch.Tensor, log_norm: torch.Tensor | None) -> torch.Tensor:
+    """softmax of wide logits (rows, V): one fused kernel, or from the kept log-normalizer of a split vocabulary."""
+    if log_norm is None:
+        return torch.softmax(logits, -1)
+    return (logits - log_norm).exp_()
 
 
 def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor, group) -> torch.Tensor:
@@ -82,11 +91,14 @@ class _SoftmaxLinear(torch.autograd.Function):
         # W's node lets backward skip W's gradient inside the MCMC's autograd.grad(E, state) (see softmax_linear).
         ctx.weight_node = get_gradient_edge(weight).node if weight.grad_fn is not None else None
         out = flat.new_empty(flat.shape[0], weight.shape[0], dtype=ctx.matmul_dtype)
-        log_norm = flat.new_empty(flat.shape[0], 1, dtype=at_least_fp32(flat).dtype)
+        # Split vocabulary: keep each row's log-normalizer, so that backward needs no collective to recompute softmax.
+        log_norm = None if group is None else flat.new_empty(flat.shape[0], 1, dtype=at_least_fp32(flat).dtype)
         for rows in _row_chunks(flat.shape[0], vocab):
             wide = at_least_fp32(flat[rows])
-            log_norm[rows] = _log_normalizer(wide, group)
-            out[rows] = _mm(torch.exp(wide - log_norm[rows]), weight.t(), ctx.matmul_dtype)
+            if log_norm is not None:
+                log_norm[rows] = _log_normalizer(wide, group)
+            probs = _probabilities(wide, None if log_norm is None else log_norm[rows])
+            out[rows] = _mm(probs, weight.t(), ctx.matmul_dtype)
         ctx.save_for_backward(logits, weight, log_norm)
         return out.view(*logits.shape[:-1], weight.shape[0])
 
@@ -112,7 +124,7 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
         grad_logits = flat.new_empty(flat.shape, dtype=wide) if want_logits else None
         grad_weight = weight.new_zeros(weight.shape, dtype=wide) if want_weight else None
         for rows in _row_chunks(flat.shape[0], vocab):
-            probs = torch.exp(at_least_fp32(flat[rows]) - log_norm[rows])
+            probs = _probabilities(at_least_fp32(flat[rows]), None if log_norm is None else log_norm[rows])
             if want_logits:
                 u = _mm(g[rows], weight, matmul_dtype).to(wide)
                 grad_logits[rows] = _softmax_backward(u, probs, group)
@@ -144,7 +156,7 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
         d_weight = weight.new_zeros(weight.shape, dtype=wide) if need_weight else None
         d_g = g.new_zeros(g.shape, dtype=wide) if need_g else None
         for rows in _row_chunks(flat.shape[0], vocab):
-            probs = torch.exp(at_least_fp32(flat[rows]) - log_norm[rows])
+            probs = _probabilities(at_least_fp32(flat[rows]), None if log_norm is None else log_norm[rows])
             d_probs = None
             if cot_x is not None:
                 c = at_least_fp32(cot_x[rows])
@@ -201,7 +213,7 @@ class _CrossEntropy(torch.autograd.Function):
         scale = grad / logits.shape[0]
         out = torch.empty_like(logits)
         for rows in _row_chunks(logits.shape[0], logits.shape[-1]):
-            probs = torch.exp(at_least_fp32(logits[rows]) - log_norm[rows])
+            probs = _probabilities(at_least_fp32(logits[rows]), log_norm[rows])
             probs.scatter_add_(-1, local[rows], -inside[rows].unsqueeze(-1).to(probs.dtype))
             out[rows] = probs * scale
         return out, None, None, None
