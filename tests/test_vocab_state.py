@@ -43,6 +43,7 @@ def test_third_derivative_is_refused_clearly():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_lean_cross_entropy_matches_torch(chunking, dtype):
+    torch.manual_seed(0)
     logits = (3 * torch.randn(6, 7)).to(dtype).requires_grad_()
     target = torch.randint(0, 7, (6,))
     lean = lean_cross_entropy(logits, target)
@@ -52,7 +53,8 @@ def test_lean_cross_entropy_matches_torch(chunking, dtype):
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     assert lean.item() == pytest.approx(reference.item(), rel=tolerance)
     assert lean_grad.dtype == dtype
-    assert torch.allclose(lean_grad.double(), reference_grad.double(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(lean_grad.double(), reference_grad.double(), rtol=rtol, atol=rtol / 10)
 
 
 def _objective(vocab_state_impl: str, vocab_size: int = 61, **mcmc):

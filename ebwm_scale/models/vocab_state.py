@@ -60,8 +60,7 @@ def _log_normalizer(logits: torch.Tensor, group) -> torch.Tensor:
     if group is None:
         return torch.logsumexp(logits, -1, keepdim=True)
     peak = logits.max(-1, keepdim=True).values
-    if group is not None:
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
     return peak + _row_sum(torch.exp(logits - peak), group).log()
 
 
@@ -71,11 +70,12 @@ def _refuse_higher_order(what: str) -> None:
         raise RuntimeError(f"{what} is not implemented for model.vocab_state='lean'; use model.vocab_state=plain")
 
 
-def _probabilities(logits: torch.Tensor, log_norm: torch.Tensor | None) -> torch.Tensor:
-    """softmax of wide logits (rows, V): one fused kernel, or from the kept log-normalizer of a split vocabulary."""
+def _probabilities(logits: torch.Tensor, rows: slice, log_norm: torch.Tensor | None) -> torch.Tensor:
+    """softmax of the wide logits[rows]: one fused kernel, or from the kept log-normalizers of a split vocabulary."""
+    wide = at_least_fp32(logits[rows])
     if log_norm is None:
-        return torch.softmax(logits, -1)
-    return (logits - log_norm).exp_()
+        return torch.softmax(wide, -1)
+    return (wide - log_norm[rows]).exp_()
 
 
 def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor, group) -> torch.Tensor:
@@ -94,11 +94,9 @@ class _SoftmaxLinear(torch.autograd.Function):
         # Split vocabulary: keep each row's log-normalizer, so that backward needs no collective to recompute softmax.
         log_norm = None if group is None else flat.new_empty(flat.shape[0], 1, dtype=at_least_fp32(flat).dtype)
         for rows in _row_chunks(flat.shape[0], vocab):
-            wide = at_least_fp32(flat[rows])
             if log_norm is not None:
-                log_norm[rows] = _log_normalizer(wide, group)
-            probs = _probabilities(wide, None if log_norm is None else log_norm[rows])
-            out[rows] = _mm(probs, weight.t(), ctx.matmul_dtype)
+                log_norm[rows] = _log_normalizer(at_least_fp32(flat[rows]), group)
+            out[rows] = _mm(_probabilities(flat, rows, log_norm), weight.t(), ctx.matmul_dtype)
         ctx.save_for_backward(logits, weight, log_norm)
         return out.view(*logits.shape[:-1], weight.shape[0])
 
@@ -124,7 +122,7 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
         grad_logits = flat.new_empty(flat.shape, dtype=wide) if want_logits else None
         grad_weight = weight.new_zeros(weight.shape, dtype=wide) if want_weight else None
         for rows in _row_chunks(flat.shape[0], vocab):
-            probs = _probabilities(at_least_fp32(flat[rows]), None if log_norm is None else log_norm[rows])
+            probs = _probabilities(flat, rows, log_norm)
             if want_logits:
                 u = _mm(g[rows], weight, matmul_dtype).to(wide)
                 grad_logits[rows] = _softmax_backward(u, probs, group)
@@ -156,7 +154,7 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
         d_weight = weight.new_zeros(weight.shape, dtype=wide) if need_weight else None
         d_g = g.new_zeros(g.shape, dtype=wide) if need_g else None
         for rows in _row_chunks(flat.shape[0], vocab):
-            probs = _probabilities(at_least_fp32(flat[rows]), None if log_norm is None else log_norm[rows])
+            probs = _probabilities(flat, rows, log_norm)
             d_probs = None
             if cot_x is not None:
                 c = at_least_fp32(cot_x[rows])
@@ -213,7 +211,7 @@ class _CrossEntropy(torch.autograd.Function):
         scale = grad / logits.shape[0]
         out = torch.empty_like(logits)
         for rows in _row_chunks(logits.shape[0], logits.shape[-1]):
-            probs = _probabilities(at_least_fp32(logits[rows]), log_norm[rows])
+            probs = _probabilities(logits, rows, log_norm)
             probs.scatter_add_(-1, local[rows], -inside[rows].unsqueeze(-1).to(probs.dtype))
             out[rows] = probs * scale
         return out, None, None, None
