@@ -118,13 +118,13 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
     def forward(ctx, logits, weight, grad_out, log_norm, want_logits, want_weight, matmul_dtype, group):
         vocab, dim = logits.shape[-1], weight.shape[0]
         flat, g = logits.reshape(-1, vocab), grad_out.reshape(-1, dim)
-        wide = at_least_fp32(logits).dtype
-        grad_logits = flat.new_empty(flat.shape, dtype=wide) if want_logits else None
-        grad_weight = weight.new_zeros(weight.shape, dtype=wide) if want_weight else None
+        wide_dtype = at_least_fp32(logits).dtype
+        grad_logits = flat.new_empty(flat.shape, dtype=wide_dtype) if want_logits else None
+        grad_weight = weight.new_zeros(weight.shape, dtype=wide_dtype) if want_weight else None
         for rows in _row_chunks(flat.shape[0], vocab):
             probs = _probabilities(flat, rows, log_norm)
             if want_logits:
-                u = _mm(g[rows], weight, matmul_dtype).to(wide)
+                u = _mm(g[rows], weight, matmul_dtype).to(wide_dtype)
                 grad_logits[rows] = _softmax_backward(u, probs, group)
             if want_weight:
                 grad_weight += _mm(g[rows].t(), probs, matmul_dtype)
@@ -145,14 +145,14 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
         dtype, group = ctx.matmul_dtype, ctx.group
         vocab, dim = logits.shape[-1], weight.shape[0]
         flat, g = logits.reshape(-1, vocab), grad_out.reshape(-1, dim)
-        wide = at_least_fp32(logits).dtype
+        wide_dtype = at_least_fp32(logits).dtype
         # A released MCMC state (requires_grad off once its energy gradient is taken) wants no second-order term.
         need_logits = ctx.needs_input_grad[0] and logits.requires_grad
         need_weight, need_g = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         cot_x = None if cot_logits is None else cot_logits.reshape(-1, vocab)
-        d_logits = flat.new_zeros(flat.shape, dtype=wide) if need_logits else None
-        d_weight = weight.new_zeros(weight.shape, dtype=wide) if need_weight else None
-        d_g = g.new_zeros(g.shape, dtype=wide) if need_g else None
+        d_logits = flat.new_zeros(flat.shape, dtype=wide_dtype) if need_logits else None
+        d_weight = weight.new_zeros(weight.shape, dtype=wide_dtype) if need_weight else None
+        d_g = g.new_zeros(g.shape, dtype=wide_dtype) if need_g else None
         for rows in _row_chunks(flat.shape[0], vocab):
             probs = _probabilities(flat, rows, log_norm)
             d_probs = None
@@ -165,13 +165,13 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
                 if need_weight:
                     d_weight += _mm(g[rows].t(), d_u, dtype)
                 if need_logits:
-                    u = _mm(g[rows], weight, dtype).to(wide)
+                    u = _mm(g[rows], weight, dtype).to(wide_dtype)
                     d_probs = c * (u - _row_sum(u * probs, group)) - c_dot_p * u
             if cot_weight is not None:
                 if need_g:
                     d_g[rows] += _mm(probs, cot_weight.t(), dtype)
                 if need_logits:
-                    from_weight = _mm(g[rows], cot_weight, dtype).to(wide)
+                    from_weight = _mm(g[rows], cot_weight, dtype).to(wide_dtype)
                     d_probs = from_weight if d_probs is None else d_probs + from_weight
             if need_logits and d_probs is not None:
                 d_logits[rows] = _softmax_backward(d_probs, probs, group)
