@@ -20,10 +20,11 @@ from ebwm_scale.models.config import (
     ATTENTION_IMPLS,
     DOUBLE_BACKWARD_SAFE_ATTENTION,
     EBT_IMPLS,
-    VOCAB_STATES,
+    STEP_CONDITIONINGS,
     ModelConfig,
 )
 from ebwm_scale.parallel.dist import ACTIVATION_CHECKPOINTING, BACKENDS, DATA_PARALLEL_MODES, ParallelConfig
+from ebwm_scale.states import UPDATE_SPACES, VOCAB_STATES
 from ebwm_scale.train.config import DEVICES, PRECISIONS, TrainConfig
 from ebwm_scale.train.optim import OptimConfig
 from ebwm_scale.train.tracking import TrackingConfig
@@ -81,7 +82,7 @@ def config_from_text(text: str, source: str) -> PretrainConfig:
         loaded = OmegaConf.create(text)
     except Exception as error:
         raise ConfigError(f"cannot parse {source}: {str(error).splitlines()[0]}") from None
-    cfg: PretrainConfig = OmegaConf.to_object(_merge(OmegaConf.structured(PretrainConfig), loaded, source))
+    cfg: PretrainConfig = resolve(OmegaConf.to_object(_merge(OmegaConf.structured(PretrainConfig), loaded, source)))
     problem = find_problem(cfg)
     if problem:
         raise ConfigError(f"{problem} ({source})")
@@ -111,13 +112,21 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         if "=" not in override or override.startswith("="):
             raise ConfigError(f"override {override!r} is not of the form key.sub=value (command line)")
         merged = _merge(merged, OmegaConf.from_dotlist([override]), f"command line: {override}")
-    cfg: PretrainConfig = OmegaConf.to_object(merged)
+    cfg: PretrainConfig = resolve(OmegaConf.to_object(merged))
     if not cfg.train.run_name:
         cfg.train.run_name = path.stem
     problem = find_problem(cfg)
     if problem:
         source = f"{path}, overrides: {' '.join(overrides)}" if overrides else str(path)
         raise ConfigError(f"{problem} ({source})")
+    return cfg
+
+
+def resolve(cfg: PretrainConfig) -> PretrainConfig:
+    """Fills what a recipe may leave to be derived: one step embedding per MCMC training step."""
+    m, mc = cfg.model, cfg.mcmc
+    if m.kind == "ebt" and m.step_conditioning != "none" and m.num_step_embeddings == 0:
+        m.num_step_embeddings = max(mc.num_steps, mc.max_num_steps)
     return cfg
 
 
@@ -165,7 +174,9 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         _choice("model.modality", m.modality, ("text", "frames")),
         _choice("model.attn_impl", m.attn_impl, ATTENTION_IMPLS),
         _choice("model.ebt_impl", m.ebt_impl, EBT_IMPLS),
-        _choice("model.vocab_state", m.vocab_state, VOCAB_STATES),
+        _choice("model.step_conditioning", m.step_conditioning, STEP_CONDITIONINGS),
+        _choice("mcmc.update_space", mc.update_space, UPDATE_SPACES),
+        _choice("mcmc.vocab_state", mc.vocab_state, VOCAB_STATES),
         _choice("mcmc.loss_on", mc.loss_on, ("all", "last")),
         _choice("data.source", d.source, DATA_SOURCES),
         _choice("train.device", t.device, DEVICES),
@@ -197,7 +208,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         checks.append(f"data.video.patch_size={d.video.patch_size} does not divide frame_size={d.video.frame_size}")
     if mc.max_num_steps and mc.max_num_steps < mc.num_steps:
         checks.append(f"mcmc.max_num_steps={mc.max_num_steps} is below mcmc.num_steps={mc.num_steps}")
-    if m.num_step_embeddings and m.num_step_embeddings < max(mc.num_steps, mc.max_num_steps):
+    if m.step_conditioning != "none" and m.num_step_embeddings < max(mc.num_steps, mc.max_num_steps):
         checks.append(f"model.num_step_embeddings={m.num_step_embeddings} is fewer than the MCMC training steps")
     if not mc.alpha_init > mc.alpha_min > 0:
         checks.append(f"mcmc.alpha_init={mc.alpha_init} must exceed mcmc.alpha_min={mc.alpha_min} > 0")
@@ -210,7 +221,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
     elif cfg.parallel.data_parallel == "zero" and cfg.parallel.zero_stage == 3:
         checks.append(
             "parallel.zero_stage=3: DeepSpeed re-partitions parameters before the EBT's second-order pass "
-            "(DESIGN §4); for sharded parameters use parallel.data_parallel=fsdp"
+            "(docs/design.md); for sharded parameters use parallel.data_parallel=fsdp"
         )
     tp = cfg.parallel.tensor_parallel
     if tp < 1:
@@ -232,6 +243,11 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         checks.append(f"parallel.pipeline_microbatches={chunks} does not divide data.micro_batch_size")
     elif pp > 1 and m.kind == "ebt" and m.ebt_impl != "split":
         checks.append(f"parallel.pipeline_parallel={pp} needs model.ebt_impl='split' (the stages pass prediction rows)")
+    elif pp > 1 and m.kind == "ebt" and m.step_conditioning == "time_token":
+        checks.append(
+            f"parallel.pipeline_parallel={pp} does not run model.step_conditioning='time_token' yet (its context "
+            "stream changes every MCMC step); use 'additive' or 'none'"
+        )
     if cfg.parallel.compile and (cfg.parallel.data_parallel != "ddp" or tp > 1 or pp > 1):
         checks.append("parallel.compile=true works with parallel.data_parallel=ddp and no tensor/pipeline parallelism")
     elif cfg.parallel.compile and m.kind == "ebt" and m.ebt_impl != "split":

@@ -42,12 +42,14 @@ def evaluate_batch(objective, batch, num_steps: int, best_of: int) -> dict[str, 
         with torch.no_grad():
             return {"loss": position_losses(objective.predict(ctx), target)}
     model = objective.model
-    chains_ctx = ctx.repeat(best_of, *([1] * (ctx.dim() - 1)))  # best_of copies of the batch, stacked
     with torch.no_grad():
-        context = model.encode_context(chains_ctx)
-    init = objective.init_state(chains_ctx)
+        context = model.encode_context(ctx)
+        model.cache_context(context, num_steps + 1)  # computed once, then copied for the chains
+    chains = context.repeat(best_of)
+    init = objective.init_state(ctx.repeat(best_of, *([1] * (ctx.dim() - 1))))  # (best_of x B, S, state)
     thought = think(
-        lambda pred, step: model.energy(context, pred, step),
+        objective.energy_fn(chains),
+        objective.state,
         init,
         objective.mcmc.step_size().detach(),
         num_steps,

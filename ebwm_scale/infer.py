@@ -7,8 +7,9 @@ energy (lower = the model finds it more plausible), the spread of the final ener
 score) and the number of steps it used.
 
 Generation appends one element at a time (a token, or a predicted frame for video rollouts). The real tokens' keys
-and values are cached per layer, so each new token costs one position of the context stream instead of the whole
-sequence again; `use_cache=False` recomputes everything (the reference the cache is tested against).
+and values are cached per layer (per step under the time-token conditioning, whose context stream depends on the
+step), so each new token costs one position of the context stream instead of the whole sequence again;
+`use_cache=False` recomputes everything (the reference the cache is tested against).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ebwm_scale.mcmc import refine
 from ebwm_scale.models import EBT
+from ebwm_scale.models.ebt import EncodedContext
 
 
 @dataclass(kw_only=True)
@@ -36,40 +39,30 @@ class Thought:
     steps_used: torch.Tensor  # (B, S) gradient steps the chosen chain took at each position
 
 
-def think(energy_fn, init: torch.Tensor, alpha: torch.Tensor, num_steps: int, cfg: ThinkConfig) -> Thought:
-    """Refine `init` ((chains x B, S, state), chains stacked along dim 0) by gradient descent on
-    energy_fn(pred, step) -> (chains x B, S); returns the best chain per position."""
-    pred = init
-    active = torch.ones(pred.shape[:-1], dtype=torch.bool, device=pred.device)
-    steps_used = torch.zeros(pred.shape[:-1], device=pred.device)
-    previous = None
-    for step in range(num_steps):
-        with torch.enable_grad():
-            x = pred.detach()
-            if cfg.langevin_noise_std > 0:
-                x = x + cfg.langevin_noise_std * torch.randn_like(x) * active[..., None]
-            x.requires_grad_(True)
-            energy = energy_fn(x, step)
-            (grad,) = torch.autograd.grad(energy.sum(), x)
-        energy = energy.detach()
-        if previous is not None and cfg.early_exit_eps > 0:
-            active &= previous - energy >= cfg.early_exit_eps
-        if not active.any():
-            break
-        pred = torch.where(active[..., None], x.detach() - alpha * grad, pred)
-        steps_used += active
-        previous = energy
-    with torch.no_grad():
-        final = energy_fn(pred, num_steps)  # (chains x B, S)
+def think(energy_fn, space, init: torch.Tensor, alpha: torch.Tensor, num_steps: int, cfg: ThinkConfig) -> Thought:
+    """Refine `init` ((chains x B, S, state), chains stacked along dim 0) with the training loop's own step
+    (mcmc.refine), then keep the chain with the lowest final energy per position."""
+    result = refine(
+        energy_fn,
+        space,
+        init,
+        alpha,
+        num_steps,
+        create_graph=False,
+        langevin_noise_std=cfg.langevin_noise_std,
+        early_exit_eps=cfg.early_exit_eps,
+        final_energy=True,
+    )
     chains = cfg.best_of
-    final, pred = final.view(chains, -1, *final.shape[1:]), pred.view(chains, -1, *pred.shape[1:])
+    final = result.final_energy.view(chains, -1, *result.final_energy.shape[1:])  # (chains, B, S)
+    pred = result.pred.view(chains, -1, *result.pred.shape[1:])
     best = final.argmin(dim=0)  # (B, S)
     pick = best[None, ..., None].expand(1, *best.shape, pred.shape[-1])
     return Thought(
         pred=pred.gather(0, pick)[0],
         energy=final.gather(0, best[None])[0],
         energy_spread=final.std(dim=0, unbiased=False),
-        steps_used=steps_used.view(chains, *best.shape).gather(0, best[None])[0],
+        steps_used=result.steps_used.view(chains, *best.shape).gather(0, best[None])[0],
     )
 
 
@@ -80,37 +73,32 @@ class Generator:
         if not isinstance(objective.model, EBT):
             raise ValueError("System-2 thinking needs an EBT; an AR model's prediction has no energy to refine")
         self.objective, self.model, self.cfg = objective.eval(), objective.model, cfg
-        self.layers = range(self.model.cfg.num_layers)
         self.num_steps = cfg.num_steps or objective.mcmc.cfg.num_steps
         self.alpha = objective.mcmc.step_size().detach()
 
     @torch.no_grad()
-    def encode(self, context: torch.Tensor, past: list | None = None) -> list:
-        """Per-layer keys/values of the real elements `context`, continuing `past` if given."""
-        return self.model.context_layers(self.model.embed_context(context), self.layers, past)[1]
+    def encode(self, context: torch.Tensor, past: EncodedContext | None = None) -> EncodedContext:
+        """The real elements `context`, continuing `past` if given (its cached keys/values grow)."""
+        if past is None:
+            return self.model.encode_context(context)
+        return self.model.extend_context(past, context)
 
-    def predict_next(self, kv: list) -> Thought:
+    def predict_next(self, context: EncodedContext) -> Thought:
         """The element after the last real one, refined from start noise (best_of chains)."""
-        chains = self.cfg.best_of
-        repeated = [(k.repeat(chains, 1, 1, 1), v.repeat(chains, 1, 1, 1)) for k, v in kv]
-
-        def energy_fn(pred: torch.Tensor, step: int) -> torch.Tensor:
-            candidate = self.model.embed_candidate(pred, step)
-            return self.model.readout(self.model.prediction_layers(candidate, repeated, self.layers))
-
-        batch = kv[0][0].shape[0]
-        init = self.objective.init_state(torch.empty(chains * batch, 1, device=kv[0][0].device))
-        return think(energy_fn, init, self.alpha, self.num_steps, self.cfg)
+        self.model.cache_context(context, self.num_steps + 1)  # before the chains copy it; +1: the final score
+        chains = context.repeat(self.cfg.best_of)
+        init = self.objective.init_state(chains.embeddings[:, -1:])
+        return think(self.objective.energy_fn(chains), self.objective.state, init, self.alpha, self.num_steps, self.cfg)
 
     def generate(
         self, context: torch.Tensor, num_new: int, temperature: float = 0.0, use_cache: bool = True
     ) -> tuple[torch.Tensor, list[Thought]]:
         """`context` (B, T) tokens or (B, T, F) frames, extended by `num_new` predictions. Text: greedy
-        (temperature 0) or sampled from softmax(logits / temperature); frames: the refined state itself."""
-        kv = self.encode(context)
+        (temperature 0) or sampled from softmax(state / temperature); frames: the refined state itself."""
+        encoded = self.encode(context)
         thoughts = []
         for _ in range(num_new):
-            thought = self.predict_next(kv)
+            thought = self.predict_next(encoded)
             thoughts.append(thought)
             if self.model.cfg.modality == "text":
                 logits = thought.pred[:, -1].float()
@@ -121,7 +109,7 @@ class Generator:
             else:
                 new = thought.pred[:, -1:].to(context.dtype)  # (B, 1, F)
             context = torch.cat((context, new), dim=1)
-            kv = self.encode(new, kv) if use_cache else self.encode(context)
+            encoded = self.encode(new, encoded) if use_cache else self.encode(context)
         return context, thoughts
 
 

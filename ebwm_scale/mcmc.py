@@ -1,14 +1,17 @@
-"""The MCMC refinement loop: gradient descent on the learned energy, differentiated through (seed pseudocode).
+"""The MCMC refinement loop: gradient descent on the learned energy, differentiated through (EBWM pseudocode).
 
     for each step:
         pred   = pred.detach()                                   # no gradient through earlier steps
-        energy = model(ctx, pred)                                # (B, S)
-        grad   = autograd.grad(energy.sum(), pred, create_graph) # second-order path to the parameters and alpha
-        pred   = pred - alpha * grad
+        x      = point(pred)                                     # the variable E is differentiated in (states.py)
+        energy = model(ctx, candidate(x))                        # (B, S)
+        grad   = autograd.grad(energy.sum(), x, create_graph)    # second-order path to the parameters and alpha
+        pred   = x - alpha * grad
         loss  += recon(pred, target)
 
-The gradient is taken with respect to the state itself (for text: the logits, through the softmax), so the update
-is true gradient descent on E(state) and a small enough step never raises the energy.
+`mcmc_step` is the only implementation of a step: training, evaluation, System-2 inference (more steps, best-of-N,
+early exit: ebwm_scale/infer.py) and the pipeline schedule (which runs `start_step` and `finish_step` around its
+waves of stages) all call it. What the state is and how it descends (frames; tokens under the official probability
+rule or the logit rule) comes from the state space (ebwm_scale/states.py).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-EnergyFn = Callable[[torch.Tensor, int], torch.Tensor]  # (pred, step index) -> energy (B, S)
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pred, target) -> scalar
+from ebwm_scale.states import FrameState, Point, TokenState
+
+EnergyFn = Callable[[torch.Tensor, int], torch.Tensor]  # (candidate embedding (B, S, D), step index) -> (B, S)
+StateSpace = FrameState | TokenState
 
 
 @dataclass(kw_only=True)
@@ -36,6 +41,12 @@ class MCMCConfig:
     step_count_seed: int = 0  # the step-count draws; the same on every rank, so ranks run equal numbers of passes
     alpha_jitter: float = 0.0  # > 0: each step uses alpha * U(1 - jitter, 1 + jitter)
     loss_on: str = "all"  # all: mean of the loss after every step | last: the last step only
+    # Text: "probs" is the official rule (step from softmax(s) with the gradient w.r.t. the probabilities);
+    # "logits" differentiates through the softmax and steps the logits (needs its own alpha and noise).
+    update_space: str = "probs"
+    # Text: "lean" runs the B x S x V state through fused, chunked Functions (ebwm_scale/vocab_state.py); "plain"
+    # is the autograd reference. Same numbers.
+    vocab_state: str = "lean"
 
     def build(self) -> MCMC:
         return MCMC(self)
@@ -44,44 +55,101 @@ class MCMCConfig:
 @dataclass
 class RefineResult:
     pred: torch.Tensor
-    losses: list[torch.Tensor] = field(default_factory=list)  # one scalar per step (empty without a loss_fn)
-    energies: list[torch.Tensor] = field(default_factory=list)  # mean energy before each step, detached
+    losses: list[torch.Tensor] = field(default_factory=list)  # one scalar per step (with a target)
+    energies: list[torch.Tensor] = field(default_factory=list)  # (B, S) before each step, detached
+    final_energy: torch.Tensor | None = None  # (B, S) after the last step (final_energy=True)
+    steps_used: torch.Tensor | None = None  # (B, S) steps each position took (fewer under early exit)
+
+
+def start_step(space: StateSpace, pred: torch.Tensor, langevin_noise_std: float = 0.0) -> Point:
+    """The first half of a step: a fresh leaf of the state (no gradient through earlier steps), noise, and the point
+    the energy is differentiated at."""
+    pred = pred.detach()
+    if langevin_noise_std > 0:  # Langevin dynamics: explore around the current state
+        pred = pred + langevin_noise_std * space.noise(pred)
+    return space.point(pred)
+
+
+def finish_step(
+    space: StateSpace, point: Point, grad: torch.Tensor, alpha: torch.Tensor, alpha_jitter: float = 0.0
+) -> torch.Tensor:
+    """The second half: gradient descent on the energy with step size alpha (randomized by `alpha_jitter`)."""
+    if point.wrt.is_leaf:
+        # Released: the outer backward then stores no gradient for this leaf (nothing reads it), and the lean
+        # vocabulary state skips computing it.
+        point.wrt.requires_grad_(False)
+    if alpha_jitter > 0:  # randomized step size
+        alpha = alpha * (1 + alpha_jitter * (2 * torch.rand((), device=alpha.device) - 1))
+    return space.descend(point, grad, alpha)
+
+
+def mcmc_step(
+    energy_fn: EnergyFn,
+    space: StateSpace,
+    pred: torch.Tensor,
+    alpha: torch.Tensor,
+    step: int,
+    *,
+    create_graph: bool,
+    langevin_noise_std: float = 0.0,
+    alpha_jitter: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of gradient descent on the energy: (the new state, the energy (B, S) before it, detached)."""
+    with torch.enable_grad():
+        point = start_step(space, pred, langevin_noise_std)
+        energy = energy_fn(point.candidate, step)  # (B, S)
+        (grad,) = torch.autograd.grad(energy.sum(), point.wrt, create_graph=create_graph)
+    with torch.set_grad_enabled(create_graph):
+        return finish_step(space, point, grad, alpha, alpha_jitter), energy.detach()
 
 
 def refine(
     energy_fn: EnergyFn,
+    space: StateSpace,
     pred: torch.Tensor,
     alpha: torch.Tensor,
     num_steps: int,
     *,
     target: torch.Tensor | None = None,
-    loss_fn: LossFn | None = None,
     create_graph: bool = True,
     langevin_noise_std: float = 0.0,
     alpha_jitter: float = 0.0,
-    noise_fn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+    early_exit_eps: float = 0.0,
+    final_energy: bool = False,
 ) -> RefineResult:
-    """Refine `pred` by `num_steps` of gradient descent on the energy. Works under torch.no_grad() too."""
-    result = RefineResult(pred=pred)
-    with torch.enable_grad():
-        for step in range(num_steps):
-            pred = pred.detach()
-            if langevin_noise_std > 0:  # Langevin dynamics: explore around the current state
-                pred = pred + langevin_noise_std * noise_fn(pred)
-            pred.requires_grad_(True)
-            energy = energy_fn(pred, step)  # (B, S)
-            (grad,) = torch.autograd.grad(energy.sum(), pred, create_graph=create_graph)
-            # Released: the outer backward then stores no gradient for this leaf (nothing reads it), and the lean
-            # vocabulary state skips computing it.
-            pred.requires_grad_(False)
-            step_alpha = alpha
-            if alpha_jitter > 0:  # randomized step size
-                step_alpha = alpha * (1 + alpha_jitter * (2 * torch.rand((), device=pred.device) - 1))
-            pred = pred - step_alpha * grad
-            result.energies.append(energy.detach().mean())
-            if loss_fn is not None:
-                result.losses.append(loss_fn(pred, target))
-    result.pred = pred if create_graph else pred.detach()
+    """Refine `pred` by `num_steps` of gradient descent on the energy. With a target, the loss after every step.
+    create_graph=False: inference, nothing is kept for a backward. early_exit_eps > 0: a position stops once a step
+    lowers its energy by less than this. final_energy: also score the final state (best-of-N picks by it)."""
+    result = RefineResult(pred=pred, steps_used=torch.zeros(pred.shape[:-1], device=pred.device))
+    active = torch.ones(pred.shape[:-1], dtype=torch.bool, device=pred.device)
+    if not create_graph:
+        alpha = alpha.detach()
+    for step in range(num_steps):
+        new, energy = mcmc_step(
+            energy_fn,
+            space,
+            pred,
+            alpha,
+            step,
+            create_graph=create_graph,
+            langevin_noise_std=langevin_noise_std,
+            alpha_jitter=alpha_jitter,
+        )
+        if early_exit_eps > 0 and result.energies:  # adaptive exit: positions whose last step gained too little
+            active &= result.energies[-1] - energy >= early_exit_eps
+            if not active.any():
+                break
+            new = torch.where(active[..., None], new, pred)
+        result.energies.append(energy)
+        result.steps_used += active
+        pred = new if create_graph else new.detach()
+        if target is not None:
+            with torch.set_grad_enabled(create_graph):
+                result.losses.append(space.loss(pred, target))
+    result.pred = pred
+    if final_energy:
+        with torch.no_grad():
+            result.final_energy = energy_fn(space.point(pred.detach()).candidate, num_steps)
     return result
 
 
@@ -98,17 +166,9 @@ class MCMC(nn.Module):
         # engines need every rank to run the same number of forward/backward passes).
         generator = torch.Generator().manual_seed(cfg.step_count_seed)
         self.register_buffer("step_count_rng", generator.get_state())
-        # Set by tensor parallelism when each rank refines a slice of the state: alpha's gradient is then the sum
-        # of the slices' contributions (copy_to_tp: identity forward, all-reduce backward).
-        self.state_split_group = None
 
     def step_size(self) -> torch.Tensor:
-        alpha = self.alpha.clamp(min=self.cfg.alpha_min).squeeze(0)  # a scalar for the update
-        if self.state_split_group is None:
-            return alpha
-        from ebwm_scale.parallel.tensor import copy_to_tp
-
-        return copy_to_tp(alpha, self.state_split_group)
+        return self.alpha.clamp(min=self.cfg.alpha_min).squeeze(0)  # a scalar for the update
 
     def sample_num_steps(self) -> int:
         """Randomized step count, from the module's own RNG state (see __init__)."""
@@ -120,27 +180,6 @@ class MCMC(nn.Module):
         self.step_count_rng.copy_(generator.get_state())
         return num_steps
 
-    def train_refine(
-        self,
-        energy_fn: EnergyFn,
-        pred: torch.Tensor,
-        target: torch.Tensor,
-        loss_fn: LossFn,
-        noise_fn: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
-    ):
-        """Training: random step count, noise and jitter as configured; returns the result and the loss."""
-        result = refine(
-            energy_fn,
-            pred,
-            self.step_size(),
-            self.sample_num_steps(),
-            target=target,
-            loss_fn=loss_fn,
-            create_graph=True,
-            langevin_noise_std=self.cfg.langevin_noise_std,
-            alpha_jitter=self.cfg.alpha_jitter,
-            noise_fn=noise_fn,
-        )
-        if self.cfg.loss_on == "last":
-            return result, result.losses[-1]
-        return result, torch.stack(result.losses).mean()
+    def train_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """The training loss from the per-step losses: their mean, or the last one (mcmc.loss_on)."""
+        return losses[-1] if self.cfg.loss_on == "last" else torch.stack(losses).mean()

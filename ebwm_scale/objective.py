@@ -8,7 +8,6 @@ lets DeepSpeed or any other engine treat the whole thing as one model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,9 @@ from torch import nn
 from ebwm_scale.mcmc import MCMC, RefineResult, refine
 from ebwm_scale.models import EBT
 from ebwm_scale.models.blocks import at_least_fp32
-from ebwm_scale.models.vocab_state import lean_cross_entropy
+from ebwm_scale.models.ebt import EncodedContext
+from ebwm_scale.states import build_state
+from ebwm_scale.vocab_state import VocabSplit, lean_cross_entropy
 
 
 @dataclass
@@ -31,19 +32,12 @@ def split_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return seq[:, :-1], seq[:, 1:]  # context (B, S, ...), target (B, S, ...)
 
 
-def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, lean: bool = True) -> torch.Tensor:
-    """Cross-entropy for token targets (pred: logits), SmoothL1(beta=1) for frame targets (DESIGN §2, §3).
-    `lean`: the chunked cross-entropy that saves the logits instead of fp32 log-probabilities (vocab_state.py)."""
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The AR baselines' loss: cross-entropy of logits (the lean one, which saves the logits instead of fp32
+    log-probabilities) or SmoothL1 (beta 1) to the next frame."""
     if target.dtype == torch.long:
-        if lean:
-            return lean_cross_entropy(pred.flatten(0, 1), target.flatten())
-        return F.cross_entropy(at_least_fp32(pred).flatten(0, 1), target.flatten())
+        return lean_cross_entropy(pred.flatten(0, 1), target.flatten())
     return F.smooth_l1_loss(at_least_fp32(pred), target.to(at_least_fp32(pred).dtype), beta=1.0)
-
-
-def loss_for(model: nn.Module):
-    """The model's reconstruction loss, with the cross-entropy its `model.vocab_state` asks for."""
-    return partial(reconstruction_loss, lean=model.cfg.vocab_state == "lean")
 
 
 def frame_metrics(pred: torch.Tensor, ctx: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -54,44 +48,41 @@ def frame_metrics(pred: torch.Tensor, ctx: torch.Tensor, target: torch.Tensor) -
 
 
 class EBTObjective(nn.Module):
-    def __init__(self, model: EBT, mcmc: MCMC):
+    """An EBT, its MCMC (alpha and the loop's options) and its state space. `split`: the vocabulary slice this
+    process holds when tensor parallelism splits the text state (parallel/tensor.py), else the whole vocabulary."""
+
+    def __init__(self, model: EBT, mcmc: MCMC, split: VocabSplit | None = None):
         super().__init__()
         self.model = model
         self.mcmc = mcmc
-        self.loss_fn = loss_for(model)
-        self.state_shard = (0, 1)  # (index, count): tensor parallelism keeps only this slice of the vocabulary state
-
-    def state_noise(self, like: torch.Tensor) -> torch.Tensor:
-        """Standard normal noise shaped like this rank's state, drawn at full width and sliced, so that a
-        vocabulary-split state starts and moves exactly like the unsplit one."""
-        index, count = self.state_shard
-        if count == 1:
-            return torch.randn_like(like)
-        full = torch.randn(*like.shape[:-1], like.shape[-1] * count, device=like.device, dtype=like.dtype)
-        return full.chunk(count, dim=-1)[index]
+        self.state = build_state(model, mcmc.cfg, split)
 
     def init_state(self, ctx: torch.Tensor) -> torch.Tensor:
-        """Noise to start from: V logits per position for text, an F-dim embedding for frames. Always fp32."""
-        cfg = self.model.cfg
-        state_dim = cfg.vocab_size if cfg.modality == "text" else cfg.frame_dim
-        local = torch.empty(ctx.shape[0], ctx.shape[1], state_dim // self.state_shard[1], device=ctx.device)
-        return self.mcmc.cfg.init_scale * self.state_noise(local)
+        """Start noise: V numbers per position for text (this slice of them), an F-dim embedding for frames."""
+        return self.state.init(ctx)
+
+    def energy_fn(self, context: EncodedContext):
+        return lambda candidate, step: self.model.energy(context, candidate, step)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         ctx, target = split_batch(batch)
-        context = self.model.encode_context(ctx)  # once per batch, shared by every MCMC step
-        result, loss = self.mcmc.train_refine(
-            lambda pred, step: self.model.energy(context, pred, step),
+        context = self.model.encode_context(ctx)  # shared by every MCMC step
+        result = refine(
+            self.energy_fn(context),
+            self.state,
             self.init_state(ctx),
-            target,
-            self.loss_fn,
-            noise_fn=self.state_noise,
+            self.mcmc.step_size(),
+            self.mcmc.sample_num_steps(),
+            target=target,
+            langevin_noise_std=self.mcmc.cfg.langevin_noise_std,
+            alpha_jitter=self.mcmc.cfg.alpha_jitter,
         )
+        loss = self.mcmc.train_loss(result.losses)
         metrics = {"loss": loss.detach(), "alpha": self.mcmc.step_size().detach()}
         # Only the steps every batch runs: with a random step count, ranks must still report the same keys.
         always = result.losses[: self.mcmc.cfg.num_steps]
         metrics.update({f"loss_step{k}": step_loss.detach() for k, step_loss in enumerate(always)})
-        metrics["energy_first"], metrics["energy_last"] = result.energies[0], result.energies[-1]
+        metrics["energy_first"], metrics["energy_last"] = result.energies[0].mean(), result.energies[-1].mean()
         return StepOutput(loss=loss, metrics=metrics)
 
     @torch.no_grad()
@@ -100,14 +91,13 @@ class EBTObjective(nn.Module):
     ) -> RefineResult:
         """Deterministic refinement (no noise, no jitter) from fresh start noise; no graph is kept. With a target,
         the result holds the loss after every step."""
-        context = self.model.encode_context(ctx)
         return refine(
-            lambda pred, step: self.model.energy(context, pred, step),
+            self.energy_fn(self.model.encode_context(ctx)),
+            self.state,
             self.init_state(ctx),
             self.mcmc.step_size(),
             num_steps or self.mcmc.cfg.num_steps,
             target=target,
-            loss_fn=None if target is None else self.loss_fn,
             create_graph=False,
         )
 
@@ -116,7 +106,7 @@ class EBTObjective(nn.Module):
         """The loss after the last step of `predict`."""
         ctx, target = split_batch(batch)
         result = self.predict(ctx, target, num_steps)
-        metrics = {"loss": result.losses[-1].detach(), "energy_last": result.energies[-1]}
+        metrics = {"loss": result.losses[-1].detach(), "energy_last": result.energies[-1].mean()}
         if target.is_floating_point():
             metrics.update(frame_metrics(result.pred, ctx, target))
         return metrics
@@ -126,7 +116,7 @@ class ARObjective(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.loss_fn = loss_for(model)
+        self.loss_fn = reconstruction_loss
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         ctx, target = split_batch(batch)
@@ -147,5 +137,6 @@ class ARObjective(nn.Module):
         return metrics
 
 
-def build_objective(model: nn.Module, mcmc: MCMC) -> nn.Module:
-    return EBTObjective(model, mcmc) if isinstance(model, EBT) else ARObjective(model)
+def build_objective(model: nn.Module, mcmc: MCMC, split: VocabSplit | None = None) -> nn.Module:
+    """The EBT or AR objective of `model`; `split` is the vocabulary slice of a tensor-parallel text EBT."""
+    return EBTObjective(model, mcmc, split) if isinstance(model, EBT) else ARObjective(model)

@@ -11,7 +11,7 @@ from ebwm_scale.config import ConfigError, PretrainConfig, load_config
 from ebwm_scale.data.shards import ShardFormatError
 from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel.dist import DistInfo, init_distributed, shutdown_distributed
-from ebwm_scale.parallel.parallelize import parallelize
+from ebwm_scale.parallel.parallelize import parallelize, vocab_split
 from ebwm_scale.train.callbacks import Callback, ConsoleCallback, MetricsFileCallback
 from ebwm_scale.train.checkpoint import CheckpointCallback, CheckpointError
 from ebwm_scale.train.tracking import MLflowCallback
@@ -22,7 +22,8 @@ USAGE = "usage: ebwm-pretrain RECIPE.yaml [key.sub=value ...]   (e.g. recipes/ci
 
 def build_trainer(cfg: PretrainConfig, dist: DistInfo, extra_callbacks: Sequence[Callback] = ()) -> Trainer:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    objective = parallelize(build_objective(cfg.model.build(), cfg.mcmc.build()), cfg.parallel, dist)
+    objective = build_objective(cfg.model.build(), cfg.mcmc.build(), vocab_split(dist))
+    objective = parallelize(objective, cfg.parallel, dist)
     objective = objective.to(dist.device)
     torch.manual_seed(cfg.train.seed + 1 + dist.dp_rank)  # MCMC noise: per data-parallel rank, shared within TP
     train_set, val_set, data_info = cfg.data.build_datasets(cfg.model)

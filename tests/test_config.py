@@ -46,7 +46,17 @@ def test_wrong_type_names_key(tmp_path):
         ("model:\n  dim: 100\n  num_heads: 3\n", "model.num_heads=3 does not divide model.dim=100"),
         ("train:\n  max_steps: 0\n", "train.max_steps=0 must be > 0"),
         ("model:\n  kind: diffusion\n", "model.kind='diffusion' is not one of ebt, ar"),
-        ("model:\n  vocab_state: fused\n", "model.vocab_state='fused' is not one of lean, plain"),
+        ("mcmc:\n  vocab_state: fused\n", "mcmc.vocab_state='fused' is not one of lean, plain"),
+        ("mcmc:\n  update_space: energy\n", "mcmc.update_space='energy' is not one of probs, logits"),
+        ("model:\n  step_conditioning: film\n", "model.step_conditioning='film' is not one of none, additive"),
+        (
+            "model:\n  step_conditioning: additive\n  num_step_embeddings: 1\n",
+            "model.num_step_embeddings=1 is fewer than the MCMC training steps",
+        ),
+        (
+            "parallel:\n  pipeline_parallel: 2\nmodel:\n  step_conditioning: time_token\n",
+            "does not run model.step_conditioning='time_token' yet",
+        ),
         ("model:\n  ebt_impl: masked\n  attn_impl: sdpa_fused\n", "model.attn_impl='sdpa_fused' has no double"),
         ("model:\n  modality: frames\n", "model.modality='frames' but data.source='stdlib_docs'"),
         ("mcmc:\n  num_steps: 3\n  max_num_steps: 2\n", "mcmc.max_num_steps=2 is below mcmc.num_steps=3"),
@@ -80,3 +90,9 @@ def test_cli_prints_one_line_config_error(tmp_path):
     proc = subprocess.run([script, str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip() == f"ConfigError: model.num_heads=7 does not divide model.dim=128 ({path})"
+
+
+def test_step_embeddings_default_to_one_per_training_step(tmp_path):
+    recipe = _recipe(tmp_path, "model:\n  step_conditioning: time_token\nmcmc:\n  num_steps: 2\n  max_num_steps: 4\n")
+    assert load_config(recipe).model.num_step_embeddings == 4
+    assert load_config(recipe, ["model.num_step_embeddings=6"]).model.num_step_embeddings == 6

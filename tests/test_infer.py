@@ -6,13 +6,18 @@ import torch
 from ebwm_scale.infer import Generator, ThinkConfig, think
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.objective import build_objective
+from ebwm_scale.states import FrameState
 from tests.conftest import tiny_model_config
 from tests.test_mcmc import trained_frames_objective
 
 
-def _text_objective():
+def _text_objective(**model):
     torch.manual_seed(0)
-    return build_objective(tiny_model_config("ebt", "text", num_layers=2).build(), MCMCConfig(alpha_init=5.0).build())
+    cfg = tiny_model_config("ebt", "text", num_layers=2, num_step_embeddings=3, **model)
+    return build_objective(cfg.build(), MCMCConfig(alpha_init=5.0, num_steps=3).build())
+
+
+EUCLIDEAN = FrameState(lambda x: x, frame_dim=2, init_scale=1.0)  # the state is the candidate itself
 
 
 def quadratic(target: torch.Tensor):
@@ -23,7 +28,7 @@ def quadratic(target: torch.Tensor):
 def test_best_of_n_keeps_the_lowest_energy_chain_per_position():
     target = torch.zeros(1, 3, 2)
     init = torch.tensor([[[3.0, 0], [0, 1], [2, 2]], [[1.0, 0], [0, 4], [1, 1]]])  # 2 chains x (1, 3, 2)
-    thought = think(quadratic(target), init, torch.tensor(0.25), 1, ThinkConfig(best_of=2))
+    thought = think(quadratic(target), EUCLIDEAN, init, torch.tensor(0.25), 1, ThinkConfig(best_of=2))
     finals = ((init * 0.5) ** 2).sum(-1)  # one step of size 0.25 on |x|^2 halves x
     assert torch.equal(thought.energy[0], finals.min(dim=0).values)
     assert torch.equal(thought.pred[0], (init * 0.5)[finals.argmin(dim=0), torch.arange(3)])
@@ -33,8 +38,8 @@ def test_best_of_n_keeps_the_lowest_energy_chain_per_position():
 def test_early_exit_stops_positions_that_stop_improving_and_counts_their_steps():
     target = torch.zeros(1, 2, 1)
     init = torch.tensor([[[8.0], [0.01]]])  # far from the minimum, and almost at it
-    full = think(quadratic(target), init, torch.tensor(0.1), 10, ThinkConfig())
-    early = think(quadratic(target), init, torch.tensor(0.1), 10, ThinkConfig(early_exit_eps=1e-3))
+    full = think(quadratic(target), EUCLIDEAN, init, torch.tensor(0.1), 10, ThinkConfig())
+    early = think(quadratic(target), EUCLIDEAN, init, torch.tensor(0.1), 10, ThinkConfig(early_exit_eps=1e-3))
     assert full.steps_used.tolist() == [[10, 10]]
     assert early.steps_used[0, 0] == 10 and 1 <= early.steps_used[0, 1] < 10  # never more than the maximum
     assert early.energy[0, 1] < 1e-3
@@ -52,23 +57,26 @@ def test_thinking_longer_never_raises_the_mean_energy_of_a_trained_model():
     assert energies == sorted(energies, reverse=True), energies
 
 
-def test_the_cached_prediction_is_the_full_models_energy_at_the_last_position():
-    objective = _text_objective()
+@pytest.mark.parametrize("conditioning", ["none", "time_token"])
+def test_the_cached_prediction_is_the_full_models_energy_at_the_last_position(conditioning):
+    objective = _text_objective(step_conditioning=conditioning)
     generator = Generator(objective, ThinkConfig(num_steps=1))
     tokens = torch.randint(0, 32, (2, 6))
     pred = torch.randn(2, 6, 32)
-    full = objective.model(tokens, pred)[:, -1]
-    kv = generator.encode(tokens[:, :3])
-    kv = generator.encode(tokens[:, 3:], kv)  # the cache built in two pieces
-    candidate = objective.model.embed_candidate(pred[:, -1:])
-    cached = objective.model.readout(objective.model.prediction_layers(candidate, kv, generator.layers))[:, -1]
-    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
+    for step in (0, 2):
+        full = objective.model(tokens, pred, step)[:, -1]
+        context = generator.encode(tokens[:, :3])
+        objective.model.cache_context(context, 3)
+        context = generator.encode(tokens[:, 3:], context)  # the cache built in two pieces
+        cached = objective.model.energy(context, objective.model.embed_pred(pred[:, -1:]), step)[:, -1]
+        torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("modality", ["text", "frames"])
+@pytest.mark.parametrize("modality", ["text", "text_time_token", "frames"])
 def test_generation_with_the_cache_equals_generation_without(modality):
-    if modality == "text":
-        objective, context = _text_objective(), torch.randint(0, 32, (2, 4))
+    if modality.startswith("text"):
+        conditioning = "time_token" if modality == "text_time_token" else "none"
+        objective, context = _text_objective(step_conditioning=conditioning), torch.randint(0, 32, (2, 4))
     else:
         objective, frames = trained_frames_objective()
         context = frames[:2, :4]

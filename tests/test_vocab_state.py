@@ -1,15 +1,15 @@
-"""The lean vocabulary state (models/vocab_state.py) computes exactly what plain autograd does, to second order,
-while keeping fewer B x S x V tensors alive."""
+"""The lean vocabulary state (ebwm_scale/vocab_state.py) computes exactly what plain autograd does, under both update
+rules and to second order, while keeping fewer B x S x V tensors alive."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
+from ebwm_scale import vocab_state
 from ebwm_scale.mcmc import MCMCConfig
-from ebwm_scale.models import vocab_state
-from ebwm_scale.models.vocab_state import lean_cross_entropy, softmax_linear
 from ebwm_scale.objective import build_objective
+from ebwm_scale.vocab_state import lean_cross_entropy, probs_descent, probs_linear, softmax_linear
 from tests.conftest import tiny_model_config
 
 
@@ -28,11 +28,27 @@ def test_softmax_linear_first_and_second_derivatives(chunking):
     assert torch.allclose(softmax_linear(logits, weight), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_probability_mapping_and_descent_first_derivatives(chunking):
+    """The probs rule differentiates these once (the outer backward); gradcheck against finite differences."""
+    probs = torch.softmax(torch.randn(2, 3, 7, dtype=torch.float64), -1).requires_grad_()
+    energy_grad = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    alpha = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(probs_linear, (probs, weight))
+    assert gradcheck(probs_descent, (probs, energy_grad, weight, alpha))
+    expected = probs - alpha * (energy_grad @ weight)
+    assert torch.allclose(probs_descent(probs, energy_grad, weight, alpha), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="second derivative of the probability-space step"):
+        torch.autograd.grad(probs_descent(probs, energy_grad, weight, alpha).sum(), alpha, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivative of the probability state mapping"):
+        torch.autograd.grad(probs_linear(probs, weight).sum(), weight, create_graph=True)
+
+
 def test_third_derivative_is_refused_clearly():
     logits = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(softmax_linear(logits, weight).pow(2).sum(), logits, create_graph=True)
-    with pytest.raises(RuntimeError, match="third derivative .* use model.vocab_state=plain"):
+    with pytest.raises(RuntimeError, match="third derivative .* use mcmc.vocab_state=plain"):
         torch.autograd.grad(grad.pow(2).sum(), weight, create_graph=True)
     logits_cross = torch.randn(3, 7, requires_grad=True)
     with pytest.raises(RuntimeError, match="second derivative of the cross-entropy"):
@@ -59,8 +75,9 @@ def test_lean_cross_entropy_matches_torch(chunking, dtype):
 
 def _objective(vocab_state_impl: str, vocab_size: int = 61, **mcmc):
     torch.manual_seed(0)
-    cfg = tiny_model_config(vocab_size=vocab_size, vocab_state=vocab_state_impl)
-    return build_objective(cfg.build(), MCMCConfig(alpha_init=5.0, **mcmc).build())
+    cfg = tiny_model_config(vocab_size=vocab_size)
+    mcmc = {"alpha_init": 5.0, **mcmc}
+    return build_objective(cfg.build(), MCMCConfig(vocab_state=vocab_state_impl, **mcmc).build())
 
 
 def _step(objective, batch, seed: int = 1):
@@ -70,13 +87,13 @@ def _step(objective, batch, seed: int = 1):
     return out.loss.detach(), {name: p.grad.clone() for name, p in objective.named_parameters()}
 
 
+@pytest.mark.parametrize("update_space", ["probs", "logits"])
 @pytest.mark.parametrize(
     "mcmc", [dict(num_steps=3), dict(num_steps=2, langevin_noise_std=0.3, alpha_jitter=0.5, loss_on="last")]
 )
-def test_lean_training_step_equals_plain_in_float64(chunking, mcmc):
-    lean, plain = _objective("lean", **mcmc).double(), _objective("plain", **mcmc).double()
-    for objective in (lean, plain):  # the state follows the weights' dtype in this check
-        objective.init_state = lambda ctx, init=objective.init_state: init(ctx).double()
+def test_lean_training_step_equals_plain_in_float64(chunking, mcmc, update_space):
+    lean = _objective("lean", update_space=update_space, **mcmc).double()
+    plain = _objective("plain", update_space=update_space, **mcmc).double()
     batch = {"tokens": torch.randint(0, 61, (3, 11))}
     lean_loss, lean_grads = _step(lean, batch)
     plain_loss, plain_grads = _step(plain, batch)
@@ -86,8 +103,10 @@ def test_lean_training_step_equals_plain_in_float64(chunking, mcmc):
         assert torch.allclose(lean_grads[name], grad, rtol=1e-9, atol=1e-12), name
 
 
-def test_state_stays_fp32_under_bf16_autocast():
-    lean, plain = _objective("lean", num_steps=2), _objective("plain", num_steps=2)
+@pytest.mark.parametrize("update_space", ["probs", "logits"])
+def test_state_stays_fp32_under_bf16_autocast(update_space):
+    lean = _objective("lean", num_steps=2, update_space=update_space, alpha_init=0.5)
+    plain = _objective("plain", num_steps=2, update_space=update_space, alpha_init=0.5)
     batch = {"tokens": torch.randint(0, 61, (2, 9))}
     losses = []
     for objective in (lean, plain):
@@ -115,14 +134,20 @@ def _state_sized_tensors_saved(objective, batch, state_numel: int) -> int:
 
 @pytest.mark.parametrize("num_steps", [1, 2, 4])
 def test_lean_state_keeps_two_state_tensors_per_step(num_steps):
-    """Per MCMC step the lean state saves only the step's logits (shared with the previous step's output) and
-    its energy gradient (for alpha's gradient); the first step adds the start noise: 2K + 1 in all."""
+    """Per MCMC step the lean state saves two B x S x V tensors. probs: the step's probabilities (the mapping's and
+    the descent's input) and the new state (the loss's logits, and the next step's start): 2K. logits: the step's
+    logits (shared with the previous step's output) and its energy gradient (for alpha's gradient), plus the start
+    noise: 2K + 1. Plain autograd keeps at least 3 (probs) or 4 (logits) per step."""
     vocab_size = 509  # B x S x V then outsizes every other saved tensor (attention scores, weights, FFN)
     batch = {"tokens": torch.randint(0, vocab_size, (4, 17))}
-    counts = [
-        _state_sized_tensors_saved(_objective(impl, vocab_size, num_steps=num_steps), batch, 4 * 16 * vocab_size)
-        for impl in ("lean", "plain")
-    ]
-    lean, plain = counts
-    assert lean == 2 * num_steps + 1
-    assert plain >= 4 * num_steps
+    for update_space, lean_count, plain_at_least in (("probs", 2 * num_steps, 3), ("logits", 2 * num_steps + 1, 4)):
+        lean, plain = (
+            _state_sized_tensors_saved(
+                _objective(impl, vocab_size, num_steps=num_steps, update_space=update_space),
+                batch,
+                4 * 16 * vocab_size,
+            )
+            for impl in ("lean", "plain")
+        )
+        assert lean == lean_count, update_space
+        assert plain >= plain_at_least * num_steps, update_space

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ebwm_scale.data.loader import ShardLoader, ShardSamples, ShardSource
 from ebwm_scale.data.sampler import BatchLoader, SampleDataset
 from ebwm_scale.data.shards import VIDEO_FORMAT, ShardFormatError
 from ebwm_scale.data.text import ByteTokenizer, stdlib_docs_splits
 from ebwm_scale.data.video import synthetic_video_splits
-from ebwm_scale.models.config import ModelConfig
 
 DATA_SOURCES = ("stdlib_docs", "synthetic_video", "shards")
+
+
+class ModelShape(Protocol):
+    """What the data must fit (the model config's fields); data code never imports the models."""
+
+    modality: str
+    vocab_size: int
+    frame_dim: int
 
 
 @dataclass(kw_only=True)
@@ -50,7 +58,7 @@ class DataConfig:
         """text | frames; None for shards, whose meta.json says (checked when they are opened)."""
         return {"stdlib_docs": "text", "synthetic_video": "frames"}.get(self.source)
 
-    def build_datasets(self, model: ModelConfig) -> tuple[SampleDataset | ShardSource, SampleDataset, dict[str, str]]:
+    def build_datasets(self, model: ModelShape) -> tuple[SampleDataset | ShardSource, SampleDataset, dict[str, str]]:
         """(train, val, description for the run log); the data must fit the `model` (vocabulary, frame size)."""
         if self.source == "shards":
             train = ShardSource.open(self.shards.url, "train")
@@ -73,7 +81,7 @@ class DataConfig:
         )
         return train, val, {"corpus": "synthetic bouncing discs", "encoder": f"patch-mean {v.patch_size}px"}
 
-    def _check_shards_fit(self, meta: dict, model: ModelConfig) -> None:
+    def _check_shards_fit(self, meta: dict, model: ModelShape) -> None:
         url, video = self.shards.url, meta["format"] == VIDEO_FORMAT
         if (model.modality == "frames") != video:
             held = "video frame latents" if video else "text tokens"

@@ -171,7 +171,8 @@ class Transformer(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """Xavier-uniform linears and normal(0, 0.02) embeddings, as in the official EBT code."""
+    """Xavier-uniform linears and normal(0, 0.02) embeddings. (The official EBT code uses xavier-normal linears and
+    leaves embeddings at PyTorch's N(0, 1); the README lists this among the differences.)"""
     for sub in module.modules():
         if isinstance(sub, nn.Linear):
             nn.init.xavier_uniform_(sub.weight)

@@ -9,7 +9,7 @@ from torch import nn
 
 ATTENTION_IMPLS = ("math", "sdpa", "sdpa_fused")
 EBT_IMPLS = ("split", "masked")
-VOCAB_STATES = ("lean", "plain")
+STEP_CONDITIONINGS = ("none", "additive", "time_token")
 DOUBLE_BACKWARD_SAFE_ATTENTION = ("math", "sdpa")
 
 
@@ -32,10 +32,11 @@ class ModelConfig:
     # EBT layout: "split" encodes the real tokens once per batch and runs only the prediction stream per MCMC step
     # (structured attention); "masked" runs the literal 2S sequence with a 2S x 2S mask every step (reference).
     ebt_impl: str = "split"
-    # Text: "lean" fuses softmax -> V->D map and the cross-entropy into chunked Functions that keep only the logits
-    # of each MCMC step (models/vocab_state.py); "plain" is the autograd reference. Same math, same weights.
-    vocab_state: str = "lean"
-    num_step_embeddings: int = 0  # EBT only: learned embedding per MCMC step added to the prediction (0 = off)
+    # EBT only, how the energy knows the MCMC step: "time_token" (the paper's NLP recipe) prepends one learned token
+    # per step that every real and predicted position attends to; "additive" (this project's cheaper variant) adds
+    # a learned embedding per step to the predictions only; "none".
+    step_conditioning: str = "none"
+    num_step_embeddings: int = 0  # steps with their own embedding (later steps reuse the last); 0: the MCMC steps
 
     @property
     def head_dim(self) -> int:

@@ -1,10 +1,11 @@
 """Applies parallelism and memory techniques to a plain model from the outside, in a fixed order.
 
-0. Tensor parallelism (parallel.tensor_parallel): layers split Megatron-style over the tensor-parallel group.
+0. Tensor parallelism (parallel.tensor_parallel): layers split Megatron-style over the tensor-parallel group. A text
+   EBT's objective is built with `vocab_split`, so its MCMC state is split over the vocabulary the same way.
 1. Pipeline parallelism (parallel.pipeline_parallel): each rank keeps only its stage's blocks and ends; the schedule
    that runs them is the training engine's (parallel/pipeline.py).
 2. Activation checkpointing: transformer blocks recompute their activations in the backward. Non-reentrant
-   checkpointing (use_reentrant=False) is the variant that supports double backward (DESIGN §4); the reentrant one
+   checkpointing (use_reentrant=False) is the variant that supports double backward (docs/design.md); the reentrant one
    does not. It covers every block forward: the AR trunk, the masked EBT, the EBT context stream and the prediction
    stream that runs once per MCMC step.
 3. torch.compile (parallel.compile): only what no second-order gradient passes through (apply_compile).
@@ -23,10 +24,9 @@ from ebwm_scale.parallel.pipeline import VacantLayer, apply_pipeline
 from ebwm_scale.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
-    VocabParallelCrossEntropy,
+    VocabParallel,
     VocabParallelEmbedding,
     VocabParallelOutput,
-    VocabParallelSoftmaxLinear,
 )
 
 
@@ -55,27 +55,25 @@ def apply_tensor_parallel(model: nn.Module, group) -> None:
         ffn.w_down = RowParallelLinear(ffn.w_down, group)
     if hasattr(model, "tok_embeddings"):
         model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group)
-    if hasattr(model, "vocab_to_embed"):  # the EBT's state is split over the vocabulary too (see parallelize)
-        model.vocab_to_embed = VocabParallelSoftmaxLinear(model.vocab_to_embed, group)
+    if hasattr(model, "vocab_to_embed"):  # the EBT's state is split over the vocabulary too (see vocab_split)
+        model.vocab_to_embed = RowParallelLinear(model.vocab_to_embed, group)
     if isinstance(getattr(model, "output", None), nn.Linear) and hasattr(model, "tok_embeddings"):
         model.output = VocabParallelOutput(model.output, group)
 
 
-def apply_tensor_parallel_objective(objective: nn.Module, group) -> None:
-    """The model's layers (apply_tensor_parallel) and, for the text EBT, the MCMC state itself: each rank keeps and
-    refines only its slice of the B x S x V logits, and the loss is a vocabulary-parallel cross-entropy."""
-    apply_tensor_parallel(objective.model, group)
-    if hasattr(objective.model, "vocab_to_embed"):
-        objective.state_shard = (dist.get_rank(group), dist.get_world_size(group))
-        objective.mcmc.state_split_group = group
-        cfg = objective.model.cfg
-        objective.loss_fn = VocabParallelCrossEntropy(group, cfg.vocab_size, lean=cfg.vocab_state == "lean")
+def vocab_split(dist_info: DistInfo | None) -> VocabParallel | None:
+    """What a text EBT's objective is built with under tensor parallelism: each rank keeps and refines only its
+    slice of the B x S x V state, and its loss is a vocabulary-parallel cross-entropy (states.py does the math)."""
+    if dist_info is None or dist_info.tp_size == 1:
+        return None
+    return VocabParallel(dist_info.tp_group)
 
 
 def apply_compile(model: nn.Module) -> None:
-    """torch.compile where no gradient is taken twice (DESIGN §4: compiled graphs have no double backward). AR: every
-    block. EBT: the real-token stream (`context_layers`), which the split layout differentiates once, in the outer
-    backward; the prediction stream, differentiated twice, stays eager. Module names and state_dict keys stay."""
+    """torch.compile where no gradient is taken twice (compiled graphs have no double backward: docs/design.md).
+    AR: every block. EBT: the real-token stream (`context_layers`), which the split layout differentiates once, in
+    the outer backward; the prediction stream, differentiated twice, stays eager. Module names and state_dict keys
+    stay."""
     if hasattr(model, "context_layers"):
         model.context_layers = torch.compile(model.context_layers)
     else:
@@ -85,7 +83,7 @@ def apply_compile(model: nn.Module) -> None:
 
 def parallelize(objective: nn.Module, cfg: ParallelConfig, dist_info: DistInfo | None = None) -> nn.Module:
     if dist_info is not None and dist_info.tp_size > 1:
-        apply_tensor_parallel_objective(objective, dist_info.tp_group)
+        apply_tensor_parallel(objective.model, dist_info.tp_group)
     if dist_info is not None and dist_info.pp_size > 1:
         apply_pipeline(objective, dist_info.pp_rank, dist_info.pp_size)
     if cfg.activation_checkpointing != "none":

@@ -1,4 +1,4 @@
-"""Pipeline parallelism for a loss that contains the gradient of the model's output (DESIGN §4).
+"""Pipeline parallelism for a loss that contains the gradient of the model's output (docs/design.md).
 
 The model is cut into `parallel.pipeline_parallel` stages of consecutive blocks, one per rank: stage 0 also embeds
 the context and the candidate state (and, for the EBT, owns alpha, the state and the loss), the last stage also
@@ -10,8 +10,9 @@ EBT, per MCMC step, every phase a wave of the M micro-batches through the stages
   1. energy forward (first -> last): h_s = blocks_s(x_s); the last stage reads out E and takes g = dE/dx with
      create_graph.
   2. energy gradient (last -> first): each stage gets G_s = dE/dh_s as a leaf and sends back
-     dE/dx_s = grad(h_s, x_s, G_s, create_graph=True). Stage 0 ends with dE/dstate: it updates the state and
-     computes the reconstruction loss, exactly as one process does.
+     dE/dx_s = grad(h_s, x_s, G_s, create_graph=True). Stage 0 ends with the energy gradient at the step's point:
+     it descends and computes the reconstruction loss with the MCMC loop's own functions (mcmc.start_step and
+     finish_step, the state space's loss), exactly as one process does.
   3. outer backward, through the energy gradient (first -> last): stage 0 back-propagates the loss; what lands on
      its leaf G_0 is the cotangent of stage 1's dE/dx_1, which stage 1 back-propagates, and so on.
   4. outer backward, through the forward (last -> first): what landed on x_s is the cotangent of h_{s-1}.
@@ -37,10 +38,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.mcmc import MCMCConfig, finish_step, start_step
 from ebwm_scale.models import EBT
 from ebwm_scale.objective import frame_metrics, split_batch
 from ebwm_scale.parallel.dist import DistInfo
+from ebwm_scale.states import Point
 
 WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 HEADER_LEN = 8  # dtype, ndim, up to 6 dims
@@ -303,7 +305,8 @@ class _EBTBatch:
         self.alpha = self.objective.mcmc.step_size() if self.first else None
         self.losses = [[None] * count for _ in loss_weights]  # [step][micro-batch], stage 0
         self.energies = [[None] * count for _ in loss_weights]  # [step][micro-batch], last stage
-        self.x: dict[StepKey, torch.Tensor] = {}  # the stage's input: the state on stage 0, a received leaf elsewhere
+        self.points: dict[StepKey, Point] = {}  # stage 0: where the energy is differentiated (mcmc.start_step)
+        self.x: dict[StepKey, torch.Tensor] = {}  # the stage's input: the point's variable on stage 0, else a leaf
         self.h: dict[StepKey, torch.Tensor] = {}  # the stage's output
         self.state_grad: dict[StepKey, torch.Tensor] = {}  # dE/dx, with graph when training
         self.grad_out: dict[StepKey, torch.Tensor] = {}  # dE/dh as received, a leaf
@@ -325,11 +328,10 @@ class _EBTBatch:
         key = (step, index)
         with torch.enable_grad(), self.autocast:
             if self.first:
-                pred = self.states[index].detach()
-                if self.train and self.mcmc.langevin_noise_std > 0:
-                    pred = pred + self.mcmc.langevin_noise_std * self.objective.state_noise(pred)
-                self.x[key] = pred.requires_grad_(True)
-                candidate = self.model.embed_candidate(pred, step)
+                noise_std = self.mcmc.langevin_noise_std if self.train else 0.0
+                point = self.points[key] = start_step(self.objective.state, self.states[index], noise_std)
+                self.x[key] = point.wrt
+                candidate = self.model.condition(point.candidate, step)
             else:
                 self.x[key] = candidate = received.requires_grad_(True)
             leaves = self.kv_leaves[index]
@@ -359,12 +361,10 @@ class _EBTBatch:
 
     def _descend(self, step: int, index: int) -> None:
         key = (step, index)
-        alpha = self.alpha
-        if self.train and self.mcmc.alpha_jitter > 0:
-            alpha = alpha * (1 + self.mcmc.alpha_jitter * (2 * torch.rand((), device=alpha.device) - 1))
-        self.states[index] = self.x[key] - alpha * self.state_grad[key]
-        self.x[key].requires_grad_(False)  # released, as in mcmc.refine: no gradient is stored for the old state
-        loss = self.objective.loss_fn(self.states[index], self.target[index])
+        jitter = self.mcmc.alpha_jitter if self.train else 0.0
+        space = self.objective.state
+        self.states[index] = finish_step(space, self.points.pop(key), self.state_grad[key], self.alpha, jitter)
+        loss = space.loss(self.states[index], self.target[index])
         self.losses[step][index] = loss if self.loss_weights[step] > 0 else loss.detach()
         if self.loss_weights[step] == 0:
             self.states[index] = self.states[index].detach()
@@ -390,7 +390,7 @@ class _EBTBatch:
         return out
 
     def _release(self, key: StepKey) -> None:
-        for tensors in (self.x, self.h, self.state_grad, self.grad_out):
+        for tensors in (self.points, self.x, self.h, self.state_grad, self.grad_out):
             tensors.pop(key, None)
 
     def context_backward(self, index: int, received: torch.Tensor | None) -> torch.Tensor | None:

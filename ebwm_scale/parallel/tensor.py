@@ -1,4 +1,4 @@
-"""Megatron-style tensor parallelism whose collectives are differentiable twice (DESIGN §4).
+"""Megatron-style tensor parallelism whose collectives are differentiable twice (docs/design.md).
 
 The EBT loss back-propagates through the energy gradient, so the backward of every collective is itself part of a
 graph that gets differentiated again. Two autograd Functions carry the whole scheme, and each one's backward *is* the
@@ -9,7 +9,8 @@ other one, applied as an autograd Function:
 
 so the gradient of a gradient sees the right collective again. These assume what follows a reduce is replicated
 (every rank computes the same thing from it). The vocabulary-split softmax divides each rank's own slice by the
-summed normalizer, so its sum uses _SumOfSlices, whose backward all-reduces (and is itself).
+summed normalizer, so its sum uses _SumOfSlices, whose backward all-reduces (and is itself). VocabParallel hands
+these to the text EBT's state space, which knows no process group.
 
 Measured unsafe (2 gloo ranks, torch 2.13):
 megatron-core 0.16's ColumnParallelLinear/RowParallelLinear call `c10d::allreduce_`, which has no autograd kernel;
@@ -21,6 +22,7 @@ Layouts (Y = X A):
 - ColumnParallelLinear: A split by columns (output features); input replicated (copy_to_tp), output sharded.
 - RowParallelLinear: A split by rows (input features); input sharded, output summed over ranks (reduce_from_tp).
 - VocabParallelEmbedding: the table split by vocabulary rows; each rank looks up its rows, then reduce_from_tp.
+- The text EBT's V -> D state mapping is a RowParallelLinear: its input is this rank's vocabulary slice.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ebwm_scale.models.vocab_state import lean_cross_entropy, softmax_linear
+from ebwm_scale.vocab_state import VocabSplit
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -191,14 +193,6 @@ def shard_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[
     return local
 
 
-def _global_max(x: torch.Tensor, group) -> torch.Tensor:
-    """Max over the last dim across the group; a constant shift for stability, so no gradient flows through it."""
-    with torch.no_grad():
-        peak = x.max(dim=-1, keepdim=True).values
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    return peak
-
-
 class _SumOfSlices(_ReduceFromTP):
     """The same all-reduce, for a result that feeds rank-local computation (each rank divides its own slice by it):
     the gradient of the sum is the sum of every rank's gradient, so the backward all-reduces too (and is this
@@ -209,39 +203,33 @@ class _SumOfSlices(_ReduceFromTP):
         return _SumOfSlices.apply(grad, ctx.group), None
 
 
-class VocabParallelSoftmaxLinear(RowParallelLinear):
-    """The EBT's state mapping softmax(logits) @ W^T with the logits split over the vocabulary: each rank turns its
-    slice into its slice of the probabilities (global max and sum), multiplies by its W columns, and the partial
-    embeddings are all-reduced. `lean` (models/vocab_state.py) does this inside the fused Functions; otherwise plain
-    autograd."""
+class VocabParallel(VocabSplit):
+    """The text EBT's vocabulary split over a tensor-parallel group: this rank holds slice `index` of `count` of the
+    B x S x V state, of its probabilities and of the V -> D mapping (a RowParallelLinear). The state space
+    (ebwm_scale/states.py) runs the same math on the slice; these operations make its row reductions span the group.
 
-    def __init__(self, full: nn.Linear, group):
-        super().__init__(full, group)
-        self.lean = getattr(full, "lean", False)
+    What crosses ranks per MCMC step: under the official `probs` rule the softmax's row max and sum (B x S numbers,
+    no graph), the candidate embedding (the mapping's all-reduce, B x S x D), and in the backward alpha's and the
+    energy gradient's (B x S x D) contributions; dE/dp itself is local (u W_r). Under `logits` also the row sums of
+    the softmax's backward. The cross-entropy all-reduces a log-normalizer and the target logit per row."""
 
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.lean:
-            return reduce_from_tp(softmax_linear(logits, self.weight, self.group), self.group)
-        exp = torch.exp(logits - _global_max(logits, self.group))
-        probs = exp / _SumOfSlices.apply(exp.sum(dim=-1, keepdim=True), self.group)
-        return super().forward(probs)
+    def __init__(self, group):
+        self.group = group
+        self.index, self.count = dist.get_rank(group), dist.get_world_size(group)
 
+    def sum_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=self.group)
+        return x
 
-class VocabParallelCrossEntropy(nn.Module):
-    """Mean cross-entropy of logits split over the vocabulary (this rank holds [start, end)) against full targets."""
+    def max_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return x
 
-    def __init__(self, group, vocab_size: int, lean: bool = False):
-        super().__init__()
-        self.group, self.lean = group, lean
-        rank, size = dist.get_rank(group), dist.get_world_size(group)
-        self.start, self.end = rank * vocab_size // size, (rank + 1) * vocab_size // size
+    def copy(self, x: torch.Tensor) -> torch.Tensor:
+        return copy_to_tp(x, self.group)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.lean:
-            return lean_cross_entropy(logits.flatten(0, 1), target.flatten(), self.group, self.start)
-        shifted = logits.float() - _global_max(logits.float(), self.group)  # (B, S, V / ranks)
-        sum_exp = reduce_from_tp(torch.exp(shifted).sum(dim=-1), self.group)  # (B, S)
-        inside = (target >= self.start) & (target < self.end)
-        local = (target - self.start).clamp(0, self.end - self.start - 1)
-        picked = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1) * inside  # the target's logit, on its rank
-        return (torch.log(sum_exp) - reduce_from_tp(picked, self.group)).mean()
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce_from_tp(x, self.group)
+
+    def sum_of_slices(self, x: torch.Tensor) -> torch.Tensor:
+        return _SumOfSlices.apply(x, self.group)

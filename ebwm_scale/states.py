@@ -1,0 +1,163 @@
+"""What an MCMC chain moves in: the state, how it becomes the model's candidate embedding, how a step descends, and
+the reconstruction loss. ebwm_scale/mcmc.py runs the same step over either space.
+
+FrameState: a continuous frame embedding (F dims); the model projects it; SmoothL1 (beta 1) to the next frame.
+
+TokenState: V numbers per position, cross-entropy to the next token. The update rule is `mcmc.update_space`:
+  probs   (official; alexiglad/EBT model/nlp/ebt.py, EBT_NLP.forward): the state is replaced by its probabilities
+          p = softmax(s) (line 129), the energy is differentiated with respect to p (line 150), s' = p - alpha dE/dp
+          (line 161); the loss is cross-entropy of s' (lines 172, 204-205).
+  logits  (this project's earlier rule): the energy is differentiated through the softmax, s' = s - alpha dE/ds. Its
+          first step is orders of magnitude smaller at large V, so it needs its own alpha and start noise.
+`mcmc.vocab_state` picks the implementation: lean (fused Functions of ebwm_scale/vocab_state.py) or plain autograd
+(the reference); both compute the same numbers.
+
+A Point is one step's differentiation site: `wrt`, the tensor the energy is differentiated in; `candidate`, the
+(B, S, D) embedding the model reads; `base`, what the step descends from. Under probs/lean, wrt is the candidate
+embedding itself: dE/dp = (dE/de) W because e = p W^T is linear, and probs_descent applies W inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ebwm_scale.models.blocks import at_least_fp32
+from ebwm_scale.vocab_state import (
+    VocabSplit,
+    lean_cross_entropy,
+    probabilities,
+    probs_descent,
+    probs_linear,
+    softmax_linear,
+)
+
+UPDATE_SPACES = ("probs", "logits")
+VOCAB_STATES = ("lean", "plain")
+
+
+@dataclass
+class Point:
+    wrt: torch.Tensor
+    candidate: torch.Tensor  # (B, S, D)
+    base: torch.Tensor
+
+
+class FrameState:
+    """A continuous candidate frame (F dims), fed through `embed` (the model's frame projection)."""
+
+    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], frame_dim: int, init_scale: float):
+        self.embed, self.frame_dim, self.init_scale = embed, frame_dim, init_scale
+
+    def init(self, ctx: torch.Tensor) -> torch.Tensor:
+        dtype = at_least_fp32(ctx).dtype if ctx.is_floating_point() else torch.float32
+        return self.init_scale * torch.randn(ctx.shape[0], ctx.shape[1], self.frame_dim, device=ctx.device, dtype=dtype)
+
+    def noise(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn_like(like)
+
+    def point(self, state: torch.Tensor) -> Point:
+        x = state.requires_grad_(True)
+        return Point(wrt=x, candidate=self.embed(x), base=x)
+
+    def descend(self, point: Point, grad: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        return point.base - alpha * grad
+
+    def loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.smooth_l1_loss(at_least_fp32(state), target.to(at_least_fp32(state).dtype), beta=1.0)
+
+
+class TokenState:
+    """V numbers per position (this slice of them when tensor parallelism splits the vocabulary: `split`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        init_scale: float,
+        update_space: str = "probs",
+        lean: bool = True,
+        split: VocabSplit | None = None,
+    ):
+        if update_space not in UPDATE_SPACES:
+            raise ValueError(f"mcmc.update_space={update_space!r} is not one of {', '.join(UPDATE_SPACES)}")
+        self.model, self.init_scale, self.update_space, self.lean = model, init_scale, update_space, lean
+        self.split = split or VocabSplit()
+
+    @property
+    def vocab_to_embed(self) -> nn.Module:
+        return self.model.vocab_to_embed  # looked up per call: tensor parallelism swaps in a sharded layer
+
+    def noise(self, like: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise for this slice, drawn at full width and sliced, so that a split state starts and
+        moves exactly like the whole one."""
+        count = self.split.count
+        if count == 1:
+            return torch.randn_like(like)
+        full = torch.randn(*like.shape[:-1], like.shape[-1] * count, device=like.device, dtype=like.dtype)
+        return self.split.shard(full)
+
+    def init(self, ctx: torch.Tensor) -> torch.Tensor:
+        local_vocab = self.model.cfg.vocab_size // self.split.count
+        like = torch.empty(ctx.shape[0], ctx.shape[1], local_vocab, device=ctx.device, dtype=self._dtype())
+        return self.init_scale * self.noise(like)
+
+    def _dtype(self) -> torch.dtype:
+        """At least fp32 whatever the weights (bf16 autocast); a float64 model keeps a float64 state."""
+        return at_least_fp32(self.vocab_to_embed.weight).dtype
+
+    def point(self, state: torch.Tensor) -> Point:
+        if self.update_space == "probs":
+            probs = probabilities(state, self.split)  # the variable is replaced by its probabilities; no graph
+            if self.lean:
+                embedding = self.split.reduce(probs_linear(probs, self.vocab_to_embed.weight))
+                return Point(wrt=embedding, candidate=embedding, base=probs)
+            probs.requires_grad_(True)
+            return Point(wrt=probs, candidate=self.vocab_to_embed(probs), base=probs)
+        x = state.requires_grad_(True)
+        if self.lean:
+            embedding = self.split.reduce(softmax_linear(x, self.vocab_to_embed.weight, self.split))
+        else:
+            embedding = self.vocab_to_embed(self._softmax(x))
+        return Point(wrt=x, candidate=embedding, base=x)
+
+    def descend(self, point: Point, grad: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        alpha = self.split.copy(alpha)  # each slice adds its part of alpha's gradient
+        if self.update_space == "probs" and self.lean:
+            return probs_descent(point.base, self.split.copy(grad), self.vocab_to_embed.weight, alpha)
+        return point.base - alpha * grad
+
+    def loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.lean:
+            return lean_cross_entropy(state.flatten(0, 1), target.flatten(), self.split)
+        if self.split.count == 1:
+            return F.cross_entropy(at_least_fp32(state).flatten(0, 1), target.flatten())
+        wide = at_least_fp32(state).flatten(0, 1)  # (N, V / ranks)
+        with torch.no_grad():
+            peak = self.split.max_ranks(wide.max(-1, keepdim=True).values)  # a constant shift, for stability
+        shifted = wide - peak
+        sum_exp = self.split.reduce(torch.exp(shifted).sum(-1))  # (N,)
+        local = target.flatten() - self.split.index * wide.shape[-1]
+        inside = (local >= 0) & (local < wide.shape[-1])
+        picked = shifted.gather(-1, local.clamp(0, wide.shape[-1] - 1)[:, None]).squeeze(-1) * inside
+        return (torch.log(sum_exp) - self.split.reduce(picked)).mean()
+
+    def _softmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable softmax over the (possibly split) vocabulary, in at least fp32."""
+        wide = at_least_fp32(x)
+        if self.split.count == 1:
+            return torch.softmax(wide, -1)
+        with torch.no_grad():
+            peak = self.split.max_ranks(wide.max(-1, keepdim=True).values)
+        exp = torch.exp(wide - peak)
+        return exp / self.split.sum_of_slices(exp.sum(-1, keepdim=True))
+
+
+def build_state(model: nn.Module, mcmc_cfg, split: VocabSplit | None = None) -> FrameState | TokenState:
+    """The state space of an EBT: tokens (with the configured update rule) or frames."""
+    if model.cfg.modality == "frames":
+        return FrameState(model.embed_pred, model.cfg.frame_dim, mcmc_cfg.init_scale)
+    return TokenState(model, mcmc_cfg.init_scale, mcmc_cfg.update_space, mcmc_cfg.vocab_state == "lean", split)

@@ -1,0 +1,370 @@
+"""The text EBT's vocabulary state, kept lean: fused, chunked Functions for the B x S x V tensors of every MCMC step.
+
+At V = 50k these tensors dominate memory (tools/bench_memory.py). Plain autograd keeps four to five of them per step
+until the outer backward; the Functions here keep what the math needs and recompute the rest in row chunks of at
+most CHUNK_ELEMENTS. Two update rules (mcmc.update_space, see ebwm_scale/states.py):
+
+probs (the official rule: the state is replaced by its probabilities p = softmax(s), the energy is differentiated
+with respect to p, and s' = p - alpha dE/dp). The state mapping e = p W^T is linear, so dE/dp = u W with
+u = dE/de (B x S x D): the step never needs dE/dp stored.
+    probs_linear     e = p W^T                      saves p (fp32), W; casts chunk by chunk for the matmul
+    probs_descent    s' = p - alpha u W             saves p, u, W, alpha; recomputes u W in its backward
+softmax is taken without a graph (p depends on no parameter), so a step keeps p and the loss's logits s': 2 tensors.
+
+logits (this project's earlier rule: the energy is differentiated through the softmax, s' = s - alpha dE/ds)
+    softmax_linear         e = softmax(x) W^T             saves x, W
+    SoftmaxLinearGradient  dE/dx = p * (g W - <g W, p>)   saves x, W, g      (the energy gradient)
+      its backward         the second-order terms, recomputing p and g W chunk by chunk (no third order)
+
+lean_cross_entropy saves the logits and one log-normalizer per row instead of fp32 log-probabilities.
+
+The elementwise math over V runs in at least fp32, so the state stays fp32 under bf16 autocast; only the matmuls run
+in the autocast dtype. Every Function takes a VocabSplit: the whole vocabulary (this module's VocabSplit), or a
+slice of it on each tensor-parallel rank (parallel/tensor.py's VocabParallel), whose row reductions then span the
+ranks. Nothing here knows about process groups.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.graph import get_gradient_edge
+
+from ebwm_scale.models.blocks import at_least_fp32
+
+CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 per temporary
+
+
+class VocabSplit:
+    """The whole vocabulary on this process. A tensor-parallel subclass holds slice `index` of `count` and makes
+    these operations span the ranks; here they are identities."""
+
+    index, count = 0, 1
+
+    def sum_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the slices, in place, outside autograd (inside Functions, or of values without a graph)."""
+        return x
+
+    def max_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def copy(self, x: torch.Tensor) -> torch.Tensor:
+        """A replicated tensor entering slice-local math: identity forward, gradients summed over the slices."""
+        return x
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Partial results of every slice summed into the replicated whole (differentiable)."""
+        return x
+
+    def sum_of_slices(self, x: torch.Tensor) -> torch.Tensor:
+        """A sum over the slices that each slice then divides by (differentiable; its gradient is summed too)."""
+        return x
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This slice of a full-width (..., V) tensor."""
+        return full if self.count == 1 else full.chunk(self.count, dim=-1)[self.index]
+
+
+def _row_chunks(rows: int, vocab: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // vocab)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _matmul_dtype(device_type: str, weight: torch.Tensor) -> torch.dtype:
+    """What autocast would run the V <-> D matmuls in; recorded at forward so backward passes agree with it."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    with torch.autocast(a.device.type, enabled=False):
+        return a.to(dtype) @ b.to(dtype)
+
+
+def row_sum(x: torch.Tensor, split: VocabSplit) -> torch.Tensor:
+    """Sum over the (possibly split) vocabulary: (rows, 1)."""
+    return split.sum_ranks(x.sum(-1, keepdim=True))
+
+
+def log_normalizer(logits: torch.Tensor, split: VocabSplit) -> torch.Tensor:
+    """logsumexp over the (possibly split) vocabulary of wide logits (rows, V): (rows, 1)."""
+    if split.count == 1:
+        return torch.logsumexp(logits, -1, keepdim=True)
+    peak = split.max_ranks(logits.max(-1, keepdim=True).values)
+    return peak + row_sum(torch.exp(logits - peak), split).log()
+
+
+@torch.no_grad()
+def probabilities(logits: torch.Tensor, split: VocabSplit) -> torch.Tensor:
+    """softmax over the (possibly split) vocabulary in at least fp32, without a graph, chunk by chunk."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty_like(flat, dtype=at_least_fp32(flat).dtype)
+    for rows in _row_chunks(flat.shape[0], flat.shape[-1]):
+        wide = at_least_fp32(flat[rows])
+        if split.count == 1:
+            out[rows] = torch.softmax(wide, -1)
+        else:
+            out[rows] = (wide - log_normalizer(wide, split)).exp_()
+    return out.view(logits.shape)
+
+
+def _refuse_higher_order(what: str) -> None:
+    # once_differentiable would return silent zeros for a further derivative with respect to a leaf weight.
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what} is not implemented for mcmc.vocab_state='lean'; use mcmc.vocab_state=plain")
+
+
+def _chunk_probabilities(logits: torch.Tensor, rows: slice, log_norm: torch.Tensor | None) -> torch.Tensor:
+    """softmax of the wide logits[rows]: one fused kernel, or from the kept log-normalizers of a split vocabulary."""
+    wide = at_least_fp32(logits[rows])
+    if log_norm is None:
+        return torch.softmax(wide, -1)
+    return (wide - log_norm[rows]).exp_()
+
+
+def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor, split: VocabSplit) -> torch.Tensor:
+    return probs * (grad - row_sum(grad * probs, split))
+
+
+def _skip_weight_grad(ctx, weight: torch.Tensor) -> None:
+    # W's node lets backward skip W's gradient inside the MCMC's autograd.grad(E, state) (see _engine_weight).
+    ctx.weight_node = get_gradient_edge(weight).node if weight.grad_fn is not None else None
+
+
+def _wants_weight_grad(ctx, index: int) -> bool:
+    return ctx.needs_input_grad[index] and (
+        ctx.weight_node is None or torch._C._will_engine_execute_node(ctx.weight_node)
+    )
+
+
+def _engine_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The engine answers "will W's gradient be computed?" only for non-leaf nodes during autograd.grad; a free view
+    gives a leaf weight such a node."""
+    return weight.view_as(weight) if weight.requires_grad and weight.grad_fn is None else weight
+
+
+class _ProbsLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, probs, weight):
+        vocab = probs.shape[-1]
+        flat = probs.reshape(-1, vocab)
+        ctx.matmul_dtype = _matmul_dtype(probs.device.type, weight)
+        _skip_weight_grad(ctx, weight)
+        out = flat.new_empty(flat.shape[0], weight.shape[0], dtype=ctx.matmul_dtype)
+        for rows in _row_chunks(flat.shape[0], vocab):  # no full-size cast copy of p under autocast
+            out[rows] = _mm(flat[rows], weight.t(), ctx.matmul_dtype)
+        ctx.save_for_backward(probs, weight)
+        return out.view(*probs.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _refuse_higher_order("A second derivative of the probability state mapping")
+        probs, weight = ctx.saved_tensors
+        flat, g = probs.reshape(-1, probs.shape[-1]), grad_out.reshape(-1, weight.shape[0])
+        d_probs = None
+        if ctx.needs_input_grad[0]:
+            d_probs = _mm(g, weight, ctx.matmul_dtype).view(probs.shape).to(probs.dtype)
+        d_weight = None
+        if _wants_weight_grad(ctx, 1):
+            d_weight = weight.new_zeros(weight.shape, dtype=at_least_fp32(weight).dtype)
+            for rows in _row_chunks(flat.shape[0], flat.shape[-1]):
+                d_weight += _mm(g[rows].t(), flat[rows], ctx.matmul_dtype)
+            d_weight = d_weight.to(weight.dtype)
+        return d_probs, d_weight
+
+
+class _ProbsDescent(torch.autograd.Function):
+    """s' = p - alpha * (u W) for p (rows, V) without a graph, u = dE/de (rows, D), W (D, V), alpha a scalar."""
+
+    @staticmethod
+    def forward(ctx, probs, energy_grad, weight, alpha):
+        vocab = probs.shape[-1]
+        flat, u = probs.reshape(-1, vocab), energy_grad.reshape(-1, weight.shape[0])
+        ctx.matmul_dtype = _matmul_dtype(probs.device.type, weight)
+        out = torch.empty_like(flat)
+        for rows in _row_chunks(flat.shape[0], vocab):
+            out[rows] = flat[rows] - alpha * _mm(u[rows], weight, ctx.matmul_dtype).to(flat.dtype)
+        ctx.save_for_backward(probs, energy_grad, weight, alpha)
+        return out.view(probs.shape)
+
+    @staticmethod
+    def backward(ctx, cot):
+        """c = dL/ds' pulls back to dp = c, du = -alpha c W^T, dW = -alpha u^T c, dalpha = -<c, u W>; on a split
+        vocabulary du and dalpha are this slice's parts (the caller passes u and alpha through split.copy)."""
+        _refuse_higher_order("A second derivative of the probability-space step")
+        probs, energy_grad, weight, alpha = ctx.saved_tensors
+        dtype, vocab, dim = ctx.matmul_dtype, probs.shape[-1], weight.shape[0]
+        c, u = cot.reshape(-1, vocab), energy_grad.reshape(-1, dim)
+        wide_dtype = at_least_fp32(probs).dtype
+        need_u, need_weight, need_alpha = ctx.needs_input_grad[1:4]
+        d_u = u.new_empty(u.shape, dtype=wide_dtype) if need_u else None
+        d_weight = weight.new_zeros(weight.shape, dtype=wide_dtype) if need_weight else None
+        d_alpha = torch.zeros((), dtype=wide_dtype, device=probs.device)
+        for rows in _row_chunks(c.shape[0], vocab):
+            if need_u:
+                d_u[rows] = _mm(c[rows], weight.t(), dtype)
+            if need_weight:
+                d_weight += _mm(u[rows].t(), c[rows], dtype)
+            if need_alpha:
+                d_alpha += (c[rows] * _mm(u[rows], weight, dtype).to(wide_dtype)).sum()
+        return (
+            cot if ctx.needs_input_grad[0] else None,
+            None if d_u is None else (-alpha * d_u).view(energy_grad.shape).to(energy_grad.dtype),
+            None if d_weight is None else (-alpha * d_weight).to(weight.dtype),
+            (-d_alpha).to(alpha.dtype).view(alpha.shape) if need_alpha else None,
+        )
+
+
+class _SoftmaxLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, weight, split):
+        vocab = logits.shape[-1]
+        flat = logits.reshape(-1, vocab)
+        ctx.matmul_dtype, ctx.split = _matmul_dtype(logits.device.type, weight), split
+        _skip_weight_grad(ctx, weight)
+        out = flat.new_empty(flat.shape[0], weight.shape[0], dtype=ctx.matmul_dtype)
+        # Split vocabulary: keep each row's log-normalizer, so that backward needs no collective to recompute softmax.
+        log_norm = None if split.count == 1 else flat.new_empty(flat.shape[0], 1, dtype=at_least_fp32(flat).dtype)
+        for rows in _row_chunks(flat.shape[0], vocab):
+            if log_norm is not None:
+                log_norm[rows] = log_normalizer(at_least_fp32(flat[rows]), split)
+            out[rows] = _mm(_chunk_probabilities(flat, rows, log_norm), weight.t(), ctx.matmul_dtype)
+        ctx.save_for_backward(logits, weight, log_norm)
+        return out.view(*logits.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, weight, log_norm = ctx.saved_tensors
+        want_logits = ctx.needs_input_grad[0] and logits.requires_grad
+        grads = _SoftmaxLinearGradient.apply(
+            logits, weight, grad_out, log_norm, want_logits, _wants_weight_grad(ctx, 1), ctx.matmul_dtype, ctx.split
+        )
+        return (*grads, None)
+
+
+class _SoftmaxLinearGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, weight, grad_out, log_norm, want_logits, want_weight, matmul_dtype, split):
+        vocab, dim = logits.shape[-1], weight.shape[0]
+        flat, g = logits.reshape(-1, vocab), grad_out.reshape(-1, dim)
+        wide_dtype = at_least_fp32(logits).dtype
+        grad_logits = flat.new_empty(flat.shape, dtype=wide_dtype) if want_logits else None
+        grad_weight = weight.new_zeros(weight.shape, dtype=wide_dtype) if want_weight else None
+        for rows in _row_chunks(flat.shape[0], vocab):
+            probs = _chunk_probabilities(flat, rows, log_norm)
+            if want_logits:
+                u = _mm(g[rows], weight, matmul_dtype).to(wide_dtype)
+                grad_logits[rows] = _softmax_backward(u, probs, split)
+            if want_weight:
+                grad_weight += _mm(g[rows].t(), probs, matmul_dtype)
+        ctx.matmul_dtype, ctx.split = matmul_dtype, split
+        ctx.save_for_backward(logits, weight, grad_out, log_norm)
+        return (
+            None if grad_logits is None else grad_logits.view(logits.shape).to(logits.dtype),
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+        )
+
+    @staticmethod
+    def backward(ctx, cot_logits, cot_weight):
+        """Cotangents of (dE/dx, dE/dW) -> gradients for (x, W, g). With u = g W, p = softmax(x), m = <u, p>:
+        dE/dx = p (u - m) pulls back to du = softmax_backward(c) and dp = c (u - m) - <c, p> u; dE/dW = g^T p pulls
+        back to dg = p C^T and dp = g C. Under a split vocabulary dg is this slice's partial sum."""
+        _refuse_higher_order("A third derivative of the vocabulary state mapping")
+        logits, weight, grad_out, log_norm = ctx.saved_tensors
+        dtype, split = ctx.matmul_dtype, ctx.split
+        vocab, dim = logits.shape[-1], weight.shape[0]
+        flat, g = logits.reshape(-1, vocab), grad_out.reshape(-1, dim)
+        wide_dtype = at_least_fp32(logits).dtype
+        # A released MCMC state (requires_grad off once its energy gradient is taken) wants no second-order term.
+        need_logits = ctx.needs_input_grad[0] and logits.requires_grad
+        need_weight, need_g = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        cot_x = None if cot_logits is None else cot_logits.reshape(-1, vocab)
+        d_logits = flat.new_zeros(flat.shape, dtype=wide_dtype) if need_logits else None
+        d_weight = weight.new_zeros(weight.shape, dtype=wide_dtype) if need_weight else None
+        d_g = g.new_zeros(g.shape, dtype=wide_dtype) if need_g else None
+        for rows in _row_chunks(flat.shape[0], vocab):
+            probs = _chunk_probabilities(flat, rows, log_norm)
+            d_probs = None
+            if cot_x is not None:
+                c = at_least_fp32(cot_x[rows])
+                c_dot_p = row_sum(c * probs, split)
+                d_u = probs * (c - c_dot_p)
+                if need_g:
+                    d_g[rows] += _mm(d_u, weight.t(), dtype)
+                if need_weight:
+                    d_weight += _mm(g[rows].t(), d_u, dtype)
+                if need_logits:
+                    u = _mm(g[rows], weight, dtype).to(wide_dtype)
+                    d_probs = c * (u - row_sum(u * probs, split)) - c_dot_p * u
+            if cot_weight is not None:
+                if need_g:
+                    d_g[rows] += _mm(probs, cot_weight.t(), dtype)
+                if need_logits:
+                    from_weight = _mm(g[rows], cot_weight, dtype).to(wide_dtype)
+                    d_probs = from_weight if d_probs is None else d_probs + from_weight
+            if need_logits and d_probs is not None:
+                d_logits[rows] = _softmax_backward(d_probs, probs, split)
+        return (
+            None if d_logits is None else d_logits.view(logits.shape).to(logits.dtype),
+            None if d_weight is None else d_weight.to(weight.dtype),
+            None if d_g is None else d_g.view(grad_out.shape).to(grad_out.dtype),
+            *([None] * 5),
+        )
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy that saves the logits and one log-normalizer per row, and works in row chunks. On a split
+    vocabulary this slice holds columns [vocab_start, vocab_start + V_local) and targets are global ids."""
+
+    @staticmethod
+    def forward(ctx, logits, target, split):
+        vocab = logits.shape[-1]
+        log_norm = logits.new_empty(logits.shape[0], 1, dtype=at_least_fp32(logits).dtype)
+        local = target - split.index * vocab
+        inside = (local >= 0) & (local < vocab)
+        local = local.clamp(0, vocab - 1).unsqueeze(-1)
+        picked = log_norm.new_empty(logits.shape[0], 1)
+        for rows in _row_chunks(logits.shape[0], vocab):
+            wide = at_least_fp32(logits[rows])
+            log_norm[rows] = log_normalizer(wide, split)
+            picked[rows] = wide.gather(-1, local[rows]) * inside[rows].unsqueeze(-1)
+        split.sum_ranks(picked)
+        ctx.save_for_backward(logits, local, inside, log_norm)
+        return (log_norm - picked).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        _refuse_higher_order("A second derivative of the cross-entropy")
+        logits, local, inside, log_norm = ctx.saved_tensors
+        scale = grad / logits.shape[0]
+        out = torch.empty_like(logits)
+        for rows in _row_chunks(logits.shape[0], logits.shape[-1]):
+            probs = _chunk_probabilities(logits, rows, log_norm)
+            probs.scatter_add_(-1, local[rows], -inside[rows].unsqueeze(-1).to(probs.dtype))
+            out[rows] = probs * scale
+        return out, None, None
+
+
+def probs_linear(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """probs @ weight.T for probs (..., V) and weight (D, V), saving probs in its own dtype; differentiable once.
+    On a split vocabulary: this slice's part of the sum."""
+    return _ProbsLinear.apply(probs, _engine_weight(weight))
+
+
+def probs_descent(
+    probs: torch.Tensor, energy_grad: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor
+) -> torch.Tensor:
+    """probs - alpha * (energy_grad @ weight): the official update with dE/dp = (dE/de) W never stored."""
+    return _ProbsDescent.apply(probs, energy_grad, weight, alpha)
+
+
+def softmax_linear(logits: torch.Tensor, weight: torch.Tensor, split: VocabSplit | None = None) -> torch.Tensor:
+    """softmax(logits) @ weight.T for logits (..., V) and weight (D, V), twice differentiable, lean in memory.
+    On a split vocabulary: V is this slice and the result is this slice's part of the sum."""
+    return _SoftmaxLinear.apply(logits, _engine_weight(weight), split or VocabSplit())
+
+
+def lean_cross_entropy(logits: torch.Tensor, target: torch.Tensor, split: VocabSplit | None = None) -> torch.Tensor:
+    """F.cross_entropy(logits, target) (mean) for logits (N, V), saving only the logits. On a split vocabulary the
+    logits are this slice's columns and the targets global ids."""
+    return _CrossEntropy.apply(logits, target, split or VocabSplit())
