@@ -25,14 +25,16 @@ import torch.nn.functional as F
 
 from ebwm_scale.data.sampler import fixed_batches
 from ebwm_scale.infer import ThinkConfig, think
+from ebwm_scale.models.blocks import at_least_fp32
 from ebwm_scale.objective import EBTObjective, split_batch
 
 
 def position_losses(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(B, S) loss of every predicted position: cross-entropy for tokens, SmoothL1 (beta 1) for frames."""
+    pred = at_least_fp32(pred)
     if target.dtype == torch.long:
-        return F.cross_entropy(pred.flatten(0, 1).float(), target.flatten(), reduction="none").view(target.shape)
-    return F.smooth_l1_loss(pred.float(), target.float(), beta=1.0, reduction="none").mean(-1)
+        return F.cross_entropy(pred.flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
+    return F.smooth_l1_loss(pred, target.to(pred.dtype), beta=1.0, reduction="none").mean(-1)
 
 
 def evaluate_batch(objective, batch, num_steps: int, best_of: int) -> dict[str, torch.Tensor]:

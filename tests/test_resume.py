@@ -17,7 +17,7 @@ NOISY_MCMC = [
     "mcmc.langevin_noise_std=0.05",
     "mcmc.max_num_steps=3",
     "mcmc.alpha_jitter=0.2",
-    "model.num_step_embeddings=3",
+    "model.step_conditioning=time_token",
 ]  # so that every RNG stream matters
 RUNS = {
     "text": ["ci_tiny.yaml", "data.seq_len=16", "data.micro_batch_size=4", *NOISY_MCMC],

@@ -9,10 +9,11 @@ import torch.distributed as dist
 
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.objective import build_objective
-from ebwm_scale.parallel.parallelize import apply_tensor_parallel_objective
+from ebwm_scale.parallel.parallelize import apply_tensor_parallel
 from ebwm_scale.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
+    VocabParallel,
     VocabParallelEmbedding,
     _shard,
     reduce_from_tp,
@@ -20,7 +21,8 @@ from ebwm_scale.parallel.tensor import (
 from tests.conftest import tiny_model_config
 from tests.distributed import assert_adam_weights_close, run_distributed_test
 
-RTOL, ATOL = 1e-5, 1e-5  # ATOL for near-zero entries, where summing partial products in another order shows
+RTOL = 1e-5
+EXACT = 1e-9  # float64 parity
 
 
 def _expected_shard(module, name, full_grad, rank, size):
@@ -39,13 +41,16 @@ def _batch(modality):
     return {"tokens": torch.randint(0, 32, (3, 9))} if modality == "text" else {"frames": torch.randn(3, 9, 8)}
 
 
-def _check(rank, size, kind, modality, vocab_state):
+def _check(rank, size, kind, modality, mcmc_options, conditioning):
+    """In float64, so that a wrong collective cannot hide under float32 summation-order differences."""
+    torch.set_default_dtype(torch.float64)
     group = dist.group.WORLD
     torch.manual_seed(0)
-    cfg = tiny_model_config(kind, modality, vocab_state=vocab_state)
-    reference = build_objective(cfg.build(), MCMCConfig(alpha_init=5.0).build())
-    parallel = copy.deepcopy(reference)
-    apply_tensor_parallel_objective(parallel, group)
+    cfg = tiny_model_config(kind, modality, step_conditioning=conditioning, num_step_embeddings=2)
+    reference = build_objective(cfg.build(), MCMCConfig(alpha_init=5.0, **mcmc_options).build())
+    mcmc = copy.deepcopy(reference.mcmc) if kind == "ebt" else None
+    parallel = build_objective(copy.deepcopy(reference.model), mcmc, VocabParallel(group))
+    apply_tensor_parallel(parallel.model, group)
     batch = _batch(modality)
 
     if kind == "ebt":  # energies and the energy gradient w.r.t. the state (text: each rank holds a vocab slice)
@@ -58,9 +63,9 @@ def _check(rank, size, kind, modality, vocab_state):
             energy = objective.model(ctx, state)
             energies.append(energy)
             state_grads.append(torch.autograd.grad(energy.sum(), state)[0])
-        torch.testing.assert_close(energies[1], energies[0], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(energies[1], energies[0], rtol=EXACT, atol=EXACT)
         expected = state_grads[0].chunk(size, dim=-1)[rank] if modality == "text" else state_grads[0]
-        torch.testing.assert_close(state_grads[1], expected, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(state_grads[1], expected, rtol=EXACT, atol=EXACT)
 
     optimizers = [torch.optim.SGD(o.parameters(), lr=0.05) for o in (reference, parallel)]
     modules = dict(parallel.named_modules())
@@ -71,25 +76,32 @@ def _check(rank, size, kind, modality, vocab_state):
             out = objective(batch)
             out.loss.backward()
             losses.append(out.loss.item())
-        assert losses[1] == pytest.approx(losses[0], rel=RTOL), (step, losses)
+        assert losses[1] == pytest.approx(losses[0], rel=EXACT), (step, losses)
         full = dict(reference.named_parameters())
         for name, param in parallel.named_parameters():
             owner = modules[name.rsplit(".", 1)[0]]
             expected = _expected_shard(owner, name, full[name].grad, rank, size)
-            torch.testing.assert_close(param.grad, expected, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(param.grad, expected, rtol=EXACT, atol=EXACT, msg=lambda m, n=name: f"{n}: {m}")
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
 
 
 @pytest.mark.parametrize(
-    "kind, modality, vocab_state",
-    [("ebt", "text", "lean"), ("ebt", "text", "plain"), ("ebt", "frames", "lean"), ("ar", "text", "lean")],
+    "kind, modality, mcmc_options, conditioning",
+    [
+        ("ebt", "text", {"update_space": "probs", "vocab_state": "lean"}, "time_token"),
+        ("ebt", "text", {"update_space": "probs", "vocab_state": "plain"}, "none"),
+        ("ebt", "text", {"update_space": "logits", "vocab_state": "lean"}, "additive"),
+        ("ebt", "text", {"update_space": "logits", "vocab_state": "plain"}, "none"),
+        ("ebt", "frames", {}, "none"),
+        ("ar", "text", {}, "none"),
+    ],
 )
-def test_tensor_parallel_matches_one_process(kind, modality, vocab_state):
-    """Text: the split state through the lean fused Functions (all-reduced row sums inside) and through plain
-    autograd; both against the one-process model of the same kind."""
-    run_distributed_test(_check, world_size=2, args=(kind, modality, vocab_state))
+def test_tensor_parallel_matches_one_process(kind, modality, mcmc_options, conditioning):
+    """Text: the vocabulary-split state under both update rules, through the lean fused Functions (all-reduced row
+    sums inside) and through plain autograd; each against the one-process model of the same kind."""
+    run_distributed_test(_check, world_size=2, args=(kind, modality, mcmc_options, conditioning))
 
 
 def _check_second_order_collective(rank, size):
