@@ -1,5 +1,6 @@
 """Pipeline parallelism on gloo ranks vs one process: the loss over 3 training steps and every parameter gradient,
-for EBT-text (fixed and randomized MCMC step counts) and AR-text, with 1 and 4 micro-batches, 2 and 3 stages."""
+for EBT-text (both update rules, lean and plain state, noise and jitter, fixed and randomized MCMC step counts) and
+AR-text, with 1 and 4 micro-batches, 2 and 3 stages."""
 
 import copy
 from contextlib import nullcontext
@@ -65,9 +66,11 @@ def _check(rank, size, kind, microbatches, mcmc_overrides, modality="text"):
         ("ebt", {}),
         ("ebt", {"num_steps": 1, "max_num_steps": 3, "step_count_seed": 3}),
         ("ebt", {"loss_on": "last", "num_steps": 3}),
+        ("ebt", {"update_space": "logits", "langevin_noise_std": 0.1}),
+        ("ebt", {"vocab_state": "plain", "langevin_noise_std": 0.1}),
         ("ar", {}),
     ],
-    ids=["ebt", "ebt-random-steps", "ebt-loss-on-last", "ar"],
+    ids=["ebt", "ebt-random-steps", "ebt-loss-on-last", "ebt-logits-noisy", "ebt-plain-noisy", "ar"],
 )
 def test_two_stages_match_one_process(kind, microbatches, mcmc_overrides):
     run_distributed_test(_check, world_size=2, args=(kind, microbatches, mcmc_overrides))
