@@ -221,7 +221,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
     elif cfg.parallel.data_parallel == "zero" and cfg.parallel.zero_stage == 3:
         checks.append(
             "parallel.zero_stage=3: DeepSpeed re-partitions parameters before the EBT's second-order pass "
-            "(docs/design.md); for sharded parameters use parallel.data_parallel=fsdp"
+            "(docs/design.md §3); for sharded parameters use parallel.data_parallel=fsdp"
         )
     tp = cfg.parallel.tensor_parallel
     if tp < 1:

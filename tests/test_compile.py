@@ -1,5 +1,5 @@
-"""torch.compile (inductor) where the EBT allows it, DESIGN §4: what works with a second-order gradient, what does
-not, and that the compiled model trains exactly like the eager one."""
+"""torch.compile (inductor) where the EBT allows it (docs/design.md §3): what works with a second-order gradient,
+what does not, and that the compiled model trains exactly like the eager one."""
 
 import pytest
 import torch
@@ -46,7 +46,8 @@ def test_compiled_model_trains_like_the_eager_one(kind, checkpointing):
     losses, grads, compiled = _loss_and_grads(kind, True, checkpointing)
     assert losses == pytest.approx(eager_losses, rel=1e-5)
     for name, grad in eager_grads.items():
-        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), name
+        # fp32: inductor's fusions reorder sums, so near-zero entries are compared on the tensor's own scale
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max()), name
     assert compiled.state_dict().keys() == eager.state_dict().keys()
 
 

@@ -1,4 +1,4 @@
-"""Frame encoders: RGB frames -> one latent vector per frame, the state an EBT/AR video model predicts (DESIGN §3).
+"""Frame encoders: RGB frames -> one latent per frame, the state an EBT/AR video model predicts (docs/design.md §1).
 
 Every encoder maps (N, H, W, 3) uint8 frames at `resolution` x `resolution` to (N, dim) float32 latents, records in
 `describe()` what rebuilds it (written to meta.json by the video prep job), and decodes latents back to frames for

@@ -1,4 +1,4 @@
-"""Deterministic, exactly resumable streaming of WebDataset shards, text tokens or video latents (DESIGN §5).
+"""Deterministic, exactly resumable streaming of WebDataset shards, text tokens or video latents (docs/design.md §6).
 
 Every (data-parallel rank, DataLoader worker) pair is one *reader*; there are world_size x num_workers of them.
 Epoch e lays the shards end to end in an order seeded by (seed, e), with each shard's samples in an order seeded by

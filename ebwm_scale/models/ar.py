@@ -1,4 +1,4 @@
-"""Transformer++ autoregressive baselines built from the same blocks as the EBT (DESIGN §3)."""
+"""Transformer++ autoregressive baselines built from the same blocks as the EBT (docs/design.md §1)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Llama-style transformer blocks: RMSNorm, SwiGLU, RoPE, attention. No biases anywhere.
 
 Every op here must support double backward: the EBT loss differentiates through the gradient of the energy
-(DESIGN §4). Attention therefore runs either as explicit math or as SDPA pinned to its math backend; the fused
-flash/efficient kernels have no double backward and are allowed only for the AR baselines ("sdpa_fused").
+(docs/design.md §3). Attention therefore runs either as explicit math or as SDPA pinned to its math backend; the fused
+flash/efficient kernels ("sdpa_fused") have no double backward: they serve the AR baselines and the EBT's real-token
+stream in the split layout, which is differentiated only once.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Energy-Based Transformers: (context, candidate next state) -> one scalar energy per position (docs/design.md).
+"""Energy-Based Transformers: (context, candidate next state) -> one scalar energy per position (docs/design.md §1).
 
 The transformer runs on [real (S) ; predicted (S)] = 2S embeddings. Real tokens attend causally to real tokens;
 prediction i attends to real tokens 0..i and to itself only, so all S candidates are scored in one pass and

@@ -16,7 +16,7 @@ optimizer state for checkpoints.
 - DeepSpeedEngine (`parallel.data_parallel: zero`): DeepSpeed ZeRO stage 0/1/2. DeepSpeed's backward hooks fire on
   the outer backward only (the energy gradient is taken with autograd.grad, which touches no parameter .grad), which
   is why stages 0-2 train the EBT correctly. Stage 3 re-partitions parameters between the forward and the second-order
-  pass ("mat2 must be a matrix", DESIGN §4) and is refused until its fix lands.
+  pass ("mat2 must be a matrix", docs/design.md §3) and is refused until its fix lands.
 - PipelineEngine (`parallel.pipeline_parallel`): a DataParallelEngine over one pipeline stage whose
   forward_backward is the stage's schedule (parallel/pipeline.py).
 """

@@ -5,9 +5,9 @@
 1. Pipeline parallelism (parallel.pipeline_parallel): each rank keeps only its stage's blocks and ends; the schedule
    that runs them is the training engine's (parallel/pipeline.py).
 2. Activation checkpointing: transformer blocks recompute their activations in the backward. Non-reentrant
-   checkpointing (use_reentrant=False) is the variant that supports double backward (docs/design.md); the reentrant one
-   does not. It covers every block forward: the AR trunk, the masked EBT, the EBT context stream and the prediction
-   stream that runs once per MCMC step.
+   checkpointing (use_reentrant=False) is the variant that supports double backward (docs/design.md §3); the
+   reentrant one does not. It covers every block forward: the AR trunk, the masked EBT, the EBT context stream and
+   the prediction stream that runs once per MCMC step.
 3. torch.compile (parallel.compile): only what no second-order gradient passes through (apply_compile).
 4. Data parallelism / ZeRO: by the training engine (parallel/engine.py), after this.
 """
@@ -70,7 +70,7 @@ def vocab_split(dist_info: DistInfo | None) -> VocabParallel | None:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """torch.compile where no gradient is taken twice (compiled graphs have no double backward: docs/design.md).
+    """torch.compile where no gradient is taken twice (compiled graphs have no double backward: docs/design.md §3).
     AR: every block. EBT: the real-token stream (`context_layers`), which the split layout differentiates once, in
     the outer backward; the prediction stream, differentiated twice, stays eager. Module names and state_dict keys
     stay."""

@@ -1,4 +1,4 @@
-"""Pipeline parallelism for a loss that contains the gradient of the model's output (docs/design.md).
+"""Pipeline parallelism for a loss that contains the gradient of the model's output (docs/design.md §5).
 
 The model is cut into `parallel.pipeline_parallel` stages of consecutive blocks, one per rank: stage 0 also embeds
 the context and the candidate state (and, for the EBT, owns alpha, the state and the loss), the last stage also

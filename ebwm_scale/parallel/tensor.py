@@ -1,4 +1,4 @@
-"""Megatron-style tensor parallelism whose collectives are differentiable twice (docs/design.md).
+"""Megatron-style tensor parallelism whose collectives are differentiable twice (docs/design.md §3, §4).
 
 The EBT loss back-propagates through the energy gradient, so the backward of every collective is itself part of a
 graph that gets differentiated again. Two autograd Functions carry the whole scheme, and each one's backward *is* the

@@ -1,4 +1,4 @@
-"""Training FLOPs per token, pinned so that every run, ladder and benchmark counts the same way (DESIGN §2).
+"""Training FLOPs per token, pinned so that every run, ladder and benchmark counts the same way (docs/design.md §7).
 
 AR (PaLM appendix B accounting): 6 N + 12 L D S per token, with N the non-embedding parameters (matmul weights,
 output head included) and the second term the attention score/value matmuls.
