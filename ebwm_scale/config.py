@@ -208,7 +208,11 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         checks.append(f"data.video.patch_size={d.video.patch_size} does not divide frame_size={d.video.frame_size}")
     if mc.max_num_steps and mc.max_num_steps < mc.num_steps:
         checks.append(f"mcmc.max_num_steps={mc.max_num_steps} is below mcmc.num_steps={mc.num_steps}")
-    if m.step_conditioning != "none" and m.num_step_embeddings < max(mc.num_steps, mc.max_num_steps):
+    if (
+        m.kind == "ebt"
+        and m.step_conditioning != "none"
+        and m.num_step_embeddings < max(mc.num_steps, mc.max_num_steps)
+    ):
         checks.append(f"model.num_step_embeddings={m.num_step_embeddings} is fewer than the MCMC training steps")
     if not mc.alpha_init > mc.alpha_min > 0:
         checks.append(f"mcmc.alpha_init={mc.alpha_init} must exceed mcmc.alpha_min={mc.alpha_min} > 0")

@@ -1,9 +1,14 @@
 """EBT train step vs AR train step, same process, same sizes: does the EBT cost only what its FLOPs say?
 
-Prints ebt_step / ar_step (measured), the FLOP ratio from the pinned formula (ebwm_scale.train.metrics), and their
-quotient; goal: quotient <= 1.15 (CPU fp32 here; GPU bf16 later).
+Prints, for each EBT step conditioning asked for, ebt_step / ar_step (measured), the FLOP ratio from the pinned
+formula (ebwm_scale.train.metrics) and their quotient (goal: <= 1.15 on CPU fp32), and the process's peak resident
+memory during each model's steps. `time_token` re-runs the context stream once per MCMC step (it depends on the
+step), `none` and `additive` run it once per batch.
 
-    python tools/bench_step.py [--modality text|frames] [--dim 256] [--seq-len 128] ...
+    python tools/bench_step.py [--modality text|frames] [--dim 256] [--seq-len 128] [--conditioning none,time_token]
+    # the official small NLP configuration (6 x 384, FFN 384, V = 50,277, S = 256, batch 8, 2 MCMC steps):
+    python tools/bench_step.py --dim 384 --num-layers 6 --num-heads 6 --ffn-hidden-dim 384 --vocab-size 50277 \
+        --seq-len 256 --batch-size 8 --steps 3 --warmup 1
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import statistics
 import time
 
 import torch
+from bench_memory import PeakMemory  # tools/ is this script's directory
 
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models import ModelConfig
@@ -45,7 +51,10 @@ def main() -> None:
     parser.add_argument("--frame-dim", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--ffn-hidden-dim", type=int, default=0, help="0: Llama's 8/3 x dim")
     parser.add_argument("--mcmc-steps", type=int, default=2)
+    parser.add_argument("--update-space", default="probs", help="text EBT update rule: probs | logits")
+    parser.add_argument("--conditioning", default="none,time_token", help="EBT step conditionings to time")
     parser.add_argument("--ebt-impl", default="split", help="EBT layout: split (default) | masked (literal 2S)")
     parser.add_argument("--ebt-attn", default="sdpa", help="EBT context-stream kernel: math | sdpa | sdpa_fused")
     parser.add_argument("--ar-attn", default="sdpa_fused", help="the AR baseline's fastest: sdpa_fused")
@@ -61,29 +70,46 @@ def main() -> None:
         num_heads=args.num_heads,
         vocab_size=args.vocab_size,
         frame_dim=args.frame_dim,
+        ffn_hidden_dim=args.ffn_hidden_dim,
     )
     if args.modality == "text":
         batch = {"tokens": torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1))}
     else:
         batch = {"frames": torch.randn(args.batch_size, args.seq_len + 1, args.frame_dim)}
-    mcmc = MCMCConfig(num_steps=args.mcmc_steps, alpha_init=1.0)
+    mcmc = MCMCConfig(num_steps=args.mcmc_steps, alpha_init=1.0, update_space=args.update_space)
+    tokens = args.batch_size * args.seq_len
+    runs = [("ar", args.ar_attn, "none")] + [("ebt", args.ebt_attn, c) for c in args.conditioning.split(",")]
     results = {}
-    for kind, impl in (("ar", args.ar_attn), ("ebt", args.ebt_attn)):
-        cfg = ModelConfig(kind=kind, attn_impl=impl, ebt_impl=args.ebt_impl, **shape)
-        objective = build_objective(cfg.build(), mcmc.build())
-        seconds = time_train_steps(objective, batch, args.warmup, args.steps)
-        flops = train_flops_per_token(objective.model, cfg, args.seq_len, args.mcmc_steps)
-        results[kind] = (seconds, flops)
-        tokens = args.batch_size * args.seq_len
-        print(
-            f"{kind:>3} ({impl}): {seconds * 1e3:8.1f} ms/step  {tokens / seconds:9,.0f} tok/s  "
-            f"{flops / 1e6:8.2f} MFLOP/token  {flops * tokens / seconds / 1e9:6.2f} GFLOP/s"
+    for kind, impl, conditioning in runs:
+        cfg = ModelConfig(
+            kind=kind,
+            attn_impl=impl,
+            ebt_impl=args.ebt_impl,
+            step_conditioning=conditioning if kind == "ebt" else "none",
+            num_step_embeddings=args.mcmc_steps,
+            **shape,
         )
-    time_ratio = results["ebt"][0] / results["ar"][0]
-    flop_ratio = results["ebt"][1] / results["ar"][1]
-    print(f"ebt_step / ar_step = {time_ratio:.3f}")
-    print(f"flop ratio (pinned formula) = {flop_ratio:.3f}")
-    print(f"quotient = {time_ratio / flop_ratio:.3f}  (goal <= 1.15 on CPU fp32)")
+        objective = build_objective(cfg.build(), mcmc.build())
+        with PeakMemory(torch.device("cpu")) as peak:
+            seconds = time_train_steps(objective, batch, args.warmup, args.steps)
+        flops = train_flops_per_token(objective.model, cfg, args.seq_len, args.mcmc_steps)
+        name = "ar" if kind == "ar" else f"ebt[{conditioning}]"
+        results[name] = (seconds, flops)
+        print(
+            f"{name:>16} ({impl}): {seconds * 1e3:8.1f} ms/step  {tokens / seconds:9,.0f} tok/s  "
+            f"{flops / 1e6:8.2f} MFLOP/token  {flops * tokens / seconds / 1e9:6.2f} GFLOP/s  "
+            f"peak RSS {PeakMemory._rss_kb('VmHWM') / 2**20:5.2f} GiB (+{peak.peak / 2**30:.2f} over entry)"
+        )
+        del objective
+    ar_seconds, ar_flops = results["ar"]
+    for name, (seconds, flops) in results.items():
+        if name == "ar":
+            continue
+        time_ratio, flop_ratio = seconds / ar_seconds, flops / ar_flops
+        print(
+            f"{name}: ebt_step / ar_step = {time_ratio:.3f}, flop ratio (pinned formula) = {flop_ratio:.3f}, "
+            f"quotient = {time_ratio / flop_ratio:.3f}  (goal <= 1.15 on CPU fp32)"
+        )
 
 
 if __name__ == "__main__":
