@@ -247,11 +247,6 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         checks.append(f"parallel.pipeline_microbatches={chunks} does not divide data.micro_batch_size")
     elif pp > 1 and m.kind == "ebt" and m.ebt_impl != "split":
         checks.append(f"parallel.pipeline_parallel={pp} needs model.ebt_impl='split' (the stages pass prediction rows)")
-    elif pp > 1 and m.kind == "ebt" and m.step_conditioning == "time_token":
-        checks.append(
-            f"parallel.pipeline_parallel={pp} does not run model.step_conditioning='time_token' yet (its context "
-            "stream changes every MCMC step); use 'additive' or 'none'"
-        )
     if cfg.parallel.compile and (cfg.parallel.data_parallel != "ddp" or tp > 1 or pp > 1):
         checks.append("parallel.compile=true works with parallel.data_parallel=ddp and no tensor/pipeline parallelism")
     elif cfg.parallel.compile and m.kind == "ebt" and m.ebt_impl != "split":

@@ -54,7 +54,7 @@ class MCMCConfig:
 
 @dataclass
 class RefineResult:
-    pred: torch.Tensor
+    pred: torch.Tensor | None  # the final state
     losses: list[torch.Tensor] = field(default_factory=list)  # one scalar per step (with a target)
     energies: list[torch.Tensor] = field(default_factory=list)  # (B, S) before each step, detached
     final_energy: torch.Tensor | None = None  # (B, S) after the last step (final_energy=True)
@@ -120,7 +120,8 @@ def refine(
     """Refine `pred` by `num_steps` of gradient descent on the energy. With a target, the loss after every step.
     create_graph=False: inference, nothing is kept for a backward. early_exit_eps > 0: a position stops once a step
     lowers its energy by less than this. final_energy: also score the final state (best-of-N picks by it)."""
-    result = RefineResult(pred=pred, steps_used=torch.zeros(pred.shape[:-1], device=pred.device))
+    # pred is only set at the end: holding the start state would keep one more B x S x V tensor alive all along
+    result = RefineResult(pred=None, steps_used=torch.zeros(pred.shape[:-1], device=pred.device))
     active = torch.ones(pred.shape[:-1], dtype=torch.bool, device=pred.device)
     if not create_graph:
         alpha = alpha.detach()

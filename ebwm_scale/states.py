@@ -136,9 +136,7 @@ class TokenState:
         if self.split.count == 1:
             return F.cross_entropy(at_least_fp32(state).flatten(0, 1), target.flatten())
         wide = at_least_fp32(state).flatten(0, 1)  # (N, V / ranks)
-        with torch.no_grad():
-            peak = self.split.max_ranks(wide.max(-1, keepdim=True).values)  # a constant shift, for stability
-        shifted = wide - peak
+        shifted = wide - self._peak(wide)
         sum_exp = self.split.reduce(torch.exp(shifted).sum(-1))  # (N,)
         local = target.flatten() - self.split.index * wide.shape[-1]
         inside = (local >= 0) & (local < wide.shape[-1])
@@ -150,10 +148,13 @@ class TokenState:
         wide = at_least_fp32(x)
         if self.split.count == 1:
             return torch.softmax(wide, -1)
-        with torch.no_grad():
-            peak = self.split.max_ranks(wide.max(-1, keepdim=True).values)
-        exp = torch.exp(wide - peak)
+        exp = torch.exp(wide - self._peak(wide))
         return exp / self.split.sum_of_slices(exp.sum(-1, keepdim=True))
+
+    @torch.no_grad()
+    def _peak(self, wide: torch.Tensor) -> torch.Tensor:
+        """Each row's max over the split vocabulary: a constant shift for stability, without a gradient."""
+        return self.split.max_ranks(wide.max(-1, keepdim=True).values)
 
 
 def build_state(model: nn.Module, mcmc_cfg, split: VocabSplit | None = None) -> FrameState | TokenState:

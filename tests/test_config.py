@@ -53,10 +53,6 @@ def test_wrong_type_names_key(tmp_path):
             "model:\n  step_conditioning: additive\n  num_step_embeddings: 1\n",
             "model.num_step_embeddings=1 is fewer than the MCMC training steps",
         ),
-        (
-            "parallel:\n  pipeline_parallel: 2\nmodel:\n  step_conditioning: time_token\n",
-            "does not run model.step_conditioning='time_token' yet",
-        ),
         ("model:\n  ebt_impl: masked\n  attn_impl: sdpa_fused\n", "model.attn_impl='sdpa_fused' has no double"),
         ("model:\n  modality: frames\n", "model.modality='frames' but data.source='stdlib_docs'"),
         ("mcmc:\n  num_steps: 3\n  max_num_steps: 2\n", "mcmc.max_num_steps=2 is below mcmc.num_steps=3"),

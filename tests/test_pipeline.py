@@ -24,11 +24,12 @@ def _pp_dist(rank, size, tp_size=1, pp_size=None):
     return with_parallel_groups(info, tp_size, pp_size or size)
 
 
-def _check(rank, size, kind, microbatches, mcmc_overrides, modality="text"):
+def _check(rank, size, kind, microbatches, mcmc_overrides, modality="text", conditioning="none"):
     torch.set_default_dtype(torch.float64)
     mcmc = MCMCConfig(alpha_init=5.0, **mcmc_overrides)
     torch.manual_seed(0)
-    reference = build_objective(tiny_model_config(kind, modality, num_layers=3).build(), mcmc.build())
+    cfg = tiny_model_config(kind, modality, num_layers=3, step_conditioning=conditioning, num_step_embeddings=2)
+    reference = build_objective(cfg.build(), mcmc.build())
     stage = copy.deepcopy(reference)
     dist_info = _pp_dist(rank, size)
     apply_pipeline(stage, dist_info.pp_rank, size)
@@ -74,6 +75,14 @@ def _check(rank, size, kind, microbatches, mcmc_overrides, modality="text"):
 )
 def test_two_stages_match_one_process(kind, microbatches, mcmc_overrides):
     run_distributed_test(_check, world_size=2, args=(kind, microbatches, mcmc_overrides))
+
+
+@pytest.mark.parametrize("conditioning", ["time_token", "additive"])
+def test_step_conditioned_ebt_matches_one_process(conditioning):
+    """time_token: a context stream per MCMC step (its own waves and its own backward); additive: on stage 0 only.
+    Three steps with two step embeddings: the third reuses the second's stream."""
+    mcmc = {"num_steps": 3, "langevin_noise_std": 0.1}
+    run_distributed_test(_check, world_size=2, args=("ebt", 2, mcmc, "text", conditioning))
 
 
 @pytest.mark.parametrize("kind", ["ebt", "ar"])

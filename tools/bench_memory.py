@@ -1,5 +1,6 @@
-"""Memory of the text EBT's vocabulary state: `model.vocab_state: plain` (autograd softmax -> V->D map and
-cross-entropy) vs `lean` (the default: fused, chunked Functions that keep only each MCMC step's logits).
+"""Memory of the text EBT's vocabulary state: `mcmc.vocab_state: plain` (autograd softmax, V->D map, step and
+cross-entropy) vs `lean` (the default: fused, chunked Functions that keep two B x S x V tensors per MCMC step), under
+the update rule `--update-space` (probs, the official default, or logits).
 
 One training step (forward, energy gradients with graph, outer backward) per vocabulary size, same weights and
 batch. Prints the peak memory the step adds (CPU: the process's peak RSS, reset before the step; CUDA: the
@@ -65,9 +66,11 @@ def measure(vocab_state: str, vocab_size: int, args, device: torch.device) -> di
         dim=args.dim,
         num_layers=args.num_layers,
         num_heads=4,
-        vocab_state=vocab_state,
     )
-    objective = build_objective(cfg.build(), MCMCConfig(num_steps=args.mcmc_steps, alpha_init=50.0).build())
+    mcmc = MCMCConfig(
+        num_steps=args.mcmc_steps, alpha_init=50.0, vocab_state=vocab_state, update_space=args.update_space
+    )
+    objective = build_objective(cfg.build(), mcmc.build())
     objective.to(device)
     batch = {"tokens": torch.randint(0, vocab_size, (args.batch_size, args.seq_len + 1), device=device)}
     autocast = (
@@ -103,6 +106,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--mcmc-steps", type=int, default=2)
+    parser.add_argument("--update-space", choices=["probs", "logits"], default="probs")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps (median) after the measured one")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -111,7 +115,8 @@ def main() -> None:
     rows = args.batch_size * args.seq_len
     print(
         f"EBT text {args.num_layers} x {args.dim}, {rows} positions (B {args.batch_size} x S {args.seq_len}), "
-        f"{args.mcmc_steps} MCMC steps, {device.type} {args.precision}; one B x S x V fp32 tensor = rows * V * 4 B"
+        f"{args.mcmc_steps} MCMC steps ({args.update_space}), {device.type} {args.precision}; "
+        "one B x S x V fp32 tensor = rows * V * 4 B"
     )
     for vocab_size in (int(v) for v in args.vocab_sizes.split(",")):
         plain = measure("plain", vocab_size, args, device)

@@ -22,7 +22,7 @@ from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models import ModelConfig
 from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel.dist import DistInfo, ParallelConfig, with_parallel_groups
-from ebwm_scale.parallel.parallelize import parallelize
+from ebwm_scale.parallel.parallelize import parallelize, vocab_split
 
 
 def step_seconds(args, dist_info: DistInfo | None) -> float:
@@ -30,7 +30,7 @@ def step_seconds(args, dist_info: DistInfo | None) -> float:
     cfg = ModelConfig(
         kind="ebt", modality="text", dim=args.dim, num_layers=args.num_layers, num_heads=8, vocab_size=256
     )
-    objective = build_objective(cfg.build(), MCMCConfig(alpha_init=20.0).build())
+    objective = build_objective(cfg.build(), MCMCConfig(alpha_init=20.0).build(), vocab_split(dist_info))
     if dist_info is not None:
         objective = parallelize(objective, ParallelConfig(tensor_parallel=2), dist_info)
     batch = {"tokens": torch.randint(0, 256, (args.batch_size, args.seq_len + 1))}

@@ -125,7 +125,11 @@ class EBT(nn.Module):
 
     def conditioning_index(self, step: int) -> int:
         """Inference may run more steps than were trained: later steps reuse the last learned embedding."""
-        return min(step, self.step_embeddings.num_embeddings - 1)
+        return min(step, max(self.cfg.num_step_embeddings, 1) - 1)
+
+    def context_key(self, step: int) -> int:
+        """Which context stream a step reads: its own under the time token, else the one shared by all steps."""
+        return self.conditioning_index(step) if self.time_token else 0
 
     def condition(self, candidate: torch.Tensor, step: int) -> torch.Tensor:
         if self.cfg.step_conditioning != "additive":
@@ -140,7 +144,7 @@ class EBT(nn.Module):
         return torch.cat((token.expand(real.shape[0], 1, -1), real), dim=1)  # (B, 1 + T, D)
 
     def context_kv(self, context: EncodedContext, step: int) -> list:
-        key = self.conditioning_index(step) if self.time_token else 0
+        key = self.context_key(step)
         if key not in context.kv:
             with torch.set_grad_enabled(context.grad_enabled):
                 stream = self.context_stream(context.embeddings, step)

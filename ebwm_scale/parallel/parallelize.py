@@ -28,6 +28,7 @@ from ebwm_scale.parallel.tensor import (
     VocabParallelEmbedding,
     VocabParallelOutput,
 )
+from ebwm_scale.states import TokenState
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
@@ -83,6 +84,9 @@ def apply_compile(model: nn.Module) -> None:
 
 def parallelize(objective: nn.Module, cfg: ParallelConfig, dist_info: DistInfo | None = None) -> nn.Module:
     if dist_info is not None and dist_info.tp_size > 1:
+        state = getattr(objective, "state", None)
+        if isinstance(state, TokenState) and state.split.count != dist_info.tp_size:
+            raise ValueError("a text EBT under tensor parallelism needs build_objective(..., vocab_split(dist_info))")
         apply_tensor_parallel(objective.model, dist_info.tp_group)
     if dist_info is not None and dist_info.pp_size > 1:
         apply_pipeline(objective, dist_info.pp_rank, dist_info.pp_size)

@@ -264,8 +264,12 @@ class EBTPipeline(PipelineSchedule):
         else:
             weights = [1.0 / num_steps] * num_steps
         run = _EBTBatch(self, batch, train, autocast, [w * loss_scale / self.num_microbatches for w in weights])
-        phases = [(True, run.encode_context)]
+        phases, streams = [], []
         for step in range(num_steps):
+            stream = self.model.context_key(step)
+            if stream not in streams:  # the context stream, once per batch (per step under the time token)
+                streams.append(stream)
+                phases.append((True, partial(run.encode_context, stream, step)))
             phases += [(True, partial(run.energy_forward, step)), (False, partial(run.energy_backward, step))]
             if weights[step] > 0:
                 phases += [
@@ -273,7 +277,7 @@ class EBTPipeline(PipelineSchedule):
                     (False, partial(run.first_order_backward, step)),
                 ]
         if train:
-            phases.append((False, run.context_backward))
+            phases += [(False, partial(run.context_backward, stream)) for stream in streams]
         self.run_phases(phases)
         return run.metrics(weights)
 
@@ -300,7 +304,8 @@ class _EBTBatch:
         self.loss_weights = loss_weights  # per step, with the micro-batch and accumulation scaling
         count = schedule.num_microbatches
         self.ctx, self.target = schedule.chunks(batch) if self.first else ((None,) * count, None)
-        self.ctx_in, self.ctx_out, self.kv, self.kv_leaves = [], [], [], []
+        # per (context stream, micro-batch): the stream's input and output, its keys/values and their leaves
+        self.ctx_in, self.ctx_out, self.kv, self.kv_leaves = {}, {}, {}, {}
         self.states = [self.objective.init_state(c) for c in self.ctx] if self.first else []
         self.alpha = self.objective.mcmc.step_size() if self.first else None
         self.losses = [[None] * count for _ in loss_weights]  # [step][micro-batch], stage 0
@@ -311,17 +316,20 @@ class _EBTBatch:
         self.state_grad: dict[StepKey, torch.Tensor] = {}  # dE/dx, with graph when training
         self.grad_out: dict[StepKey, torch.Tensor] = {}  # dE/dh as received, a leaf
 
-    def encode_context(self, index: int, received: torch.Tensor | None) -> torch.Tensor:
-        """The real tokens through this stage's blocks, once per batch. Their keys/values become leaves that every
-        MCMC step reads and adds gradient to; context_backward takes it through the stream at the end."""
+    def encode_context(self, stream: int, step: int, index: int, received: torch.Tensor | None) -> torch.Tensor:
+        """The real tokens (behind the step's time token, if any) through this stage's blocks. Their keys/values
+        become leaves that the MCMC steps reading this stream add gradient to; context_backward takes it through
+        the stream at the end."""
         with torch.set_grad_enabled(self.train), self.autocast:
-            x = self.model.embed_context(self.ctx[index]) if self.first else received.requires_grad_(self.train)
+            if self.first:
+                x = self.model.context_stream(self.model.embed_context(self.ctx[index]), step)
+            else:
+                x = received.requires_grad_(self.train)
             h, layer_kv = self.model.context_layers(x, self.schedule.layers)
         flat = [t for pair in layer_kv for t in pair]
-        self.ctx_in.append(x)
-        self.ctx_out.append(h)
-        self.kv.append(flat)
-        self.kv_leaves.append([t.detach().requires_grad_(self.train) for t in flat])
+        key = (stream, index)
+        self.ctx_in[key], self.ctx_out[key], self.kv[key] = x, h, flat
+        self.kv_leaves[key] = [t.detach().requires_grad_(self.train) for t in flat]
         return h
 
     def energy_forward(self, step: int, index: int, received: torch.Tensor | None) -> torch.Tensor:
@@ -334,7 +342,7 @@ class _EBTBatch:
                 candidate = self.model.condition(point.candidate, step)
             else:
                 self.x[key] = candidate = received.requires_grad_(True)
-            leaves = self.kv_leaves[index]
+            leaves = self.kv_leaves[(self.model.context_key(step), index)]
             h = self.model.prediction_layers(candidate, list(zip(leaves[0::2], leaves[1::2])), self.schedule.layers)
             self.h[key] = h
             if self.last:
@@ -393,13 +401,14 @@ class _EBTBatch:
         for tensors in (self.points, self.x, self.h, self.state_grad, self.grad_out):
             tensors.pop(key, None)
 
-    def context_backward(self, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
-        pairs = [(t, leaf.grad) for t, leaf in zip(self.kv[index], self.kv_leaves[index]) if leaf.grad is not None]
+    def context_backward(self, stream: int, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
+        key = (stream, index)
+        pairs = [(t, leaf.grad) for t, leaf in zip(self.kv[key], self.kv_leaves[key]) if leaf.grad is not None]
         if received is not None:
-            pairs.append((self.ctx_out[index], received))
+            pairs.append((self.ctx_out[key], received))
         outputs, grads = zip(*pairs)
         torch.autograd.backward(list(outputs), list(grads))
-        return None if self.first else self.ctx_in[index].grad
+        return None if self.first else self.ctx_in[key].grad
 
     def metrics(self, weights: list[float]) -> dict[str, float]:
         metrics = {}
