@@ -1,6 +1,7 @@
 """The benchmark tools run end to end at toy sizes (their figures come from full-size runs, docs/benchmarks.md)."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -45,3 +46,30 @@ def test_bench_gpu_runs_a_recipe_on_cpu(tmp_path):
     assert measured["ebt"]["kind"] == "ebt" and measured["ar"]["kind"] == "ar"
     assert measured["ebt"]["tokens_per_s"] > 0 and measured["ar"]["tflops"] > 0
     assert "mfu" not in measured["ebt"]  # no known peak on a CPU: reported as n/a, never invented
+
+
+def test_bench_update_rule_reports_every_setting(tmp_path):
+    result = tmp_path / "update_rule.json"
+    settings = "probs:500:1:1500,logits:20:0.1:100"
+    out = _tool(
+        "tools/bench_update_rule.py",
+        *("--vocab-sizes", "32,64", "--settings", settings, "--steps", "3", "--last", "2", "--init-batches", "2"),
+        *("--dim", "16", "--num-heads", "2", "--seq-len", "8", "--batch-size", "2", "--warmup-steps", "1"),
+        *("--log-every", "0", "--threads", "1", "--json", str(result)),
+    )
+    header = next(line for line in out.splitlines() if line.startswith("| V |"))
+    assert "init step 1 | init step 2 | trained step 1 | trained step 2 | final alpha" in header
+    table = [line for line in out.splitlines() if line.startswith("| 32 |") or line.startswith("| 64 |")]
+    assert len(table) == 2 * 3  # two EBT settings and the AR reference per V
+    rows = json.loads(result.read_text())["rows"]
+    assert [(r["vocab_size"], r["rule"]) for r in rows] == [
+        (v, rule) for v in (32, 64) for rule in ("probs", "logits", "ar")
+    ]
+    for row in rows:
+        assert row["entropy_rate"] < row["unigram_entropy"] < row["ln_v"]  # the synthetic language is learnable
+        if row["rule"] == "ar":
+            assert row["init_loss_steps"] is None and len(row["final_loss_steps"]) == 1
+            continue
+        assert len(row["init_loss_steps"]) == len(row["final_loss_steps"]) == 2
+        assert all(math.isfinite(x) for x in row["init_loss_steps"] + row["final_loss_steps"])
+        assert row["final_alpha"] > 0 and row["skipped"] == 0
