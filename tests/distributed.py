@@ -80,6 +80,13 @@ def launch_entry_point(launcher: str, recipe_args: list[str], timeout: int = 600
     return subprocess.run([*launch, entry, *recipe_args], capture_output=True, text=True, timeout=timeout)
 
 
+# Trainer-level runs in fp32 against one process. The official update overshoots at initialization (losses in the
+# hundreds for the first steps: s' = p - alpha dE/dp with alpha 20), which turns summation-order rounding into
+# relative loss differences of up to ~1e-5 after a few AdamW steps. The float64 parity tests pin the gradients
+# exactly; these runs check the wiring (groups, data split, sharded weights) end to end.
+TRAINER_LOSS_RTOL = 1e-4
+
+
 def assert_adam_weights_close(params: dict, reference: dict, lr: float, steps: int) -> None:
     """Weights after `steps` AdamW steps under a parallel layout vs one process. Adam's g / sqrt(v) turns float-order
     differences in near-zero gradients into updates of up to lr, so: all but a few entries per tensor within a tenth

@@ -19,9 +19,8 @@ from ebwm_scale.parallel.tensor import (
     reduce_from_tp,
 )
 from tests.conftest import tiny_model_config
-from tests.distributed import assert_adam_weights_close, run_distributed_test
+from tests.distributed import TRAINER_LOSS_RTOL, assert_adam_weights_close, run_distributed_test
 
-RTOL = 1e-5
 EXACT = 1e-9  # float64 parity
 
 
@@ -145,7 +144,7 @@ def _check_training(rank, size, output_dir, expected):
         "mcmc.langevin_noise_std=0.05",
     )
     ref_losses, ref_params = expected
-    assert losses == pytest.approx(ref_losses, rel=RTOL)
+    assert losses == pytest.approx(ref_losses, rel=TRAINER_LOSS_RTOL)
     assert_adam_weights_close(params, ref_params, lr=3e-3, steps=5)  # gathered (unsharded) weights
 
 
@@ -180,7 +179,7 @@ def _check_start_from_export(rank, size, output_dir, expected):
 
     fresh = [*START_FROM_EXPORT, f"train.init_from={output_dir}/export", "parallel.tensor_parallel=2"]
     losses, _ = _run("ci_tiny.yaml", _tp_dist(rank, size), f"{output_dir}/d", *fresh)
-    assert losses == pytest.approx(expected, rel=2e-5)
+    assert losses == pytest.approx(expected, rel=TRAINER_LOSS_RTOL)
 
 
 @pytest.mark.slow
@@ -222,7 +221,7 @@ def _check_tp_times_dp(rank, size, output_dir, expected):
     losses, params = _run(
         "ci_tiny.yaml", dist_info, output_dir, "data.micro_batch_size=4", "parallel.tensor_parallel=2"
     )
-    assert losses == pytest.approx(expected[0], rel=2e-5)
+    assert losses == pytest.approx(expected[0], rel=TRAINER_LOSS_RTOL)
     assert_adam_weights_close(params, expected[1], lr=3e-3, steps=5)
 
 

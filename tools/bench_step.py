@@ -2,8 +2,8 @@
 
 Prints, for each EBT step conditioning asked for, ebt_step / ar_step (measured), the FLOP ratio from the pinned
 formula (ebwm_scale.train.metrics) and their quotient (goal: <= 1.15 on CPU fp32), and the process's peak resident
-memory during each model's steps. `time_token` re-runs the context stream once per MCMC step (it depends on the
-step), `none` and `additive` run it once per batch.
+memory after each model (cumulative: the AR runs first). `time_token` re-runs the context stream once per MCMC
+step (it depends on the step), `none` and `additive` run it once per batch.
 
     python tools/bench_step.py [--modality text|frames] [--dim 256] [--seq-len 128] [--conditioning none,time_token]
     # the official small NLP configuration (6 x 384, FFN 384, V = 50,277, S = 256, batch 8, 2 MCMC steps):
@@ -18,12 +18,11 @@ import statistics
 import time
 
 import torch
-from bench_memory import PeakMemory  # tools/ is this script's directory
 
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models import ModelConfig
 from ebwm_scale.objective import build_objective
-from ebwm_scale.train.metrics import train_flops_per_token
+from ebwm_scale.train.metrics import peak_memory_gb, train_flops_per_token
 from ebwm_scale.train.optim import OptimConfig
 
 
@@ -90,15 +89,14 @@ def main() -> None:
             **shape,
         )
         objective = build_objective(cfg.build(), mcmc.build())
-        with PeakMemory(torch.device("cpu")) as peak:
-            seconds = time_train_steps(objective, batch, args.warmup, args.steps)
+        seconds = time_train_steps(objective, batch, args.warmup, args.steps)
         flops = train_flops_per_token(objective.model, cfg, args.seq_len, args.mcmc_steps)
         name = "ar" if kind == "ar" else f"ebt[{conditioning}]"
         results[name] = (seconds, flops)
         print(
             f"{name:>16} ({impl}): {seconds * 1e3:8.1f} ms/step  {tokens / seconds:9,.0f} tok/s  "
             f"{flops / 1e6:8.2f} MFLOP/token  {flops * tokens / seconds / 1e9:6.2f} GFLOP/s  "
-            f"peak RSS {PeakMemory._rss_kb('VmHWM') / 2**20:5.2f} GiB (+{peak.peak / 2**30:.2f} over entry)"
+            f"process peak RSS so far {peak_memory_gb(torch.device('cpu')):5.2f} GiB"
         )
         del objective
     ar_seconds, ar_flops = results["ar"]
