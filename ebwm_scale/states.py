@@ -92,18 +92,16 @@ class TokenState:
         return self.model.vocab_to_embed  # looked up per call: tensor parallelism swaps in a sharded layer
 
     def noise(self, like: torch.Tensor) -> torch.Tensor:
-        """Standard normal noise for this slice, drawn at full width and sliced, so that a split state starts and
-        moves exactly like the whole one."""
-        count = self.split.count
-        if count == 1:
-            return torch.randn_like(like)
-        full = torch.randn(*like.shape[:-1], like.shape[-1] * count, device=like.device, dtype=like.dtype)
-        return self.split.shard(full)
+        return self._normal(like.shape[:-1], like.device, like.dtype)
 
     def init(self, ctx: torch.Tensor) -> torch.Tensor:
-        local_vocab = self.model.cfg.vocab_size // self.split.count
-        like = torch.empty(ctx.shape[0], ctx.shape[1], local_vocab, device=ctx.device, dtype=self._dtype())
-        return self.init_scale * self.noise(like)
+        return self._normal(ctx.shape[:2], ctx.device, self._dtype()).mul_(self.init_scale)
+
+    def _normal(self, rows: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Standard normal (*rows, V / ranks) for this slice, drawn at full width and sliced, so that a split state
+        starts and moves exactly like the whole one."""
+        full = torch.randn(*rows, self.model.cfg.vocab_size, device=device, dtype=dtype)
+        return self.split.shard(full).contiguous()  # a copy of the slice: the full draw is freed
 
     def _dtype(self) -> torch.dtype:
         """At least fp32 whatever the weights (bf16 autocast); a float64 model keeps a float64 state."""

@@ -197,21 +197,21 @@ class _ProbsDescent(torch.autograd.Function):
         c, u = cot.reshape(-1, vocab), energy_grad.reshape(-1, dim)
         wide_dtype = at_least_fp32(probs).dtype
         need_u, need_weight, need_alpha = ctx.needs_input_grad[1:4]
-        d_u = u.new_empty(u.shape, dtype=wide_dtype) if need_u else None
+        # c W^T (rows, D) serves both du and dalpha = -<c, u W> = -<c W^T, u>: no V-sized product is recomputed.
+        c_w = u.new_empty(u.shape, dtype=wide_dtype) if need_u or need_alpha else None
         d_weight = weight.new_zeros(weight.shape, dtype=wide_dtype) if need_weight else None
-        d_alpha = torch.zeros((), dtype=wide_dtype, device=probs.device)
         for rows in _row_chunks(c.shape[0], vocab):
-            if need_u:
-                d_u[rows] = _mm(c[rows], weight.t(), dtype)
+            if c_w is not None:
+                c_w[rows] = _mm(c[rows], weight.t(), dtype)
             if need_weight:
                 d_weight += _mm(u[rows].t(), c[rows], dtype)
-            if need_alpha:
-                d_alpha += (c[rows] * _mm(u[rows], weight, dtype).to(wide_dtype)).sum()
+        d_u = c_w if need_u else None
+        d_alpha = (c_w * u).sum() if need_alpha else None
         return (
             cot if ctx.needs_input_grad[0] else None,
             None if d_u is None else (-alpha * d_u).view(energy_grad.shape).to(energy_grad.dtype),
             None if d_weight is None else (-alpha * d_weight).to(weight.dtype),
-            (-d_alpha).to(alpha.dtype).view(alpha.shape) if need_alpha else None,
+            None if d_alpha is None else (-d_alpha).to(alpha.dtype).view(alpha.shape),
         )
 
 

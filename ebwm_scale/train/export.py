@@ -58,11 +58,10 @@ def _read_export(url: str) -> tuple[PretrainConfig, dict[str, torch.Tensor]]:
 
 def read_exported_weights(url: str, model: ModelConfig) -> dict[str, torch.Tensor]:
     """The unsharded weights of an export, after checking they were trained with the `model` architecture (the
-    attention kernel, EBT layout, vocabulary-state implementation and RoPE base may differ: the weights mean the same
-    under each)."""
+    attention kernel, EBT layout and RoPE base may differ: the weights mean the same under each)."""
     cfg, weights = _read_export(url)
     exported, wanted = asdict(cfg.model), asdict(model)
-    for key in wanted.keys() - {"attn_impl", "ebt_impl", "vocab_state", "rope_theta"}:
+    for key in wanted.keys() - {"attn_impl", "ebt_impl", "rope_theta"}:
         if exported[key] != wanted[key]:
             raise ConfigError(f"train.init_from={url}: model.{key}={exported[key]!r} there, {wanted[key]!r} here")
     return weights
