@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ebwm_scale.data.sampler import fixed_batches
-from ebwm_scale.infer import ThinkConfig, think
+from ebwm_scale.infer import ThinkConfig, think_about
 from ebwm_scale.models.blocks import at_least_fp32
 from ebwm_scale.objective import EBTObjective, split_batch
 
@@ -43,20 +43,9 @@ def evaluate_batch(objective, batch, num_steps: int, best_of: int) -> dict[str, 
     if not isinstance(objective, EBTObjective):
         with torch.no_grad():
             return {"loss": position_losses(objective.predict(ctx), target)}
-    model = objective.model
     with torch.no_grad():
-        context = model.encode_context(ctx)
-        model.cache_context(context, num_steps + 1)  # computed once, then copied for the chains
-    chains = context.repeat(best_of)
-    init = objective.init_state(ctx.repeat(best_of, *([1] * (ctx.dim() - 1))))  # (best_of x B, S, state)
-    thought = think(
-        objective.energy_fn(chains),
-        objective.state,
-        init,
-        objective.mcmc.step_size().detach(),
-        num_steps,
-        ThinkConfig(best_of=best_of),
-    )
+        context = objective.model.encode_context(ctx)
+    thought = think_about(objective, context, ctx.shape[1], num_steps, ThinkConfig(best_of=best_of))
     return {"loss": position_losses(thought.pred, target), "energy": thought.energy}
 
 

@@ -66,6 +66,16 @@ def think(energy_fn, space, init: torch.Tensor, alpha: torch.Tensor, num_steps: 
     )
 
 
+def think_about(objective, context: EncodedContext, num_positions: int, num_steps: int, cfg: ThinkConfig) -> Thought:
+    """Thinking about the last `num_positions` positions of an encoded context: its keys/values are computed once,
+    then copied for the best_of chains, which start from fresh noise."""
+    objective.model.cache_context(context, num_steps + 1)  # +1: the final score
+    chains = context.repeat(cfg.best_of)
+    init = objective.init_state(chains.embeddings[:, -num_positions:])
+    alpha = objective.mcmc.step_size().detach()
+    return think(objective.energy_fn(chains), objective.state, init, alpha, num_steps, cfg)
+
+
 class Generator:
     """Next-element prediction and generation with a trained EBT objective (text or frames)."""
 
@@ -74,7 +84,6 @@ class Generator:
             raise ValueError("System-2 thinking needs an EBT; an AR model's prediction has no energy to refine")
         self.objective, self.model, self.cfg = objective.eval(), objective.model, cfg
         self.num_steps = cfg.num_steps or objective.mcmc.cfg.num_steps
-        self.alpha = objective.mcmc.step_size().detach()
 
     @torch.no_grad()
     def encode(self, context: torch.Tensor, past: EncodedContext | None = None) -> EncodedContext:
@@ -85,10 +94,7 @@ class Generator:
 
     def predict_next(self, context: EncodedContext) -> Thought:
         """The element after the last real one, refined from start noise (best_of chains)."""
-        self.model.cache_context(context, self.num_steps + 1)  # before the chains copy it; +1: the final score
-        chains = context.repeat(self.cfg.best_of)
-        init = self.objective.init_state(chains.embeddings[:, -1:])
-        return think(self.objective.energy_fn(chains), self.objective.state, init, self.alpha, self.num_steps, self.cfg)
+        return think_about(self.objective, context, 1, self.num_steps, self.cfg)
 
     def generate(
         self, context: torch.Tensor, num_new: int, temperature: float = 0.0, use_cache: bool = True
