@@ -62,11 +62,10 @@ class RefineResult:
 
 
 def start_step(space: StateSpace, pred: torch.Tensor, langevin_noise_std: float = 0.0) -> Point:
-    """The first half of a step: a fresh leaf of the state (no gradient through earlier steps), noise, and the point
-    the energy is differentiated at."""
-    pred = pred.detach()
+    """The first half of a step: noise, and the point the energy is differentiated at, a fresh leaf of the state (no
+    gradient through earlier steps)."""
     if langevin_noise_std > 0:  # Langevin dynamics: explore around the current state
-        pred = pred + langevin_noise_std * space.noise(pred)
+        pred = pred.detach() + langevin_noise_std * space.noise(pred)
     return space.point(pred)
 
 
@@ -150,7 +149,7 @@ def refine(
     result.pred = pred
     if final_energy:
         with torch.no_grad():
-            result.final_energy = energy_fn(space.point(pred.detach()).candidate, num_steps)
+            result.final_energy = energy_fn(space.point(pred).candidate, num_steps)
     return result
 
 

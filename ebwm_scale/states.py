@@ -19,6 +19,7 @@ embedding itself: dE/dp = (dE/de) W because e = p W^T is linear, and probs_desce
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from torch import nn
 from ebwm_scale.models.blocks import at_least_fp32
 from ebwm_scale.vocab_state import (
     VocabSplit,
+    cross_entropy_and_probabilities,
     lean_cross_entropy,
     probabilities,
     probs_descent,
@@ -61,7 +63,7 @@ class FrameState:
         return torch.randn_like(like)
 
     def point(self, state: torch.Tensor) -> Point:
-        x = state.requires_grad_(True)
+        x = state.detach().requires_grad_(True)
         return Point(wrt=x, candidate=self.embed(x), base=x)
 
     def descend(self, point: Point, grad: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -86,6 +88,8 @@ class TokenState:
             raise ValueError(f"mcmc.update_space={update_space!r} is not one of {', '.join(UPDATE_SPACES)}")
         self.model, self.init_scale, self.update_space, self.lean = model, init_scale, update_space, lean
         self.split = split or VocabSplit()
+        self._probs_of: tuple[weakref.ref, torch.Tensor] | None = None
+        self._forget_with_state: weakref.finalize | None = None
 
     @property
     def vocab_to_embed(self) -> nn.Module:
@@ -109,13 +113,13 @@ class TokenState:
 
     def point(self, state: torch.Tensor) -> Point:
         if self.update_space == "probs":
-            probs = probabilities(state, self.split)  # the variable is replaced by its probabilities; no graph
+            probs = self._probabilities(state)  # the variable is replaced by its probabilities; no graph
             if self.lean:
                 embedding = self.split.reduce(probs_linear(probs, self.vocab_to_embed.weight))
                 return Point(wrt=embedding, candidate=embedding, base=probs)
             probs.requires_grad_(True)
             return Point(wrt=probs, candidate=self.vocab_to_embed(probs), base=probs)
-        x = state.requires_grad_(True)
+        x = state.detach().requires_grad_(True)
         if self.lean:
             embedding = self.split.reduce(softmax_linear(x, self.vocab_to_embed.weight, self.split))
         else:
@@ -129,6 +133,10 @@ class TokenState:
         return point.base - alpha * grad
 
     def loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.lean and self.update_space == "probs":
+            loss, probs = cross_entropy_and_probabilities(state.flatten(0, 1), target.flatten(), self.split)
+            self._remember(state, probs.view(state.shape))
+            return loss
         if self.lean:
             return lean_cross_entropy(state.flatten(0, 1), target.flatten(), self.split)
         if self.split.count == 1:
@@ -140,6 +148,26 @@ class TokenState:
         inside = (local >= 0) & (local < wide.shape[-1])
         picked = shifted.gather(-1, local.clamp(0, wide.shape[-1] - 1)[:, None]).squeeze(-1) * inside
         return (torch.log(sum_exp) - self.split.reduce(picked)).mean()
+
+    def _remember(self, state: torch.Tensor, probs: torch.Tensor) -> None:
+        """Keep softmax(state), which the loss computed and saved, for the next step's point at this very state
+        (one tensor instead of two); forgotten as soon as it is used or the state is freed."""
+        self._forget()
+        self._probs_of = (weakref.ref(state), probs)
+        self._forget_with_state = weakref.finalize(state, self._forget)
+
+    def _forget(self) -> None:
+        self._probs_of = None
+        if self._forget_with_state is not None:
+            self._forget_with_state.detach()
+            self._forget_with_state = None
+
+    def _probabilities(self, state: torch.Tensor) -> torch.Tensor:
+        if self._probs_of is not None and self._probs_of[0]() is state:
+            probs = self._probs_of[1]
+            self._forget()
+            return probs
+        return probabilities(state, self.split)
 
     def _softmax(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable softmax over the (possibly split) vocabulary, in at least fp32."""

@@ -1,9 +1,11 @@
 import pytest
 import torch
+from torch.autograd import gradcheck, gradgradcheck
 
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models.blocks import attention
 from ebwm_scale.models.ebt import ebt_attention_mask, ebt_positions
+from ebwm_scale.models.fused import rms_norm, silu_gate
 from ebwm_scale.objective import EBTObjective
 from tests.conftest import tiny_model_config
 
@@ -142,3 +144,63 @@ def test_ebt_loss_gradient_matches_finite_differences():
 
     inputs = tuple(params[n].detach().clone().requires_grad_(True) for n in checked)
     assert torch.autograd.gradcheck(loss_of, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+def _composed_rms_norm(x, weight, eps=1e-5):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _composed_silu_gate(gate, up):
+    return torch.nn.functional.silu(gate) * up
+
+
+FUSED = [(lambda x, w: rms_norm(x, w, 1e-5), _composed_rms_norm), (silu_gate, _composed_silu_gate)]
+
+
+@pytest.mark.parametrize("fused, composed", FUSED, ids=["rms_norm", "silu_gate"])
+def test_fused_ops_first_and_second_derivatives(fused, composed):
+    """Against finite differences, and against autograd of the composed ops when only some first derivatives are
+    differentiated further (the cotangents the hand-written second derivative receives as None)."""
+    torch.manual_seed(0)
+    first = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    second = torch.randn(6 if fused is FUSED[0][0] else (2, 3, 6), dtype=torch.float64, requires_grad=True)
+    assert gradcheck(fused, (first, second)) and gradgradcheck(fused, (first, second))
+    torch.testing.assert_close(fused(first, second), composed(first, second), rtol=1e-14, atol=1e-14)
+    upstream = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    for keep in (0, 1):  # differentiate one first derivative only
+        results = []
+        for op in (fused, composed):
+            grads = torch.autograd.grad(op(first, second), (first, second), upstream, create_graph=True)
+            results.append(
+                torch.autograd.grad(grads[keep].pow(2).sum(), (first, second, upstream), materialize_grads=True)
+            )
+        for ours, reference in zip(*results):
+            torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused, composed, most", [(*FUSED[0], 2), (*FUSED[1], 3)], ids=["rms_norm", "silu_gate"])
+def test_fused_ops_keep_few_tensors_for_the_second_order_graph(fused, composed, most):
+    """What the second-order graph keeps of input size: the fused ops keep their inputs and the incoming gradient,
+    the composed ops several intermediates more. A third derivative is refused, never silently zero."""
+
+    def saved(op):
+        storages = set()
+
+        def pack(tensor):
+            if tensor.numel() >= first.numel():
+                storages.add(tensor.untyped_storage().data_ptr())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = op(first, second)
+            torch.autograd.grad(out, first, torch.randn_like(out).requires_grad_(), create_graph=True)
+        return len(storages)
+
+    first = torch.randn(4, 8, 16, requires_grad=True)
+    second = torch.randn(16 if most == 2 else (4, 8, 16), requires_grad=True)
+    assert saved(fused) <= most < saved(composed) - 2
+    out = fused(first, second)
+    (grad,) = torch.autograd.grad(out.pow(2).sum(), first, create_graph=True)
+    torch.autograd.grad(grad.pow(2).sum(), first, retain_graph=True)
+    with pytest.raises(RuntimeError, match="third derivative"):  # a graph of the second derivative
+        torch.autograd.grad(grad.pow(2).sum(), first, create_graph=True)

@@ -8,8 +8,15 @@ from torch.autograd import gradcheck, gradgradcheck
 
 from ebwm_scale import vocab_state
 from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.models.blocks import at_least_fp32
 from ebwm_scale.objective import build_objective
-from ebwm_scale.vocab_state import lean_cross_entropy, probs_descent, probs_linear, softmax_linear
+from ebwm_scale.vocab_state import (
+    cross_entropy_and_probabilities,
+    lean_cross_entropy,
+    probs_descent,
+    probs_linear,
+    softmax_linear,
+)
 from tests.conftest import tiny_model_config
 
 
@@ -71,6 +78,12 @@ def test_lean_cross_entropy_matches_torch(chunking, dtype):
     assert lean_grad.dtype == dtype
     rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     assert torch.allclose(lean_grad.double(), reference_grad.double(), rtol=rtol, atol=rtol / 10)
+    # the variant that keeps, and returns, the softmax instead of the logits
+    kept, probs = cross_entropy_and_probabilities(logits, target)
+    (kept_grad,) = torch.autograd.grad(2 * kept, logits)
+    assert kept.item() == lean.item() and probs.dtype == at_least_fp32(logits).dtype and not probs.requires_grad
+    assert torch.allclose(probs.double(), torch.softmax(logits.double(), -1), rtol=tolerance, atol=tolerance)
+    assert torch.allclose(kept_grad.double(), reference_grad.double(), rtol=rtol, atol=rtol / 10)
 
 
 def _objective(vocab_state_impl: str, vocab_size: int = 61, **mcmc):
@@ -133,14 +146,14 @@ def _state_sized_tensors_saved(objective, batch, state_numel: int) -> int:
 
 
 @pytest.mark.parametrize("num_steps", [1, 2, 4])
-def test_lean_state_keeps_two_state_tensors_per_step(num_steps):
-    """Per MCMC step the lean state saves two B x S x V tensors. probs: the step's probabilities (the mapping's and
-    the descent's input) and the new state (the loss's logits, and the next step's start): 2K. logits: the step's
-    logits (shared with the previous step's output) and its energy gradient (for alpha's gradient), plus the start
-    noise: 2K + 1. Plain autograd keeps at least 3 (probs) or 4 (logits) per step."""
+def test_lean_state_keeps_the_fewest_state_tensors(num_steps):
+    """The B x S x V tensors the lean state saves. probs: the start's probabilities, then per step the softmax of the
+    new state, which its loss needs and which is the next step's probabilities: K + 1. logits: per step the logits
+    (shared with the previous step's output) and the energy gradient (for alpha's gradient), plus the start noise:
+    2K + 1. Plain autograd keeps at least 3 (probs) or 4 (logits) per step."""
     vocab_size = 509  # B x S x V then outsizes every other saved tensor (attention scores, weights, FFN)
     batch = {"tokens": torch.randint(0, vocab_size, (4, 17))}
-    for update_space, lean_count, plain_at_least in (("probs", 2 * num_steps, 3), ("logits", 2 * num_steps + 1, 4)):
+    for update_space, lean_count, plain_at_least in (("probs", num_steps + 1, 3), ("logits", 2 * num_steps + 1, 4)):
         lean, plain = (
             _state_sized_tensors_saved(
                 _objective(impl, vocab_size, num_steps=num_steps, update_space=update_space),

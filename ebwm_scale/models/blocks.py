@@ -3,7 +3,8 @@
 Every op here must support double backward: the EBT loss differentiates through the gradient of the energy
 (docs/design.md §3). Attention therefore runs either as explicit math or as SDPA pinned to its math backend; the fused
 flash/efficient kernels ("sdpa_fused") have no double backward: they serve the AR baselines and the EBT's real-token
-stream in the split layout, which is differentiated only once.
+stream in the split layout, which is differentiated only once. RMSNorm and the SwiGLU gate are Functions with
+hand-written second derivatives (fused.py), which keep far fewer tensors in that graph than their composed ops.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ebwm_scale.models.config import ATTENTION_IMPLS, ModelConfig
+from ebwm_scale.models.fused import rms_norm, silu_gate
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -30,9 +32,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_wide = at_least_fp32(x)
-        normed = x_wide * torch.rsqrt(x_wide.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -134,7 +134,7 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(silu_gate(self.w_gate(x), self.w_up(x)))
 
 
 class TransformerBlock(nn.Module):
