@@ -374,6 +374,7 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.saved_probs, ctx.logits_dtype = probs is not None, logits.dtype
         if probs is not None:
             ctx.mark_non_differentiable(probs)
+            ctx.set_materialize_grads(False)  # no B x S x V tensor of zeros for the softmax's (absent) gradient
         return (log_norm - picked).mean(), probs
 
     @staticmethod
