@@ -1,6 +1,6 @@
 """Memory of the text EBT's vocabulary state: `mcmc.vocab_state: plain` (autograd softmax, V->D map, step and
-cross-entropy) vs `lean` (the default: fused, chunked Functions that keep two B x S x V tensors per MCMC step), under
-the update rule `--update-space` (probs, the official default, or logits).
+cross-entropy) vs `lean` (the default: fused, chunked Functions that keep K + 1 B x S x V tensors for K MCMC steps
+under probs, 2K + 1 under logits), under the update rule `--update-space` (probs, the official default, or logits).
 
 One training step (forward, energy gradients with graph, outer backward) per vocabulary size, same weights and
 batch. Prints the peak memory the step adds (CPU: the process's peak RSS, reset before the step; CUDA: the
