@@ -8,7 +8,7 @@ probs (the official rule: the state is replaced by its probabilities p = softmax
 with respect to p, and s' = p - alpha dE/dp). The state mapping e = p W^T is linear, so dE/dp = u W with
 u = dE/de (B x S x D): the step never needs dE/dp stored.
     probs_linear     e = p W^T                      saves p (fp32), W; casts chunk by chunk for the matmul
-    probs_descent    s' = p - alpha u W             saves p, u, W, alpha; recomputes u W in its backward
+    probs_descent    s' = p + (-alpha u) W          saves u, W, alpha; its backward needs no V-sized product
 softmax is taken without a graph (p depends on no parameter); the loss of s' keeps softmax(s'), the next p.
 
 logits (this project's earlier rule: the energy is differentiated through the softmax, s' = s - alpha dE/ds)
@@ -225,7 +225,8 @@ class _ProbsDescent(torch.autograd.Function):
                 torch.addmm(flat[rows], step[rows].to(flat.dtype), weight.to(flat.dtype), out=out[rows])
             else:
                 torch.add(flat[rows], _mm(step[rows], weight, ctx.matmul_dtype), out=out[rows])
-        ctx.save_for_backward(probs, energy_grad, weight, alpha)
+        ctx.save_for_backward(energy_grad, weight, alpha)  # p itself is not needed: the step is linear in it
+        ctx.wide_dtype = at_least_fp32(probs).dtype
         return out.view(probs.shape)
 
     @staticmethod
@@ -233,10 +234,9 @@ class _ProbsDescent(torch.autograd.Function):
         """c = dL/ds' pulls back to dp = c, du = -alpha c W^T, dW = -alpha u^T c, dalpha = -<c, u W>; on a split
         vocabulary du and dalpha are this slice's parts (the caller passes u and alpha through split.copy)."""
         _refuse_higher_order("A second derivative of the probability-space step")
-        probs, energy_grad, weight, alpha = ctx.saved_tensors
-        dtype, vocab, dim = ctx.matmul_dtype, probs.shape[-1], weight.shape[0]
+        energy_grad, weight, alpha = ctx.saved_tensors
+        dtype, vocab, dim, wide_dtype = ctx.matmul_dtype, cot.shape[-1], weight.shape[0], ctx.wide_dtype
         c, u = cot.reshape(-1, vocab), energy_grad.reshape(-1, dim)
-        wide_dtype = at_least_fp32(probs).dtype
         need_u, need_weight, need_alpha = ctx.needs_input_grad[1:4]
         # c W^T (rows, D) serves both du and dalpha = -<c, u W> = -<c W^T, u>: no V-sized product is recomputed.
         c_w = _vocab_to_dim(c, weight, dtype).to(wide_dtype) if need_u or need_alpha else None
