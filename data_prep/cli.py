@@ -13,15 +13,17 @@ import sys
 from pathlib import Path
 
 from data_prep import text, video
-from ebwm_scale.data.text import extract_stdlib_documents
+from ebwm_scale.data.text import corpus_documents
 
 
 def stdlib_docs(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="ebwm-prep stdlib-docs", description="Python stdlib docstrings as JSONL")
+    parser = argparse.ArgumentParser(
+        prog="ebwm-prep stdlib-docs", description="the shipped Python stdlib docstring corpus as JSONL"
+    )
     parser.add_argument("output", help="directory; gets stdlib_docs.jsonl")
     parser.add_argument("--num-files", type=int, default=4, help="split the documents over this many files")
     args = parser.parse_args(argv)
-    documents = extract_stdlib_documents()
+    documents = [doc["text"] for doc in corpus_documents()]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for index in range(args.num_files):

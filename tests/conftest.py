@@ -27,10 +27,10 @@ def stdlib_jsonl(tmp_path_factory):
     """A small real-English corpus as JSONL files (600 stdlib docstrings over 3 files)."""
     import json
 
-    from ebwm_scale.data.text import extract_stdlib_documents
+    from ebwm_scale.data.text import corpus_documents
 
     out = tmp_path_factory.mktemp("corpus")
-    documents = extract_stdlib_documents()[:600]
+    documents = [doc["text"] for doc in corpus_documents()[:600]]
     for index in range(3):
         with open(out / f"docs_{index}.jsonl", "w", encoding="utf-8") as f:
             for doc in documents[index::3]:

@@ -1,8 +1,22 @@
+import gzip
+import json
+import shutil
+
 import numpy as np
+import pytest
 import torch
 
+from ebwm_scale.data import text
 from ebwm_scale.data.sampler import BatchLoader, fixed_batches
-from ebwm_scale.data.text import ByteTokenizer, TokenWindows, is_validation_document, stdlib_docs_splits
+from ebwm_scale.data.text import (
+    ByteTokenizer,
+    TokenWindows,
+    corpus_documents,
+    document_module,
+    is_validation_document,
+    stdlib_code_windows,
+    stdlib_docs_splits,
+)
 from ebwm_scale.data.video import bounce, synthetic_video_splits
 
 
@@ -66,13 +80,48 @@ def test_token_windows_have_seq_len_plus_one_tokens():
     assert len(windows) == 10 and windows[3]["tokens"].tolist() == list(range(30, 40))
 
 
-def test_stdlib_corpus_splits_are_deterministic_and_disjoint(tmp_path):
-    train, val, sha = stdlib_docs_splits(64, 5.0, str(tmp_path))
-    train2, val2, sha2 = stdlib_docs_splits(64, 5.0, str(tmp_path))  # second call reads the cache
-    assert sha == sha2 and len(train) == len(train2) and len(val) == len(val2)
+def test_stdlib_corpus_splits_are_deterministic_and_disjoint():
+    train, val, sha = stdlib_docs_splits(64, 5.0)
+    train2, val2, sha2 = stdlib_docs_splits(64, 5.0)
+    manifest = json.loads((text.ASSETS / text.MANIFEST_FILE).read_text())
+    assert sha == sha2 == manifest[text.CORPUS_FILE]["sha256"]  # the shipped bytes, whatever the interpreter
+    assert len(train) == len(train2) and len(val) == len(val2)
     assert len(train) > 5000 and 100 < len(val) < len(train) / 5
     assert np.array_equal(train[10]["tokens"], train2[10]["tokens"])
     assert is_validation_document("same text", 5.0) == is_validation_document("same text", 5.0)
+
+
+def test_no_validation_document_or_paragraph_is_trained_on():
+    """The split is by module, and the corpus holds every paragraph once: nothing of a validation document, whole or
+    a paragraph of it, appears among the training documents."""
+    documents = corpus_documents()
+    assert len({d["id"] for d in documents}) == len(documents) and all(d["text"] for d in documents)
+    sides: dict[bool, list[str]] = {False: [], True: []}
+    for doc in documents:
+        sides[is_validation_document(document_module(doc["id"]), 5.0)].append(doc["text"])
+    train_paragraphs = {p for doc in sides[False] for p in doc.split(text.PARAGRAPH_SEPARATOR)}
+    val_paragraphs = {p for doc in sides[True] for p in doc.split(text.PARAGRAPH_SEPARATOR)}
+    assert len(sides[True]) > 50 and len(val_paragraphs) > 100
+    assert not set(sides[True]) & set(sides[False])
+    assert not val_paragraphs & train_paragraphs
+    train_stream = text.DOC_SEPARATOR.join(sides[False])
+    assert not [p for p in val_paragraphs if len(p) >= 200 and p in train_stream]  # not even inside a paragraph
+
+
+def test_a_damaged_corpus_file_is_a_clear_error(tmp_path):
+    for name in (text.CORPUS_FILE, text.CODE_FILE, text.MANIFEST_FILE):
+        shutil.copy(text.ASSETS / name, tmp_path / name)
+    assert len(corpus_documents(tmp_path)) == len(corpus_documents())
+    original = gzip.decompress((tmp_path / text.CORPUS_FILE).read_bytes())
+    (tmp_path / text.CORPUS_FILE).write_bytes(gzip.compress(original.replace(b"the", b"teh", 1)))
+    with pytest.raises(text.CorpusError, match="sha256 .* says .*regenerate with tools/make_text_corpus.py"):
+        corpus_documents(tmp_path)
+    (tmp_path / text.CORPUS_FILE).write_bytes(b"not gzip")
+    with pytest.raises(text.CorpusError, match="cannot read the shipped corpus"):
+        corpus_documents(tmp_path)
+    (tmp_path / text.CODE_FILE).unlink()
+    with pytest.raises(text.CorpusError, match="stdlib_code.txt.gz"):
+        stdlib_code_windows(64, tmp_path)
 
 
 def test_bounce_reflects_inside_the_walls():

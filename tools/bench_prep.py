@@ -22,7 +22,7 @@ import ray
 import sentencepiece as spm
 
 from data_prep.text import TextPrepConfig, run, train_tokenizer
-from ebwm_scale.data.text import extract_stdlib_documents
+from ebwm_scale.data.text import corpus_documents
 
 
 @ray.remote(num_cpus=1)
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
 
-    documents = extract_stdlib_documents()
+    documents = [doc["text"] for doc in corpus_documents()]
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp, "corpus")
         corpus.mkdir()

@@ -48,8 +48,7 @@ class DataConfig:
     seq_len: int = 128  # context length S; every sample holds S + 1 elements
     micro_batch_size: int = 8  # samples per rank per forward
     seed: int = 0
-    val_percent: float = 5.0  # text: share of documents held out, chosen by content hash
-    cache_dir: str = "~/.cache/ebwm-scale"
+    val_percent: float = 5.0  # text: share held out, chosen by a hash of each document's module (shards: of its text)
     video: SyntheticVideoConfig = field(default_factory=SyntheticVideoConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
 
@@ -73,7 +72,7 @@ class DataConfig:
         if model.vocab_size != ByteTokenizer.vocab_size and self.source == "stdlib_docs":
             raise ShardFormatError(f"data.source=stdlib_docs has 256 byte tokens, model.vocab_size={model.vocab_size}")
         if self.source == "stdlib_docs":
-            train, val, sha = stdlib_docs_splits(self.seq_len, self.val_percent, self.cache_dir)
+            train, val, sha = stdlib_docs_splits(self.seq_len, self.val_percent)
             return train, val, {"corpus": "python stdlib docstrings", "tokenizer": "bytes", "corpus_sha256": sha}
         v = self.video
         train, val = synthetic_video_splits(

@@ -1,24 +1,32 @@
-"""Offline English text: the docstrings of the Python standard library, tokenized to bytes.
+"""Offline English text: the docstrings of the Python standard library, shipped with the package, tokenized to bytes.
 
-Nobody here wrote that text, every Python install has it, and it is several MB. It stands in for the
-sentencepiece/WebDataset pipeline until that lands; it serves the same sample schema ({"tokens": (S+1,) int64}).
+Nobody here wrote that text and it is about 1.5 MB. The package ships it frozen (assets/stdlib_docs.jsonl.gz, one
+record per docstring, regenerated only on purpose by tools/make_text_corpus.py), so every user and every Python
+version trains on the same bytes; assets/corpus.json holds the content's sha256, checked on every load. It stands in
+for the sentencepiece/WebDataset pipeline and serves the same sample schema ({"tokens": (S+1,) int64}).
+
+Train and validation are split by module: all docstrings of a module land on the same side, and the corpus holds no
+paragraph twice (see the tool), so no validation paragraph is ever trained on.
 """
 
 from __future__ import annotations
 
-import ast
+import gzip
 import hashlib
-import os
-import sys
-import sysconfig
-import tempfile
+import json
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-DOC_SEPARATOR = "\n\n"
+ASSETS = Path(__file__).parent / "assets"
+CORPUS_FILE, CODE_FILE, MANIFEST_FILE = "stdlib_docs.jsonl.gz", "stdlib_code.txt.gz", "corpus.json"
+DOC_SEPARATOR = PARAGRAPH_SEPARATOR = "\n\n"
 MIN_DOC_CHARS = 100  # one-line docstrings carry little language
+
+
+class CorpusError(RuntimeError):
+    """A shipped corpus file is missing, unreadable or not the content its manifest names."""
 
 
 class ByteTokenizer:
@@ -33,80 +41,43 @@ class ByteTokenizer:
         return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
 
 
-def _docstrings(path: Path) -> list[str]:
+def _read_asset(name: str, assets: Path = ASSETS) -> tuple[str, str]:
+    """(decompressed text, its sha256), checked against the manifest."""
+    path = assets / name
+    fix = "restore it from the repository (git checkout) or regenerate with tools/make_text_corpus.py"
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    except (SyntaxError, UnicodeDecodeError, ValueError):
-        return []  # a few stdlib files are test fixtures with deliberate errors
-    nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef))]
-    docs = (ast.get_docstring(node) for node in nodes)
-    return [doc for doc in docs if doc and len(doc) >= MIN_DOC_CHARS]
+        expected = json.loads((assets / MANIFEST_FILE).read_text())[name]["sha256"]
+        content = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, KeyError, ValueError) as err:
+        raise CorpusError(f"cannot read the shipped corpus {path} ({err}); {fix}") from err
+    digest = hashlib.sha256(content).hexdigest()
+    if digest != expected:
+        raise CorpusError(f"{path} holds content sha256 {digest[:12]}, {MANIFEST_FILE} says {expected[:12]}; {fix}")
+    return content.decode("utf-8"), digest
 
 
-def extract_stdlib_documents() -> list[str]:
-    """Every long docstring of the standard library's own modules (no tests, no site-packages), in path order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skipped_dirs = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    documents = []
-    for path in sorted(root.rglob("*.py")):
-        if skipped_dirs.intersection(path.relative_to(root).parts):
-            continue
-        documents.extend(_docstrings(path))
-    return documents
+def corpus_documents(assets: Path = ASSETS) -> list[dict[str, str]]:
+    """The shipped docstrings, [{"id": "path/of/module.py:Qual.name", "text": ...}], in path order."""
+    text, _ = _read_asset(CORPUS_FILE, assets)
+    return [json.loads(line) for line in text.splitlines()]
 
 
-def _code_without_docstrings(path: Path) -> str:
-    source = path.read_text(encoding="utf-8")
-    try:
-        tree = ast.parse(source, filename=str(path))
-    except (SyntaxError, ValueError):
-        return ""
-    dropped = set()
-    for node in [tree, *ast.walk(tree)]:
-        body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
-            value = body[0].value
-            if isinstance(value, ast.Constant) and isinstance(value.value, str):
-                dropped.update(range(body[0].lineno, body[0].end_lineno + 1))
-    return "\n".join(line for number, line in enumerate(source.splitlines(), 1) if number not in dropped)
+def document_module(doc_id: str) -> str:
+    """The unit of the train/val split: the module a docstring belongs to."""
+    return doc_id.split(":", 1)[0]
 
 
-def stdlib_code_windows(seq_len: int, max_bytes: int = 1 << 20) -> TokenWindows:
-    """Out-of-distribution text for a model trained on docstrings: the standard library's code itself, docstrings
-    removed, as byte windows (the first `max_bytes`, modules in path order)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    pieces, size = [], 0
-    for path in sorted(root.glob("*.py")):
-        try:
-            code = _code_without_docstrings(path)
-        except UnicodeDecodeError:
-            continue
-        pieces.append(code)
-        size += len(code)
-        if size >= max_bytes:
-            break
-    return TokenWindows(ByteTokenizer().encode(DOC_SEPARATOR.join(pieces)[:max_bytes]), seq_len)
+def stdlib_code_windows(seq_len: int, assets: Path = ASSETS) -> TokenWindows:
+    """Out-of-distribution text for a model trained on the docstrings: the standard library's code with its
+    docstrings removed (shipped next to the corpus), as byte windows."""
+    text, _ = _read_asset(CODE_FILE, assets)
+    return TokenWindows(ByteTokenizer().encode(text), seq_len)
 
 
-def _cached_corpus(cache_dir: Path) -> str:
-    """The joined corpus, extracted once per Python version and cached (written atomically)."""
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    path = cache_dir / f"stdlib_docs-py{version}.txt"
-    if path.exists():
-        return path.read_text(encoding="utf-8")
-    text = DOC_SEPARATOR.join(extract_stdlib_documents())
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=cache_dir, delete=False, suffix=".tmp") as tmp:
-        tmp.write(text)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
-    return text
-
-
-def is_validation_document(doc: str, val_percent: float) -> bool:
-    """Deterministic split by content hash: the same document lands on the same side on every machine."""
-    return zlib.crc32(doc.encode("utf-8")) % 10_000 < val_percent * 100
+def is_validation_document(key: str, val_percent: float) -> bool:
+    """Deterministic split by a hash of `key` (a document's module, its content, a file name): the same key lands on
+    the same side on every machine."""
+    return zlib.crc32(key.encode("utf-8")) % 10_000 < val_percent * 100
 
 
 class TokenWindows:
@@ -126,13 +97,13 @@ class TokenWindows:
         return {"tokens": self.tokens[start : start + self.window].astype(np.int64)}
 
 
-def stdlib_docs_splits(seq_len: int, val_percent: float, cache_dir: str) -> tuple[TokenWindows, TokenWindows, str]:
-    """(train, val, sha256 of the corpus) for the stdlib docstring corpus."""
-    text = _cached_corpus(Path(cache_dir).expanduser())
-    documents = text.split(DOC_SEPARATOR)
-    tokenizer = ByteTokenizer()
-    splits = {}
-    for is_val in (False, True):
-        chosen = [doc for doc in documents if is_validation_document(doc, val_percent) == is_val]
-        splits[is_val] = TokenWindows(tokenizer.encode(DOC_SEPARATOR.join(chosen)), seq_len)
-    return splits[False], splits[True], hashlib.sha256(text.encode("utf-8")).hexdigest()
+def stdlib_docs_splits(
+    seq_len: int, val_percent: float, assets: Path = ASSETS
+) -> tuple[TokenWindows, TokenWindows, str]:
+    """(train, val, sha256 of the corpus content) for the shipped docstring corpus, split by module."""
+    text, digest = _read_asset(CORPUS_FILE, assets)
+    sides: dict[bool, list[str]] = {False: [], True: []}
+    for doc in (json.loads(line) for line in text.splitlines()):
+        sides[is_validation_document(document_module(doc["id"]), val_percent)].append(doc["text"])
+    train, val = (TokenWindows(ByteTokenizer().encode(DOC_SEPARATOR.join(sides[v])), seq_len) for v in (False, True))
+    return train, val, digest
