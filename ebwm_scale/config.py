@@ -26,7 +26,7 @@ from ebwm_scale.models.config import (
 from ebwm_scale.parallel.dist import ACTIVATION_CHECKPOINTING, BACKENDS, DATA_PARALLEL_MODES, ParallelConfig
 from ebwm_scale.states import UPDATE_SPACES, VOCAB_STATES
 from ebwm_scale.train.config import DEVICES, PRECISIONS, TrainConfig
-from ebwm_scale.train.optim import OptimConfig
+from ebwm_scale.train.optim import SCHEDULES, OptimConfig
 from ebwm_scale.train.tracking import TrackingConfig
 
 
@@ -178,6 +178,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         _choice("mcmc.update_space", mc.update_space, UPDATE_SPACES),
         _choice("mcmc.vocab_state", mc.vocab_state, VOCAB_STATES),
         _choice("mcmc.loss_on", mc.loss_on, ("all", "last")),
+        _choice("optim.schedule", o.schedule, SCHEDULES),
         _choice("data.source", d.source, DATA_SOURCES),
         _choice("train.device", t.device, DEVICES),
         _choice("train.precision", t.precision, PRECISIONS),
@@ -216,6 +217,8 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         checks.append(f"model.num_step_embeddings={m.num_step_embeddings} is fewer than the MCMC training steps")
     if not mc.alpha_init > mc.alpha_min > 0:
         checks.append(f"mcmc.alpha_init={mc.alpha_init} must exceed mcmc.alpha_min={mc.alpha_min} > 0")
+    if not 0 < o.decay_fraction <= 1:
+        checks.append(f"optim.decay_fraction={o.decay_fraction} must lie in (0, 1]")
     if not 0 <= o.min_lr_ratio <= 1:
         checks.append(f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):

@@ -73,3 +73,18 @@ def test_bench_update_rule_reports_every_setting(tmp_path):
         assert len(row["init_loss_steps"]) == len(row["final_loss_steps"]) == 2
         assert all(math.isfinite(x) for x in row["init_loss_steps"] + row["final_loss_steps"])
         assert row["final_alpha"] > 0 and row["skipped"] == 0
+
+
+def test_the_shipped_corpus_is_what_its_tool_makes_from_this_python(tmp_path):
+    """tools/make_text_corpus.py is the shipped corpus's source: on the Python that made it, it rebuilds the same
+    content (same sha256 in the manifest)."""
+    import platform
+
+    from ebwm_scale.data import text
+
+    shipped = json.loads((text.ASSETS / text.MANIFEST_FILE).read_text())
+    if platform.python_version() != shipped["python"]:
+        pytest.skip(f"the corpus was made by Python {shipped['python']}, this is {platform.python_version()}")
+    _tool("tools/make_text_corpus.py", "--out", str(tmp_path))
+    assert json.loads((tmp_path / text.MANIFEST_FILE).read_text()) == shipped
+    assert len(text.corpus_documents(tmp_path)) == shipped[text.CORPUS_FILE]["documents"]

@@ -123,3 +123,18 @@ def test_pretrain_runs_as_a_script(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "run summary" in proc.stdout and "step 2/2" in proc.stdout
+
+
+def test_a_wsd_decay_branch_equals_a_run_of_its_length_from_scratch(tmp_path):
+    """One long warmup-stable-decay run, branched from its checkpoint where a shorter run's decay starts, then
+    decayed to the shorter length: loss for loss the shorter run trained from scratch (same data order)."""
+    wsd = ["data.seq_len=16", "data.micro_batch_size=4", "optim.schedule=wsd", "optim.warmup_steps=2"]
+    wsd += ["optim.decay_fraction=0.25", "train.checkpoint_interval_steps=4", "train.keep_last_checkpoints=10"]
+    trunk, _ = _train(tmp_path / "trunk", "ci_tiny.yaml", *wsd, "train.max_steps=24")
+    fresh, _ = _train(tmp_path / "fresh", "ci_tiny.yaml", *wsd, "train.max_steps=16")
+    branch_point = tmp_path / "trunk" / "ci_tiny" / "checkpoints" / "step_00000012"  # 16 - 0.25 * 16
+    branch, _ = _train(tmp_path / "branch", "ci_tiny.yaml", *wsd, "train.max_steps=16", f"train.resume={branch_point}")
+    losses = [[m["loss"] for m in run.train] for run in (trunk, fresh, branch)]
+    assert losses[0][:12] == losses[1][:12]  # the stable phase does not know the run's length
+    assert losses[0][12:16] != losses[1][12:16]  # the trunk keeps its lr, the short run decays
+    assert losses[2] == losses[1][12:]  # the branch: exactly the short run's decay
