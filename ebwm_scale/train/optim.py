@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-
 SCHEDULES = ("cosine", "wsd")
 
 
