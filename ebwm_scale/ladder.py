@@ -12,6 +12,10 @@ skipped, and every run resumes from its newest checkpoint (train.resume=auto), s
 stopped. All runs log to one MLflow experiment with the tags ladder, kind, size, params, tokens and flops, which
 `ebwm-fit` reads.
 
+schedule: wsd trains each kind and size once, to its largest budget, at a constant lr after warmup, keeping a
+checkpoint where each smaller budget's decay starts; each smaller budget is a branch that resumes from it and decays
+(optim.schedule=wsd). Warmup is then warmup_fraction of the smallest budget's steps, shared by trunk and branches.
+
 Learning rate per size: lr = lr_base * (lr_ref_dim / dim) ** lr_width_power (default power 1: Adam's lr falling as
 1 / width, the muP rule for hidden matrices, applied to every parameter for simplicity); warmup is
 warmup_fraction of each run's steps. Steps = budget / (micro batch x seq_len x grad accumulation x data-parallel
@@ -32,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from ebwm_scale.config import ConfigError, PretrainConfig, load_config, load_structured
+from ebwm_scale.train.checkpoint import checkpoint_name
+from ebwm_scale.train.optim import SCHEDULES, OptimConfig, wsd_decay_start
 
 ENTRY_POINT = Path(__file__).resolve().parent / "pretrain.py"
 
@@ -47,6 +53,10 @@ class LadderConfig:
     lr_ref_dim: int = 128
     lr_width_power: float = 1.0
     warmup_fraction: float = 0.1
+    # cosine: every budget a run of its own. wsd: per kind and size one run to the largest budget at a constant lr,
+    # and every smaller budget a branch of it that decays the lr over its last decay_fraction of steps (see below).
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
     data_parallel_ranks: int = 1  # ranks per run: budgets are divided into steps by the global batch
     overrides: list[str] = field(default_factory=list)  # recipe overrides for every run
     kind_overrides: dict[str, Any] = field(default_factory=dict)  # kind -> [overrides] for that kind's runs
@@ -63,6 +73,7 @@ class LadderRun:
     overrides: tuple[str, ...]
     output_dir: Path
     max_steps: int
+    trunk: str = ""  # wsd: the run this one branches from (it must pass the branch step first)
 
     def is_finished(self) -> bool:
         summary = self.output_dir / self.name / "summary.json"
@@ -90,6 +101,9 @@ def load_ladder(path: str | Path) -> tuple[LadderConfig, Path]:
         any(b <= 0 for b in ladder.budgets) and f"budgets={ladder.budgets} must be > 0",
         any(k not in ("ebt", "ar") for k in ladder.kinds) and f"kinds={ladder.kinds} must be ebt and/or ar",
         not 0 <= ladder.warmup_fraction < 1 and f"warmup_fraction={ladder.warmup_fraction} must lie in [0, 1)",
+        ladder.schedule not in SCHEDULES and f"schedule={ladder.schedule!r} is not one of {', '.join(SCHEDULES)}",
+        not 0 < ladder.decay_fraction <= 1 and f"decay_fraction={ladder.decay_fraction} must lie in (0, 1]",
+        len(set(ladder.budgets)) != len(ladder.budgets) and f"budgets={ladder.budgets} has repeats",
         any(not isinstance(v, dict) for v in ladder.sizes.values()) and "sizes: each size is {model key: value}",
     ]
     problem = next((p for p in problems if p), None)
@@ -99,40 +113,82 @@ def load_ladder(path: str | Path) -> tuple[LadderConfig, Path]:
 
 
 def expand(ladder: LadderConfig, base: Path) -> list[LadderRun]:
-    """The concrete runs, each checked like a recipe (a bad size or override fails here, before anything runs)."""
+    """The concrete runs, each checked like a recipe (a bad size or override fails here, before anything runs).
+    Under schedule wsd the largest budget of each kind and size comes first: the others branch from it."""
     plain = load_config(base, ladder.overrides)
     runs = []
     for kind in ladder.kinds:
         for size, model in ladder.sizes.items():
-            for budget in ladder.budgets:
-                name = f"{ladder.name}-{kind}-{size}-{budget_label(budget)}"
-                overrides = [*ladder.overrides, *ladder.kind_overrides.get(kind, []), f"model.kind={kind}"]
-                overrides += [f"model.{key}={value}" for key, value in model.items()]
-                sized = load_config(base, overrides)
-                per_step = sized.data.micro_batch_size * sized.data.seq_len * sized.train.grad_accum_steps
-                steps = math.ceil(budget / (per_step * ladder.data_parallel_ranks))
-                lr = ladder.lr_base * (ladder.lr_ref_dim / sized.model.dim) ** ladder.lr_width_power
-                overrides += [
-                    f"train.max_steps={steps}",
+            common = [*ladder.overrides, *ladder.kind_overrides.get(kind, []), f"model.kind={kind}"]
+            common += [f"model.{key}={value}" for key, value in model.items()]
+            sized = load_config(base, common)
+            per_step = sized.data.micro_batch_size * sized.data.seq_len * sized.train.grad_accum_steps
+            steps = {b: math.ceil(b / (per_step * ladder.data_parallel_ranks)) for b in ladder.budgets}
+            lr = ladder.lr_base * (ladder.lr_ref_dim / sized.model.dim) ** ladder.lr_width_power
+            schedule = _wsd_plan(ladder, steps) if ladder.schedule == "wsd" else None
+            output_dir = Path(ladder.output_dir) / ladder.name
+            names = {b: f"{ladder.name}-{kind}-{size}-{budget_label(b)}" for b in ladder.budgets}
+            for budget in sorted(ladder.budgets, reverse=True) if schedule else ladder.budgets:
+                name = names[budget]
+                overrides = [
+                    *common,
+                    f"train.max_steps={steps[budget]}",
                     f"optim.lr={lr:.6g}",
-                    f"optim.warmup_steps={max(1, int(ladder.warmup_fraction * steps))}",
                     f"train.run_name={name}",
-                    f"train.output_dir={Path(ladder.output_dir) / ladder.name}",
+                    f"train.output_dir={output_dir}",
                     "train.resume=auto",
-                    f"train.checkpoint_interval_steps={max(1, steps // 4)}",
+                    f"train.checkpoint_interval_steps={max(1, steps[budget] // 4)}",
                     f"tracking.experiment={ladder.experiment or 'ladder-' + ladder.name}",
                     f"tracking.tags.ladder={ladder.name}",
                     f"tracking.tags.ladder_size={size}",
                     f"tracking.tags.budget={budget}",
                     f"data.seed={plain.data.seed}",  # the same data order for every kind and size
                 ]
+                trunk = ""
+                if schedule is None:
+                    overrides.append(f"optim.warmup_steps={max(1, int(ladder.warmup_fraction * steps[budget]))}")
+                else:
+                    warmup, trunk_budget, branch_steps = schedule
+                    overrides += ["optim.schedule=wsd", f"optim.decay_fraction={ladder.decay_fraction}"]
+                    overrides.append(f"optim.warmup_steps={warmup}")
+                    if budget == trunk_budget:
+                        overrides.append(f"train.checkpoint_at_steps=[{','.join(map(str, branch_steps.values()))}]")
+                    else:
+                        trunk = names[trunk_budget]
+                        point = output_dir / trunk / "checkpoints" / checkpoint_name(branch_steps[budget])
+                        overrides.append(f"train.branch_from={point}")
                 cfg: PretrainConfig = load_config(base, overrides)
-                runs.append(LadderRun(name, kind, size, budget, tuple(overrides), Path(cfg.train.output_dir), steps))
+                runs.append(
+                    LadderRun(
+                        name, kind, size, budget, tuple(overrides), Path(cfg.train.output_dir), steps[budget], trunk
+                    )
+                )
     return runs
+
+
+def _wsd_plan(ladder: LadderConfig, steps: dict[int, int]) -> tuple[int, int, dict[int, int]]:
+    """(warmup steps shared by all budgets, the trunk's budget, {branch budget: the step it leaves the trunk}): a
+    branch leaves where its own decay starts, which lr_at computes from its length alone."""
+    warmup = max(1, int(ladder.warmup_fraction * min(steps.values())))
+    trunk = max(steps, key=steps.get)
+    probe = OptimConfig(schedule="wsd", decay_fraction=ladder.decay_fraction, warmup_steps=warmup)
+    branch_steps = {b: wsd_decay_start(probe, n) for b, n in steps.items() if b != trunk}
+    if any(n == steps[trunk] for b, n in steps.items() if b != trunk):
+        raise ConfigError(f"budgets {sorted(steps)} give equal step counts; a wsd ladder needs distinct ones")
+    return warmup, trunk, branch_steps
 
 
 def run_command(base: Path, run: LadderRun) -> list[str]:
     return [sys.executable, str(ENTRY_POINT), str(base), *run.overrides]
+
+
+def _check_trunk(run: LadderRun, runs: list[LadderRun]) -> None:
+    """A branch starts from its trunk's checkpoint: refuse clearly when that is not there yet."""
+    if not run.trunk:
+        return
+    point = Path(next(o for o in run.overrides if o.startswith("train.branch_from=")).split("=", 1)[1])
+    if not (run.output_dir / run.name / "checkpoints").exists() and not point.exists():
+        raise SystemExit(f"{run.name} branches from {point}, which {run.trunk} has not written yet; run it first")
 
 
 def run_locally(base: Path, runs: list[LadderRun]) -> None:
@@ -140,6 +196,7 @@ def run_locally(base: Path, runs: list[LadderRun]) -> None:
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; running {len(todo)}")
     for index, run in enumerate(todo, 1):
         print(f"[{index}/{len(todo)}] {run.name}: {run.max_steps} steps", flush=True)
+        _check_trunk(run, runs)
         proc = subprocess.run(run_command(base, run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{run.name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -160,8 +217,10 @@ def run_with_ray(base: Path, runs: list[LadderRun], cpus: float, gpus: float, ad
         return proc.returncode, proc.stderr[-3000:]
 
     todo = [r for r in runs if not r.is_finished()]
-    pending = {train.remote(run_command(base, run)): run for run in todo}
-    print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} submitted to Ray")
+    waiting = {r.name for r in todo}  # a wsd branch is submitted once its trunk has finished
+    blocked = [r for r in todo if r.trunk in waiting]
+    pending = {train.remote(run_command(base, run)): run for run in todo if run not in blocked}
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(pending)} submitted to Ray")
     failed = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -170,6 +229,11 @@ def run_with_ray(base: Path, runs: list[LadderRun], cpus: float, gpus: float, ad
         print(f"{run.name}: {'done' if code == 0 else f'FAILED (exit {code})'}", flush=True)
         if code:
             failed.append(f"{run.name}:\n{stderr}")
+            failed += [
+                f"{branch.name}: not run, its trunk {run.name} failed" for branch in blocked if branch.trunk == run.name
+            ]
+        else:
+            pending.update({train.remote(run_command(base, b)): b for b in blocked if b.trunk == run.name})
     if failed:
         raise SystemExit("\n".join(failed))
 
@@ -221,6 +285,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{index:4d}  {state}  {run.name:40s} {run.max_steps:7d} steps  {budget_label(run.budget)}")
         return
     if args.emit_slurm:
+        if any(run.trunk for run in runs):
+            raise SystemExit(
+                "--emit-slurm: a wsd ladder's branches must wait for their trunks, which one job array cannot say; "
+                "emit the trunks first (--only the largest budget), then the rest, or use --ray"
+            )
         Path(args.emit_slurm).write_text(slurm_script(Path(args.ladder), runs, args.sbatch_option))
         print(f"wrote {args.emit_slurm}: sbatch {args.emit_slurm} runs {len(runs)} array tasks")
         return

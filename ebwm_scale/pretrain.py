@@ -34,7 +34,7 @@ def build_trainer(cfg: PretrainConfig, dist: DistInfo, extra_callbacks: Sequence
     if cfg.tracking.enabled:
         callbacks.append(MLflowCallback(cfg.tracking, dist.is_rank0, cfg.train.log_interval_steps))
     # Last: a step's metrics are recorded before its checkpoint exists, so a kill right after the save loses none.
-    callbacks.append(CheckpointCallback(cfg.train.checkpoint_interval_steps))
+    callbacks.append(CheckpointCallback(cfg.train.checkpoint_interval_steps, tuple(cfg.train.checkpoint_at_steps)))
     return Trainer(cfg, objective, train_set, val_set, data_info, dist, [*callbacks, *extra_callbacks])
 
 

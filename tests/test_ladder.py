@@ -4,6 +4,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,72 @@ def test_a_ladder_resumes_where_it_stopped_and_is_fitted(tmp_path):
         assert len(result["runs"]) == 4 and {p["kind"] for p in result["runs"]} == {"ebt", "ar"}
         assert "needs at least 6 runs" in result["kinds"]["ebt"]["not_fitted"]  # 2 runs a kind: no fit is made
     assert "logged to MLflow run fit-tiny" in fit.stdout
+
+
+def _wsd_ladder(tmp_path, budgets: str, name: str = "wsd") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"name: {name}\nbase: {REPO}/recipes/ci_tiny.yaml\nkinds: [ebt]\nschedule: wsd\ndecay_fraction: 0.25\n"
+        f"sizes:\n  s1: {{dim: 32, num_layers: 1, num_heads: 2}}\nbudgets: {budgets}\noutput_dir: {tmp_path}/runs\n"
+        "overrides: [train.eval_interval_steps=0, train.eval_batches=1, tracking.enabled=false, data.seq_len=16,"
+        " data.micro_batch_size=4, train.log_interval_steps=1, train.progress_bar=false]\n"
+    )
+    return path
+
+
+def test_a_wsd_ladder_plans_one_trunk_and_branches_at_their_decay_starts(tmp_path):
+    runs = expand(*load_ladder(_wsd_ladder(tmp_path, "[1024, 2048, 4096]")))  # 16, 32, 64 steps of 64 tokens
+    assert [(r.name, r.max_steps, r.trunk) for r in runs] == [
+        ("wsd-ebt-s1-4.096k", 64, ""),
+        ("wsd-ebt-s1-2.048k", 32, "wsd-ebt-s1-4.096k"),
+        ("wsd-ebt-s1-1.024k", 16, "wsd-ebt-s1-4.096k"),
+    ]
+    trunk, *branches = runs
+    assert "train.checkpoint_at_steps=[12,24]" in trunk.overrides  # 16 - 4, 32 - 8
+    assert {o for o in trunk.overrides if o.startswith("optim.warmup_steps=")} == {"optim.warmup_steps=1"}
+    assert [o.rsplit("/", 1)[-1] for b in branches for o in b.overrides if "branch_from" in o] == [
+        "step_00000024",
+        "step_00000012",
+    ]
+    with pytest.raises(SystemExit, match="cannot say"):
+        from ebwm_scale.ladder import main
+
+        main([str(_wsd_ladder(tmp_path, "[1024, 2048]")), "--emit-slurm", str(tmp_path / "x.sbatch")])
+    with pytest.raises(ConfigError, match="schedule='linear' is not one of cosine, wsd"):
+        path = _wsd_ladder(tmp_path, "[1024]")
+        path.write_text(path.read_text().replace("schedule: wsd", "schedule: linear"))
+        load_ladder(path)
+
+
+@pytest.mark.slow
+def test_a_wsd_ladder_branch_trains_exactly_like_its_budget_from_scratch(tmp_path):
+    """The ladder trains the trunk, then a branch from the trunk's checkpoint; the branch's losses are those of a
+    plain wsd run of the branch's length."""
+    ladder = _wsd_ladder(tmp_path, "[1024, 2048]")
+    done = subprocess.run([sys.executable, "-m", "ebwm_scale.ladder", str(ladder)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[1/2] wsd-ebt-s1-2.048k: 32 steps" in done.stdout and "[2/2] wsd-ebt-s1-1.024k: 16 steps" in done.stdout
+    branch = next(r for r in expand(*load_ladder(ladder)) if r.trunk)
+    fresh = [o for o in branch.overrides if not o.startswith(("train.branch_from=", "train.output_dir="))]
+    scratch = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "ebwm_scale" / "pretrain.py"),
+            str(REPO / "recipes" / "ci_tiny.yaml"),
+            *fresh,
+            f"train.output_dir={tmp_path}/scratch",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert scratch.returncode == 0, scratch.stderr[-2000:]
+
+    def losses(run_dir):
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+    branched, plain = losses(tmp_path / "runs" / "wsd" / branch.name), losses(tmp_path / "scratch" / branch.name)
+    assert sorted(branched) == list(range(13, 17)) and plain[16] and len(plain) == 16
+    assert branched == {step: loss for step, loss in plain.items() if step > 12}
+    summary = json.loads((tmp_path / "runs" / "wsd" / branch.name / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("wsd-ebt-s1-2.048k/checkpoints/step_00000012")

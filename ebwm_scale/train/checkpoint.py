@@ -92,10 +92,11 @@ def _barrier() -> None:
 class Checkpointer:
     """Saves and finds checkpoints under one directory URL. Every rank calls save/load; rank 0 commits."""
 
-    def __init__(self, url: str, keep_last: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, url: str, keep_last: int, rank: int = 0, world_size: int = 1, keep_steps: tuple[int, ...] = ()):
         self.url = url
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.keep_last = keep_last
+        self.keep_names = {checkpoint_name(step) for step in keep_steps}  # never pruned (e.g. branch points)
         self.rank = rank
         self.world_size = world_size
         self.is_local = "file" in self.fs.protocol or "local" in self.fs.protocol
@@ -193,8 +194,8 @@ class Checkpointer:
                 pass  # the write already failed; the temp dir has no manifest and is never loaded
 
     def _prune(self) -> None:
-        complete = self.complete_checkpoints()
-        for path in complete[: max(0, len(complete) - self.keep_last)]:
+        rotating = [path for path in self.complete_checkpoints() if path.rsplit("/", 1)[-1] not in self.keep_names]
+        for path in rotating[: max(0, len(rotating) - self.keep_last)]:
             self.fs.rm(path, recursive=True)
 
     def _manifest(self, fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
@@ -261,10 +262,12 @@ def model_file_bytes(state: dict[str, torch.Tensor]) -> bytes:
 
 
 class CheckpointCallback(Callback):
-    """Saves every `interval_steps`, when a stop was requested (preemption), and at the end of a run."""
+    """Saves every `interval_steps`, at each of `at_steps`, when a stop was requested (preemption), and at the end of
+    a run."""
 
-    def __init__(self, interval_steps: int):
+    def __init__(self, interval_steps: int, at_steps: tuple[int, ...] = ()):
         self.interval_steps = interval_steps
+        self.at_steps = set(at_steps)
         self.last_saved_step = -1
 
     def _save(self, trainer: Trainer) -> None:
@@ -277,7 +280,7 @@ class CheckpointCallback(Callback):
         trainer.checkpointer.check_writable()
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        if trainer.stop_requested or (self.interval_steps and step % self.interval_steps == 0):
+        if trainer.stop_requested or step in self.at_steps or (self.interval_steps and step % self.interval_steps == 0):
             self._save(trainer)
 
     def on_train_end(self, trainer: Trainer, summary: dict[str, Any], error: BaseException | None) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
@@ -24,7 +24,11 @@ class TrainConfig:
     checkpoint_dir: str = ""  # any fsspec URL; default <output_dir>/<run_name>/checkpoints
     checkpoint_interval_steps: int = 0  # 0: only at the end and when stopped by a signal
     keep_last_checkpoints: int = 3
+    checkpoint_at_steps: list[int] = field(default_factory=list)  # also save at these steps, and never prune them
     resume: str = "none"  # none | auto (newest complete checkpoint in checkpoint_dir, if any) | a checkpoint URL
+    # A checkpoint of another run to start from when this run has none of its own (resume none or auto): a decay
+    # branch of a longer warmup-stable-decay run (optim.schedule=wsd; ebwm-ladder sets it).
+    branch_from: str = ""
     init_from: str = ""  # an export (tools/export.py) whose weights start a new run, under any parallel layout
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     peak_tflops: float = 0.0  # device peak for MFU; 0: known GPUs from a table, none on CPU

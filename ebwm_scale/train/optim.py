@@ -62,14 +62,18 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "wsd":
-        decay_steps = max(1, round(cfg.decay_fraction * max_steps))
-        decay_start = max(cfg.warmup_steps, max_steps - decay_steps)
+        decay_start = wsd_decay_start(cfg, max_steps)
         progress = min(1.0, max(0, step - decay_start) / max(1, max_steps - decay_start))
         return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * progress)
     decay_steps = max(1, max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def wsd_decay_start(cfg: OptimConfig, max_steps: int) -> int:
+    """The first step of a wsd run's decay: the last decay_fraction of its steps, never inside the warmup."""
+    return max(cfg.warmup_steps, max_steps - max(1, round(cfg.decay_fraction * max_steps)))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -83,6 +83,7 @@ class Trainer:
             cfg.train.keep_last_checkpoints,
             dist.rank,
             dist.world_size,
+            tuple(cfg.train.checkpoint_at_steps),
         )
         self.unit = "tokens" if cfg.model.modality == "text" else "frames"
         self.tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * dist.dp_size
@@ -250,10 +251,12 @@ class Trainer:
         restore_rng_state(rank["rng"])
 
     def _resume_url(self) -> str | None:
-        resume = self.cfg.train.resume
+        resume, branch_from = self.cfg.train.resume, self.cfg.train.branch_from
         if resume == "none":
-            return None
-        return self.checkpointer.latest() if resume == "auto" else resume
+            return branch_from or None
+        if resume == "auto":
+            return self.checkpointer.latest() or branch_from or None
+        return resume
 
     # ---- preemption ----
 
