@@ -113,12 +113,14 @@ def _add_weight_grad(acc: torch.Tensor, small: torch.Tensor, wide: torch.Tensor,
 
 def _matmul_dtype(device_type: str, weight: torch.Tensor) -> torch.dtype:
     """What autocast would run the V <-> D matmuls in; recorded at forward so backward passes agree with it."""
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: FLOP counting, no autocast
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if a.device.type == "meta":
+        return a.to(dtype) @ b.to(dtype)
     with torch.autocast(a.device.type, enabled=False):
         return a.to(dtype) @ b.to(dtype)
 
