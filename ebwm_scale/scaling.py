@@ -189,7 +189,7 @@ def data_power_laws(points: list[Point]) -> dict[str, dict[str, float]]:
 
 def frontier(points: list[Point], fit: SurfaceFit, num: int = 6) -> list[dict[str, float]]:
     """Compute-optimal (N, D, L) for budgets spanning the runs' FLOPs; FLOPs per token per parameter is taken from
-    the runs (the pinned formula is linear in N for a given recipe)."""
+    the runs (about linear in N for a given recipe)."""
     per_param_token = float(np.median([p.flops / (p.params * p.data) for p in points]))
     params = np.geomspace(min(p.params for p in points) / 4, max(p.params for p in points) * 4, 400)
     out = []
@@ -293,7 +293,7 @@ def plot(points: list[Point], result: dict, fits: Fits, out: Path) -> None:
     axis.set(
         xscale="log",
         yscale="log",
-        xlabel="training FLOPs (pinned formula, EBT multiplier included)",
+        xlabel="training FLOPs (counted per step, every MCMC step included)",
         ylabel="eval loss",
         title="loss vs compute",
     )

@@ -1,6 +1,6 @@
 """Throughput of a recipe on this machine: the EBT as written and its AR baseline (same recipe, model.kind=ar),
-trained for a few steps each in this process. Reports tokens/s, TFLOP/s and MFU by the pinned FLOP formula
-(ebwm_scale.train.metrics: all MCMC FLOPs counted), peak memory, and EBT / AR ratios.
+trained for a few steps each in this process. Reports tokens/s, TFLOP/s and MFU by the FLOPs each step computes
+(ebwm_scale.train.metrics: counted op by op, every MCMC step included), peak memory, and EBT / AR ratios.
 
 Goals on an H100-class GPU in bf16 (issue 12): MFU >= 35 % for the EBT, >= 40 % for AR.
 
@@ -97,7 +97,7 @@ def main() -> None:
             results[label] = run(Path(args.recipe), overrides, args.steps, args.warmup, output_dir, dist)
             print(describe(results[label]))
     ebt, ar = results["ebt"], results["ar"]
-    print(f"EBT / AR: {ebt['tflops'] / ar['tflops']:.2f}x TFLOP/s (pinned FLOPs), ", end="")
+    print(f"EBT / AR: {ebt['tflops'] / ar['tflops']:.2f}x TFLOP/s (counted FLOPs), ", end="")
     rate = next(key for key in ebt if key.endswith("_per_s"))
     print(f"{ebt[rate] / ar[rate]:.3f}x {rate[:-6]}/s")
     if args.json:

@@ -1,37 +1,70 @@
-"""Training FLOPs per token, pinned so that every run, ladder and benchmark counts the same way (docs/design.md §7).
+"""Training FLOPs per token, counted from the run itself, and the other figures a run reports (MFU, memory).
 
-AR (PaLM appendix B accounting): 6 N + 12 L D S per token, with N the non-embedding parameters (matmul weights,
-output head included) and the second term the attention score/value matmuls.
+One training step of the whole model (forward, the MCMC energy gradients, the outer backward) runs on the meta device
+under a dispatch mode that sums torch's own per-op FLOP formulas (torch.utils.flop_counter): nothing is allocated or
+computed, and the count is what the run computes, with its layout, step conditioning (time_token re-runs the context
+stream every MCMC step), update rule and vocabulary state. Matmuls, attention and convolutions count, elementwise ops
+do not; for an AR model this reproduces the usual 6 N + 12 L D S (PaLM appendix B) within 1 % (tested). Randomized
+MCMC step counts (mcmc.max_num_steps) count as their expectation: FLOPs are linear in the step count.
 
-EBT: one MCMC step costs EBT_STEP_FLOPS_OVER_AR = 10/3 times an AR training step at equal N and tokens (the
-official EBT accounting: a forward over 2S positions, the backward for the energy gradient, and the outer backward
-through both); K steps cost K times that. This is the paper's count, kept for every compute axis so that results
-compare with it; the "split" EBT layout computes the real stream once per batch and so does less work than this.
+The EBT paper counts an MCMC step as 10/3 AR training steps (PAPER_STEP_FLOPS_OVER_AR, for comparison only); this
+implementation's split layout computes the real tokens once per batch and does less (docs/design.md §7).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import resource
+import statistics
 
 import torch
-from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
-from ebwm_scale.models.blocks import count_params
+from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models.config import ModelConfig
+from ebwm_scale.objective import build_objective
 
-EBT_STEP_FLOPS_OVER_AR = 10 / 3
-
-
-def ar_train_flops_per_token(num_params: int, cfg: ModelConfig, seq_len: int) -> float:
-    return 6 * num_params + 12 * cfg.num_layers * cfg.dim * seq_len
+PAPER_STEP_FLOPS_OVER_AR = 10 / 3
 
 
-def train_flops_per_token(model: nn.Module, cfg: ModelConfig, seq_len: int, num_mcmc_steps: int) -> float:
-    """Training FLOPs per context token for `model` (an EBT when cfg.kind == "ebt")."""
-    ar_flops = ar_train_flops_per_token(count_params(model, exclude_embeddings=True), cfg, seq_len)
-    if cfg.kind == "ebt":
-        return num_mcmc_steps * EBT_STEP_FLOPS_OVER_AR * ar_flops
-    return ar_flops
+class _FlopCount(TorchDispatchMode):
+    """Sums torch's FLOP formula of every op that has one (what FlopCounterMode counts, without its module tracker,
+    which cannot follow autograd.grad with respect to a leaf input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def step_flops_per_token(model_cfg: ModelConfig, mcmc_cfg: MCMCConfig, seq_len: int, num_mcmc_steps: int) -> float:
+    """FLOPs per context token of one training step with exactly `num_mcmc_steps` MCMC steps (meta device)."""
+    mcmc = dataclasses.replace(mcmc_cfg, num_steps=num_mcmc_steps, max_num_steps=0)
+    with torch.device("meta"):
+        objective = build_objective(model_cfg.build(), mcmc.build())
+        if model_cfg.modality == "text":
+            batch = {"tokens": torch.zeros(1, seq_len + 1, dtype=torch.long)}
+        else:
+            batch = {"frames": torch.zeros(1, seq_len + 1, model_cfg.frame_dim)}
+    with _FlopCount() as count:
+        objective(batch).loss.backward()
+    return count.total / seq_len
+
+
+def train_flops_per_token(model_cfg: ModelConfig, mcmc_cfg: MCMCConfig, seq_len: int) -> float:
+    """Training FLOPs per context token; for an EBT the expectation over the step counts it trains with."""
+    if model_cfg.kind != "ebt":
+        return step_flops_per_token(model_cfg, mcmc_cfg, seq_len, 1)
+    steps = range(mcmc_cfg.num_steps, max(mcmc_cfg.num_steps, mcmc_cfg.max_num_steps) + 1)
+    return statistics.fmean(step_flops_per_token(model_cfg, mcmc_cfg, seq_len, k) for k in steps)
 
 
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts). Matched against torch.cuda.get_device_name().

@@ -90,7 +90,7 @@ class Trainer:
         with torch.device("meta"):  # sizes and FLOPs of the whole model, however this rank's part is cut
             whole = build_objective(cfg.model.build(), cfg.mcmc.build())
         self.num_params = count_params(whole)
-        self.flops_per_token = train_flops_per_token(whole.model, cfg.model, cfg.data.seq_len, cfg.mcmc.num_steps)
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.mcmc, cfg.data.seq_len)
         self.peak_tflops = peak_tflops(dist.device, cfg.train.peak_tflops)
         self.autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
@@ -104,7 +104,7 @@ class Trainer:
             f"device {self.dist.device}, {self.dist.world_size} rank(s) ({self._parallel_mode()}), "
             f"{c.train.precision}; "
             f"resolved config: {self.output_dir / 'config.yaml'}; checkpoints: {self.checkpointer.url}",
-            f"per step: {self.flops_per_token * self.tokens_per_step / 1e12:.3g} TFLOP (pinned formula); "
+            f"per step: {self.flops_per_token * self.tokens_per_step / 1e12:.3g} TFLOP (counted); "
             f"model states {self._model_state_gb():.2f} GB per rank "
             "(params + grads + AdamW; activations extra)",
         ]
