@@ -20,13 +20,14 @@ from ebwm_scale.models.config import (
     ATTENTION_IMPLS,
     DOUBLE_BACKWARD_SAFE_ATTENTION,
     EBT_IMPLS,
+    INITS,
     STEP_CONDITIONINGS,
     ModelConfig,
 )
 from ebwm_scale.parallel.dist import ACTIVATION_CHECKPOINTING, BACKENDS, DATA_PARALLEL_MODES, ParallelConfig
 from ebwm_scale.states import UPDATE_SPACES, VOCAB_STATES
 from ebwm_scale.train.config import DEVICES, PRECISIONS, TrainConfig
-from ebwm_scale.train.optim import SCHEDULES, OptimConfig
+from ebwm_scale.train.optim import DECAYED, SCHEDULES, OptimConfig
 from ebwm_scale.train.tracking import TrackingConfig
 
 
@@ -179,6 +180,8 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         _choice("mcmc.vocab_state", mc.vocab_state, VOCAB_STATES),
         _choice("mcmc.loss_on", mc.loss_on, ("all", "last")),
         _choice("optim.schedule", o.schedule, SCHEDULES),
+        _choice("optim.decay", o.decay, DECAYED),
+        _choice("model.init", m.init, INITS),
         _choice("data.source", d.source, DATA_SOURCES),
         _choice("train.device", t.device, DEVICES),
         _choice("train.precision", t.precision, PRECISIONS),

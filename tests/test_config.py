@@ -1,18 +1,55 @@
 import shutil
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from ebwm_scale.config import ConfigError, load_config
 
-RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
+RECIPE_DIR = Path(__file__).resolve().parents[1].joinpath("recipes")
+RECIPES = sorted([*RECIPE_DIR.glob("*.yaml"), *RECIPE_DIR.glob("official/*.yaml")])
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_loads(recipe):
     cfg = load_config(recipe)
     assert cfg.train.run_name == recipe.stem
+
+
+def test_the_official_pair_is_the_official_small_configuration_and_trains():
+    """recipes/official: the xxs size with FFN = dim, official init and optimizer; the EBT and its AR baseline differ
+    only in the model kind, and the EBT recipe trains (a few steps at a tiny batch)."""
+    ebt, ar = (load_config(RECIPE_DIR / "official" / f"{kind}_nlp_small.yaml") for kind in ("ebt", "ar"))
+    m, o = ebt.model, ebt.optim
+    assert (m.dim, m.num_layers, m.num_heads, m.resolved_ffn_hidden_dim, m.init) == (384, 6, 6, 384, "official")
+    assert (m.step_conditioning, ebt.mcmc.update_space, ebt.mcmc.num_steps) == ("time_token", "probs", 2)
+    assert (ebt.mcmc.alpha_init, ebt.mcmc.alpha_lr_multiplier, ebt.data.seq_len) == (500.0, 1500.0, 256)
+    assert (o.lr, o.betas, o.decay, o.warmup_steps, o.min_lr_ratio) == (1.2e-3, [0.9, 0.999], "all", 10000, 0.1)
+    assert (
+        ar.optim == o
+        and ar.data == ebt.data
+        and vars(ar.train) | {"run_name": ""} == vars(ebt.train) | {"run_name": ""}
+    )
+    assert {k: v for k, v in vars(ar.model).items() if k != "kind"} == {
+        k: v for k, v in vars(m).items() if k not in ("kind", "step_conditioning", "num_step_embeddings")
+    } | {"step_conditioning": "none", "num_step_embeddings": ar.model.num_step_embeddings}
+    small = ["data.seq_len=16", "data.micro_batch_size=2", "train.max_steps=2", "train.grad_accum_steps=1"]
+    small += ["model.num_layers=1", "train.progress_bar=false", "tracking.enabled=false", "train.eval_batches=1"]
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(RECIPE_DIR.parent / "ebwm_scale" / "pretrain.py"),
+            str(RECIPE_DIR / "official" / "ebt_nlp_small.yaml"),
+            *small,
+            f"train.output_dir={Path(tempfile.mkdtemp())}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def _recipe(tmp_path, text: str) -> Path:

@@ -1,8 +1,12 @@
 import math
 
 import pytest
+import torch
 
+from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.objective import build_objective
 from ebwm_scale.train.optim import OptimConfig, lr_at
+from tests.conftest import tiny_model_config
 
 
 def test_warmup_then_cosine_to_min_ratio():
@@ -24,3 +28,29 @@ def test_wsd_holds_the_lr_until_its_decay_then_falls_linearly_to_min_ratio():
     assert lr_at(110, cfg, 110) == pytest.approx(0.1)
     # until its own decay begins, a run's lr does not depend on its length: the point of branching
     assert [lr_at(s, cfg, 1000) for s in range(88)] == [lr_at(s, cfg, 110) for s in range(88)]
+
+
+def test_decay_all_decays_every_weight_but_alpha_as_the_official_code():
+    objective = build_objective(tiny_model_config().build(), MCMCConfig(num_steps=1).build())
+    for decay, gains_decayed in (("matrices", False), ("all", True)):
+        groups = OptimConfig(decay=decay).build(objective).param_groups
+        decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+        gains = [p for name, p in objective.named_parameters() if name.endswith("norm.weight")]
+        assert gains and all((id(p) in decayed) == gains_decayed for p in gains)
+        assert id(objective.mcmc.alpha) not in decayed
+
+
+def test_official_init_is_xavier_normal_with_unit_embeddings():
+    torch.manual_seed(0)
+    for scheme in ("default", "official"):
+        model = tiny_model_config(dim=64, vocab_size=512, init=scheme).build()
+        linear = model.transformer.layers[0].attention.wqkv.weight
+        fan_out, fan_in = linear.shape
+        bound = math.sqrt(6 / (fan_in + fan_out))  # xavier-uniform's support
+        outside = (linear.abs() > bound).any().item()
+        embedding_std = model.tok_embeddings.weight.std().item()
+        if scheme == "official":
+            assert outside and embedding_std == pytest.approx(1.0, rel=0.05)
+        else:
+            assert not outside and embedding_std == pytest.approx(0.02, rel=0.05)
+        assert linear.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.05)

@@ -29,7 +29,7 @@ class ARText(AR):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.transformer = Transformer(cfg)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        init_weights(self)
+        init_weights(self, cfg.init)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.readout(self.trunk(self.embed(tokens), range(self.cfg.num_layers)))  # (B, S, V)
@@ -48,7 +48,7 @@ class ARFrames(AR):
         self.frame_in_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.transformer = Transformer(cfg)
         self.output = nn.Linear(cfg.dim, cfg.frame_dim, bias=False)
-        init_weights(self)
+        init_weights(self, cfg.init)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.readout(self.trunk(self.embed(frames), range(self.cfg.num_layers)))  # (B, S, F)

@@ -171,14 +171,15 @@ class Transformer(nn.Module):
         return h
 
 
-def init_weights(module: nn.Module) -> None:
-    """Xavier-uniform linears and normal(0, 0.02) embeddings. (The official EBT code uses xavier-normal linears and
-    leaves embeddings at PyTorch's N(0, 1); the README lists this among the differences.)"""
+def init_weights(module: nn.Module, scheme: str = "default") -> None:
+    """default: xavier-uniform linears, normal(0, 0.02) embeddings. official (alexiglad/EBT): xavier-normal linears,
+    embeddings at PyTorch's N(0, 1)."""
+    official = scheme == "official"
     for sub in module.modules():
         if isinstance(sub, nn.Linear):
-            nn.init.xavier_uniform_(sub.weight)
+            (nn.init.xavier_normal_ if official else nn.init.xavier_uniform_)(sub.weight)
         elif isinstance(sub, nn.Embedding):
-            nn.init.normal_(sub.weight, std=0.02)
+            nn.init.normal_(sub.weight, std=1.0 if official else 0.02)
 
 
 def count_params(module: nn.Module, exclude_embeddings: bool = False) -> int:

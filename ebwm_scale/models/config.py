@@ -11,6 +11,7 @@ ATTENTION_IMPLS = ("math", "sdpa", "sdpa_fused")
 EBT_IMPLS = ("split", "masked")
 STEP_CONDITIONINGS = ("none", "additive", "time_token")
 DOUBLE_BACKWARD_SAFE_ATTENTION = ("math", "sdpa")
+INITS = ("default", "official")
 
 
 @dataclass(kw_only=True)
@@ -37,6 +38,8 @@ class ModelConfig:
     # a learned embedding per step to the predictions only; "none".
     step_conditioning: str = "none"
     num_step_embeddings: int = 0  # steps with their own embedding (later steps reuse the last); 0: the MCMC steps
+    # default: xavier-uniform linears, N(0, 0.02) embeddings; official: xavier-normal linears, N(0, 1) embeddings
+    init: str = "default"
 
     @property
     def head_dim(self) -> int:

@@ -193,7 +193,7 @@ class EBTText(EBT):
         super().__init__(cfg)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.vocab_to_embed = nn.Linear(cfg.vocab_size, cfg.dim, bias=False)
-        init_weights(self)
+        init_weights(self, cfg.init)
 
     def embed_context(self, ctx: torch.Tensor) -> torch.Tensor:
         return self.tok_embeddings(ctx)  # (B, S) -> (B, S, D)
@@ -209,7 +209,7 @@ class EBTFrames(EBT):
         super().__init__(cfg)
         self.frame_in = nn.Linear(cfg.frame_dim, cfg.dim, bias=False)
         self.frame_in_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        init_weights(self)
+        init_weights(self, cfg.init)
 
     def embed_context(self, ctx: torch.Tensor) -> torch.Tensor:
         return self.frame_in_norm(self.frame_in(ctx))  # (B, S, F) -> (B, S, D)

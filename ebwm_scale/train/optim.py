@@ -16,12 +16,14 @@ import torch
 from torch import nn
 
 SCHEDULES = ("cosine", "wsd")
+DECAYED = ("matrices", "all")
 
 
 @dataclass(kw_only=True)
 class OptimConfig:
     lr: float = 3e-4
     weight_decay: float = 0.01
+    decay: str = "matrices"  # what weight decay applies to: matrices (not norm gains) | all (every weight; official)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     warmup_steps: int = 100
@@ -34,7 +36,8 @@ class OptimConfig:
     fused: bool = True
 
     def build(self, objective: nn.Module, alpha_lr_multiplier: float = 1.0) -> torch.optim.AdamW:
-        """Three groups: matrices (decayed), vectors such as norm gains (not decayed), alpha (own lr, no decay).
+        """Three groups: decayed weights (matrices, or every weight with decay=all), the rest such as norm gains (not
+        decayed), alpha (own lr, never decayed).
 
         Each group carries `lr_multiplier`; `set_lr` sets group lr = lr_at(step) * lr_multiplier.
         """
@@ -44,7 +47,7 @@ class OptimConfig:
                 continue
             if name.endswith("mcmc.alpha"):
                 alpha.append(param)
-            elif param.ndim >= 2:
+            elif param.ndim >= 2 or self.decay == "all":
                 decay.append(param)
             else:
                 no_decay.append(param)
