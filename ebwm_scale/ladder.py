@@ -178,6 +178,23 @@ def _wsd_plan(ladder: LadderConfig, steps: dict[int, int]) -> tuple[int, int, di
     return warmup, trunk, branch_steps
 
 
+def passes_over_data(base: Path, run: LadderRun, ranks: int, train_sizes: dict[str, int | str]) -> str:
+    """How many times the run sees its training data ("1.75 passes"), or why that is unknown (shards not made yet).
+    Train sizes are cached per data config: every run of a ladder shares one."""
+    cfg: PretrainConfig = load_config(base, run.overrides)
+    key = repr(cfg.data)
+    if key not in train_sizes:
+        try:
+            train_sizes[key] = len(cfg.data.build_datasets(cfg.model)[0])
+        except (OSError, ValueError, RuntimeError) as error:  # missing or unreadable data: report, plan anyway
+            train_sizes[key] = f"data not readable: {str(error).splitlines()[0]}"
+    size = train_sizes[key]
+    if isinstance(size, str):
+        return size
+    seen = run.max_steps * cfg.data.micro_batch_size * cfg.train.grad_accum_steps * ranks
+    return f"{seen / size:.2f} passes over {size:,} training samples"
+
+
 def run_command(base: Path, run: LadderRun) -> list[str]:
     return [sys.executable, str(ENTRY_POINT), str(base), *run.overrides]
 
@@ -280,9 +297,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--index {args.index} is outside the {len(runs)} runs")
         runs = [runs[args.index]]
     if args.dry_run:
+        train_sizes: dict[str, int | str] = {}
         for index, run in enumerate(runs):
             state = "done" if run.is_finished() else "todo"
-            print(f"{index:4d}  {state}  {run.name:40s} {run.max_steps:7d} steps  {budget_label(run.budget)}")
+            passes = passes_over_data(base, run, ladder.data_parallel_ranks, train_sizes)
+            budget = budget_label(run.budget)
+            print(f"{index:4d}  {state}  {run.name:40s} {run.max_steps:7d} steps  {budget:>6s}  {passes}")
         return
     if args.emit_slurm:
         if any(run.trunk for run in runs):

@@ -1,6 +1,7 @@
 """Ladders: grid expansion and names, one-line errors, and a real tiny ladder that is interrupted, resumed and fitted
 (from summary files and from MLflow)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -151,3 +152,24 @@ def test_a_wsd_ladder_branch_trains_exactly_like_its_budget_from_scratch(tmp_pat
     assert branched == {step: loss for step, loss in plain.items() if step > 12}
     summary = json.loads((tmp_path / "runs" / "wsd" / branch.name / "summary.json").read_text())
     assert summary["resumed_from"].endswith("wsd-ebt-s1-2.048k/checkpoints/step_00000012")
+
+
+def test_a_dry_run_says_how_often_each_run_sees_its_data(tmp_path):
+    """Passes over the training samples per run (the operator's check against repeating data), or why unknown."""
+    from ebwm_scale.data.text import stdlib_docs_splits
+    from ebwm_scale.ladder import passes_over_data
+
+    ladder_path = _wsd_ladder(tmp_path, "[1024, 2048]")
+    ladder, base = load_ladder(ladder_path)
+    runs, sizes = expand(ladder, base), {}
+    windows = len(stdlib_docs_splits(16, 5.0)[0])  # seq_len 16, the default 5 % held out
+    for run in runs:
+        assert (
+            passes_over_data(base, run, 1, sizes)
+            == f"{run.max_steps * 4 / windows:.2f} passes over {windows:,} training samples"
+        )
+    assert len(sizes) == 1  # one data config, read once
+    shards = load_ladder(REPO / "recipes" / "ladders" / "video_tiny_cpu.yaml")
+    video_run = expand(*shards)[0]
+    unmade = dataclasses.replace(video_run, overrides=(*video_run.overrides, f"data.shards.url={tmp_path}/unmade"))
+    assert passes_over_data(shards[1], unmade, 1, {}).startswith("data not readable: ")
