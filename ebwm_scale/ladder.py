@@ -74,6 +74,7 @@ class LadderRun:
     output_dir: Path
     max_steps: int
     trunk: str = ""  # wsd: the run this one branches from (it must pass the branch step first)
+    branch_point: Path | None = None  # wsd: the trunk's checkpoint this run starts from
 
     def is_finished(self) -> bool:
         summary = self.output_dir / self.name / "summary.json"
@@ -144,7 +145,7 @@ def expand(ladder: LadderConfig, base: Path) -> list[LadderRun]:
                     f"tracking.tags.budget={budget}",
                     f"data.seed={plain.data.seed}",  # the same data order for every kind and size
                 ]
-                trunk = ""
+                trunk, point = "", None
                 if schedule is None:
                     overrides.append(f"optim.warmup_steps={max(1, int(ladder.warmup_fraction * steps[budget]))}")
                 else:
@@ -158,11 +159,8 @@ def expand(ladder: LadderConfig, base: Path) -> list[LadderRun]:
                         point = output_dir / trunk / "checkpoints" / checkpoint_name(branch_steps[budget])
                         overrides.append(f"train.branch_from={point}")
                 cfg: PretrainConfig = load_config(base, overrides)
-                runs.append(
-                    LadderRun(
-                        name, kind, size, budget, tuple(overrides), Path(cfg.train.output_dir), steps[budget], trunk
-                    )
-                )
+                output = Path(cfg.train.output_dir)
+                runs.append(LadderRun(name, kind, size, budget, tuple(overrides), output, steps[budget], trunk, point))
     return runs
 
 
@@ -199,12 +197,10 @@ def run_command(base: Path, run: LadderRun) -> list[str]:
     return [sys.executable, str(ENTRY_POINT), str(base), *run.overrides]
 
 
-def _check_trunk(run: LadderRun, runs: list[LadderRun]) -> None:
+def _check_trunk(run: LadderRun) -> None:
     """A branch starts from its trunk's checkpoint: refuse clearly when that is not there yet."""
-    if not run.trunk:
-        return
-    point = Path(next(o for o in run.overrides if o.startswith("train.branch_from=")).split("=", 1)[1])
-    if not (run.output_dir / run.name / "checkpoints").exists() and not point.exists():
+    point = run.branch_point
+    if point is not None and not (run.output_dir / run.name / "checkpoints").exists() and not point.exists():
         raise SystemExit(f"{run.name} branches from {point}, which {run.trunk} has not written yet; run it first")
 
 
@@ -213,7 +209,7 @@ def run_locally(base: Path, runs: list[LadderRun]) -> None:
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; running {len(todo)}")
     for index, run in enumerate(todo, 1):
         print(f"[{index}/{len(todo)}] {run.name}: {run.max_steps} steps", flush=True)
-        _check_trunk(run, runs)
+        _check_trunk(run)
         proc = subprocess.run(run_command(base, run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{run.name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

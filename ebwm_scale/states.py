@@ -88,8 +88,8 @@ class TokenState:
             raise ValueError(f"mcmc.update_space={update_space!r} is not one of {', '.join(UPDATE_SPACES)}")
         self.model, self.init_scale, self.update_space, self.lean = model, init_scale, update_space, lean
         self.split = split or VocabSplit()
-        self._probs_of: tuple[weakref.ref, torch.Tensor] | None = None
-        self._forget_with_state: weakref.finalize | None = None
+        # softmax of one state, kept by the loss for the next point: (a finalizer that forgets it with the state, it)
+        self._kept: tuple[weakref.finalize, torch.Tensor] | None = None
 
     @property
     def vocab_to_embed(self) -> nn.Module:
@@ -153,20 +153,18 @@ class TokenState:
         """Keep softmax(state), which the loss computed and saved, for the next step's point at this very state
         (one tensor instead of two); forgotten as soon as it is used or the state is freed."""
         self._forget()
-        self._probs_of = (weakref.ref(state), probs)
-        self._forget_with_state = weakref.finalize(state, self._forget)
+        self._kept = (weakref.finalize(state, self._forget), probs)
 
     def _forget(self) -> None:
-        self._probs_of = None
-        if self._forget_with_state is not None:
-            self._forget_with_state.detach()
-            self._forget_with_state = None
+        if self._kept is not None:
+            self._kept[0].detach()
+            self._kept = None
 
     def _probabilities(self, state: torch.Tensor) -> torch.Tensor:
-        if self._probs_of is not None and self._probs_of[0]() is state:
-            probs = self._probs_of[1]
+        kept = self._kept
+        if kept is not None and (alive := kept[0].peek()) is not None and alive[0] is state:
             self._forget()
-            return probs
+            return kept[1]
         return probabilities(state, self.split)
 
     def _softmax(self, x: torch.Tensor) -> torch.Tensor:

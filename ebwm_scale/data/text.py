@@ -56,10 +56,14 @@ def _read_asset(name: str, assets: Path = ASSETS) -> tuple[str, str]:
     return content.decode("utf-8"), digest
 
 
+def _documents_and_digest(assets: Path) -> tuple[list[dict[str, str]], str]:
+    text, digest = _read_asset(CORPUS_FILE, assets)
+    return [json.loads(line) for line in text.splitlines()], digest
+
+
 def corpus_documents(assets: Path = ASSETS) -> list[dict[str, str]]:
     """The shipped docstrings, [{"id": "path/of/module.py:Qual.name", "text": ...}], in path order."""
-    text, _ = _read_asset(CORPUS_FILE, assets)
-    return [json.loads(line) for line in text.splitlines()]
+    return _documents_and_digest(assets)[0]
 
 
 def document_module(doc_id: str) -> str:
@@ -101,9 +105,9 @@ def stdlib_docs_splits(
     seq_len: int, val_percent: float, assets: Path = ASSETS
 ) -> tuple[TokenWindows, TokenWindows, str]:
     """(train, val, sha256 of the corpus content) for the shipped docstring corpus, split by module."""
-    text, digest = _read_asset(CORPUS_FILE, assets)
+    documents, digest = _documents_and_digest(assets)
     sides: dict[bool, list[str]] = {False: [], True: []}
-    for doc in (json.loads(line) for line in text.splitlines()):
+    for doc in documents:
         sides[is_validation_document(document_module(doc["id"]), val_percent)].append(doc["text"])
     train, val = (TokenWindows(ByteTokenizer().encode(DOC_SEPARATOR.join(sides[v])), seq_len) for v in (False, True))
     return train, val, digest
