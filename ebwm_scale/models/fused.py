@@ -27,6 +27,16 @@ def _refuse_third_order(what: str) -> None:
         raise RuntimeError(f"a third derivative of {what} is not implemented")
 
 
+def _through_norm(v: torch.Tensor, normed: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """T(v) = r (v - n mean(v n)): a gradient at the normalized output pulled back through the normalization."""
+    return rstd * (v - normed * (v * normed).mean(-1, keepdim=True))
+
+
+def _silu_slope(a: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
+    """silu'(a) from a and sigmoid(a)."""
+    return sig * (1 + a * (1 - sig))
+
+
 def _row_sum(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Sum over every leading dim: the gradient of a weight broadcast over rows."""
     return x.reshape(-1, x.shape[-1]).sum(0).to(like.dtype)
@@ -50,8 +60,7 @@ class _RMSNormGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, rstd, grad):
         normed, g = _wide(x) * rstd, _wide(grad)
-        q = g * weight
-        dx = rstd * (q - normed * (q * normed).mean(-1, keepdim=True))
+        dx = _through_norm(g * weight, normed, rstd)
         ctx.save_for_backward(x, weight, rstd, grad)
         return dx.to(x.dtype), _row_sum(g * normed, weight)
 
@@ -63,22 +72,18 @@ class _RMSNormGrad(torch.autograd.Function):
         x, weight, rstd, grad = ctx.saved_tensors
         normed, g = _wide(x) * rstd, _wide(grad)
         q = g * weight
-
-        def through_norm(v):  # T(v)
-            return rstd * (v - normed * (v * normed).mean(-1, keepdim=True))
-
         d_g, d_w, d_normed, d_rstd = torch.zeros_like(g), None, torch.zeros_like(g), 0.0
         if cot_dw is not None:
             d_g, d_normed = normed * cot_dw, g * cot_dw
         if cot_dx is not None:
             a = _wide(cot_dx)
-            t_a = through_norm(a)
+            t_a = _through_norm(a, normed, rstd)
             s_an, m = (a * normed).mean(-1, keepdim=True), (q * normed).mean(-1, keepdim=True)
             d_g = d_g + weight * t_a
             d_w = _row_sum(g * t_a, weight)
             d_normed = d_normed - rstd * (q * s_an + a * m)
             d_rstd = rstd.square() * ((a * q).mean(-1, keepdim=True) - m * s_an)
-        d_x = through_norm(d_normed) - d_rstd * normed
+        d_x = _through_norm(d_normed, normed, rstd) - d_rstd * normed
         return d_x.to(x.dtype), d_w, None, d_g.to(grad.dtype)
 
 
@@ -100,7 +105,7 @@ class _SiluGateGrad(torch.autograd.Function):
         a, b, g = _wide(gate), _wide(up), _wide(grad)
         sig = torch.sigmoid(a)
         ctx.save_for_backward(gate, up, grad)
-        return (g * b * sig * (1 + a * (1 - sig))).to(gate.dtype), (g * a * sig).to(up.dtype)
+        return (g * b * _silu_slope(a, sig)).to(gate.dtype), (g * a * sig).to(up.dtype)
 
     @staticmethod
     def backward(ctx, cot_gate, cot_up):
@@ -110,7 +115,7 @@ class _SiluGateGrad(torch.autograd.Function):
         gate, up, grad = ctx.saved_tensors
         a, b, g = _wide(gate), _wide(up), _wide(grad)
         sig = torch.sigmoid(a)
-        s1 = sig * (1 + a * (1 - sig))
+        s1 = _silu_slope(a, sig)
         zero = torch.zeros_like(a)
         c_a = zero if cot_gate is None else _wide(cot_gate)
         c_b = zero if cot_up is None else _wide(cot_up)

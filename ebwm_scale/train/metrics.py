@@ -7,8 +7,8 @@ stream every MCMC step), update rule and vocabulary state. Matmuls, attention an
 do not; for an AR model this reproduces the usual 6 N + 12 L D S (PaLM appendix B) within 1 % (tested). Randomized
 MCMC step counts (mcmc.max_num_steps) count as their expectation: FLOPs are linear in the step count.
 
-The EBT paper counts an MCMC step as 10/3 AR training steps (PAPER_STEP_FLOPS_OVER_AR, for comparison only); this
-implementation's split layout computes the real tokens once per batch and does less (docs/design.md §7).
+The EBT paper counts an MCMC step as 10/3 AR training steps; this implementation's split layout computes the real
+tokens once per batch and does less (docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from torch.utils.flop_counter import flop_registry
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models.config import ModelConfig
 from ebwm_scale.objective import build_objective
-
-PAPER_STEP_FLOPS_OVER_AR = 10 / 3
 
 
 class _FlopCount(TorchDispatchMode):
