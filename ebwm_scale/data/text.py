@@ -1,6 +1,6 @@
 """Offline English text: the docstrings of the Python standard library, shipped with the package, tokenized to bytes.
 
-Nobody here wrote that text and it is about 1.5 MB. The package ships it frozen (assets/stdlib_docs.jsonl.gz, one
+Nobody here wrote that text and it is about 1.75 MB. The package ships it frozen (assets/stdlib_docs.jsonl.gz, one
 record per docstring, regenerated only on purpose by tools/make_text_corpus.py), so every user and every Python
 version trains on the same bytes; assets/corpus.json holds the content's sha256, checked on every load. It stands in
 for the sentencepiece/WebDataset pipeline and serves the same sample schema ({"tokens": (S+1,) int64}).
