@@ -7,6 +7,8 @@
     ebwm-ladder recipes/ladders/nlp_paper.yaml --ray [--cpus-per-run 2 --gpus-per-run 1]
 
 Every kind trains on the same data in the same order (the base recipe's data and seed) with the same tokenizer.
+A kind is `ebt`, `ar`, or a name of your own whose kind_overrides set model.kind (e.g. `ebt_logits:
+[model.kind=ebt, mcmc.update_space=logits]`): the fit treats each name as its own model family.
 Run names are stable: <ladder>-<kind>-<size>-<budget>. A run whose summary.json says it finished all its steps is
 skipped, and every run resumes from its newest checkpoint (train.resume=auto), so a killed ladder picks up where it
 stopped. All runs log to one MLflow experiment with the tags ladder, kind, size, params, tokens and flops, which
@@ -46,7 +48,7 @@ ENTRY_POINT = Path(__file__).resolve().parent / "pretrain.py"
 class LadderConfig:
     name: str
     base: str  # the recipe every run starts from, relative to the ladder file
-    kinds: list[str] = field(default_factory=lambda: ["ebt", "ar"])
+    kinds: list[str] = field(default_factory=lambda: ["ebt", "ar"])  # ebt, ar, or names defined in kind_overrides
     sizes: dict[str, Any] = field(default_factory=dict)  # size name -> {model key: value}
     budgets: list[int] = field(default_factory=list)  # tokens (text) or frames (video) each run trains on
     lr_base: float = 1e-3
@@ -96,21 +98,35 @@ def load_ladder(path: str | Path) -> tuple[LadderConfig, Path]:
     path = Path(path)
     ladder: LadderConfig = load_structured(LadderConfig, path, "ladder")
     base = (path.parent / ladder.base).resolve()
+    unknown = [k for k in ladder.kinds if model_kind(ladder, k) not in ("ebt", "ar")]
     problems = [
         not ladder.sizes and "sizes is empty",
         not ladder.budgets and "budgets is empty",
         any(b <= 0 for b in ladder.budgets) and f"budgets={ladder.budgets} must be > 0",
-        any(k not in ("ebt", "ar") for k in ladder.kinds) and f"kinds={ladder.kinds} must be ebt and/or ar",
+        *(f"kinds: {k!r} is neither ebt nor ar, and kind_overrides.{k} sets no model.kind=ebt|ar" for k in unknown),
+        len(set(ladder.kinds)) != len(ladder.kinds) and f"kinds={ladder.kinds} has repeats",
         not 0 <= ladder.warmup_fraction < 1 and f"warmup_fraction={ladder.warmup_fraction} must lie in [0, 1)",
         ladder.schedule not in SCHEDULES and f"schedule={ladder.schedule!r} is not one of {', '.join(SCHEDULES)}",
         not 0 < ladder.decay_fraction <= 1 and f"decay_fraction={ladder.decay_fraction} must lie in (0, 1]",
         len(set(ladder.budgets)) != len(ladder.budgets) and f"budgets={ladder.budgets} has repeats",
         any(not isinstance(v, dict) for v in ladder.sizes.values()) and "sizes: each size is {model key: value}",
+        any(not isinstance(v, list) for v in ladder.kind_overrides.values())
+        and "kind_overrides: each kind is a list of overrides",
     ]
     problem = next((p for p in problems if p), None)
     if problem:
         raise ConfigError(f"{problem} ({path})")
     return ladder, base
+
+
+def model_kind(ladder: LadderConfig, kind: str) -> str:
+    """The model.kind a ladder kind trains: its own name, unless its kind_overrides set model.kind."""
+    chosen = kind
+    for override in ladder.kind_overrides.get(kind, []):
+        key, _, value = str(override).partition("=")
+        if key.strip() == "model.kind":
+            chosen = value.strip()
+    return chosen
 
 
 def expand(ladder: LadderConfig, base: Path) -> list[LadderRun]:
@@ -120,7 +136,7 @@ def expand(ladder: LadderConfig, base: Path) -> list[LadderRun]:
     runs = []
     for kind in ladder.kinds:
         for size, model in ladder.sizes.items():
-            common = [*ladder.overrides, *ladder.kind_overrides.get(kind, []), f"model.kind={kind}"]
+            common = [*ladder.overrides, *ladder.kind_overrides.get(kind, []), f"model.kind={model_kind(ladder, kind)}"]
             common += [f"model.{key}={value}" for key, value in model.items()]
             sized = load_config(base, common)
             per_step = sized.data.micro_batch_size * sized.data.seq_len * sized.train.grad_accum_steps
@@ -142,6 +158,7 @@ def expand(ladder: LadderConfig, base: Path) -> list[LadderRun]:
                     f"tracking.experiment={ladder.experiment or 'ladder-' + ladder.name}",
                     f"tracking.tags.ladder={ladder.name}",
                     f"tracking.tags.ladder_size={size}",
+                    f"tracking.tags.ladder_kind={kind}",
                     f"tracking.tags.budget={budget}",
                     f"data.seed={plain.data.seed}",  # the same data order for every kind and size
                 ]

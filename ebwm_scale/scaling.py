@@ -65,12 +65,12 @@ def points_from_runs_dir(root: str | Path) -> list[Point]:
         if summary.get("status") != "finished" or not scale or "eval_loss" not in summary:
             continue
         config = yaml.safe_load((summary_path.parent / "config.yaml").read_text())
-        size = config["tracking"]["tags"].get("ladder_size", "")
+        tags = config["tracking"]["tags"]
         points.append(
             Point(
                 summary["run"],
-                scale["kind"],
-                size,
+                tags.get("ladder_kind", scale["kind"]),
+                tags.get("ladder_size", ""),
                 scale["params"],
                 scale["data"],
                 scale["flops"],
@@ -101,7 +101,7 @@ def points_from_mlflow(tracking_uri: str, experiment: str, ladder: str) -> list[
         points.append(
             Point(
                 run.info.run_name,
-                tags["model_kind"],
+                tags.get("ladder_kind", tags["model_kind"]),
                 tags.get("ladder_size", ""),
                 float(tags["params"]),
                 data,
@@ -237,13 +237,16 @@ def analyse(points: list[Point], samples: int = 200, seed: int = 0) -> tuple[dic
         entry["a_interval"] = _interval([f.a for f in boots])
         entry["frontier"] = frontier(kind_points, fit)
         result["kinds"][kind] = entry
-    if "ebt" in fits and "ar" in fits:
-        (ebt, ebt_boots), (ar, ar_boots) = fits["ebt"], fits["ar"]
-        ratios = [e.b / r.b for e, r in zip(ebt_boots, ar_boots) if r.b > 0]
-        result["data_scaling_ratio"] = {
-            "ebt_over_ar": ebt.b / ar.b if ar.b > 0 else float("inf"),
-            "interval": _interval(ratios) if ratios else None,
-        }
+    if "ar" in fits:
+        ar, ar_boots = fits["ar"]
+        for kind, (fit, boots) in fits.items():
+            if kind == "ar":
+                continue
+            ratios = [e.b / r.b for e, r in zip(boots, ar_boots) if r.b > 0]
+            result.setdefault("data_scaling_ratios", {})[kind] = {
+                "over_ar": fit.b / ar.b if ar.b > 0 else float("inf"),
+                "interval": _interval(ratios) if ratios else None,
+            }
     return result, fits
 
 
@@ -253,7 +256,8 @@ def plot(points: list[Point], result: dict, fits: Fits, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"ebt": "tab:red", "ar": "tab:blue"}
+    others = sorted({p.kind for p in points} - {"ebt", "ar"})
+    colors = {"ebt": "tab:red", "ar": "tab:blue", **dict(zip(others, ("tab:orange", "tab:green", "tab:purple")))}
     unit = "tokens or frames"
     figure, axis = plt.subplots(figsize=(7, 5))
     for kind in sorted({p.kind for p in points}):
@@ -319,11 +323,10 @@ def markdown(result: dict, ladder: str) -> str:
         for size, law in entry["data_power_laws"].items():
             lines.append(f"- size {size}: L = {law['coefficient']:.3g} D^-{law['exponent']:.3f} (R² {law['r2']:.3f})")
         lines.append("")
-    ratio = result.get("data_scaling_ratio")
-    if ratio:
+    for kind, ratio in result.get("data_scaling_ratios", {}).items():
         interval = ratio["interval"]
         shown = f" (95 % CI {interval[0]:.2f} .. {interval[1]:.2f})" if interval else ""
-        lines.append(f"**Data-scaling rate, EBT / AR: {ratio['ebt_over_ar']:.2f}{shown}.**")
+        lines.append(f"**Data-scaling rate, {kind.upper()} / AR: {ratio['over_ar']:.2f}{shown}.**")
     return "\n".join(lines) + "\n"
 
 

@@ -17,9 +17,11 @@ from tests.conftest import REPO
 def test_grid_expands_to_stably_named_runs_with_the_lr_rule():
     ladder, base = load_ladder(REPO / "recipes" / "ladders" / "nlp_tiny_cpu.yaml")
     runs = expand(ladder, base)
-    assert len(runs) == 2 * 3 * 4 and len({r.name for r in runs}) == 24
+    assert len(runs) == 3 * 3 * 4 and len({r.name for r in runs}) == 36
     assert runs[0].name == "nlp_tiny_cpu-ebt-s1-64k" and runs[-1].name == "nlp_tiny_cpu-ar-s3-512k"
     by_name = {r.name: r for r in runs}
+    logits = by_name["nlp_tiny_cpu-ebt_logits-s1-64k"].overrides
+    assert {"model.kind=ebt", "mcmc.update_space=logits", "tracking.tags.ladder_kind=ebt_logits"} <= set(logits)
     assert by_name["nlp_tiny_cpu-ar-s2-256k"].max_steps == 250  # 256k tokens / (16 x 64)
     lr = {r.name: next(o for o in r.overrides if o.startswith("optim.lr=")) for r in runs}
     assert lr["nlp_tiny_cpu-ebt-s1-64k"] == "optim.lr=0.00266667"  # 1e-3 x 128 / 48
@@ -39,6 +41,9 @@ def test_bad_ladders_are_one_line_errors(tmp_path):
     path.write_text(f"name: x\nbase: {REPO}/recipes/ci_tiny.yaml\nsizes: {{s: {{dim: 63}}}}\nbudgets: [1000]\n")
     with pytest.raises(ConfigError, match="model.num_heads=4 does not divide model.dim=63"):
         expand(*load_ladder(path))
+    path.write_text(f"name: x\nbase: {REPO}/recipes/ci_tiny.yaml\nsizes: {{s: {{}}}}\nbudgets: [1000]\nkinds: [big]\n")
+    with pytest.raises(ConfigError, match="'big' is neither ebt nor ar, and kind_overrides.big sets no model.kind"):
+        load_ladder(path)
 
 
 def test_slurm_array_has_one_task_per_run(tmp_path):

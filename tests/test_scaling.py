@@ -31,7 +31,7 @@ def test_the_fit_recovers_known_exponents_and_their_ratio():
         assert fit["a"] == pytest.approx(a, abs=0.03) and fit["b"] == pytest.approx(b, abs=0.03), kind
         low, high = result["kinds"][kind]["b_interval"]
         assert low <= fit["b"] <= high
-    assert result["data_scaling_ratio"]["ebt_over_ar"] == pytest.approx(0.30 / 0.22, abs=0.1)
+    assert result["data_scaling_ratios"]["ebt"]["over_ar"] == pytest.approx(0.30 / 0.22, abs=0.1)
     laws = result["kinds"]["ebt"]["data_power_laws"]
     assert set(laws) == {"s0", "s1", "s2", "s3"} and all(0 < law["exponent"] < 0.3 for law in laws.values())
     frontier = result["kinds"]["ar"]["frontier"]
@@ -42,7 +42,7 @@ def test_the_fit_recovers_known_exponents_and_their_ratio():
 def test_too_few_runs_are_refused_with_the_reason():
     points = synthetic_points(sizes=(1e5,), budgets=(1e6, 3e6, 1e7))
     result, fits = analyse(points, samples=10)
-    assert not fits and "data_scaling_ratio" not in result
+    assert not fits and "data_scaling_ratios" not in result
     for entry in result["kinds"].values():
         assert "fit" not in entry and "needs at least 6 runs, 2 sizes and 2 budgets" in entry["not_fitted"]
     text = markdown(result, "tiny")
