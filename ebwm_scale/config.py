@@ -155,6 +155,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         "model.ffn_multiple_of": m.ffn_multiple_of,
         "train.keep_last_checkpoints": t.keep_last_checkpoints,
         "train.max_bad_steps": t.max_bad_steps,
+        "parallel.init_timeout_s": cfg.parallel.init_timeout_s,
     }
     non_negative = {
         "optim.weight_decay": o.weight_decay,
@@ -191,6 +192,8 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         *(f"{key}={value} must be > 0" for key, value in positive.items() if value <= 0),
         *(f"{key}={value} must be >= 0" for key, value in non_negative.items() if value < 0),
     ]
+    if cfg.parallel.backend == "nccl" and t.device == "cpu":
+        checks.append("parallel.backend=nccl needs train.device=cuda (or auto on a GPU machine)")
     if m.dim % max(m.num_heads, 1):
         checks.append(f"model.num_heads={m.num_heads} does not divide model.dim={m.dim}")
     elif (m.dim // m.num_heads) % 2:

@@ -66,12 +66,12 @@ def curve(objective, batches: list[dict], steps: list[int], best_of: list[int], 
     return result
 
 
-def ood_dataset(cfg, ood_shards: str):
+def ood_dataset(cfg, ood_shards: str, ood_split: str = "val"):
     """The out-of-distribution split for the model's data, or None with the reason."""
     if ood_shards:
         from ebwm_scale.data.loader import ShardSamples, ShardSource
 
-        return ShardSamples(ShardSource.open(ood_shards, "val")), f"shards {ood_shards}"
+        return ShardSamples(ShardSource.open(ood_shards, ood_split)), f"shards {ood_shards} ({ood_split} split)"
     if cfg.data.source == "stdlib_docs":
         from ebwm_scale.data.text import stdlib_code_windows
 
@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=4, help="validation batches per split")
     parser.add_argument("--batch-size", type=int, default=0, help="0: the recipe's micro batch")
     parser.add_argument("--ood-shards", default="", help="a prepared dataset to use as the OOD split")
+    parser.add_argument(
+        "--ood-split", default="val", choices=["val", "train"], help="which split of --ood-shards (no model saw either)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     parser.add_argument("--mlflow", action="store_true", help="log to the checkpoint's MLflow run")
@@ -137,11 +140,13 @@ def main(argv: list[str] | None = None) -> None:
         steps = [steps[0], steps[-1]]  # an AR model's loss does not depend on it: two points draw the flat line
     batch_size = args.batch_size or cfg.data.micro_batch_size
     _, val, _ = cfg.data.build_datasets(cfg.model)
-    ood, ood_name = ood_dataset(cfg, args.ood_shards)
+    ood, ood_name = ood_dataset(cfg, args.ood_shards, args.ood_split)
     results: dict = {"model": url, "kind": cfg.model.kind, "ood": ood_name}
     for split, dataset in (("in_distribution", val), ("out_of_distribution", ood)):
         if dataset is None:
             continue
+        if len(dataset) == 0:
+            raise SystemExit(f"the {split.replace('_', ' ')} set ({ood_name if dataset is ood else 'val'}) is empty")
         batches = list(fixed_batches(dataset, batch_size, args.batches, 0, 1))
         results[split] = curve(objective, batches, steps, best_of, args.seed)
     out = Path(args.out)

@@ -101,6 +101,8 @@ def test_wrong_type_names_key(tmp_path):
         ("parallel:\n  pipeline_parallel: 2\nmodel:\n  ebt_impl: masked\n", "needs model.ebt_impl='split'"),
         ("parallel:\n  compile: true\n  data_parallel: fsdp\n", "parallel.compile=true works with parallel.data_"),
         ("parallel:\n  compile: true\nmodel:\n  ebt_impl: masked\n", "compile=true needs model.ebt_impl='split'"),
+        ("parallel:\n  backend: nccl\ntrain:\n  device: cpu\n", "parallel.backend=nccl needs train.device=cuda"),
+        ("parallel:\n  init_timeout_s: 0\n", "parallel.init_timeout_s=0 must be > 0"),
     ],
 )
 def test_impossible_values_are_rejected(tmp_path, yaml_text, expected):

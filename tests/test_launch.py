@@ -47,7 +47,8 @@ def test_deepspeed_config_follows_the_recipe():
     cfg = _zero_cfg("parallel.zero_stage=2", "train.grad_accum_steps=3", "train.precision=bf16", "optim.grad_clip=0.5")
     ds = deepspeed_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 16 * 3 * 4 and ds["gradient_accumulation_steps"] == 3
-    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 0.5
+    assert not ds["bf16"]["enabled"]  # bf16 is the trainer's autocast over fp32 weights, as under ddp and fsdp
 
 
 def test_user_deepspeed_json_adds_keys_and_conflicts_are_errors(tmp_path):
@@ -58,4 +59,7 @@ def test_user_deepspeed_json_adds_keys_and_conflicts_are_errors(tmp_path):
     assert ds["wall_clock_breakdown"] is True
     extra.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(ValueError, match=r"sets zero_optimization.stage=3 but the recipe implies 1"):
+        deepspeed_config(_zero_cfg(f"parallel.deepspeed_config={extra}"), world_size=2)
+    extra.write_text(json.dumps({"bf16": {"enabled": True}}))
+    with pytest.raises(ValueError, match=r"sets bf16.enabled=True .* never DeepSpeed's bf16 mode"):
         deepspeed_config(_zero_cfg(f"parallel.deepspeed_config={extra}"), world_size=2)

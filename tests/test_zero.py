@@ -135,3 +135,45 @@ def test_deepspeed_launcher_runs_the_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 rank(s) (DeepSpeed ZeRO-2)" in proc.stdout and f"step {STEPS}/{STEPS}" in proc.stdout
     assert (tmp_path / "ci_tiny" / "checkpoints" / f"step_{STEPS:08d}" / "rank_00001.pt").exists()
+
+
+FLAGSHIP = [  # recipes/nlp_1b.yaml's combination at toy size
+    "train.precision=bf16",
+    "parallel.activation_checkpointing=full",
+    "train.grad_accum_steps=2",
+    "data.micro_batch_size=2",
+    "mcmc.alpha_lr_multiplier=50",  # alpha moves by more than bf16 could hold
+]
+BF16_LOSS_RTOL = 2e-2  # bf16 matmuls summed in a different order: ~3 significant digits agree
+
+
+def _check_flagship(rank, world_size, output_dir):
+    dist = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
+    runs = {}
+    for mode in ("ddp", "zero2"):
+        data_parallel, stage = _mode(mode)
+        cfg = load_config(
+            REPO / "recipes" / "ci_tiny.yaml",
+            [
+                *COMMON,
+                *FLAGSHIP,
+                f"parallel.data_parallel={data_parallel}",
+                f"parallel.zero_stage={stage}",
+                f"train.output_dir={output_dir}/{mode}",
+            ],
+        )
+        recorder = Recorder()
+        trainer = build_trainer(cfg, dist, [recorder])
+        trainer.fit()
+        alpha = next(p for name, p in trainer.engine.module.named_parameters() if name.endswith("mcmc.alpha"))
+        assert alpha.dtype == torch.float32, (mode, alpha.dtype)
+        runs[mode] = ([m["loss"] for m in recorder.train], [m["alpha"] for m in recorder.train], float(alpha))
+    (ddp_losses, ddp_alpha, _), (zero_losses, zero_alpha, final) = runs["ddp"], runs["zero2"]
+    assert zero_losses == pytest.approx(ddp_losses, rel=BF16_LOSS_RTOL)
+    assert zero_alpha == pytest.approx(ddp_alpha, rel=1e-6)
+    assert final != float(torch.tensor(final).bfloat16()), "alpha lost its fp32 resolution"
+
+
+@pytest.mark.slow
+def test_zero2_bf16_checkpointing_and_accumulation_match_ddp(tmp_path):
+    run_distributed_test(_check_flagship, world_size=2, args=(str(tmp_path),))

@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 import subprocess
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ebwm_scale.parallel import collectives
 
 BACKENDS = ("auto", "gloo", "nccl")
 DATA_PARALLEL_MODES = ("ddp", "zero", "fsdp")
@@ -23,7 +26,9 @@ ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
+    # auto: nccl for GPU tensors, gloo for CPU ones (metrics, stop flags), as one group with a device-backend map
+    backend: str = "auto"
+    init_timeout_s: int = 1800  # how long a collective (and the first rendezvous) waits before the run fails
     # ddp: replicated parameters and optimizer, gradients averaged after the outer backward (our own all-reduce).
     # zero: DeepSpeed ZeRO with parallel.zero_stage (0: DeepSpeed's data parallel, 1: optimizer states sharded,
     # 2: + gradients sharded). fsdp: parameters, gradients and optimizer states sharded (torch FSDP2; ZeRO-3's memory
@@ -111,9 +116,23 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda but torch sees no CUDA device (CPU-only torch build?)")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        # Modulo: under `srun --gpus-per-task=1` each task sees one GPU whatever its local rank.
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(requested)
+
+
+def process_group_backend(backend: str, device: torch.device) -> str:
+    """The backend string for init_process_group: gloo on CPU; on GPU a map that gives CPU tensors gloo and GPU
+    tensors nccl (or gloo everywhere when asked), so no collective meets a group without a backend for its device."""
+    if device.type == "cpu":
+        if backend == "nccl":
+            raise RuntimeError("parallel.backend=nccl needs CUDA tensors; this run's device is cpu (use gloo or auto)")
+        return "gloo"
+    if backend == "gloo":
+        return "gloo"
+    return f"cpu:gloo,{device.type}:nccl"
 
 
 def init_distributed(cfg: ParallelConfig, device: str) -> DistInfo:
@@ -132,8 +151,13 @@ def init_distributed(cfg: ParallelConfig, device: str) -> DistInfo:
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
                 raise RuntimeError(f"{var} is not set: the launcher (or the SLURM batch script) must export it")
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if info.device.type == "cuda" else "gloo")
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        dist.init_process_group(
+            process_group_backend(cfg.backend, info.device),
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=cfg.init_timeout_s),
+            device_id=info.device if info.device.type == "cuda" else None,  # binds NCCL communicators eagerly
+        )
     return with_parallel_groups(info, cfg.tensor_parallel, cfg.pipeline_parallel)
 
 
@@ -158,7 +182,7 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], dp_size: int, group: 
     if dp_size == 1 or not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
+    collectives.all_reduce(flat, group=group)
     flat /= dp_size
     offset = 0
     for g in grads:
@@ -171,7 +195,7 @@ def all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, floa
         return values
     keys = sorted(values)
     buffer = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(buffer)
+    collectives.all_reduce(buffer)
     return {k: float(v) / world_size for k, v in zip(keys, buffer)}
 
 
@@ -180,5 +204,5 @@ def shutdown_distributed(clean_exit: bool = True) -> None:
         if clean_exit:
             # A rank that tears gloo down while a peer still talks to it can abort the peer ("terminate called
             # without an active exception"); after an error a peer may never arrive, so no barrier then.
-            dist.barrier()
+            collectives.barrier()
         dist.destroy_process_group()

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ebwm_scale.parallel import collectives
 from ebwm_scale.parallel.dist import DistInfo, all_reduce_gradients
 from ebwm_scale.parallel.pipeline import pipeline_schedule
 from ebwm_scale.parallel.tensor import gather_full_state, shard_full_state, sharded_weights
@@ -99,10 +100,10 @@ class DataParallelEngine(Engine):
         for grad, is_sharded in grads:
             squares[0 if is_sharded else 1] += grad.double().pow(2).sum()
         if self.dist.tp_size > 1:
-            torch.distributed.all_reduce(squares[0], group=self.dist.tp_group)
+            collectives.all_reduce(squares[0], group=self.dist.tp_group)
         total = squares.sum()
         if self.dist.pp_size > 1:  # each stage holds different parameters
-            torch.distributed.all_reduce(total, group=self.dist.pp_group)
+            collectives.all_reduce(total, group=self.dist.pp_group)
         grad_norm = float(total.sqrt())
         if self.grad_clip and grad_norm > 0:
             scale = min(1.0, self.grad_clip / (grad_norm + 1e-6))
@@ -228,7 +229,11 @@ def deepspeed_config(cfg, world_size: int) -> dict[str, Any]:
         "train_batch_size": cfg.data.micro_batch_size * cfg.train.grad_accum_steps * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage, "elastic_checkpoint": False},
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        # train.precision=bf16 means what it means under every engine: fp32 weights (alpha above all: 500 in bf16
+        # moves in steps of 2) and fp32 MCMC state, matmuls in bf16 under the trainer's autocast. DeepSpeed's own
+        # bf16 mode would cast the whole module, so it stays off; gradients are then reduced in fp32, as Megatron
+        # does by default for bf16.
+        "bf16": {"enabled": False},
         "steps_per_print": STEPS_PER_PRINT_NEVER,
     }
     if not cfg.parallel.deepspeed_config:
@@ -245,7 +250,8 @@ def deepspeed_config(cfg, world_size: int) -> dict[str, Any]:
                 raise ValueError(
                     f"{cfg.parallel.deepspeed_config} sets {prefix}{key}={value!r} but the recipe implies "
                     f"{ours[key]!r}; change the recipe (data.micro_batch_size, train.grad_accum_steps, "
-                    "optim.grad_clip, parallel.zero_stage, train.precision) instead"
+                    "optim.grad_clip, parallel.zero_stage) instead; bf16 is train.precision=bf16 (autocast, fp32 "
+                    "weights), never DeepSpeed's bf16 mode"
                 )
             else:
                 merged[key] = value
@@ -335,7 +341,7 @@ class PipelineEngine(DataParallelEngine):
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         stage_state = {key: value.cpu() for key, value in super().model_state_dict().items()}
         stages = [None] * self.dist.pp_size
-        torch.distributed.all_gather_object(stages, stage_state, group=self.dist.pp_group)
+        collectives.all_gather_object(stages, stage_state, group=self.dist.pp_group)
         return {key: value for stage in stages for key, value in stage.items()}
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:

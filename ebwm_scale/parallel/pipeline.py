@@ -35,12 +35,12 @@ from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ebwm_scale.mcmc import MCMCConfig, finish_step, start_step
 from ebwm_scale.models import EBT
 from ebwm_scale.objective import frame_metrics, split_batch
+from ebwm_scale.parallel import collectives
 from ebwm_scale.parallel.dist import DistInfo
 from ebwm_scale.states import Point
 
@@ -102,14 +102,15 @@ class StageLink:
         header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device)
         header[0], header[1] = WIRE_DTYPES.index(tensor.dtype), tensor.dim()
         header[2 : 2 + tensor.dim()] = torch.tensor(tensor.shape)
-        return [(dist.isend(header, peer), header), (dist.isend(tensor, peer), tensor)]  # keep both alive until done
+        sent = [(collectives.isend(header, peer), header), (collectives.isend(tensor, peer), tensor)]
+        return sent  # the tensors stay alive until their sends are done
 
     def recv(self, peer: int) -> torch.Tensor:
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        dist.recv(header, peer)
+        collectives.recv(header, peer)
         dtype, ndim = WIRE_DTYPES[int(header[0])], int(header[1])
         tensor = torch.empty(header[2 : 2 + ndim].tolist(), dtype=dtype, device=self.device)
-        dist.recv(tensor, peer)
+        collectives.recv(tensor, peer)
         return tensor
 
 
@@ -176,7 +177,7 @@ class PipelineSchedule:
     def share(self, metrics: dict[str, float], keys: list[str]) -> dict[str, torch.Tensor]:
         """Every stage ends with every metric: each contributes the ones it computed, the others count zero."""
         values = torch.tensor([float(metrics.get(key, 0.0)) for key in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(values, group=self.group)
+        collectives.all_reduce(values, group=self.group)
         return dict(zip(keys, values.cpu()))
 
     def timed(self, run: Callable[[], dict[str, float]], keys: list[str]) -> dict[str, torch.Tensor]:
@@ -252,7 +253,7 @@ class EBTPipeline(PipelineSchedule):
     def _agree_on_num_steps(self) -> int:
         """Stage 0 draws the batch's step count from the checkpointed RNG; the other stages follow."""
         count = torch.tensor([self.objective.mcmc.sample_num_steps() if self.first else 0], device=self.device)
-        dist.broadcast(count, group=self.group, group_src=0)
+        collectives.broadcast(count, group=self.group, group_src=0)
         return int(count)
 
     def _run(self, batch, train: bool, loss_scale: float, autocast) -> dict[str, float]:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ebwm_scale.parallel import collectives
 from ebwm_scale.vocab_state import VocabSplit
 
 
@@ -51,7 +52,7 @@ class _ReduceFromTP(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group = group
         out = x.clone()
-        dist.all_reduce(out, group=group)
+        collectives.all_reduce(out, group=group)
         return out
 
     @staticmethod
@@ -133,7 +134,7 @@ class _GatherFromTP(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group = group
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
+        collectives.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts, dim=-1)
 
     @staticmethod
@@ -175,7 +176,7 @@ def gather_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> dict
     for key, layer in sharded_weights(module):
         shard = state[key].contiguous()
         parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(layer.group))]
-        dist.all_gather(parts, shard, group=layer.group)
+        collectives.all_gather(parts, shard, group=layer.group)
         blocks = [
             torch.cat([p.chunk(layer.blocks, layer.shard_dim)[b] for p in parts], layer.shard_dim)
             for b in range(layer.blocks)
@@ -218,11 +219,11 @@ class VocabParallel(VocabSplit):
         self.index, self.count = dist.get_rank(group), dist.get_world_size(group)
 
     def sum_ranks(self, x: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(x, group=self.group)
+        collectives.all_reduce(x, group=self.group)
         return x
 
     def max_ranks(self, x: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        collectives.all_reduce(x, op=collectives.ReduceOp.MAX, group=self.group)
         return x
 
     def copy(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from ebwm_scale.parallel import collectives
 from ebwm_scale.train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def _barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        collectives.barrier()
 
 
 class Checkpointer:
@@ -157,7 +158,7 @@ class Checkpointer:
         gathered = [(entries, error)]
         if dist.is_initialized():
             gathered = [None] * self.world_size
-            dist.all_gather_object(gathered, (entries, error))
+            collectives.all_gather_object(gathered, (entries, error))
         if self.rank == 0:
             error = next((e for _, e in gathered if e), None)
             if error is None:
@@ -169,7 +170,7 @@ class Checkpointer:
                 self._discard(tmp)
         outcome = [error]
         if dist.is_initialized():
-            dist.broadcast_object_list(outcome, src=0)
+            collectives.broadcast_object_list(outcome, src=0)
         if outcome[0] is not None:
             raise CheckpointError(outcome[0])
         return final

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist_c10d
 from torch import nn
 
 from ebwm_scale.data.sampler import SampleDataset, fixed_batches
 from ebwm_scale.models.blocks import count_params
 from ebwm_scale.objective import build_objective
+from ebwm_scale.parallel import collectives
 from ebwm_scale.parallel.dist import DistInfo, all_reduce_mean
 from ebwm_scale.parallel.engine import build_engine
 from ebwm_scale.train.callbacks import Callback
@@ -268,7 +268,7 @@ class Trainer:
         if self.dist.world_size == 1:
             return
         flag = torch.tensor([1 if self.stop_requested else 0])
-        dist_c10d.all_reduce(flag, op=dist_c10d.ReduceOp.MAX)
+        collectives.all_reduce(flag, op=collectives.ReduceOp.MAX)
         if flag.item() and not self.stop_requested:
             self.stop_requested = "signal on another rank"
 
