@@ -158,6 +158,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         "parallel.init_timeout_s": cfg.parallel.init_timeout_s,
     }
     non_negative = {
+        "parallel.expected_world_size": cfg.parallel.expected_world_size,
         "optim.weight_decay": o.weight_decay,
         "optim.warmup_steps": o.warmup_steps,
         "optim.grad_clip": o.grad_clip,

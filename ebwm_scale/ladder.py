@@ -18,6 +18,12 @@ schedule: wsd trains each kind and size once, to its largest budget, at a consta
 checkpoint where each smaller budget's decay starts; each smaller budget is a branch that resumes from it and decays
 (optim.schedule=wsd). Warmup is then warmup_fraction of the smallest budget's steps, shared by trunk and branches.
 
+Ranks: each run has data_parallel_ranks x the recipe's tensor x pipeline parallel ranks (its world size), and its
+budget is divided by that global batch. Runs are launched with exactly that many ranks: one process, else torchrun
+on this machine (also inside a Ray task that holds all the run's CPUs and GPUs on one node), or srun inside a SLURM
+array task that requested them (--ntasks). Every run checks at start that its world size is the planned one
+(parallel.expected_world_size), so no run trains a fraction of its labelled budget.
+
 Learning rate per size: lr = lr_base * (lr_ref_dim / dim) ** lr_width_power (default power 1: Adam's lr falling as
 1 / width, the muP rule for hidden matrices, applied to every parameter for simplicity); warmup is
 warmup_fraction of each run's steps. Steps = budget / (micro batch x seq_len x grad accumulation x data-parallel
@@ -30,6 +36,7 @@ import argparse
 import fnmatch
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -59,7 +66,9 @@ class LadderConfig:
     # and every smaller budget a branch of it that decays the lr over its last decay_fraction of steps (see below).
     schedule: str = "cosine"
     decay_fraction: float = 0.2
-    data_parallel_ranks: int = 1  # ranks per run: budgets are divided into steps by the global batch
+    data_parallel_ranks: int = 1  # data-parallel replicas per run: budgets are divided into steps by the global batch
+    cpus_per_rank: int = 1  # what a Ray task or SLURM task of a run asks for, per rank
+    gpus_per_rank: int = 0
     overrides: list[str] = field(default_factory=list)  # recipe overrides for every run
     kind_overrides: dict[str, Any] = field(default_factory=dict)  # kind -> [overrides] for that kind's runs
     output_dir: str = "runs/ladders"  # runs go to <output_dir>/<name>/<run>
@@ -77,6 +86,7 @@ class LadderRun:
     max_steps: int
     trunk: str = ""  # wsd: the run this one branches from (it must pass the branch step first)
     branch_point: Path | None = None  # wsd: the trunk's checkpoint this run starts from
+    ranks: int = 1  # its world size: data_parallel_ranks x tensor x pipeline parallel
 
     def is_finished(self) -> bool:
         summary = self.output_dir / self.name / "summary.json"
@@ -103,6 +113,9 @@ def load_ladder(path: str | Path) -> tuple[LadderConfig, Path]:
         not ladder.sizes and "sizes is empty",
         not ladder.budgets and "budgets is empty",
         any(b <= 0 for b in ladder.budgets) and f"budgets={ladder.budgets} must be > 0",
+        ladder.data_parallel_ranks < 1 and f"data_parallel_ranks={ladder.data_parallel_ranks} must be >= 1",
+        ladder.cpus_per_rank < 1 and f"cpus_per_rank={ladder.cpus_per_rank} must be >= 1",
+        ladder.gpus_per_rank < 0 and f"gpus_per_rank={ladder.gpus_per_rank} must be >= 0",
         *(f"kinds: {k!r} is neither ebt nor ar, and kind_overrides.{k} sets no model.kind=ebt|ar" for k in unknown),
         len(set(ladder.kinds)) != len(ladder.kinds) and f"kinds={ladder.kinds} has repeats",
         not 0 <= ladder.warmup_fraction < 1 and f"warmup_fraction={ladder.warmup_fraction} must lie in [0, 1)",
@@ -141,6 +154,7 @@ def expand(ladder: LadderConfig, base: Path) -> list[LadderRun]:
             sized = load_config(base, common)
             per_step = sized.data.micro_batch_size * sized.data.seq_len * sized.train.grad_accum_steps
             steps = {b: math.ceil(b / (per_step * ladder.data_parallel_ranks)) for b in ladder.budgets}
+            ranks = ladder.data_parallel_ranks * sized.parallel.tensor_parallel * sized.parallel.pipeline_parallel
             lr = ladder.lr_base * (ladder.lr_ref_dim / sized.model.dim) ** ladder.lr_width_power
             schedule = _wsd_plan(ladder, steps) if ladder.schedule == "wsd" else None
             output_dir = Path(ladder.output_dir) / ladder.name
@@ -161,6 +175,7 @@ def expand(ladder: LadderConfig, base: Path) -> list[LadderRun]:
                     f"tracking.tags.ladder_kind={kind}",
                     f"tracking.tags.budget={budget}",
                     f"data.seed={plain.data.seed}",  # the same data order for every kind and size
+                    f"parallel.expected_world_size={ranks}",
                 ]
                 trunk, point = "", None
                 if schedule is None:
@@ -177,7 +192,9 @@ def expand(ladder: LadderConfig, base: Path) -> list[LadderRun]:
                         overrides.append(f"train.branch_from={point}")
                 cfg: PretrainConfig = load_config(base, overrides)
                 output = Path(cfg.train.output_dir)
-                runs.append(LadderRun(name, kind, size, budget, tuple(overrides), output, steps[budget], trunk, point))
+                runs.append(
+                    LadderRun(name, kind, size, budget, tuple(overrides), output, steps[budget], trunk, point, ranks)
+                )
     return runs
 
 
@@ -211,7 +228,23 @@ def passes_over_data(base: Path, run: LadderRun, ranks: int, train_sizes: dict[s
 
 
 def run_command(base: Path, run: LadderRun) -> list[str]:
-    return [sys.executable, str(ENTRY_POINT), str(base), *run.overrides]
+    """One process for a 1-rank run; torchrun with a private rendezvous on this machine for more."""
+    if run.ranks == 1:
+        return [sys.executable, str(ENTRY_POINT), str(base), *run.overrides]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={run.ranks}"]
+    return [*launcher, str(ENTRY_POINT), str(base), *run.overrides]
+
+
+def slurm_task_command(base: Path, run: LadderRun, tasks: int) -> list[str]:
+    """Inside a SLURM job of `tasks` tasks: srun starts the run's ranks on them, which must be exactly the planned
+    number (one-line error otherwise)."""
+    if tasks != run.ranks:
+        raise SystemExit(
+            f"{run.name} needs {run.ranks} ranks but this SLURM job has {tasks} task(s): submit it with "
+            f"--ntasks {run.ranks} (and the GPUs per task the ladder's gpus_per_rank says)"
+        )
+    entry = [sys.executable, str(ENTRY_POINT), str(base), *run.overrides]
+    return entry if run.ranks == 1 else ["srun", "--kill-on-bad-exit=1", f"--ntasks={run.ranks}", *entry]
 
 
 def _check_trunk(run: LadderRun) -> None:
@@ -221,13 +254,15 @@ def _check_trunk(run: LadderRun) -> None:
         raise SystemExit(f"{run.name} branches from {point}, which {run.trunk} has not written yet; run it first")
 
 
-def run_locally(base: Path, runs: list[LadderRun]) -> None:
+def run_locally(base: Path, runs: list[LadderRun], slurm_tasks: int = 0) -> None:
+    """One run after another on this machine, or (slurm_tasks > 0) on the tasks of the SLURM job we are in."""
     todo = [r for r in runs if not r.is_finished()]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; running {len(todo)}")
     for index, run in enumerate(todo, 1):
-        print(f"[{index}/{len(todo)}] {run.name}: {run.max_steps} steps", flush=True)
+        print(f"[{index}/{len(todo)}] {run.name}: {run.max_steps} steps on {run.ranks} rank(s)", flush=True)
         _check_trunk(run)
-        proc = subprocess.run(run_command(base, run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        command = slurm_task_command(base, run, slurm_tasks) if slurm_tasks else run_command(base, run)
+        proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{run.name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         summary = json.loads((run.output_dir / run.name / "summary.json").read_text())
@@ -236,20 +271,27 @@ def run_locally(base: Path, runs: list[LadderRun]) -> None:
         )
 
 
-def run_with_ray(base: Path, runs: list[LadderRun], cpus: float, gpus: float, address: str) -> None:
+def run_with_ray(base: Path, runs: list[LadderRun], cpus_per_rank: float, gpus_per_rank: float, address: str) -> None:
+    """Each run is one Ray task holding all its ranks' CPUs and GPUs on one node (what a STRICT_PACK placement group
+    would reserve), in which torchrun starts the ranks; runs spanning nodes belong to SLURM."""
     import ray
 
-    ray.init(address=address or None, log_to_driver=False)
+    if not ray.is_initialized():  # a caller may already be connected (tests, notebooks)
+        ray.init(address=address or None, log_to_driver=False)
 
-    @ray.remote(num_cpus=cpus, num_gpus=gpus)
-    def train(command: list[str]) -> tuple[int, str]:
+    @ray.remote
+    def run_ranks(command: list[str]) -> tuple[int, str]:
         proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         return proc.returncode, proc.stderr[-3000:]
+
+    def train(run: LadderRun):
+        resources = run_ranks.options(num_cpus=cpus_per_rank * run.ranks, num_gpus=gpus_per_rank * run.ranks)
+        return resources.remote(run_command(base, run))
 
     todo = [r for r in runs if not r.is_finished()]
     waiting = {r.name for r in todo}  # a wsd branch is submitted once its trunk has finished
     blocked = [r for r in todo if r.trunk in waiting]
-    pending = {train.remote(run_command(base, run)): run for run in todo if run not in blocked}
+    pending = {train(run): run for run in todo if run not in blocked}
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(pending)} submitted to Ray")
     failed = []
     while pending:
@@ -263,22 +305,30 @@ def run_with_ray(base: Path, runs: list[LadderRun], cpus: float, gpus: float, ad
                 f"{branch.name}: not run, its trunk {run.name} failed" for branch in blocked if branch.trunk == run.name
             ]
         else:
-            pending.update({train.remote(run_command(base, b)): b for b in blocked if b.trunk == run.name})
+            pending.update({train(b): b for b in blocked if b.trunk == run.name})
     if failed:
         raise SystemExit("\n".join(failed))
 
 
-def slurm_script(ladder_path: Path, runs: list[LadderRun], sbatch_options: list[str]) -> str:
-    """An sbatch job array, one task per run (finished ones exit at once); each task calls `ebwm-ladder --index`."""
-    ladder = shlex.quote(str(ladder_path.resolve()))
+def slurm_script(ladder_path: Path, ladder: LadderConfig, runs: list[LadderRun], sbatch_options: list[str]) -> str:
+    """An sbatch job array, one array job per run (finished ones exit at once), each with the run's ranks as tasks;
+    each calls `ebwm-ladder --index`, which starts the ranks with srun."""
+    ranks = {run.ranks for run in runs}
+    if len(ranks) > 1:
+        raise SystemExit(f"--emit-slurm: the runs need different numbers of ranks {sorted(ranks)}; emit them apart")
+    path = shlex.quote(str(ladder_path.resolve()))
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name=ladder-{runs[0].name.split('-')[0]}",
         f"#SBATCH --array=0-{len(runs) - 1}",
         "#SBATCH --output=ladder-%A_%a.out",
+        "#SBATCH --nodes=1",
+        f"#SBATCH --ntasks={ranks.pop()}",
+        f"#SBATCH --cpus-per-task={ladder.cpus_per_rank}",
+        *([f"#SBATCH --gpus-per-task={ladder.gpus_per_rank}"] if ladder.gpus_per_rank else []),
         *(f"#SBATCH {option}" for option in sbatch_options),
         "set -euo pipefail",
-        f'{shlex.quote(sys.executable)} -m ebwm_scale.ladder {ladder} --index "$SLURM_ARRAY_TASK_ID"',
+        f'{shlex.quote(sys.executable)} -m ebwm_scale.ladder {path} --index "$SLURM_ARRAY_TASK_ID"',
     ]
     return "\n".join(lines) + "\n"
 
@@ -293,8 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sbatch-option", action="append", default=[], help="extra #SBATCH line, e.g. --gres=gpu:8")
     parser.add_argument("--ray", action="store_true", help="run as Ray tasks (local Ray or --ray-address)")
     parser.add_argument("--ray-address", default="")
-    parser.add_argument("--cpus-per-run", type=float, default=1.0)
-    parser.add_argument("--gpus-per-run", type=float, default=0.0)
+    parser.add_argument("--cpus-per-rank", type=float, help="Ray: CPUs per rank (default: the ladder's cpus_per_rank)")
+    parser.add_argument("--gpus-per-rank", type=float, help="Ray: GPUs per rank (default: the ladder's gpus_per_rank)")
     args = parser.parse_args(argv)
     try:
         ladder, base = load_ladder(args.ladder)
@@ -315,7 +365,10 @@ def main(argv: list[str] | None = None) -> None:
             state = "done" if run.is_finished() else "todo"
             passes = passes_over_data(base, run, ladder.data_parallel_ranks, train_sizes)
             budget = budget_label(run.budget)
-            print(f"{index:4d}  {state}  {run.name:40s} {run.max_steps:7d} steps  {budget:>6s}  {passes}")
+            print(
+                f"{index:4d}  {state}  {run.name:40s} {run.max_steps:7d} steps  {budget:>6s}  {run.ranks} rank(s)  "
+                f"{passes}"
+            )
         return
     if args.emit_slurm:
         if any(run.trunk for run in runs):
@@ -323,11 +376,15 @@ def main(argv: list[str] | None = None) -> None:
                 "--emit-slurm: a wsd ladder's branches must wait for their trunks, which one job array cannot say; "
                 "emit the trunks first (--only the largest budget), then the rest, or use --ray"
             )
-        Path(args.emit_slurm).write_text(slurm_script(Path(args.ladder), runs, args.sbatch_option))
+        Path(args.emit_slurm).write_text(slurm_script(Path(args.ladder), ladder, runs, args.sbatch_option))
         print(f"wrote {args.emit_slurm}: sbatch {args.emit_slurm} runs {len(runs)} array tasks")
         return
     if args.ray:
-        run_with_ray(base, runs, args.cpus_per_run, args.gpus_per_run, args.ray_address)
+        cpus = ladder.cpus_per_rank if args.cpus_per_rank is None else args.cpus_per_rank
+        gpus = ladder.gpus_per_rank if args.gpus_per_rank is None else args.gpus_per_rank
+        run_with_ray(base, runs, cpus, gpus, args.ray_address)
+    elif args.index is not None and "SLURM_JOB_ID" in os.environ:  # an array task: its ranks are its SLURM tasks
+        run_locally(base, runs, slurm_tasks=int(os.environ.get("SLURM_NTASKS", "1")))
     else:
         run_locally(base, runs)
 

@@ -10,7 +10,7 @@ import torch
 from ebwm_scale.config import ConfigError, PretrainConfig, load_config
 from ebwm_scale.data.shards import ShardFormatError
 from ebwm_scale.objective import build_objective
-from ebwm_scale.parallel.dist import DistInfo, init_distributed, shutdown_distributed
+from ebwm_scale.parallel.dist import DistInfo, LaunchError, init_distributed, shutdown_distributed
 from ebwm_scale.parallel.parallelize import parallelize, vocab_split
 from ebwm_scale.train.callbacks import Callback, ConsoleCallback, MetricsFileCallback
 from ebwm_scale.train.checkpoint import CheckpointCallback, CheckpointError
@@ -60,7 +60,7 @@ def cli() -> None:
         main(sys.argv[1:])
     except ConfigError as error:
         sys.exit(f"ConfigError: {error}")
-    except (CheckpointError, NonFiniteError, ShardFormatError) as error:
+    except (CheckpointError, NonFiniteError, ShardFormatError, LaunchError) as error:
         sys.exit(f"{type(error).__name__}: {error}")
 
 

@@ -50,30 +50,79 @@ def test_data_parallel_gradients_match_single_process():
     run_distributed_test(_check_data_parallel_parity, world_size=2)
 
 
+COMMON = [
+    str(REPO / "recipes" / "ci_tiny_ar.yaml"),
+    "model.dim=64",
+    "data.seq_len=16",
+    "train.max_steps=5",
+    "tracking.enabled=false",
+    "train.progress_bar=false",
+    "train.eval_batches=2",
+    "train.log_interval_steps=1",
+    "optim.warmup_steps=1",
+]
+ENTRY = str(REPO / "ebwm_scale" / "pretrain.py")
+
+
+def _train(launchers: list[list[str]], out, *overrides) -> tuple[dict, list[float]]:
+    """Start every launcher command at once (the nodes of one job) with the entry point and the recipe; returns the
+    summary and the per-step training losses."""
+    procs = [
+        subprocess.Popen(
+            [*launch, ENTRY, *COMMON, *overrides, f"train.output_dir={out}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for launch in launchers
+    ]
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        outputs = [proc.communicate()[0] for proc in procs]
+        raise AssertionError("a launcher hung:\n" + "\n---\n".join(o[-3000:] for o in outputs)) from None
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+    run = out / "ci_tiny_ar"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((run / "summary.json").read_text()), [r["loss"] for r in rows if r.get("split") == "train"]
+
+
+def _assert_same_curve(got: tuple[dict, list[float]], expected: tuple[dict, list[float]]) -> None:
+    (summary, losses), (one_summary, one_losses) = got, expected
+    assert len(losses) == len(one_losses) == 5
+    for step, (a, b) in enumerate(zip(losses, one_losses), 1):
+        assert abs(a - b) < 1e-4 * abs(b), (step, a, b)
+    assert abs(summary["eval_loss"] - one_summary["eval_loss"]) < 1e-4 * abs(one_summary["eval_loss"])
+    assert summary["tokens"] == one_summary["tokens"] and summary["world_size"] == 2
+
+
 def test_torchrun_two_ranks_match_one_process_end_to_end(tmp_path):
     """`torchrun --nproc-per-node 2 pretrain.py` (gloo) follows the same loss curve as one process on the same
     global batch: the sampler gives the ranks disjoint halves of it, and gradients are averaged."""
-    common = [
-        str(REPO / "recipes" / "ci_tiny_ar.yaml"),
-        "model.dim=64",
-        "data.seq_len=16",
-        "train.max_steps=5",
-        "tracking.enabled=false",
-        "train.progress_bar=false",
-        "train.eval_batches=2",
-        "optim.warmup_steps=1",
-    ]
+    one = _train([[sys.executable]], tmp_path / "one", "data.micro_batch_size=8")
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={free_port()}"]
-    runs = {
-        "two": [*launch, str(REPO / "ebwm_scale" / "pretrain.py"), *common, "data.micro_batch_size=4"],
-        "one": [sys.executable, str(REPO / "ebwm_scale" / "pretrain.py"), *common, "data.micro_batch_size=8"],
-    }
-    summaries = {}
-    for name, cmd in runs.items():
-        out = tmp_path / name
-        proc = subprocess.run([*cmd, f"train.output_dir={out}"], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        summaries[name] = json.loads((out / "ci_tiny_ar" / "summary.json").read_text())
-    for key in ("train_loss", "eval_loss"):
-        assert abs(summaries["two"][key] - summaries["one"][key]) < 1e-4 * abs(summaries["one"][key]), key
-    assert summaries["two"]["tokens"] == summaries["one"]["tokens"]
+    _assert_same_curve(_train([launch], tmp_path / "two", "data.micro_batch_size=4"), one)
+
+
+def test_torchrun_on_two_nodes_matches_one_process(tmp_path):
+    """Two torchrun launchers, node_rank 0 and 1 of `--nnodes 2`, rendezvous on 127.0.0.1 as two cluster nodes
+    would on the first node's address: the same curve as one process."""
+    one = _train([[sys.executable]], tmp_path / "one", "data.micro_batch_size=8")
+    port = free_port()
+    nodes = [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            f"--node-rank={node}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+        ]
+        for node in (0, 1)
+    ]
+    _assert_same_curve(_train(nodes, tmp_path / "nodes", "data.micro_batch_size=4"), one)

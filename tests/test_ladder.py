@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ebwm_scale.config import ConfigError
-from ebwm_scale.ladder import expand, load_ladder, slurm_script
+from ebwm_scale.ladder import expand, load_ladder, main, run_command, slurm_script, slurm_task_command
 from tests.conftest import REPO
 
 
@@ -46,12 +46,68 @@ def test_bad_ladders_are_one_line_errors(tmp_path):
         load_ladder(path)
 
 
-def test_slurm_array_has_one_task_per_run(tmp_path):
+def test_slurm_array_has_one_job_per_run_with_its_ranks_as_tasks(tmp_path):
     ladder_path = REPO / "recipes" / "ladders" / "nlp_paper.yaml"
-    runs = expand(*load_ladder(ladder_path))
-    script = slurm_script(ladder_path, runs, ["--gres=gpu:8"])
-    assert f"#SBATCH --array=0-{len(runs) - 1}" in script and "#SBATCH --gres=gpu:8" in script
+    ladder, base = load_ladder(ladder_path)
+    runs = expand(ladder, base)
+    script = slurm_script(ladder_path, ladder, runs, ["--partition=gpu"])
+    assert f"#SBATCH --array=0-{len(runs) - 1}" in script and "#SBATCH --partition=gpu" in script
+    assert "#SBATCH --ntasks=8" in script and "#SBATCH --gpus-per-task=1" in script
     assert '--index "$SLURM_ARRAY_TASK_ID"' in script
+
+
+def test_every_run_is_launched_on_the_ranks_its_budget_was_divided_by():
+    ladder, base = load_ladder(REPO / "recipes" / "ladders" / "nlp_paper.yaml")
+    run = expand(ladder, base)[0]
+    assert run.ranks == 8 and "parallel.expected_world_size=8" in run.overrides
+    assert run_command(base, run)[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=8"]
+    assert slurm_task_command(base, run, tasks=8)[:3] == ["srun", "--kill-on-bad-exit=1", "--ntasks=8"]
+    with pytest.raises(SystemExit, match="needs 8 ranks but this SLURM job has 1 task"):
+        slurm_task_command(base, run, tasks=1)
+    tiny, tiny_base = load_ladder(REPO / "recipes" / "ladders" / "nlp_tiny_cpu.yaml")
+    single = expand(tiny, tiny_base)[0]
+    assert single.ranks == 1 and run_command(tiny_base, single)[1].endswith("pretrain.py")
+
+
+def test_a_run_launched_on_other_ranks_than_planned_stops_at_start(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ebwm_scale.pretrain",
+            str(REPO / "recipes" / "ci_tiny.yaml"),
+            "parallel.expected_world_size=2",
+            f"train.output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        "LaunchError: this run is planned for 2 ranks (parallel.expected_world_size) but was launched on 1; launch it "
+        "with ebwm-ladder, or e.g. torchrun --nproc-per-node 2"
+    )
+
+
+def two_rank_ladder(tmp_path) -> Path:
+    path = tmp_path / "ranks.yaml"
+    path.write_text(
+        f"name: ranks\nbase: {REPO}/recipes/ci_tiny.yaml\nkinds: [ar]\ndata_parallel_ranks: 2\n"
+        "sizes:\n  s1: {dim: 32, num_layers: 1, num_heads: 2}\nbudgets: [2048]\n"
+        f"output_dir: {tmp_path}/runs\n"
+        "overrides: [train.eval_interval_steps=0, train.eval_batches=1, tracking.enabled=false, data.seq_len=16,"
+        " data.micro_batch_size=4]\n"
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_a_two_rank_ladder_run_under_ray_trains_its_planned_tokens(tmp_path, ray_local):
+    main([str(two_rank_ladder(tmp_path)), "--ray"])
+    summary = json.loads((tmp_path / "runs" / "ranks" / "ranks-ar-s1-2.048k" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 16  # 2048 tokens / (2 ranks x 4 x 16)
+    assert summary["scale"]["data"] == 2048 == summary["tokens"]
 
 
 @pytest.mark.slow

@@ -106,7 +106,7 @@ def test_run_on_a_real_server_continues_the_same_run_after_resume(mlflow_server,
     assert {"config.yaml", "summary.json"} <= artifacts
 
 
-def test_training_survives_a_tracking_server_that_is_down(tmp_path):
+def test_training_survives_a_tracking_server_that_is_down(tmp_path, capfd):
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.warns(RuntimeWarning, match="training continues"):
         summary = main(
@@ -119,3 +119,7 @@ def test_training_survives_a_tracking_server_that_is_down(tmp_path):
             ]
         )
     assert summary["steps"] == 4 and summary["status"] == "finished"
+    loud = [line for line in capfd.readouterr().err.splitlines() if "is unreachable" in line]
+    assert len(loud) == 1, loud  # once, however often the retries fail
+    assert f"WARNING: MLflow tracking server {dead} is unreachable" in loud[0]
+    assert "metrics.jsonl" in loud[0] and "is this machine" in loud[0] and "tracking.uri=http://" in loud[0]

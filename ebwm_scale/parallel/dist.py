@@ -45,6 +45,13 @@ class ParallelConfig:
     # torch.compile (inductor) where no second-order gradient passes (parallelize.apply_compile): every AR block; the
     # EBT's real-token stream. Compiled graphs have no double backward, so the EBT's prediction stream stays eager.
     compile: bool = False
+    # The number of ranks the run was planned for (ladders set it: their budgets assume it); 0 = any. A launch with
+    # another number of ranks stops at start instead of training a different number of tokens than labelled.
+    expected_world_size: int = 0
+
+
+class LaunchError(RuntimeError):
+    """The launch does not fit the recipe: rank count, device, rendezvous."""
 
 
 @dataclass(frozen=True)
@@ -98,14 +105,14 @@ def slurm_rendezvous() -> tuple[str, str]:
     (so two jobs sharing a node do not collide)."""
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodelist:
-        raise RuntimeError("SLURM ranks without MASTER_ADDR need SLURM_JOB_NODELIST to find the first node")
+        raise LaunchError("SLURM ranks without MASTER_ADDR need SLURM_JOB_NODELIST to find the first node")
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as error:
-        raise RuntimeError(f"cannot expand SLURM_JOB_NODELIST={nodelist} with scontrol: {error}") from None
+        raise LaunchError(f"cannot expand SLURM_JOB_NODELIST={nodelist} with scontrol: {error}") from None
     hosts = out.stdout.split()
     if out.returncode != 0 or not hosts:
-        raise RuntimeError(f"scontrol show hostnames {nodelist} failed: {out.stderr.strip()}")
+        raise LaunchError(f"scontrol show hostnames {nodelist} failed: {out.stderr.strip()}")
     port = SLURM_BASE_PORT + int(os.environ.get("SLURM_JOB_ID", "0")) % 10000
     return hosts[0], str(port)
 
@@ -115,7 +122,7 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but torch sees no CUDA device (CPU-only torch build?)")
+            raise LaunchError("train.device=cuda but torch sees no CUDA device (CPU-only torch build?)")
         # Modulo: under `srun --gpus-per-task=1` each task sees one GPU whatever its local rank.
         index = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
@@ -128,7 +135,7 @@ def process_group_backend(backend: str, device: torch.device) -> str:
     tensors nccl (or gloo everywhere when asked), so no collective meets a group without a backend for its device."""
     if device.type == "cpu":
         if backend == "nccl":
-            raise RuntimeError("parallel.backend=nccl needs CUDA tensors; this run's device is cpu (use gloo or auto)")
+            raise LaunchError("parallel.backend=nccl needs CUDA tensors; this run's device is cpu (use gloo or auto)")
         return "gloo"
     if backend == "gloo":
         return "gloo"
@@ -138,9 +145,14 @@ def process_group_backend(backend: str, device: torch.device) -> str:
 def init_distributed(cfg: ParallelConfig, device: str) -> DistInfo:
     rank, local_rank, world_size = _launcher_env()
     info = DistInfo(rank, local_rank, world_size, resolve_device(device, local_rank))
+    if cfg.expected_world_size and world_size != cfg.expected_world_size:
+        raise LaunchError(
+            f"this run is planned for {cfg.expected_world_size} ranks (parallel.expected_world_size) but was launched "
+            f"on {world_size}; launch it with ebwm-ladder, or e.g. torchrun --nproc-per-node {cfg.expected_world_size}"
+        )
     model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel
     if world_size % model_parallel:
-        raise RuntimeError(
+        raise LaunchError(
             f"parallel.tensor_parallel={cfg.tensor_parallel} x parallel.pipeline_parallel={cfg.pipeline_parallel} "
             f"does not divide the {world_size} ranks"
         )
@@ -150,7 +162,7 @@ def init_distributed(cfg: ParallelConfig, device: str) -> DistInfo:
             os.environ.setdefault("MASTER_PORT", port)
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
-                raise RuntimeError(f"{var} is not set: the launcher (or the SLURM batch script) must export it")
+                raise LaunchError(f"{var} is not set: the launcher (or the SLURM batch script) must export it")
         dist.init_process_group(
             process_group_backend(cfg.backend, info.device),
             rank=rank,

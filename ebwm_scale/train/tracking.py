@@ -5,12 +5,15 @@ sent when the server answers again (beyond a bound they are dropped and counted)
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 from ebwm_scale.train.callbacks import Callback
 
@@ -39,6 +42,20 @@ def local_artifact_location(uri: str) -> str | None:
     db_path = Path(uri.removeprefix("sqlite:///"))
     db_path.parent.mkdir(parents=True, exist_ok=True)
     return (db_path.parent / "artifacts").resolve().as_uri()
+
+
+def unreachable_message(uri: str, error: str, metrics_file: Path) -> str:
+    """The one loud line a run prints when its tracking server does not answer at start."""
+    message = (
+        f"WARNING: MLflow tracking server {uri} is unreachable ({error}); training goes on and metrics go to "
+        f"{metrics_file} (and to MLflow if it answers later)"
+    )
+    if urlparse(uri).hostname in ("127.0.0.1", "localhost", "::1"):
+        message += (
+            f". {uri} is this machine ({socket.gethostname()}): on a cluster, start cluster/mlflow_server.sh with a "
+            "host the compute nodes reach and set tracking.uri=http://<that host>:<port> (cluster/README.md)"
+        )
+    return message
 
 
 def git_commit() -> str:
@@ -81,8 +98,11 @@ class MLflowCallback(Callback):
         except Exception as error:  # network, HTTP and MLflow errors alike: tracking must not kill training
             self.failures += 1
             self.next_attempt = time.monotonic() + self.cfg.retry_interval_s
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if self.failures == 1 and self.run_id is None:  # unreachable from the start: say it where it is seen
+                metrics_file = self.trainer.output_dir / "metrics.jsonl"
+                print(unreachable_message(self.cfg.uri, first_line, metrics_file), file=sys.stderr, flush=True)
             if self.failures == 1 or self.failures % 10 == 0:
-                first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
                 warnings.warn(
                     f"MLflow at {self.cfg.uri} failed to {what} ({first_line}); training continues, "
                     f"{len(self.buffer)} metrics buffered, {self.dropped} dropped",

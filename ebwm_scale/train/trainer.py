@@ -330,6 +330,7 @@ class Trainer:
                     "flops": self.flops_per_token * self.step * self.tokens_per_step,
                 },
                 "steps": self.step,
+                "world_size": self.dist.world_size,
                 "skipped_steps": self.skipped_steps,
                 self.unit: self.step * self.tokens_per_step,
                 "wall_time_s": elapsed,

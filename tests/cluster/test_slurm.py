@@ -107,3 +107,21 @@ def test_prep_runs_a_ray_job_inside_the_allocation(slurm, stdlib_jsonl, tmp_path
     job = _submit(slurm, *args, "--shard-mb", "0.2")
     assert _wait(slurm, job)["JobState"] == "COMPLETED", next(tmp_path.glob("prep-*.out")).read_text()[-3000:]
     assert json.loads((out / "meta.json").read_text())["counts"]["documents"] > 500
+
+
+def test_a_ladder_array_job_starts_its_planned_ranks_with_srun(slurm, tmp_path):
+    from tests.test_ladder import two_rank_ladder
+
+    ladder = str(two_rank_ladder(tmp_path))
+    few = _submit(
+        slurm, "--array=0-0", "--ntasks=1", f"--output={tmp_path}/few-%a.out", str(SLURM / "ladder.sbatch"), ladder
+    )
+    assert _wait(slurm, few)["JobState"] == "FAILED"
+    assert "needs 2 ranks but this SLURM job has 1 task(s)" in (tmp_path / "few-0.out").read_text()
+
+    job = _submit(
+        slurm, "--array=0-0", "--ntasks=2", f"--output={tmp_path}/ok-%a.out", str(SLURM / "ladder.sbatch"), ladder
+    )
+    assert _wait(slurm, job)["JobState"] == "COMPLETED", (tmp_path / "ok-0.out").read_text()[-3000:]
+    summary = json.loads((tmp_path / "runs" / "ranks" / "ranks-ar-s1-2.048k" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["scale"]["data"] == 2048 == summary["tokens"]
