@@ -64,7 +64,7 @@ COMMON = [
 ENTRY = str(REPO / "ebwm_scale" / "pretrain.py")
 
 
-def _train(launchers: list[list[str]], out, *overrides) -> tuple[dict, list[float]]:
+def _train(launchers: list[list[str]], out, *overrides, env=None) -> tuple[dict, list[float]]:
     """Start every launcher command at once (the nodes of one job) with the entry point and the recipe; returns the
     summary and the per-step training losses."""
     procs = [
@@ -73,6 +73,7 @@ def _train(launchers: list[list[str]], out, *overrides) -> tuple[dict, list[floa
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=env,
         )
         for launch in launchers
     ]
