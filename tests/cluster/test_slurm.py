@@ -1,6 +1,7 @@
-"""A real single-node SLURM (cluster/slurm/local_cluster.sh): pretrain.sbatch on 2 CPU tasks, preempted with
-`scancel --signal=USR1 --batch`, requeues itself and resumes from its checkpoint onto the uninterrupted losses; the
-prep script runs a Ray job inside an allocation. Needs root and the Debian packages slurm-wlm and munge (.ci/run
+"""A real SLURM on this machine (cluster/slurm/local_cluster.sh, two nodes served by two slurmd): pretrain.sbatch
+on 2 CPU tasks, preempted with `scancel --signal=USR1 --batch`, requeues itself and resumes from its checkpoint onto
+the uninterrupted losses; a job over both nodes follows one process; a ladder's array job starts its planned ranks;
+the prep script runs a Ray job inside an allocation. Needs root and the Debian packages slurm-wlm and munge (.ci/run
 installs them, and sets EBWM_REQUIRE_SLURM so that a missing SLURM fails there instead of skipping)."""
 
 import json
@@ -8,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,7 +43,12 @@ def slurm(tmp_path_factory):
             pytest.fail(reason)
         pytest.skip(reason)
     state = tmp_path_factory.mktemp("slurm")
-    start = subprocess.run([str(SLURM / "local_cluster.sh"), "start", str(state)], capture_output=True, text=True)
+    start = subprocess.run(
+        [str(SLURM / "local_cluster.sh"), "start", str(state)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EBWM_SLURM_NODES": "2"},
+    )
     assert start.returncode == 0, start.stderr + start.stdout
     env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
     yield env
@@ -125,3 +132,20 @@ def test_a_ladder_array_job_starts_its_planned_ranks_with_srun(slurm, tmp_path):
     assert _wait(slurm, job)["JobState"] == "COMPLETED", (tmp_path / "ok-0.out").read_text()[-3000:]
     summary = json.loads((tmp_path / "runs" / "ranks" / "ranks-ar-s1-2.048k" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["scale"]["data"] == 2048 == summary["tokens"]
+
+
+def test_a_job_over_two_nodes_matches_one_process(slurm, tmp_path):
+    from tests.test_distributed import COMMON, _train
+
+    _, one = _train([[sys.executable]], tmp_path / "one", "data.micro_batch_size=8")
+    out = tmp_path / "nodes"
+    args = ["--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/nodes-%j.out", str(SLURM / "pretrain.sbatch")]
+    job = _submit(slurm, *args, *COMMON, "data.micro_batch_size=4", f"train.output_dir={out}")
+
+    def log() -> str:
+        return next(tmp_path.glob("nodes-*.out")).read_text()[-3000:]
+
+    assert _wait(slurm, job)["JobState"] == "COMPLETED", log()
+    assert re.search(r"on \S+,\S+-second: 2 tasks", log()), log()  # one task on each node
+    got = _losses(out / "ci_tiny_ar")
+    assert len(got) == len(one) == 5 and all(abs(got[s + 1] - b) < 1e-4 * abs(b) for s, b in enumerate(one))
