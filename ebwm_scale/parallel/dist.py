@@ -9,6 +9,7 @@ double-backward graph, so it is correct for the EBT loss by construction (DDP's 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -48,6 +49,9 @@ class ParallelConfig:
     # The number of ranks the run was planned for (ladders set it: their budgets assume it); 0 = any. A launch with
     # another number of ranks stops at start instead of training a different number of tokens than labelled.
     expected_world_size: int = 0
+    # Open a process group even for one process, so that every collective of a step runs (a 1-GPU check of the NCCL
+    # path). ZeRO always has one: DeepSpeed needs it.
+    force_distributed: bool = False
 
 
 class LaunchError(RuntimeError):
@@ -156,7 +160,13 @@ def init_distributed(cfg: ParallelConfig, device: str) -> DistInfo:
             f"parallel.tensor_parallel={cfg.tensor_parallel} x parallel.pipeline_parallel={cfg.pipeline_parallel} "
             f"does not divide the {world_size} ranks"
         )
-    if world_size > 1 and not dist.is_initialized():
+    wants_group = world_size > 1 or cfg.force_distributed or cfg.data_parallel == "zero"
+    if wants_group and not dist.is_initialized():
+        # DeepSpeed reads these, which srun and a lone process do not set
+        for var, value in (("RANK", rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", world_size)):
+            os.environ.setdefault(var, str(value))
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:  # a private rendezvous for a lone process
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
         if "SLURM_PROCID" in os.environ and "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"], port = slurm_rendezvous()
             os.environ.setdefault("MASTER_PORT", port)
@@ -171,6 +181,12 @@ def init_distributed(cfg: ParallelConfig, device: str) -> DistInfo:
             device_id=info.device if info.device.type == "cuda" else None,  # binds NCCL communicators eagerly
         )
     return with_parallel_groups(info, cfg.tensor_parallel, cfg.pipeline_parallel)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def with_parallel_groups(info: DistInfo, tp_size: int, pp_size: int = 1) -> DistInfo:
@@ -191,7 +207,7 @@ def with_parallel_groups(info: DistInfo, tp_size: int, pp_size: int = 1) -> Dist
 def all_reduce_gradients(params: list[torch.nn.Parameter], dp_size: int, group: Any = None) -> None:
     """Average .grad over the data-parallel ranks (`group`; None = all ranks), in one flat buffer."""
     grads = [p.grad for p in params if p.grad is not None]
-    if dp_size == 1 or not grads:
+    if not dist.is_initialized() or not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     collectives.all_reduce(flat, group=group)
@@ -203,7 +219,7 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], dp_size: int, group: 
 
 
 def all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
-    if world_size == 1:
+    if not dist.is_initialized():
         return values
     keys = sorted(values)
     buffer = torch.tensor([values[k] for k in keys], dtype=torch.float64)

@@ -265,7 +265,7 @@ class Trainer:
 
     def _agree_on_stop(self) -> None:
         """A signal may reach only some ranks; all must stop after the same step."""
-        if self.dist.world_size == 1:
+        if not torch.distributed.is_initialized():
             return
         flag = torch.tensor([1 if self.stop_requested else 0])
         collectives.all_reduce(flag, op=collectives.ReduceOp.MAX)
