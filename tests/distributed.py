@@ -1,4 +1,5 @@
-"""run_distributed_test: fork `world_size` ranks on a free port with gloo, re-raise the first failure."""
+"""run_distributed_test: fork `world_size` ranks on a free port (gloo, or another backend string), re-raise the first
+failure."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn, args, errors) -> None:
+def _worker(rank: int, world_size: int, port: int, fn, args, errors, backend: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
     )
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         fn(rank, world_size, *args)
-        dist.barrier()  # no rank tears the group down while another still has collectives in flight
+        if "cpu" in dist.get_backend_config():  # a group without a CPU backend cannot barrier here
+            dist.barrier()  # no rank tears the group down while another still has collectives in flight
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
@@ -33,11 +35,13 @@ def _worker(rank: int, world_size: int, port: int, fn, args, errors) -> None:
             dist.destroy_process_group()
 
 
-def run_distributed_test(fn, world_size: int = 2, args: tuple = ()) -> None:
+def run_distributed_test(fn, world_size: int = 2, args: tuple = (), backend: str = "gloo") -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, errors)) for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, errors, backend)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -4,7 +4,6 @@ an unserved device with a one-line error. An accelerator-only group ("cuda:gloo"
 NCCL-only group that once made every CPU metric tensor fail on a GPU run."""
 
 import ast
-import os
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch.distributed as dist
 from ebwm_scale.parallel import collectives
 from ebwm_scale.parallel.dist import all_reduce_mean, process_group_backend, resolve_device
 from tests.conftest import REPO
-from tests.distributed import free_port
+from tests.distributed import run_distributed_test
 
 COLLECTIVES = {
     "all_reduce",
@@ -67,49 +66,27 @@ def test_every_collective_of_the_package_goes_through_one_module():
     assert not offenders, offenders
 
 
-def _accelerator_only_group(rank: int, port: int, failures) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("cuda:gloo", rank=rank, world_size=2)  # like NCCL: nothing serves CPU tensors
-    try:
-        assert collectives.served_device_types() == {"cuda"}
-        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
-            dist.all_reduce(torch.ones(1))  # what torch says mid-run, from wherever the tensor came
-        with pytest.raises(collectives.CollectiveDeviceError, match=r"all_reduce: a cpu tensor .* only for cuda"):
-            all_reduce_mean({"loss": 1.0}, world_size=2)  # the per-step metric average is refused by name
-        with pytest.raises(collectives.CollectiveDeviceError, match="broadcast: a cpu tensor"):
-            collectives.broadcast(torch.ones(1))
-    except BaseException as error:
-        failures.put(f"rank {rank}: {error!r}")
-    finally:
-        dist.destroy_process_group()
+def _accelerator_only_group(rank: int, world_size: int) -> None:
+    assert collectives.served_device_types() == {"cuda"}
+    with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+        dist.all_reduce(torch.ones(1))  # what torch says mid-run, from wherever the tensor came
+    with pytest.raises(collectives.CollectiveDeviceError, match=r"all_reduce: a cpu tensor .* only for cuda"):
+        all_reduce_mean({"loss": 1.0}, world_size=2)  # the per-step metric average is refused by name
+    with pytest.raises(collectives.CollectiveDeviceError, match="broadcast: a cpu tensor"):
+        collectives.broadcast(torch.ones(1))
 
 
-def _mapped_group(rank: int, port: int, failures) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("cpu:gloo,cuda:gloo", rank=rank, world_size=2)
-    try:
-        assert all_reduce_mean({"loss": float(rank)}, world_size=2) == {"loss": 0.5}
-        flag = torch.tensor([rank])
-        collectives.all_reduce(flag, op=collectives.ReduceOp.MAX)
-        assert int(flag) == 1
-    except BaseException as error:
-        failures.put(f"rank {rank}: {error!r}")
-    finally:
-        dist.destroy_process_group()
+def _mapped_group(rank: int, world_size: int) -> None:
+    assert all_reduce_mean({"loss": float(rank)}, world_size=2) == {"loss": 0.5}
+    flag = torch.tensor([rank])
+    collectives.all_reduce(flag, op=collectives.ReduceOp.MAX)
+    assert int(flag) == 1
 
 
-@pytest.mark.parametrize("worker", [_accelerator_only_group, _mapped_group])
-def test_collectives_check_the_group_backend_for_the_tensor_device(worker):
-    ctx = torch.multiprocessing.get_context("spawn")
-    failures = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(rank, port, failures)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-    found = []
-    while not failures.empty():
-        found.append(failures.get())
-    assert not found, found
-    assert [proc.exitcode for proc in procs] == [0, 0]
+def test_an_accelerator_only_group_refuses_cpu_tensors_by_name():
+    # "cuda:gloo": gloo serves only CUDA tensors, the shape of an NCCL-only group, on a CPU machine
+    run_distributed_test(_accelerator_only_group, backend="cuda:gloo")
+
+
+def test_a_mapped_group_serves_cpu_tensors():
+    run_distributed_test(_mapped_group, backend="cpu:gloo,cuda:gloo")
