@@ -101,3 +101,40 @@ def assert_adam_weights_close(params: dict, reference: dict, lr: float, steps: i
         off = ~torch.isclose(params[name], value, rtol=1e-4, atol=lr / 10)
         assert int(off.sum()) <= max(2, off.numel() // 1000), f"{name}: {int(off.sum())} entries off, max {gap.max()}"
         assert float(gap.max()) <= 2 * lr * steps, f"{name}: off by {float(gap.max())}"
+
+
+def record_gradients(engine) -> list[dict[str, torch.Tensor]]:
+    """Every optimizer step's whole gradients, by parameter name, as the optimizer is about to use them (after the
+    reduction over ranks and the accumulation scaling): comparing these with one process catches a constant scale
+    error, which Adam's g / sqrt(v) would hide in the weights. Every rank must train (full_tensor gathers)."""
+    from ebwm_scale.parallel.engine import DeepSpeedEngine
+
+    steps: list[dict[str, torch.Tensor]] = []
+    if isinstance(engine, DeepSpeedEngine):
+        named = list(engine.engine.module.named_parameters())  # the objective's names, not the wrapper's
+        from deepspeed.utils import safe_get_full_grad
+
+        finish_step = engine.finish_step
+
+        def record_then_finish(skip: bool) -> float:
+            steps.append({name: safe_get_full_grad(p).detach().float().clone() for name, p in named})
+            return finish_step(skip)
+
+        engine.finish_step = record_then_finish
+    else:
+        named = list(engine.module.named_parameters())
+
+        def record(optimizer, args, kwargs) -> None:
+            whole = {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for name, p in named}
+            steps.append({name: g.detach().float().clone() for name, g in whole.items()})
+
+        engine.optimizer.register_step_pre_hook(record)
+    return steps
+
+
+def assert_gradients_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], rtol: float) -> None:
+    """Per tensor, relative to its own scale: a wrong tensor cannot hide among right ones."""
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        scale = float(value.abs().max())
+        torch.testing.assert_close(got[name], value, rtol=rtol, atol=rtol * scale, msg=name)

@@ -9,6 +9,7 @@ from ebwm_scale.config import load_config
 from ebwm_scale.pretrain import build_trainer, main
 from ebwm_scale.train.callbacks import Callback
 from tests.conftest import CPU, REPO
+from tests.distributed import assert_gradients_close, record_gradients
 
 SMALL = [
     "model.dim=64",
@@ -64,16 +65,32 @@ def test_bf16_autocast_trains_ebt(tmp_path):
     assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in recorder.train)
 
 
-def test_grad_accumulation_matches_a_larger_batch(tmp_path):
-    """4 x 2 accumulated equals 8 at once (AR: no MCMC noise), up to float reassociation."""
-    common = ["train.max_steps=3", "data.seq_len=16", "optim.warmup_steps=1"]
-    big, _ = _train(tmp_path / "a", "ci_tiny_ar.yaml", *common, "data.micro_batch_size=8")
-    accumulated, _ = _train(
-        tmp_path / "b", "ci_tiny_ar.yaml", *common, "data.micro_batch_size=4", "train.grad_accum_steps=2"
-    )
-    # The loader deals batches of 4 from the same permutation, so 2 x 4 covers the same samples as 8.
-    for a, b in zip(big.train, accumulated.train, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+@pytest.mark.parametrize("recipe", ["ci_tiny.yaml", "ci_tiny_ar.yaml"])
+def test_grad_accumulation_matches_a_larger_batch(tmp_path, recipe):
+    """2 x 4 and 4 x 2 accumulated give the gradient of 8 at once before the optimizer (a missing 1 / accumulation
+    steps would double or quadruple it), and the same losses, up to float reassociation. The EBT starts its chains
+    from zero (mcmc.init_scale=0), so every sample sees the same chain in any batching."""
+    common = ["train.max_steps=3", "data.seq_len=16", "optim.warmup_steps=1", "optim.grad_clip=0"]
+    common += ["mcmc.init_scale=0"] if recipe == "ci_tiny.yaml" else []
+
+    def train(name: str, micro: int, accumulation: int):
+        cfg = load_config(
+            REPO / "recipes" / recipe,
+            [*SMALL, *common, f"data.micro_batch_size={micro}", f"train.grad_accum_steps={accumulation}"]
+            + [f"train.output_dir={tmp_path / name}"],
+        )
+        recorder = Recorder()
+        trainer = build_trainer(cfg, CPU, [recorder])
+        gradients = record_gradients(trainer.engine)
+        trainer.fit()
+        return [m["loss"] for m in recorder.train], gradients
+
+    # The loader deals micro-batches from one permutation, so 2 x 4 and 4 x 2 cover the same samples as 8.
+    losses, gradients = train("whole", 8, 1)
+    for micro, accumulation in ((4, 2), (2, 4)):
+        got_losses, got_gradients = train(f"{micro}x{accumulation}", micro, accumulation)
+        assert got_losses == pytest.approx(losses, rel=1e-5)
+        assert_gradients_close(got_gradients[0], gradients[0], rtol=1e-5)
 
 
 def test_pretrain_logs_to_mlflow_and_writes_config_and_summary(tmp_path):
