@@ -156,6 +156,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         "train.keep_last_checkpoints": t.keep_last_checkpoints,
         "train.max_bad_steps": t.max_bad_steps,
         "parallel.init_timeout_s": cfg.parallel.init_timeout_s,
+        "tracking.max_buffered_metrics": cfg.tracking.max_buffered_metrics,
     }
     non_negative = {
         "parallel.expected_world_size": cfg.parallel.expected_world_size,

@@ -1,6 +1,7 @@
 """MLflow on a real server (cluster/mlflow_server.sh on a free port), read back through the REST API."""
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -8,8 +9,10 @@ import urllib.parse
 import urllib.request
 
 import pytest
+import torch
 
 from ebwm_scale.pretrain import main
+from ebwm_scale.train.callbacks import Callback
 from tests.conftest import REPO
 from tests.distributed import free_port
 from tests.test_training import SMALL
@@ -30,29 +33,36 @@ def _get(uri: str, endpoint: str, **params) -> dict:
         return json.loads(response.read())
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    store, port = tmp_path_factory.mktemp("mlflow"), free_port()
+def start_server(store, port: int) -> subprocess.Popen:
+    """cluster/mlflow_server.sh on `store`, once it answers /health."""
     proc = subprocess.Popen(
         [str(REPO / "cluster" / "mlflow_server.sh"), str(store), str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                break
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
         except OSError:
             assert proc.poll() is None, "mlflow server exited"
             time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not answer /health within 120 s")
-    yield uri
+    proc.kill()
+    pytest.fail("mlflow server did not answer /health within 120 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    port = free_port()
+    proc = start_server(tmp_path_factory.mktemp("mlflow"), port)
+    yield f"http://127.0.0.1:{port}"
+    stop_server(proc)
 
 
 @pytest.mark.slow
@@ -123,3 +133,70 @@ def test_training_survives_a_tracking_server_that_is_down(tmp_path, capfd):
     assert len(loud) == 1, loud  # once, however often the retries fail
     assert f"WARNING: MLflow tracking server {dead} is unreachable" in loud[0]
     assert "metrics.jsonl" in loud[0] and "is this machine" in loud[0] and "tracking.uri=http://" in loud[0]
+
+
+class ServerOutage(Callback):
+    """Stops the tracking server after step `down` has been logged and starts it again, on the same store and port,
+    after step `up` (whose logging then fails: the server came back between two attempts)."""
+
+    def __init__(self, store, port: int, down: int, up: int, proc: subprocess.Popen):
+        self.store, self.port, self.down, self.up, self.proc = store, port, down, up, proc
+        self.slowest_down_step = 0.0
+        self.last = time.monotonic()
+
+    def on_step_end(self, trainer, step, metrics):
+        now = time.monotonic()
+        if self.down < step <= self.up:  # the server is down: logging must not hold the step for a timeout
+            self.slowest_down_step = max(self.slowest_down_step, now - self.last)
+        if step == self.down:
+            stop_server(self.proc)
+        if step == self.up:
+            self.proc = start_server(self.store, self.port)
+        self.last = time.monotonic()
+
+
+def _train_through_an_outage(tmp_path, name: str, *overrides: str):
+    from ebwm_scale.config import load_config
+    from ebwm_scale.parallel.dist import DistInfo
+    from ebwm_scale.pretrain import build_trainer
+
+    store, port = tmp_path / f"store-{name}", free_port()
+    outage = ServerOutage(store, port, down=5, up=15, proc=start_server(store, port))
+    uri = f"http://127.0.0.1:{port}"
+    cfg = load_config(
+        REPO / "recipes" / "ci_tiny_ar.yaml",
+        [*SMALL, "tracking.enabled=true", f"tracking.uri={uri}", "tracking.experiment=outage", "data.seq_len=16"]
+        + ["train.max_steps=25", "train.log_interval_steps=1", "tracking.retry_interval_s=0.05"]
+        + [f"train.output_dir={tmp_path / name}", *overrides],
+    )
+    try:
+        build_trainer(cfg, DistInfo(0, 0, 1, torch.device("cpu")), [outage]).fit()
+        experiment = _get(uri, "experiments/get-by-name", experiment_name="outage")["experiment"]
+        request = urllib.request.Request(
+            f"{uri}/api/2.0/mlflow/runs/search",
+            data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request) as response:
+            run = json.loads(response.read())["runs"][0]
+        history = _get(uri, "metrics/get-history", run_id=run["info"]["run_id"], metric_key="train/loss")["metrics"]
+        return sorted(int(m["step"]) for m in history), run["info"]["status"], outage.slowest_down_step
+    finally:
+        stop_server(outage.proc)
+
+
+@pytest.mark.slow
+def test_metrics_logged_while_the_server_was_down_arrive_when_it_returns(tmp_path):
+    with pytest.warns(RuntimeWarning, match="training continues"):
+        steps, status, slowest = _train_through_an_outage(tmp_path, "replay")
+    assert steps == list(range(1, 26)) and status == "FINISHED"  # every step, the outage's included
+    assert slowest < 5  # a refused connection fails fast (MLflow's client would otherwise retry for minutes)
+
+
+@pytest.mark.slow
+def test_a_full_buffer_drops_the_oldest_metrics_and_counts_them(tmp_path):
+    with pytest.warns(RuntimeWarning, match=r"metrics were never logged \((\d+) dropped beyond") as caught:
+        steps, status, _ = _train_through_an_outage(tmp_path, "drop", "tracking.max_buffered_metrics=20")
+    dropped = int(re.search(r"\((\d+) dropped", str(caught[-1].message)).group(1))
+    assert status == "FINISHED" and dropped > 0
+    assert set(range(1, 6)) | set(range(17, 26)) <= set(steps) and len(steps) < 25  # the outage's oldest are gone

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from ebwm_scale.train.trainer import Trainer
 
 MLFLOW_PARAM_MAX_CHARS = 6000
-MAX_BUFFERED_METRICS = 100_000
 # Fail fast instead of MLflow's default of 7 retries with exponential backoff (minutes of a stalled step).
 MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
@@ -33,6 +32,7 @@ class TrackingConfig:
     experiment: str = "ebwm-scale"
     tags: dict[str, str] = field(default_factory=dict)  # e.g. ladder: nlp_tiny_cpu
     retry_interval_s: float = 30.0  # after a failed call, wait this long before trying the server again
+    max_buffered_metrics: int = 100_000  # kept for a server that is down; beyond it the oldest are dropped (counted)
 
 
 def local_artifact_location(uri: str) -> str | None:
@@ -151,8 +151,8 @@ class MLflowCallback(Callback):
 
         timestamp = int(time.time() * 1000)
         self.buffer += [Metric(prefix + k, float(v), timestamp, step) for k, v in metrics.items()]
-        if len(self.buffer) > MAX_BUFFERED_METRICS:
-            excess = len(self.buffer) - MAX_BUFFERED_METRICS
+        if len(self.buffer) > self.cfg.max_buffered_metrics:
+            excess = len(self.buffer) - self.cfg.max_buffered_metrics
             self.dropped += excess
             del self.buffer[:excess]
         self._flush()
@@ -189,7 +189,8 @@ class MLflowCallback(Callback):
         if self.buffer or self.dropped or self.run_id is None:
             warnings.warn(
                 f"MLflow at {self.cfg.uri}: {len(self.buffer) + self.dropped} metrics were never logged "
-                "(they are in metrics.jsonl)",
+                f"({self.dropped} dropped beyond tracking.max_buffered_metrics, {len(self.buffer)} still buffered; "
+                "all are in metrics.jsonl)",
                 RuntimeWarning,
                 stacklevel=2,
             )
