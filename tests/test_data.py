@@ -88,7 +88,15 @@ def test_stdlib_corpus_splits_are_deterministic_and_disjoint():
     assert len(train) == len(train2) and len(val) == len(val2)
     assert len(train) > 5000 and 100 < len(val) < len(train) / 5
     assert np.array_equal(train[10]["tokens"], train2[10]["tokens"])
-    assert is_validation_document("same text", 5.0) == is_validation_document("same text", 5.0)
+
+
+def test_the_split_hash_is_crc32_with_a_percent_threshold():
+    """Pinned to the published CRC-32 of a known sentence (0x414FA339), so every machine and Python splits alike:
+    1095738169 % 10000 = 8169, validation below 81.69 %."""
+    key = "The quick brown fox jumps over the lazy dog"
+    assert is_validation_document(key, 82.0) and not is_validation_document(key, 81.0)
+    share = sum(is_validation_document(f"module_{i}", 5.0) for i in range(20_000)) / 20_000
+    assert share == pytest.approx(0.05, abs=0.005)
 
 
 def test_no_validation_document_or_paragraph_is_trained_on():

@@ -91,9 +91,10 @@ def test_frame_models_match_one_process_with_frame_metrics(kind):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("microbatches", [1, 4])
 @pytest.mark.parametrize("kind", ["ebt", "ar"])
-def test_three_stages_match_one_process(kind):
-    run_distributed_test(_check, world_size=3, args=(kind, 2, {}))
+def test_three_stages_match_one_process(kind, microbatches):
+    run_distributed_test(_check, world_size=3, args=(kind, microbatches, {}))
 
 
 def test_stages_are_balanced_and_cover_every_block():
