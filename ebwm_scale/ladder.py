@@ -227,12 +227,16 @@ def passes_over_data(base: Path, run: LadderRun, ranks: int, train_sizes: dict[s
     return f"{seen / size:.2f} passes over {size:,} training samples"
 
 
+def _entry(base: Path, run: LadderRun) -> list[str]:
+    return [str(ENTRY_POINT), str(base), *run.overrides]
+
+
 def run_command(base: Path, run: LadderRun) -> list[str]:
     """One process for a 1-rank run; torchrun with a private rendezvous on this machine for more."""
     if run.ranks == 1:
-        return [sys.executable, str(ENTRY_POINT), str(base), *run.overrides]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={run.ranks}"]
-    return [*launcher, str(ENTRY_POINT), str(base), *run.overrides]
+        return [sys.executable, *_entry(base, run)]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={run.ranks}"]
+    return [sys.executable, *launcher, *_entry(base, run)]
 
 
 def slurm_task_command(base: Path, run: LadderRun, tasks: int) -> list[str]:
@@ -243,8 +247,8 @@ def slurm_task_command(base: Path, run: LadderRun, tasks: int) -> list[str]:
             f"{run.name} needs {run.ranks} ranks but this SLURM job has {tasks} task(s): submit it with "
             f"--ntasks {run.ranks} (and the GPUs per task the ladder's gpus_per_rank says)"
         )
-    entry = [sys.executable, str(ENTRY_POINT), str(base), *run.overrides]
-    return entry if run.ranks == 1 else ["srun", "--kill-on-bad-exit=1", f"--ntasks={run.ranks}", *entry]
+    process = [sys.executable, *_entry(base, run)]
+    return process if run.ranks == 1 else ["srun", "--kill-on-bad-exit=1", f"--ntasks={run.ranks}", *process]
 
 
 def _check_trunk(run: LadderRun) -> None:
