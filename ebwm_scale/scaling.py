@@ -27,6 +27,9 @@ HUBER_DELTA = 1e-3
 MIN_POINTS, MIN_SIZES, MIN_BUDGETS = 6, 2, 2
 
 
+LOG_FLOOR = -50.0
+
+
 class FitError(ValueError):
     """Too few or unusable points for the requested fit."""
 
@@ -132,7 +135,8 @@ def _minimise(points: list[Point], starts: list[np.ndarray]) -> np.ndarray:
     def objective(theta):
         return _huber(_log_prediction(theta, log_n, log_d) - log_l).sum()
 
-    bounds = [(None, None), (None, None), (0.0, 3.0), (None, None), (0.0, 3.0)]
+    # Log-coefficients above LOG_FLOOR: a floor E the data do not need goes to e^-50 instead of underflowing to 0.
+    bounds = [(LOG_FLOOR, None), (LOG_FLOOR, None), (0.0, 3.0), (LOG_FLOOR, None), (0.0, 3.0)]
     best = min((minimize(objective, start, method="L-BFGS-B", bounds=bounds) for start in starts), key=lambda r: r.fun)
     return best.x
 
