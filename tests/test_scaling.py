@@ -1,6 +1,7 @@
 """Scaling-law fits: known exponents come back from synthetic losses, too few runs are refused, plots are PNGs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,26 +60,13 @@ def test_plots_are_valid_pngs(tmp_path):
             assert image.format == "PNG" and image.size[0] > 400
 
 
-# The EBT runs of the video_tiny_cpu ladder (run, size, parameters, frames, FLOPs, eval loss): a loss still falling
-# fast, whose fitted floor E underflowed to 0 in a bootstrap refit and crashed the fit on log(0).
-VIDEO_EBT_RUNS = [
-    ("video_tiny_cpu-ebt-s1-11.2k", "s1", 110017, 11200, 35481600000.0, 0.28008879721164703),
-    ("video_tiny_cpu-ebt-s1-22.4k", "s1", 110017, 22400, 70963200000.0, 0.25300684571266174),
-    ("video_tiny_cpu-ebt-s1-44.8k", "s1", 110017, 44800, 141926400000.0, 0.16592516377568245),
-    ("video_tiny_cpu-ebt-s1-89.6k", "s1", 110017, 89600, 283852800000.0, 0.10768783465027809),
-    ("video_tiny_cpu-ebt-s2-11.2k", "s2", 226465, 11200, 72902860800.0, 0.26136673986911774),
-    ("video_tiny_cpu-ebt-s2-22.4k", "s2", 226465, 22400, 145805721600.0, 0.2261035367846489),
-    ("video_tiny_cpu-ebt-s2-44.8k", "s2", 226465, 44800, 291611443200.0, 0.15093692019581795),
-    ("video_tiny_cpu-ebt-s2-89.6k", "s2", 226465, 89600, 583222886400.0, 0.0983329638838768),
-    ("video_tiny_cpu-ebt-s3-11.2k", "s3", 609409, 11200, 199190118400.0, 0.25816402584314346),
-    ("video_tiny_cpu-ebt-s3-22.4k", "s3", 609409, 22400, 398380236800.0, 0.20323999226093292),
-    ("video_tiny_cpu-ebt-s3-44.8k", "s3", 609409, 44800, 796760473600.0, 0.12298869714140892),
-    ("video_tiny_cpu-ebt-s3-89.6k", "s3", 609409, 89600, 1593520947200.0, 0.084940604865551),
-]
+# The EBT runs of the video_tiny_cpu ladder (docs/results/video_tiny_cpu): a loss still falling fast, whose fitted
+# floor E underflowed to 0 in a bootstrap refit and crashed the fit on log(0).
+VIDEO_EBT_RUNS = Path(__file__).parent / "assets" / "video_ebt_runs.json"
 
 
 def test_a_fit_whose_floor_goes_to_zero_stays_finite():
-    points = [Point(run, "ebt", size, n, d, flops, loss) for run, size, n, d, flops, loss in VIDEO_EBT_RUNS]
+    points = [Point(kind="ebt", **run) for run in json.loads(VIDEO_EBT_RUNS.read_text())]
     result, fits = analyse(points, samples=200)
     fit = result["kinds"]["ebt"]["fit"]
     assert 0 < fit["E"] < 1e-3 and 0 < fit["b"] < 3 and all(np.isfinite(result["kinds"]["ebt"]["b_interval"]))
