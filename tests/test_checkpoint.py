@@ -1,16 +1,19 @@
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import fsspec
 import pytest
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractFileSystem
 
 from ebwm_scale.config import ConfigError, load_config
 from ebwm_scale.pretrain import build_trainer
@@ -63,6 +66,230 @@ def test_a_checkpoint_without_manifest_is_never_picked(tmp_path):
     assert ckpt.latest() == f"file://{tmp_path}/step_00000002"
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         ckpt.read_verified(str(crashed), "model.safetensors")
+
+
+def test_latest_checks_sizes_against_the_manifest_and_falls_back(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), keep_last=3)
+    ckpt.save(2, _shared(b"good"), torch_bytes({}))
+    ckpt.save(4, _shared(b"newer"), torch_bytes({}))
+    (tmp_path / "step_00000004" / "model.safetensors").write_bytes(b"new")  # a partial copy: manifest, short file
+    with pytest.warns(
+        UserWarning, match="step_00000004 passed over: model.safetensors has 3 bytes, its manifest says 5"
+    ):
+        assert ckpt.latest() == f"{tmp_path}/step_00000002"
+    (tmp_path / "step_00000002" / "trainer.pt").unlink()
+    (tmp_path / "step_00000004" / "COMPLETE.json").unlink()
+    with pytest.warns(UserWarning, match="step_00000002 passed over: trainer.pt is missing"):
+        assert ckpt.latest() is None
+
+
+class CopyThenDelete(LocalFileSystem):
+    """`copydelete:///dir`: local files that move and vanish as on an object store: fsspec's generic mv copies every
+    file, then deletes the source (the manifest, sorted first, lands first), and rm deletes file by file, so a crash
+    mid-move or mid-removal leaves part of a directory."""
+
+    protocol = ("copydelete",)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).removeprefix("copydelete://"))
+
+    def mv(self, path1, path2, recursive=False, maxdepth=None, **kwargs):
+        return AbstractFileSystem.mv(self, path1, path2, recursive=recursive, maxdepth=maxdepth, **kwargs)
+
+    def rm(self, path, recursive=False, maxdepth=None):
+        for file_path in sorted(self.find(path)) if recursive else [path]:
+            self.rm_file(file_path)
+        if recursive:
+            super().rm(path, recursive=True)  # the now empty directories
+
+
+class SimulatedCrash(BaseException):
+    """Raised where an in-memory store cannot be SIGKILLed: no `except OSError` cleanup in the code under test runs."""
+
+
+class CrashPoints:
+    """Counts the mutating calls made on a filesystem instance and crashes at call number `at` (1-based) or at the
+    first call whose description ("write PATH", "rm PATH", ...) matches the regex `match`: a write is cut halfway
+    (half its bytes reach the file), any other call before it runs. `crash` is SIGKILL for stores that outlive the
+    process."""
+
+    MUTATING = ("makedirs", "mkdir", "rm", "rm_file", "mv", "cp_file")
+
+    def __init__(self, fs, crash, at=None, match: str | None = None):
+        self.fs, self.crash, self.at, self.match = fs, crash, at, match
+        self.calls: list[str] = []
+        for name in ("open", *self.MUTATING):
+            setattr(fs, name, self._wrap(name, getattr(fs, name)))
+
+    def disarm(self):
+        for name in ("open", *self.MUTATING):
+            delattr(self.fs, name)  # the class's method again (fsspec caches and shares instances)
+
+    def _is_crash_point(self, description: str) -> bool:
+        self.calls.append(description)
+        if self.match is not None:
+            return re.search(self.match, description) is not None
+        return len(self.calls) == self.at
+
+    def _wrap(self, name, original):
+        def call(path, *args, **kwargs):
+            mode = args[0] if args else kwargs.get("mode", "rb")
+            if name != "open":
+                if self._is_crash_point(f"{name} {path}"):
+                    self.crash()
+                return original(path, *args, **kwargs)
+            handle = original(path, *args, **kwargs)
+            if "w" in mode and self._is_crash_point(f"write {path}"):
+                write = handle.write
+
+                def half_then_crash(data):
+                    write(data[: len(data) // 2])
+                    handle.flush()
+                    self.crash()
+
+                handle.write = half_then_crash
+            return handle
+
+        return call
+
+
+def _sigkill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _raise_crash():
+    raise SimulatedCrash
+
+
+SWEEP_STEPS = (1, 2, 3)
+SWEEP_FILES = {step: _shared(model_file_bytes({"w": torch.full((64,), float(step))}))() for step in range(1, 5)}
+
+
+def _save_sweep_steps(url, steps, returned, crash=None, at=None):
+    """Save `steps` (keep_last=2) as a run would, appending each step to `returned` once its save has returned."""
+    ckpt = Checkpointer(url, keep_last=2)
+    points = CrashPoints(ckpt.fs, crash, at=at) if crash else None
+    try:
+        for step in steps:
+            ckpt.save(step, lambda step=step: SWEEP_FILES[step], torch_bytes({"rank": 0}))
+            returned(step)
+    finally:
+        if points is not None and crash is _raise_crash:
+            points.disarm()
+    return points.calls if points else []
+
+
+def _check_after_crash(url, last_returned):
+    """What resume=auto sees after the crash: the newest complete checkpoint, loadable with verified hashes; then the
+    resumed run saves up to step 4, after which only the last two checkpoints exist, with no crash debris."""
+    ckpt = Checkpointer(url, keep_last=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a partial copy is passed over with a warning: the expected outcome here
+        latest = ckpt.latest()
+    resumed = int(latest.rsplit("_", 1)[-1]) if latest else 0
+    assert resumed in (last_returned, last_returned + 1)  # the one being saved counts once its commit was done
+    if latest:
+        weights = ckpt.read_verified(latest, "model.safetensors")
+        assert weights == SWEEP_FILES[resumed]["model.safetensors"]
+        ckpt.load(latest)
+    _save_sweep_steps(url, range(resumed + 1, 5), returned=lambda step: None)
+    fs, root = fsspec.core.url_to_fs(url)
+    left = sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False))
+    assert left == ["step_00000003", "step_00000004"]
+
+
+def _forked_crash(url, at, log: Path) -> int:
+    """Run the sweep's saves in a forked child that SIGKILLs itself at call `at`; returns the child's wait status."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+
+            def returned(step):
+                with open(log, "a") as f:
+                    f.write(f"{step}\n")
+
+            _save_sweep_steps(url, SWEEP_STEPS, returned, crash=_sigkill, at=at)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1]
+
+
+@pytest.mark.parametrize("store", ["file", "copydelete"])
+def test_sigkill_at_every_point_of_save_leaves_a_resumable_newest_checkpoint(tmp_path, store):
+    fsspec.register_implementation("copydelete", CopyThenDelete, clobber=True)
+    calls = _save_sweep_steps(f"{store}://{tmp_path / 'count'}", SWEEP_STEPS, lambda s: None, _sigkill, 0)
+    assert {"write", "rm" if store == "file" else "rm_file"} <= {call.split()[0] for call in calls}
+    total_calls = len(calls)
+    for at in range(1, total_calls + 1):
+        url, log = f"{store}://{tmp_path / str(at)}", tmp_path / f"returned-{at}"
+        log.touch()
+        status = _forked_crash(url, at, log)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"call {at} was not reached"
+        returned = [int(line) for line in log.read_text().split()]
+        _check_after_crash(url, returned[-1] if returned else 0)
+
+
+def test_a_crash_at_every_point_of_save_on_an_object_store_leaves_a_resumable_newest_checkpoint():
+    calls = _save_sweep_steps("memory://sweep-count", SWEEP_STEPS, lambda s: None, _raise_crash, 0)
+    assert {"write", "rm_file"} <= {call.split()[0] for call in calls}
+    total_calls = len(calls)
+    for at in range(1, total_calls + 1):
+        url, returned = f"memory://sweep-{at}", []
+        with pytest.raises(SimulatedCrash):
+            _save_sweep_steps(url, SWEEP_STEPS, returned.append, crash=_raise_crash, at=at)
+        _check_after_crash(url, returned[-1] if returned else 0)
+    fs = fsspec.filesystem("memory")
+    for entry in fs.ls("/", detail=False):
+        if entry.lstrip("/").startswith("sweep-"):
+            fs.rm(entry, recursive=True)
+
+
+def pretrain_crashing_at(pattern: str, argv: list[str]) -> None:
+    """`python -c` entry for the test below: train argv, SIGKILLed at the first checkpoint call matching `pattern`."""
+    trainer = build_trainer(load_config(argv[0], argv[1:]), CPU)
+    if pattern:
+        CrashPoints(trainer.checkpointer.fs, _sigkill, match=pattern)
+    trainer.fit()
+
+
+def _losses_by_step(run_dir: Path) -> dict[int, float]:
+    """The last train record of every step (a resumed run repeats the steps after its checkpoint)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "crash_pattern, resumes_from",
+    [
+        (r"^write .*step_00000006/model\.safetensors$", 3),  # mid-write of the new checkpoint's weights
+        (r"^rm .*/step_00000003/COMPLETE\.json$", 6),  # the new one committed, the old one being pruned
+    ],
+)
+def test_a_run_killed_inside_save_resumes_from_the_newest_complete_checkpoint(tmp_path, crash_pattern, resumes_from):
+    def pretrain(out: Path, pattern: str = "", *extra: str):
+        argv = [str(REPO / "recipes" / "ci_tiny_video.yaml"), *SMALL, *VIDEO, f"train.output_dir={out}"]
+        argv += ["train.max_steps=9", "train.checkpoint_interval_steps=3", "train.keep_last_checkpoints=1", *extra]
+        script = (
+            "import sys; from tests.test_checkpoint import pretrain_crashing_at as run; run(sys.argv[1], sys.argv[2:])"
+        )
+        return subprocess.run([sys.executable, "-c", script, pattern, *argv], cwd=REPO, capture_output=True, text=True)
+
+    straight = pretrain(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = pretrain(tmp_path / "killed", crash_pattern)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = pretrain(tmp_path / "killed", "", "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_dir = tmp_path / "killed" / "ci_tiny_video"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith(f"step_{resumes_from:08d}")
+    assert _losses_by_step(run_dir) == _losses_by_step(tmp_path / "straight" / "ci_tiny_video")  # bit for bit
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000009"]
 
 
 def test_checkpoint_loading_cannot_run_code(tmp_path):

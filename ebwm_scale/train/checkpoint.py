@@ -7,8 +7,12 @@ Layout of one checkpoint, `<dir>/step_00000050/`:
     config.yaml         the resolved recipe
     COMPLETE.json       written last: size and sha256 of every file above
 
-A checkpoint is written under `.tmp-step_…`, fsynced, its manifest added, then renamed into place. One without a
-manifest that matches its files (a crash mid-write, a partial copy on an object store) is never loaded.
+On a local filesystem a checkpoint is written under `.tmp-step_…`, fsynced, its manifest added, then renamed into
+place (an atomic rename). Object stores have no atomic rename (fsspec's `mv` copies, then deletes), so there the files
+are written in place and the manifest, one object, is written last; removal deletes the manifest first. Either way a
+crash at any point leaves either the old state or a directory whose manifest is missing or does not match its files:
+`latest()` checks every file's size against the manifest and falls back to the previous checkpoint, and `load()`
+checks sha256 too.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 import random
 import re
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +106,7 @@ class Checkpointer:
         self.rank = rank
         self.world_size = world_size
         self.is_local = "file" in self.fs.protocol or "local" in self.fs.protocol
+        self.atomic_rename = self.is_local
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -136,13 +142,14 @@ class Checkpointer:
         Returns the final path. On any write error (on any rank) the temp dir is removed and every rank raises
         CheckpointError; earlier checkpoints are untouched."""
         name = checkpoint_name(step)
-        tmp, final = self._path(f".tmp-{name}"), self._path(name)
+        final = self._path(name)
+        tmp = self._path(f".tmp-{name}") if self.atomic_rename else final
         entries: dict[str, Any] = {}
         error = None
         try:
             if self.rank == 0:
-                if self.fs.exists(tmp):  # left by a crash: never complete, safe to drop
-                    self.fs.rm(tmp, recursive=True)
+                if self.fs.exists(tmp):  # left by a crash (never complete), or a re-save of this step
+                    self._remove(tmp)
                 self.fs.makedirs(tmp, exist_ok=True)
         except OSError as caught:
             error = f"cannot write checkpoint {final}: {caught}"
@@ -180,24 +187,40 @@ class Checkpointer:
         for entries in rank_entries:
             manifest["files"].update(entries)
         self._write(f"{tmp}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
-        self._fsync_dir(tmp)
-        if self.fs.exists(final):  # a re-save of the same step
-            self.fs.rm(final, recursive=True)
-        self.fs.mv(tmp, final, recursive=True)
-        self._fsync_dir(self.root)
-        self._prune()
+        if self.atomic_rename:
+            self._fsync_dir(tmp)
+            if self.fs.exists(final):  # a re-save of the same step
+                self._remove(final)
+            self.fs.mv(tmp, final, recursive=True)
+            self._fsync_dir(self.root)
+        self._prune(step)
+
+    def _remove(self, path: str) -> None:
+        """Manifest first: a removal cut short leaves an incomplete checkpoint, never a manifest over missing files."""
+        if self.fs.exists(f"{path}/{MANIFEST}"):
+            self.fs.rm(f"{path}/{MANIFEST}")
+        self.fs.rm(path, recursive=True)
 
     def _discard(self, tmp: str) -> None:
         if self.rank == 0:
             try:
-                self.fs.rm(tmp, recursive=True)
+                self._remove(tmp)
             except OSError:
-                pass  # the write already failed; the temp dir has no manifest and is never loaded
+                pass  # the write already failed; the directory has no manifest and is never loaded
 
-    def _prune(self) -> None:
-        rotating = [path for path in self.complete_checkpoints() if path.rsplit("/", 1)[-1] not in self.keep_names]
-        for path in rotating[: max(0, len(rotating) - self.keep_last)]:
-            self.fs.rm(path, recursive=True)
+    def _prune(self, committed_step: int) -> None:
+        """Keep the newest `keep_last` complete checkpoints (and `keep_steps`); remove older ones and whatever a crash
+        left behind before `committed_step` (a half-written or half-removed directory)."""
+        complete = self.complete_checkpoints()
+        rotating = [path for path in complete if path.rsplit("/", 1)[-1] not in self.keep_names]
+        doomed = set(rotating[: max(0, len(rotating) - self.keep_last)])
+        for entry in self.fs.ls(self.root, detail=False):
+            entry = entry.rstrip("/")
+            match = NAME_PATTERN.match(entry.rsplit("/", 1)[-1].removeprefix(".tmp-"))
+            if match and int(match.group(1)) < committed_step and entry not in complete:
+                doomed.add(entry)
+        for path in sorted(doomed):
+            self._remove(path)
 
     def _manifest(self, fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
         try:
@@ -206,21 +229,44 @@ class Checkpointer:
         except (OSError, ValueError):
             return None
 
-    def complete_checkpoints(self) -> list[str]:
-        """Paths (in this filesystem) of checkpoints with a manifest, oldest first; files are verified on load."""
+    def incomplete_reason(self, fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+        """Why the checkpoint at `path` cannot be trusted (no manifest, a file missing or of the wrong size), or
+        None. One listing, no reads: cheap enough to run on every candidate; sha256 is checked on load."""
+        manifest = self._manifest(fs, path)
+        if manifest is None:
+            return f"no readable {MANIFEST}"
+        try:
+            sizes = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["size"] for entry in fs.ls(path, detail=True)}
+        except OSError as error:
+            return f"cannot list it: {error}"
+        for file_name, expected in manifest["files"].items():
+            if file_name not in sizes:
+                return f"{file_name} is missing"
+            if sizes[file_name] != expected["bytes"]:
+                return f"{file_name} has {sizes[file_name]} bytes, its manifest says {expected['bytes']}"
+        return None
+
+    def complete_checkpoints(self, warn: bool = False) -> list[str]:
+        """Paths (in this filesystem) of checkpoints whose manifest matches their files' sizes, oldest first.
+        `warn`: say why each directory that has a manifest but fails the check is passed over."""
         if not self.fs.exists(self.root):
             return []
         found = []
         for entry in self.fs.ls(self.root, detail=False):
             entry = entry.rstrip("/")
             match = NAME_PATTERN.match(entry.rsplit("/", 1)[-1])
-            if match and self._manifest(self.fs, entry) is not None:
+            if not match:
+                continue
+            reason = self.incomplete_reason(self.fs, entry)
+            if reason is None:
                 found.append((int(match.group(1)), entry))
+            elif warn and self.rank == 0 and not reason.startswith("no readable"):
+                warnings.warn(f"checkpoint {entry} passed over: {reason}", stacklevel=3)
         return [path for _, path in sorted(found)]
 
     def latest(self) -> str | None:
         """URL (in the form this checkpointer was given) of the newest complete checkpoint, or None."""
-        complete = self.complete_checkpoints()
+        complete = self.complete_checkpoints(warn=True)
         return f"{self.url.rstrip('/')}/{complete[-1].rsplit('/', 1)[-1]}" if complete else None
 
     def read_verified(self, url: str, file_name: str) -> bytes:
@@ -238,7 +284,10 @@ class Checkpointer:
         except OSError as error:
             raise CheckpointError(f"cannot read {url}/{file_name}: {error}") from None
         if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-            raise CheckpointError(f"{url}/{file_name} does not match its manifest: the checkpoint is corrupt")
+            raise CheckpointError(
+                f"{url}/{file_name} does not match its manifest: the checkpoint is corrupt (remove it to resume "
+                "from the previous one)"
+            )
         return data
 
     def load(self, url: str, safe_globals: list | None = None) -> tuple[dict[str, torch.Tensor], dict, dict]:
