@@ -157,6 +157,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         "train.max_bad_steps": t.max_bad_steps,
         "parallel.init_timeout_s": cfg.parallel.init_timeout_s,
         "tracking.max_buffered_metrics": cfg.tracking.max_buffered_metrics,
+        "data.shards.read_attempts": d.shards.read_attempts,
     }
     non_negative = {
         "parallel.expected_world_size": cfg.parallel.expected_world_size,
@@ -172,6 +173,7 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         "train.checkpoint_interval_steps": t.checkpoint_interval_steps,
         "train.peak_tflops": t.peak_tflops,
         "data.shards.num_workers": d.shards.num_workers,
+        "data.shards.read_backoff_s": d.shards.read_backoff_s,
     }
     checks = [
         _choice("model.kind", m.kind, ("ebt", "ar")),

@@ -1,13 +1,19 @@
 """The streaming shard loader: exactly-once epochs across ranks and workers, exact resume, corrupt/missing shards."""
 
+import hashlib
+import json
+import math
 import shutil
 from collections import Counter
 from pathlib import Path
 
+import fsspec
+import numpy as np
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
-from ebwm_scale.data.loader import ShardLoader, ShardSource, reader_pieces
-from ebwm_scale.data.shards import ShardFormatError
+from ebwm_scale.data.loader import ShardLoader, ShardReadError, ShardSource, reader_pieces
+from ebwm_scale.data.shards import TEXT_FORMAT, ShardFormatError, write_shard
 
 BATCH = 4
 
@@ -25,18 +31,40 @@ def _per_epoch(source: ShardSource, readers: int) -> int:
     return readers * reader_pieces(counts, 0, 0, 0, readers, BATCH)[1]
 
 
-@pytest.mark.parametrize("num_workers", [0, 1, 2])
-def test_one_epoch_over_two_ranks_sees_each_sample_once(text_shards, num_workers):
-    source = ShardSource.open(text_shards.output, "train")
-    readers = 2 * max(1, num_workers)
-    per_epoch = _per_epoch(source, readers)
-    seen = Counter()
-    for rank in range(2):
-        loader = ShardLoader(source, BATCH, seed=5, rank=rank, world_size=2, num_workers=num_workers)
-        for _ in range(per_epoch // (2 * BATCH)):
-            seen.update(_rows(next(loader)))
-    assert sum(seen.values()) == per_epoch > 0.9 * len(source)
-    assert not seen - _all_samples(source)  # nothing invented, nothing repeated beyond the data's own repeats
+def _numbered_dataset(directory: Path, shard_sizes: list[int]) -> str:
+    """A text dataset whose sample i is the row [i, i, i]: shards of unequal sizes, numbered samples, meta.json."""
+    (directory / "train").mkdir(parents=True)
+    shards, first = [], 0
+    for index, size in enumerate(shard_sizes):
+        data = write_shard([(f"{i:06d}", np.full(3, i)) for i in range(first, first + size)])
+        name = f"train/{index:05d}.tar"
+        (directory / name).write_bytes(data)
+        shards.append({"name": name, "samples": size, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        first += size
+    meta = {"format": TEXT_FORMAT, "splits": {"train": {"samples": first, "shards": shards}}}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return str(directory)
+
+
+NUMBERED_SHARDS = [7, 3, 11, 5, 9, 9]  # 44 samples: a round of 2 or 4 readers x batch 4 leaves 4 or 12 over
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_sample_once_per_pass_over_two_ranks_with_nothing_dropped(tmp_path, num_workers):
+    source = ShardSource.open(_numbered_dataset(tmp_path, NUMBERED_SHARDS), "train")
+    total, ranks, readers = sum(NUMBERED_SHARDS), 2, 2 * max(1, num_workers)
+    loaders = [ShardLoader(source, BATCH, seed=5, rank=r, world_size=ranks, num_workers=num_workers) for r in (0, 1)]
+    group = readers * BATCH
+    passes = math.lcm(total, group) // total  # whole rounds: each epoch after the first opens with the remainder
+    rounds = passes * total // group
+    seen: Counter = Counter()
+    for round_index in range(rounds):
+        for loader in loaders:
+            for _ in range(readers // ranks):
+                seen.update(row[0] for row in _rows(next(loader)))
+        if round_index == total // group - 1:  # the first epoch: no sample twice yet
+            assert max(seen.values()) == 1
+    assert seen == Counter({i: passes for i in range(total)})
 
 
 def test_same_settings_same_order_and_epochs_reshuffle(text_shards):
@@ -80,6 +108,57 @@ def test_corrupt_shard_is_skipped_counted_and_logged(text_shards, tmp_path):
     assert loader.metrics()["corrupt_shards"] == 1
     # The reader moves on into its next epoch to fill its batches, so a few samples may repeat; none is invented.
     assert set(seen) <= set(_all_samples(ShardSource.open(text_shards.output, "train")))
+
+
+class Flaky(LocalFileSystem):
+    """`flaky:///dir`: local files whose first `failures` opens of a shard raise a network error."""
+
+    protocol = ("flaky",)
+    failures = 0
+    failed: Counter = Counter()
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).removeprefix("flaky://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+        if path.endswith(".tar") and self.failed[path] < self.failures:
+            self.failed[path] += 1
+            raise ConnectionResetError(104, "Connection reset by peer", path)
+        return super()._open(path, mode, **kwargs)
+
+
+def test_transient_read_errors_are_retried_and_change_nothing(tmp_path):
+    url = _numbered_dataset(tmp_path, NUMBERED_SHARDS)
+    clean = ShardLoader(ShardSource.open(url, "train"), BATCH, seed=2, num_workers=0)
+    expected = [_rows(next(clean)) for _ in range(15)]
+    fsspec.register_implementation("flaky", Flaky, clobber=True)
+    Flaky.failures, Flaky.failed = 2, Counter()
+    flaky = ShardLoader(ShardSource.open(f"flaky://{url}", "train", backoff_s=0.01), BATCH, seed=2, num_workers=0)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert [_rows(next(flaky)) for _ in range(15)] == expected
+    assert any("Connection reset by peer" in str(w.message) and "retry 2 in 0.02 s" in str(w.message) for w in caught)
+    assert flaky.metrics()["corrupt_shards"] == 0 and set(Flaky.failed.values()) == {2}
+
+
+def test_a_shard_that_stays_unreadable_stops_the_run_with_its_url(tmp_path):
+    url = _numbered_dataset(tmp_path, NUMBERED_SHARDS)
+    fsspec.register_implementation("flaky", Flaky, clobber=True)
+    Flaky.failures, Flaky.failed = 3, Counter()
+    source = ShardSource.open(f"flaky://{url}", "train", read_attempts=3, backoff_s=0.01)
+    with (
+        pytest.warns(RuntimeWarning, match="retry"),
+        pytest.raises(ShardReadError, match=r"train/0000\d.tar \(3 attempts\)"),
+    ):
+        next(ShardLoader(source, BATCH, seed=2, num_workers=0))
+
+
+def test_a_resume_across_the_epoch_layout_change_is_refused(text_shards):
+    source = ShardSource.open(text_shards.output, "train")
+    state = ShardLoader(source, BATCH, seed=3, num_workers=0).state_dict()
+    del state["order"]  # as written before the remainder was carried over
+    with pytest.raises(ValueError, match="drop-remainder/0, this version reads carry-remainder/1"):
+        ShardLoader(source, BATCH, seed=3, num_workers=0).load_state_dict(state)
 
 
 def test_missing_shard_is_an_error_at_start(text_shards, tmp_path):

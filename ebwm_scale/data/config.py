@@ -39,6 +39,8 @@ class SyntheticVideoConfig:
 class ShardsConfig:
     url: str = ""  # a dataset directory made by `ebwm-prep text` or `ebwm-prep video` (any fsspec URL)
     num_workers: int = 2  # DataLoader workers per rank (0: read in the training process)
+    read_attempts: int = 5  # a failed shard read (network error) is tried this often in all, then stops the run
+    read_backoff_s: float = 1.0  # wait before the first retry; doubled before each next one
 
 
 @dataclass(kw_only=True)
@@ -60,7 +62,8 @@ class DataConfig:
     def build_datasets(self, model: ModelShape) -> tuple[SampleDataset | ShardSource, SampleDataset, dict[str, str]]:
         """(train, val, description for the run log); the data must fit the `model` (vocabulary, frame size)."""
         if self.source == "shards":
-            train = ShardSource.open(self.shards.url, "train")
+            retries = {"read_attempts": self.shards.read_attempts, "backoff_s": self.shards.read_backoff_s}
+            train = ShardSource.open(self.shards.url, "train", **retries)
             self._check_shards_fit(train.meta, model)
             if train.modality == "text":
                 described = f"sentencepiece {train.meta['tokenizer']['sha256'][:12]}"
@@ -68,7 +71,7 @@ class DataConfig:
             else:
                 info = {"shards": self.shards.url, "encoder": train.meta["encoder"]["id"]}
             info["train_samples"] = str(len(train))
-            return train, ShardSamples(ShardSource.open(self.shards.url, "val")), info
+            return train, ShardSamples(ShardSource.open(self.shards.url, "val", **retries)), info
         if model.vocab_size != ByteTokenizer.vocab_size and self.source == "stdlib_docs":
             raise ShardFormatError(f"data.source=stdlib_docs has 256 byte tokens, model.vocab_size={model.vocab_size}")
         if self.source == "stdlib_docs":

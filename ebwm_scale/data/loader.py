@@ -1,22 +1,26 @@
 """Deterministic, exactly resumable streaming of WebDataset shards, text tokens or video latents (docs/design.md §6).
 
 Every (data-parallel rank, DataLoader worker) pair is one *reader*; there are world_size x num_workers of them.
-Epoch e lays the shards end to end in an order seeded by (seed, e), with each shard's samples in an order seeded by
-(seed, e, shard), and gives reader r the r-th equal, batch-aligned slice of that sequence (the remainder, fewer than
-readers x batch samples, waits for the next epoch's order). Each sample is thus seen exactly once per epoch across
-all ranks and workers. Readers stream forever, epoch after epoch.
+Epoch e's sample sequence is the previous epoch's remainder followed by epoch e's order: the shards in an order seeded
+by (seed, e), each shard's samples in an order seeded by (seed, e, shard). Reader r takes the r-th equal, batch-aligned
+slice of that sequence; what is left over (fewer than readers x batch samples) opens epoch e + 1. So no sample is
+dropped: every sample is served exactly once per pass over the data, across all ranks and workers. Readers stream
+forever, epoch after epoch.
 
 Every batch carries its reader and that reader's (epoch, position) after it; the main process records them, so the
 state is exact whatever the workers have prefetched. The DataLoader hands out batches round-robin over workers; a
 resumed loader rotates the worker -> reader mapping so the round-robin continues where it stopped.
 
-A shard whose bytes do not match meta.json (size, sha256) or that fails to parse is skipped, counted and logged once;
-a shard listed in meta.json but absent is an error at start.
+A shard whose bytes do not match meta.json (size, sha256) or that fails to parse is corrupt: skipped, counted and
+logged once. A read that fails (a network error on an object store) is retried with exponential backoff; when every
+attempt fails the run stops with the shard's URL, since skipping it would change the data order and break exact
+resume. A shard listed in meta.json but absent is an error at start.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,19 +40,28 @@ from ebwm_scale.data.shards import (
     sample_field,
 )
 
+LOADER_ORDER = "carry-remainder/1"  # in the loader state: positions mean nothing under another epoch layout
+
+
+class ShardReadError(OSError):
+    """A shard could not be read after every retry; the message names its URL."""
+
 
 @dataclass(frozen=True)
 class ShardSource:
-    """One split of a prepared dataset: its URL, meta.json, and the shards of that split."""
+    """One split of a prepared dataset: its URL, meta.json, and the shards of that split. A failed read is tried
+    `read_attempts` times in all, waiting backoff_s, 2 x backoff_s, ... in between."""
 
     url: str
     split: str
     meta: dict[str, Any]
+    read_attempts: int = 5
+    backoff_s: float = 1.0
 
     @classmethod
-    def open(cls, url: str, split: str) -> ShardSource:
+    def open(cls, url: str, split: str, read_attempts: int = 5, backoff_s: float = 1.0) -> ShardSource:
         meta = read_meta(url)
-        source = cls(url.rstrip("/"), split, meta)
+        source = cls(url.rstrip("/"), split, meta, read_attempts, backoff_s)
         if not source.shards:
             raise ShardFormatError(f"{url} has no {split} shards (meta.json)")
         fs, root = fsspec.core.url_to_fs(source.url)
@@ -80,38 +93,73 @@ class ShardSource:
     def __len__(self) -> int:
         return self.meta["splits"][self.split]["samples"]
 
+    def _read(self, url: str) -> bytes:
+        attempt = 1
+        while True:
+            try:
+                with fsspec.open(url, "rb") as f:
+                    return f.read()
+            except OSError as error:
+                if attempt == self.read_attempts:
+                    raise ShardReadError(f"cannot read shard {url} ({attempt} attempts): {error}") from error
+                wait = self.backoff_s * 2 ** (attempt - 1)
+                message = f"reading {url} failed ({error}); retry {attempt} in {wait:g} s"
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+                time.sleep(wait)
+                attempt += 1
+
     def load(self, index: int) -> list[np.ndarray] | None:
-        """The samples of shard `index` in stored order, or None if the shard is corrupt."""
+        """The samples of shard `index` in stored order, or None if the shard is corrupt (checksum or parse)."""
         info = self.shards[index]
         url = f"{self.url}/{info['name']}"
+        data = self._read(url)
         try:
-            with fsspec.open(url, "rb") as f:
-                data = f.read()
             if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
                 raise ShardFormatError(f"{url} does not match meta.json (size or sha256)")
             samples = [array for _, array in read_shard(data, url, sample_field(self.meta))]
             if len(samples) != info["samples"]:
                 raise ShardFormatError(f"{url} holds {len(samples)} samples, meta.json says {info['samples']}")
         except Exception as error:
-            if not is_corrupt_error(error) and not isinstance(error, OSError):
+            if not is_corrupt_error(error):
                 raise
             warnings.warn(f"skipping corrupt shard {url}: {error}", RuntimeWarning, stacklevel=2)
             return None
         return samples
 
 
-def reader_pieces(counts: list[int], seed: int, epoch: int, reader: int, num_readers: int, batch_size: int):
-    """Reader `reader`'s slice of epoch `epoch`: [(shard index, first, last) in that shard's epoch order], where the
-    slice covers plan positions [reader * per_reader, (reader + 1) * per_reader)."""
+def _epoch_runs(counts: list[int], seed: int, epoch: int) -> list[tuple[int, int, int, int]]:
+    """Epoch `epoch`'s sequence of whole shards as (order epoch, shard, first, last) runs."""
     order = np.random.default_rng([seed, epoch]).permutation(len(counts))
-    per_reader = (sum(counts) // (num_readers * batch_size)) * batch_size
+    return [(epoch, int(shard), 0, counts[shard]) for shard in order]
+
+
+def _tail(runs: list[tuple[int, int, int, int]], length: int) -> list[tuple[int, int, int, int]]:
+    """The last `length` samples of a run sequence, as runs."""
+    kept: list[tuple[int, int, int, int]] = []
+    for order_epoch, shard, first, last in reversed(runs):
+        if length <= 0:
+            break
+        take = min(length, last - first)
+        kept.append((order_epoch, shard, last - take, last))
+        length -= take
+    return kept[::-1]
+
+
+def reader_pieces(counts: list[int], seed: int, epoch: int, reader: int, num_readers: int, batch_size: int):
+    """Reader `reader`'s slice of epoch `epoch`: ([(order epoch, shard, first, last)], samples per reader), where a
+    piece is positions first:last of that shard's sample order in its order epoch. Epoch e's sequence is the last
+    (e x samples) mod (readers x batch) samples of epoch e - 1's order, which no reader took, then epoch e's order."""
+    total, group = sum(counts), num_readers * batch_size
+    carried = (epoch * total) % group
+    runs = (_tail(_epoch_runs(counts, seed, epoch - 1), carried) if carried else []) + _epoch_runs(counts, seed, epoch)
+    per_reader = ((carried + total) // group) * batch_size
     lo, hi = reader * per_reader, (reader + 1) * per_reader
     pieces, offset = [], 0
-    for shard in order:
-        start, end = max(lo, offset), min(hi, offset + counts[shard])
+    for order_epoch, shard, first, last in runs:
+        start, end = max(lo, offset), min(hi, offset + last - first)
         if start < end:
-            pieces.append((int(shard), start - offset, end - offset))
-        offset += counts[shard]
+            pieces.append((order_epoch, shard, first + start - offset, first + end - offset))
+        offset += last - first
     return pieces, per_reader
 
 
@@ -151,16 +199,16 @@ class ReaderStream(IterableDataset):
                     f"each of {self.num_readers} readers"
                 )
             offset = 0
-            for shard, first, last in pieces:
+            for order_epoch, shard, first, last in pieces:
                 length = last - first
                 if offset + length <= position:  # consumed before the resume point
                     offset += length
                     continue
                 samples = self.source.load(shard)
                 if samples is None:
-                    corrupt.add((epoch, shard))
+                    corrupt.add((order_epoch, shard))
                 else:
-                    order = np.random.default_rng([self.seed, epoch, shard]).permutation(len(samples))
+                    order = np.random.default_rng([self.seed, order_epoch, shard]).permutation(len(samples))
                     for i in range(max(first, first + position - offset), last):
                         yield samples[order[i]], epoch, offset + (i - first) + 1, len(corrupt)
                 offset += length
@@ -250,6 +298,7 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "order": LOADER_ORDER,
             "consumed": self.consumed,
             "num_workers": self.num_workers,
             "positions": {str(r): list(p) for r, p in self.positions.items()},
@@ -257,6 +306,12 @@ class ShardLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("order") != LOADER_ORDER:
+            raise ValueError(
+                f"the checkpoint's loader state was written for epoch layout {state.get('order', 'drop-remainder/0')}, "
+                f"this version reads {LOADER_ORDER}: its positions would select other samples, so exact resume is not "
+                "possible; start a new run from its weights (train.init_from after tools/export.py)"
+            )
         if state["num_workers"] != self.num_workers:
             raise ValueError(
                 f"the checkpoint's loader ran {state['num_workers']} workers, this run has data.shards.num_workers="
