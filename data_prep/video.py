@@ -21,6 +21,7 @@ latents' mean and std per dimension (the loader standardizes with them) and ever
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -41,7 +42,7 @@ from data_prep.common import (
     write_split_shards,
 )
 from ebwm_scale.data.frame_encoders import ENCODERS, FrameEncoderConfig
-from ebwm_scale.data.shards import LATENTS_KEY, META_FILE, SPLITS, VIDEO_FORMAT
+from ebwm_scale.data.shards import LATENTS_KEY, META_FILE, SPLITS, VIDEO_FORMAT, ReadError, read_bytes, retrying
 from ebwm_scale.data.text import is_validation_document
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
@@ -66,6 +67,8 @@ class VideoPrepConfig:
     ray_address: str = ""  # "": $RAY_ADDRESS if set, else Ray on this machine; "auto": a running cluster
     num_actors: int = 0  # encoder actors; 0 = one per CPU (or per GPU with --gpus-per-actor 1)
     gpus_per_actor: float = -1.0  # > 0: actors run the encoder on GPUs; 0: on CPUs; -1: 1 if the cluster has GPUs
+    read_attempts: int = 5  # a failed read (network error) is tried this often in all, then stops the job
+    read_backoff_s: float = 1.0  # wait before the first retry; doubled before each next one
 
     def settings(self) -> dict:
         """What determines the output bytes: a re-run into the same directory must agree on all of it."""
@@ -99,24 +102,26 @@ def _square(image, resolution: int) -> np.ndarray:
 
 
 def _timed_frames(url: str, cfg: VideoPrepConfig):
-    """(time in seconds, PIL image) of every frame of a video file or image folder, in order."""
+    """(time in seconds, PIL image) of every frame of a video file or image folder, in order. Files are read whole,
+    with retries (a failed read is a ReadError, never a 'corrupt video'), and decoded from memory."""
     from PIL import Image
 
+    retry = {"attempts": cfg.read_attempts, "backoff_s": cfg.read_backoff_s}
     if url.lower().endswith(VIDEO_EXTENSIONS):
         import av
 
-        with fsspec.open(url, "rb") as f, av.open(f) as container:
+        with av.open(io.BytesIO(read_bytes(url, **retry))) as container:
             stream = container.streams.video[0]
             for frame in container.decode(stream):
                 if frame.time is not None:
                     yield frame.time, frame.to_image()
         return
     fs, root = fsspec.core.url_to_fs(url)
-    names = sorted(p for p in fs.ls(root, detail=False) if p.lower().endswith(IMAGE_EXTENSIONS))
+    listed = retrying(lambda: fs.ls(root, detail=False), url, **retry)
+    names = sorted(p for p in listed if p.lower().endswith(IMAGE_EXTENSIONS))
     for index, name in enumerate(names):
-        with fs.open(name, "rb") as f:
-            image = Image.open(f)
-            image.load()
+        image = Image.open(io.BytesIO(read_bytes(fs.unstrip_protocol(name), **retry)))
+        image.load()
         yield index / cfg.image_fps, image
 
 
@@ -167,6 +172,8 @@ class ClipEncoder:
             start = time.perf_counter()
             try:
                 clips = video_clips(url, cfg)
+            except ReadError:
+                raise  # the storage failed, not the file: stop rather than lose the video
             except Exception as error:  # noqa: BLE001 - any decoder failure means "this file is damaged"
                 counts["corrupt_videos"] += 1
                 skipped.append({"video": url, "error": f"{type(error).__name__}: {error}"[:300]})
@@ -281,6 +288,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--ray-address", default=d.ray_address, help="'auto' on a cluster started by `ray up`")
     parser.add_argument("--num-actors", type=int, default=d.num_actors)
     parser.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="-1: 1 if the cluster has GPUs")
+    parser.add_argument("--read-attempts", type=int, default=d.read_attempts, help="tries per file before stopping")
+    parser.add_argument("--read-backoff-s", type=float, default=d.read_backoff_s, help="first retry wait, doubled")
     return parser
 
 
@@ -298,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--clip-frames must be >= 2, --frame-gap > 0, --clip-stride >= 0, --val-percent in (0, 100)")
     if cfg.videos_per_chunk < 1 or cfg.shard_mb <= 0:
         raise SystemExit("--videos-per-chunk must be >= 1 and --shard-mb > 0")
+    if cfg.read_attempts < 1 or cfg.read_backoff_s < 0:
+        raise SystemExit("--read-attempts must be >= 1 and --read-backoff-s >= 0")
     try:
         cfg.encoder.build()  # a missing VAE or an impossible patch grid fails here, before Ray starts
     except (FileNotFoundError, ValueError) as error:

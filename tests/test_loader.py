@@ -7,13 +7,12 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pytest
-from fsspec.implementations.local import LocalFileSystem
 
-from ebwm_scale.data.loader import ShardLoader, ShardReadError, ShardSource, reader_pieces
-from ebwm_scale.data.shards import TEXT_FORMAT, ShardFormatError, write_shard
+from ebwm_scale.data.loader import ShardLoader, ShardSource, reader_pieces
+from ebwm_scale.data.shards import TEXT_FORMAT, ReadError, ShardFormatError, write_shard
+from tests.faults import flaky_store
 
 BATCH = 4
 
@@ -110,45 +109,25 @@ def test_corrupt_shard_is_skipped_counted_and_logged(text_shards, tmp_path):
     assert set(seen) <= set(_all_samples(ShardSource.open(text_shards.output, "train")))
 
 
-class Flaky(LocalFileSystem):
-    """`flaky:///dir`: local files whose first `failures` opens of a shard raise a network error."""
-
-    protocol = ("flaky",)
-    failures = 0
-    failed: Counter = Counter()
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        return super()._strip_protocol(str(path).removeprefix("flaky://"))
-
-    def _open(self, path, mode="rb", **kwargs):
-        if path.endswith(".tar") and self.failed[path] < self.failures:
-            self.failed[path] += 1
-            raise ConnectionResetError(104, "Connection reset by peer", path)
-        return super()._open(path, mode, **kwargs)
-
-
 def test_transient_read_errors_are_retried_and_change_nothing(tmp_path):
     url = _numbered_dataset(tmp_path, NUMBERED_SHARDS)
     clean = ShardLoader(ShardSource.open(url, "train"), BATCH, seed=2, num_workers=0)
     expected = [_rows(next(clean)) for _ in range(15)]
-    fsspec.register_implementation("flaky", Flaky, clobber=True)
-    Flaky.failures, Flaky.failed = 2, Counter()
+    store = flaky_store(2, ".tar")
     flaky = ShardLoader(ShardSource.open(f"flaky://{url}", "train", backoff_s=0.01), BATCH, seed=2, num_workers=0)
     with pytest.warns(RuntimeWarning) as caught:
         assert [_rows(next(flaky)) for _ in range(15)] == expected
     assert any("Connection reset by peer" in str(w.message) and "retry 2 in 0.02 s" in str(w.message) for w in caught)
-    assert flaky.metrics()["corrupt_shards"] == 0 and set(Flaky.failed.values()) == {2}
+    assert flaky.metrics()["corrupt_shards"] == 0 and set(store.failed.values()) == {2}
 
 
 def test_a_shard_that_stays_unreadable_stops_the_run_with_its_url(tmp_path):
     url = _numbered_dataset(tmp_path, NUMBERED_SHARDS)
-    fsspec.register_implementation("flaky", Flaky, clobber=True)
-    Flaky.failures, Flaky.failed = 3, Counter()
+    flaky_store(3, ".tar")
     source = ShardSource.open(f"flaky://{url}", "train", read_attempts=3, backoff_s=0.01)
     with (
         pytest.warns(RuntimeWarning, match="retry"),
-        pytest.raises(ShardReadError, match=r"train/0000\d.tar \(3 attempts\)"),
+        pytest.raises(ReadError, match=r"train/0000\d.tar \(3 attempts\)"),
     ):
         next(ShardLoader(source, BATCH, seed=2, num_workers=0))
 

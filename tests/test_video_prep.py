@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.video import VideoPrepConfig, run, video_clips
+from data_prep.video import ClipEncoder, VideoPrepConfig, run, video_clips
 from ebwm_scale.data.frame_encoders import FrameEncoderConfig, encoder_from_meta
 from ebwm_scale.data.loader import ShardLoader, ShardSource
-from ebwm_scale.data.shards import META_FILE, VIDEO_FORMAT
+from ebwm_scale.data.shards import META_FILE, VIDEO_FORMAT, ReadError
 from tests.conftest import REPO, kill_prep_job_after
+from tests.faults import flaky_store
 
 CLIP = {"clip_frames": 8, "frame_gap": 0.125, "image_fps": 16}  # 1 s clips of 8 frames from 16 fps videos
 
@@ -85,6 +86,20 @@ def test_latents_are_the_encoding_of_the_sampled_frames(video_shards, videos):
     assert np.array_equal(clips[1][3], decoded[16 + 3 * 2])  # clip 1 starts at 1 s = frame 16
     latents = encoder.encode(clips[0])
     assert latents.shape == (8, 48) and np.allclose(encoder.encode(encoder.decode(latents)), latents, atol=0.02)
+
+
+def test_a_read_error_is_retried_then_stops_the_job_and_is_never_a_corrupt_video(videos, tmp_path):
+    mp4 = next(path for path in sorted(videos.glob("*.mp4")) if path.name != "broken.mp4")
+    frames = next((videos / "folders").iterdir())
+    cfg = _config(videos, tmp_path / "out", read_backoff_s=0.01)
+    expected = [video_clips(str(path), cfg) for path in (mp4, frames)]
+    store = flaky_store(2, ".mp4", ".png")
+    with pytest.warns(RuntimeWarning, match="Connection reset by peer"):
+        got = [video_clips(f"flaky://{path}", cfg) for path in (mp4, frames)]
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got, strict=True)) and len(store.failed) > 2
+    flaky_store(5, ".mp4")
+    with pytest.warns(RuntimeWarning), pytest.raises(ReadError, match=rf"{mp4.name} \(5 attempts\)"):
+        ClipEncoder(cfg).process(0, [f"flaky://{mp4}"])  # not counted as a corrupt video and skipped
 
 
 def test_rerun_after_kill_gives_the_same_shards(videos, tmp_path):

@@ -20,7 +20,6 @@ resume. A shard listed in meta.json but absent is an error at start.
 from __future__ import annotations
 
 import hashlib
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,16 +34,13 @@ from ebwm_scale.data.shards import (
     VIDEO_FORMAT,
     ShardFormatError,
     is_corrupt_error,
+    read_bytes,
     read_meta,
     read_shard,
     sample_field,
 )
 
 LOADER_ORDER = "carry-remainder/1"  # in the loader state: positions mean nothing under another epoch layout
-
-
-class ShardReadError(OSError):
-    """A shard could not be read after every retry; the message names its URL."""
 
 
 @dataclass(frozen=True)
@@ -93,26 +89,11 @@ class ShardSource:
     def __len__(self) -> int:
         return self.meta["splits"][self.split]["samples"]
 
-    def _read(self, url: str) -> bytes:
-        attempt = 1
-        while True:
-            try:
-                with fsspec.open(url, "rb") as f:
-                    return f.read()
-            except OSError as error:
-                if attempt == self.read_attempts:
-                    raise ShardReadError(f"cannot read shard {url} ({attempt} attempts): {error}") from error
-                wait = self.backoff_s * 2 ** (attempt - 1)
-                message = f"reading {url} failed ({error}); retry {attempt} in {wait:g} s"
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
-                time.sleep(wait)
-                attempt += 1
-
     def load(self, index: int) -> list[np.ndarray] | None:
         """The samples of shard `index` in stored order, or None if the shard is corrupt (checksum or parse)."""
         info = self.shards[index]
         url = f"{self.url}/{info['name']}"
-        data = self._read(url)
+        data = read_bytes(url, self.read_attempts, self.backoff_s)
         try:
             if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
                 raise ShardFormatError(f"{url} does not match meta.json (size or sha256)")

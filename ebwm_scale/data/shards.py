@@ -13,8 +13,10 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterator
-from typing import Any
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import fsspec
 import numpy as np
@@ -33,6 +35,40 @@ SHARD_MTIME = 1  # fixed (integer: a float mtime costs a pax header per member) 
 
 class ShardFormatError(ValueError):
     """A dataset directory or shard that does not follow this schema; the message names the URL."""
+
+
+class ReadError(OSError):
+    """A read that failed on every attempt (not a damaged file: the storage did not answer); names the URL."""
+
+
+T = TypeVar("T")
+
+
+def retrying(action: Callable[[], T], url: str, attempts: int = 5, backoff_s: float = 1.0) -> T:
+    """action(), tried `attempts` times in all while it raises OSError (a network blip on an object store), waiting
+    backoff_s, 2 x backoff_s, ... in between; then ReadError naming `url`."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except OSError as error:
+            if attempt == attempts:
+                raise ReadError(f"cannot read {url} ({attempts} attempts): {error}") from error
+            wait = backoff_s * 2 ** (attempt - 1)
+            warnings.warn(
+                f"reading {url} failed ({error}); retry {attempt} in {wait:g} s", RuntimeWarning, stacklevel=3
+            )
+            time.sleep(wait)
+    raise ValueError(f"attempts={attempts} must be >= 1")
+
+
+def read_bytes(url: str, attempts: int = 5, backoff_s: float = 1.0) -> bytes:
+    """The whole file at `url`, with `retrying`."""
+
+    def read() -> bytes:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+
+    return retrying(read, url, attempts, backoff_s)
 
 
 def encode_array(array: np.ndarray) -> bytes:
