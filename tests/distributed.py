@@ -1,11 +1,14 @@
-"""run_distributed_test: fork `world_size` ranks on a free port (gloo, or another backend string), re-raise the first
-failure."""
+"""run_distributed_test: spawn `world_size` ranks that rendezvous through a file (no port to race for; gloo, or another
+backend string), re-raise the first failure."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,12 +21,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn, args, errors, backend: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
-    )
+def _worker(rank: int, world_size: int, store: str, fn, args, errors, backend: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size)
         fn(rank, world_size, *args)
         if "cpu" in dist.get_backend_config():  # a group without a CPU backend cannot barrier here
             dist.barrier()  # no rank tears the group down while another still has collectives in flight
@@ -38,14 +39,16 @@ def _worker(rank: int, world_size: int, port: int, fn, args, errors, backend: st
 def run_distributed_test(fn, world_size: int = 2, args: tuple = (), backend: str = "gloo") -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    port = free_port()
+    rendezvous = tempfile.mkdtemp(prefix="ebwm-rendezvous-")
+    store = str(Path(rendezvous) / "store")
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, errors, backend)) for r in range(world_size)
+        ctx.Process(target=_worker, args=(r, world_size, store, fn, args, errors, backend)) for r in range(world_size)
     ]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=300)
+    shutil.rmtree(rendezvous, ignore_errors=True)
     failures = []
     while not errors.empty():
         failures.append(errors.get())

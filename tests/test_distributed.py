@@ -1,9 +1,11 @@
 """Data parallelism on 2 gloo ranks equals one process on the whole batch, second-order EBT gradients included."""
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from ebwm_scale.mcmc import MCMCConfig
@@ -127,3 +129,17 @@ def test_torchrun_on_two_nodes_matches_one_process(tmp_path):
         for node in (0, 1)
     ]
     _assert_same_curve(_train(nodes, tmp_path / "nodes", "data.micro_batch_size=4"), one)
+
+
+def test_one_process_with_a_process_group_trains_like_one_without(tmp_path):
+    """parallel.force_distributed opens a 1-rank group (in memory: no port) so every collective of a step runs (the
+    1-GPU check of the NCCL path); ZeRO always opens one, since DeepSpeed needs it. Neither changes a loss."""
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    _, plain = _train([[sys.executable]], tmp_path / "plain", env=env)
+    assert len(plain) == 5
+    assert _train([[sys.executable]], tmp_path / "forced", "parallel.force_distributed=true", env=env)[1] == plain
+    zero = _train(
+        [[sys.executable]], tmp_path / "zero", "parallel.data_parallel=zero", "parallel.zero_stage=2", env=env
+    )
+    assert zero[1] == pytest.approx(plain, rel=1e-5)

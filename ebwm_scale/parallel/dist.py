@@ -9,7 +9,6 @@ double-backward graph, so it is correct for the EBT loss by construction (DDP's 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -165,28 +164,23 @@ def init_distributed(cfg: ParallelConfig, device: str) -> DistInfo:
         # DeepSpeed reads these, which srun and a lone process do not set
         for var, value in (("RANK", rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", world_size)):
             os.environ.setdefault(var, str(value))
-        if world_size == 1 and "MASTER_ADDR" not in os.environ:  # a private rendezvous for a lone process
-            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
-        if "SLURM_PROCID" in os.environ and "MASTER_ADDR" not in os.environ:
+        # A lone process rendezvous with itself in memory: no port to pick, so none that another process can take.
+        store = dist.HashStore() if world_size == 1 and "MASTER_ADDR" not in os.environ else None
+        if "SLURM_PROCID" in os.environ and "MASTER_ADDR" not in os.environ and store is None:
             os.environ["MASTER_ADDR"], port = slurm_rendezvous()
             os.environ.setdefault("MASTER_PORT", port)
         for var in ("MASTER_ADDR", "MASTER_PORT"):
-            if var not in os.environ:
+            if var not in os.environ and store is None:
                 raise LaunchError(f"{var} is not set: the launcher (or the SLURM batch script) must export it")
         dist.init_process_group(
             process_group_backend(cfg.backend, info.device),
+            store=store,
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=cfg.init_timeout_s),
             device_id=info.device if info.device.type == "cuda" else None,  # binds NCCL communicators eagerly
         )
     return with_parallel_groups(info, cfg.tensor_parallel, cfg.pipeline_parallel)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def with_parallel_groups(info: DistInfo, tp_size: int, pp_size: int = 1) -> DistInfo:
