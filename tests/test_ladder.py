@@ -3,8 +3,11 @@
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,25 +114,38 @@ def test_a_two_rank_ladder_run_under_ray_trains_its_planned_tokens(tmp_path, ray
 
 
 @pytest.mark.slow
-def test_a_ladder_resumes_where_it_stopped_and_is_fitted(tmp_path):
+def test_a_ladder_killed_mid_run_resumes_that_run_and_is_fitted(tmp_path):
     tracking = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     ladder = tmp_path / "tiny.yaml"
     ladder.write_text(
         f"name: tiny\nbase: {REPO}/recipes/ci_tiny.yaml\nkinds: [ebt, ar]\n"
-        "sizes:\n  s1: {dim: 32, num_layers: 1, num_heads: 2}\nbudgets: [2048, 4096]\n"
+        "sizes:\n  s1: {dim: 32, num_layers: 1, num_heads: 2}\nbudgets: [2048, 32768]\n"
         f"output_dir: {tmp_path}/runs\n"
-        f"overrides: [train.eval_interval_steps=0, train.eval_batches=1, tracking.uri='{tracking}']\n"
+        "overrides: [train.eval_interval_steps=0, train.eval_batches=1, train.checkpoint_interval_steps=4, "
+        f"train.progress_bar=false, tracking.uri='{tracking}']\n"
     )
     command = [sys.executable, "-m", "ebwm_scale.ladder", str(ladder)]
-    first = subprocess.run([*command, "--only", "*-ebt-*"], capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-2000:]
+    # The ladder runs tiny-ebt-s1-2.048k, then tiny-ebt-s1-32.768k (32 steps): killed, with its child, once that run
+    # has its first checkpoint, as a preempted job would be.
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    victim = tmp_path / "runs" / "tiny" / "tiny-ebt-s1-32.768k"
+    deadline = time.monotonic() + 300
+    while not list(victim.glob("checkpoints/step_*/COMPLETE.json")) and time.monotonic() < deadline:
+        assert first.poll() is None, first.stderr.read().decode()[-2000:]
+        time.sleep(0.01)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (victim / "summary.json").exists()  # killed midway, not after the run finished
     listing = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, timeout=120).stdout
-    assert [line.split()[1] for line in listing.splitlines()] == ["done", "done", "todo", "todo"]
+    assert [line.split()[1] for line in listing.splitlines()] == ["done", "todo", "todo", "todo"]
     rest = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rest.returncode == 0, rest.stderr[-2000:]
-    assert "2 of 4 runs already finished; running 2" in rest.stdout
-    summary = json.loads((tmp_path / "runs" / "tiny" / "tiny-ar-s1-4.096k" / "summary.json").read_text())
-    assert summary["scale"] == {**summary["scale"], "kind": "ar", "data": 4096, "unit": "tokens"}
+    assert "1 of 4 runs already finished; running 3" in rest.stdout
+    resumed = json.loads((victim / "summary.json").read_text())
+    assert resumed["resumed_from"].endswith(("step_00000004", "step_00000008")) and resumed["steps"] == 32
+    assert resumed["tokens"] == 32768  # the budget, not the budget plus the steps replayed after the kill
+    summary = json.loads((tmp_path / "runs" / "tiny" / "tiny-ar-s1-32.768k" / "summary.json").read_text())
+    assert summary["scale"] == {**summary["scale"], "kind": "ar", "data": 32768, "unit": "tokens"}
 
     for source in (["--runs-dir", f"{tmp_path}/runs/tiny"], ["--tracking-uri", tracking, "--mlflow"]):
         out = tmp_path / f"fit{len(source)}"
