@@ -132,6 +132,25 @@ def test_state_stays_fp32_under_bf16_autocast(update_space):
     assert losses[0] == pytest.approx(losses[1], rel=2e-2)
 
 
+@pytest.mark.parametrize("update_space", ["probs", "logits"])
+def test_the_training_chain_keeps_an_fp32_state_under_bf16_autocast(update_space):
+    """The training step (second-order graph kept) refines an fp32 state at every MCMC step."""
+    objective = _objective("lean", num_steps=2, update_space=update_space, alpha_init=0.5)
+    point, seen = objective.state.point, []
+
+    def recording_point(state):
+        seen.append(state.dtype)
+        return point(state)
+
+    objective.state.point = recording_point
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = objective({"tokens": torch.randint(0, 61, (2, 9))}).loss
+    loss.backward()
+    assert seen == [torch.float32, torch.float32] and torch.isfinite(loss)
+    assert objective.mcmc.alpha.grad is not None and torch.isfinite(objective.mcmc.alpha.grad)
+
+
 def _state_sized_tensors_saved(objective, batch, state_numel: int) -> int:
     storages = set()
 
