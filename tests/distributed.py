@@ -3,6 +3,7 @@ backend string), re-raise the first failure."""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import socket
@@ -26,6 +27,7 @@ def _worker(rank: int, world_size: int, store: str, fn, args, errors, backend: s
     try:
         dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size)
         fn(rank, world_size, *args)
+        gc.collect()  # what fn left in reference cycles may hold the group: freed while the group still exists
         if "cpu" in dist.get_backend_config():  # a group without a CPU backend cannot barrier here
             dist.barrier()  # no rank tears the group down while another still has collectives in flight
     except BaseException:

@@ -8,6 +8,7 @@ double-backward graph, so it is correct for the EBT loss by construction (DDP's 
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 from dataclasses import dataclass, replace
@@ -223,6 +224,9 @@ def all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, floa
 
 def shutdown_distributed(clean_exit: bool = True) -> None:
     if dist.is_initialized():
+        # Objects in reference cycles (the trainer and its callbacks, an engine, autograd graphs) can hold the groups;
+        # freed at interpreter exit, after the groups are gone, they can abort the process. Free them now.
+        gc.collect()
         if clean_exit:
             # A rank that tears gloo down while a peer still talks to it can abort the peer ("terminate called
             # without an active exception"); after an error a peer may never arrive, so no barrier then.
