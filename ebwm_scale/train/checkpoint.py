@@ -45,6 +45,7 @@ MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.pt"
 CONFIG_FILE = "config.yaml"
 NAME_PATTERN = re.compile(r"^step_(\d{8})$")
+NO_MANIFEST = f"no readable {MANIFEST}"  # a checkpoint being written, or one a crash cut short: nothing to report
 
 
 class CheckpointError(RuntimeError):
@@ -105,8 +106,7 @@ class Checkpointer:
         self.keep_names = {checkpoint_name(step) for step in keep_steps}  # never pruned (e.g. branch points)
         self.rank = rank
         self.world_size = world_size
-        self.is_local = "file" in self.fs.protocol or "local" in self.fs.protocol
-        self.atomic_rename = self.is_local
+        self.is_local = "file" in self.fs.protocol or "local" in self.fs.protocol  # only there is rename atomic
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -143,7 +143,7 @@ class Checkpointer:
         CheckpointError; earlier checkpoints are untouched."""
         name = checkpoint_name(step)
         final = self._path(name)
-        tmp = self._path(f".tmp-{name}") if self.atomic_rename else final
+        tmp = self._path(f".tmp-{name}") if self.is_local else final
         entries: dict[str, Any] = {}
         error = None
         try:
@@ -187,7 +187,7 @@ class Checkpointer:
         for entries in rank_entries:
             manifest["files"].update(entries)
         self._write(f"{tmp}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
-        if self.atomic_rename:
+        if self.is_local:
             self._fsync_dir(tmp)
             if self.fs.exists(final):  # a re-save of the same step
                 self._remove(final)
@@ -229,14 +229,15 @@ class Checkpointer:
         except (OSError, ValueError):
             return None
 
-    def incomplete_reason(self, fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    def incomplete_reason(self, path: str) -> str | None:
         """Why the checkpoint at `path` cannot be trusted (no manifest, a file missing or of the wrong size), or
         None. One listing, no reads: cheap enough to run on every candidate; sha256 is checked on load."""
-        manifest = self._manifest(fs, path)
+        manifest = self._manifest(self.fs, path)
         if manifest is None:
-            return f"no readable {MANIFEST}"
+            return NO_MANIFEST
         try:
-            sizes = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["size"] for entry in fs.ls(path, detail=True)}
+            listing = self.fs.ls(path, detail=True)
+            sizes = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["size"] for entry in listing}
         except OSError as error:
             return f"cannot list it: {error}"
         for file_name, expected in manifest["files"].items():
@@ -257,10 +258,10 @@ class Checkpointer:
             match = NAME_PATTERN.match(entry.rsplit("/", 1)[-1])
             if not match:
                 continue
-            reason = self.incomplete_reason(self.fs, entry)
+            reason = self.incomplete_reason(entry)
             if reason is None:
                 found.append((int(match.group(1)), entry))
-            elif warn and self.rank == 0 and not reason.startswith("no readable"):
+            elif warn and self.rank == 0 and reason != NO_MANIFEST:
                 warnings.warn(f"checkpoint {entry} passed over: {reason}", stacklevel=3)
         return [path for _, path in sorted(found)]
 
@@ -274,7 +275,7 @@ class Checkpointer:
         fs, path = fsspec.core.url_to_fs(url)
         manifest = self._manifest(fs, path)
         if manifest is None:
-            raise CheckpointError(f"{url} is not a complete checkpoint (no readable {MANIFEST})")
+            raise CheckpointError(f"{url} is not a complete checkpoint ({NO_MANIFEST})")
         expected = manifest["files"].get(file_name)
         if expected is None:
             raise CheckpointError(f"{url} has no {file_name} (it was saved by {manifest['world_size']} ranks)")
