@@ -21,6 +21,7 @@ from ebwm_scale.train.callbacks import Callback
 from ebwm_scale.train.checkpoint import MANIFEST, Checkpointer, CheckpointError, model_file_bytes, torch_bytes
 from ebwm_scale.train.export import load_exported
 from tests.conftest import CPU, REPO
+from tests.test_resume import _losses
 from tests.test_training import SMALL, Recorder
 
 VIDEO = [
@@ -256,12 +257,6 @@ def pretrain_crashing_at(pattern: str, argv: list[str]) -> None:
     trainer.fit()
 
 
-def _losses_by_step(run_dir: Path) -> dict[int, float]:
-    """The last train record of every step (a resumed run repeats the steps after its checkpoint)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "crash_pattern, resumes_from",
@@ -288,7 +283,7 @@ def test_a_run_killed_inside_save_resumes_from_the_newest_complete_checkpoint(tm
     run_dir = tmp_path / "killed" / "ci_tiny_video"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"].endswith(f"step_{resumes_from:08d}")
-    assert _losses_by_step(run_dir) == _losses_by_step(tmp_path / "straight" / "ci_tiny_video")  # bit for bit
+    assert _losses(run_dir) == _losses(tmp_path / "straight" / "ci_tiny_video")  # bit for bit
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000009"]
 
 

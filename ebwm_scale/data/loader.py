@@ -51,8 +51,8 @@ class ShardSource:
     url: str
     split: str
     meta: dict[str, Any]
-    read_attempts: int = 5
-    backoff_s: float = 1.0
+    read_attempts: int
+    backoff_s: float
 
     @classmethod
     def open(cls, url: str, split: str, read_attempts: int = 5, backoff_s: float = 1.0) -> ShardSource:

@@ -44,7 +44,7 @@ class ReadError(OSError):
 T = TypeVar("T")
 
 
-def retrying(action: Callable[[], T], url: str, attempts: int = 5, backoff_s: float = 1.0) -> T:
+def retrying(action: Callable[[], T], url: str, attempts: int, backoff_s: float) -> T:
     """action(), tried `attempts` times in all while it raises OSError (a network blip on an object store), waiting
     backoff_s, 2 x backoff_s, ... in between; then ReadError naming `url`."""
     for attempt in range(1, attempts + 1):
@@ -61,7 +61,7 @@ def retrying(action: Callable[[], T], url: str, attempts: int = 5, backoff_s: fl
     raise ValueError(f"attempts={attempts} must be >= 1")
 
 
-def read_bytes(url: str, attempts: int = 5, backoff_s: float = 1.0) -> bytes:
+def read_bytes(url: str, attempts: int, backoff_s: float) -> bytes:
     """The whole file at `url`, with `retrying`."""
 
     def read() -> bytes:
