@@ -65,6 +65,21 @@ def test_ranks_take_disjoint_slices_of_the_same_global_batch():
         assert sorted(per_rank[0] + per_rank[1]) == sorted(_ids(next(single)))
 
 
+@pytest.mark.parametrize("new_ranks", [1, 3])
+def test_a_run_resumed_on_other_ranks_continues_the_epoch_without_repeats(new_ranks):
+    old = [BatchLoader(Indexed(40), batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
+    taken = [i for _ in range(3) for loader in old for i in _ids(next(loader))]  # 12 of epoch 0
+    new = [BatchLoader(Indexed(40), batch_size=2, seed=3, rank=r, world_size=new_ranks) for r in range(new_ranks)]
+    for loader in new:
+        loader.load_resized([old[1].state_dict(), old[0].state_dict()])
+    while new[0].epoch == 0:
+        batches = [_ids(next(loader)) for loader in new]
+        if new[0].epoch == 0:
+            taken += [i for batch in batches for i in batch]
+    left_out = 40 - len(taken)
+    assert len(set(taken)) == len(taken) and left_out < 2 * new_ranks  # the epoch's tail: less than a global batch
+
+
 def test_fixed_batches_are_the_same_every_time():
     assert [_ids(b) for b in fixed_batches(Indexed(20), 4, 3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ebwm_scale.data.loader import ShardLoader, ShardSource, reader_pieces
+from ebwm_scale.data.loader import ShardLoader, ShardSource, sequences
 from ebwm_scale.data.shards import TEXT_FORMAT, ReadError, ShardFormatError, write_shard
 from tests.faults import flaky_store
 
@@ -27,7 +27,7 @@ def _all_samples(source: ShardSource) -> Counter:
 
 def _per_epoch(source: ShardSource, readers: int) -> int:
     counts = [s["samples"] for s in source.shards]
-    return readers * reader_pieces(counts, 0, 0, 0, readers, BATCH)[1]
+    return readers * next(sequences(counts, 0, readers, BATCH, None, 1))[1]
 
 
 def _numbered_dataset(directory: Path, shard_sizes: list[int]) -> str:
@@ -76,6 +76,41 @@ def test_same_settings_same_order_and_epochs_reshuffle(text_shards):
     other_seed = ShardLoader(source, BATCH, seed=2, num_workers=2)
     assert _rows(next(other_seed)) != seq_a[0]
     assert seq_a[batches_per_epoch : batches_per_epoch + 2] != seq_a[:2]  # epoch 1 has its own order
+
+
+@pytest.mark.parametrize("old_workers, new_ranks, new_workers", [(2, 1, 0), (2, 4, 1), (0, 3, 2)])
+@pytest.mark.parametrize("batches_before", [3, 9])
+def test_a_resized_run_neither_repeats_nor_skips_a_sample(
+    tmp_path, old_workers, new_ranks, new_workers, batches_before
+):
+    """Two ranks stop mid-epoch (9 batches: in the second sequence, their workers one batch apart); the run resumes
+    on other ranks and workers. After the new readers have served what was left and then one more epoch, every
+    sample has been served once per epoch except the new layout's own carried remainder, which comes next."""
+    source = ShardSource.open(_numbered_dataset(tmp_path, NUMBERED_SHARDS), "train")
+    total = sum(NUMBERED_SHARDS)
+    old = [ShardLoader(source, BATCH, seed=5, rank=r, world_size=2, num_workers=old_workers) for r in (0, 1)]
+    seen: Counter = Counter()
+    for loader in old:
+        for _ in range(batches_before):
+            seen.update(row[0] for row in _rows(next(loader)))
+    states = [loader.state_dict() for loader in old]
+    new = [
+        ShardLoader(source, BATCH, seed=5, rank=r, world_size=new_ranks, num_workers=new_workers)
+        for r in range(new_ranks)
+    ]
+    for loader in new:
+        loader.load_resized(states + states[:1])  # repeats (tensor-parallel ranks of one replica) are ignored
+    epochs = new[0].layout["next_epoch"]  # the epochs the old readers had opened
+    group = new_ranks * max(1, new_workers) * BATCH
+    left = epochs * total - sum(seen.values())
+    rounds = left // group + (left % group + total) // group  # what was left, then the next epoch
+    for _ in range(rounds * max(1, new_workers)):
+        for loader in new:
+            seen.update(row[0] for row in _rows(next(loader)))
+    still_carried = (left % group + total) % group
+    assert set(seen.values()) <= {epochs, epochs + 1}
+    assert sum(count == epochs for count in seen.values()) == still_carried
+    assert len(seen) == total
 
 
 @pytest.mark.parametrize("num_workers, consumed", [(2, 7), (2, 8), (0, 5)])

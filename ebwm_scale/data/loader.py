@@ -108,40 +108,69 @@ class ShardSource:
         return samples
 
 
-def _epoch_runs(counts: list[int], seed: int, epoch: int) -> list[tuple[int, int, int, int]]:
-    """Epoch `epoch`'s sequence of whole shards as (order epoch, shard, first, last) runs."""
+Run = tuple[int, int, int, int]  # (order epoch, shard, first, last): positions first:last of a shard's sample order
+
+
+def _epoch_runs(counts: list[int], seed: int, epoch: int) -> list[Run]:
+    """Epoch `epoch`'s sequence of whole shards as runs."""
     order = np.random.default_rng([seed, epoch]).permutation(len(counts))
     return [(epoch, int(shard), 0, counts[shard]) for shard in order]
 
 
-def _tail(runs: list[tuple[int, int, int, int]], length: int) -> list[tuple[int, int, int, int]]:
-    """The last `length` samples of a run sequence, as runs."""
-    kept: list[tuple[int, int, int, int]] = []
-    for order_epoch, shard, first, last in reversed(runs):
-        if length <= 0:
-            break
-        take = min(length, last - first)
-        kept.append((order_epoch, shard, last - take, last))
-        length -= take
-    return kept[::-1]
+def _length(runs: list[Run]) -> int:
+    return sum(last - first for _, _, first, last in runs)
 
 
-def reader_pieces(counts: list[int], seed: int, epoch: int, reader: int, num_readers: int, batch_size: int):
-    """Reader `reader`'s slice of epoch `epoch`: ([(order epoch, shard, first, last)], samples per reader), where a
-    piece is positions first:last of that shard's sample order in its order epoch. Epoch e's sequence is the last
-    (e x samples) mod (readers x batch) samples of epoch e - 1's order, which no reader took, then epoch e's order."""
-    total, group = sum(counts), num_readers * batch_size
-    carried = (epoch * total) % group
-    runs = (_tail(_epoch_runs(counts, seed, epoch - 1), carried) if carried else []) + _epoch_runs(counts, seed, epoch)
-    per_reader = ((carried + total) // group) * batch_size
-    lo, hi = reader * per_reader, (reader + 1) * per_reader
+def _cut(runs: list[Run], lo: int, hi: int) -> list[Run]:
+    """The runs covering positions lo:hi of the sequence `runs` spells."""
     pieces, offset = [], 0
     for order_epoch, shard, first, last in runs:
         start, end = max(lo, offset), min(hi, offset + last - first)
         if start < end:
             pieces.append((order_epoch, shard, first + start - offset, first + end - offset))
         offset += last - first
-    return pieces, per_reader
+    return pieces
+
+
+def sequences(counts: list[int], seed: int, num_readers: int, batch_size: int, base: list[Run] | None, next_epoch: int):
+    """Sequence k = 0, 1, ...: the runs the readers split, each taking an equal, batch-aligned slice. Sequence 0 is
+    `base` (None: epoch 0's order); sequence k + 1 is what no reader took of sequence k (fewer than readers x batch
+    samples) followed by the order of epoch `next_epoch` + k. Yields (runs, samples per reader) forever."""
+    group = num_readers * batch_size
+    runs = _epoch_runs(counts, seed, 0) if base is None else list(base)
+    while True:
+        length = _length(runs)
+        yield runs, (length // group) * batch_size
+        runs = _cut(runs, length - length % group, length) + _epoch_runs(counts, seed, next_epoch)
+        next_epoch += 1
+
+
+def remaining_runs(
+    counts: list[int], seed: int, batch_size: int, layout: dict[str, Any], positions: dict[int, tuple[int, int]]
+) -> tuple[list[Run], int]:
+    """(runs, next epoch) of everything the readers of `layout` (num_readers, base, next_epoch) have not taken yet,
+    given each reader's (sequence, position): the start of a loader with any other number of readers that neither
+    repeats nor skips a sample. Readers stay within one batch of each other, so at most two sequences are open."""
+    num_readers = layout["num_readers"]
+    at = [positions.get(reader, (0, 0)) for reader in range(num_readers)]
+    first = min(k for k, _ in at)
+    if max(k for k, _ in at) > first + 1:
+        raise ValueError(f"loader readers are more than one sequence apart: {at}")
+    stream = sequences(counts, seed, num_readers, batch_size, layout["base"], layout["next_epoch"])
+    for _ in range(first):
+        next(stream)
+    (older, older_share), (newer, newer_share) = next(stream), next(stream)
+    left: list[Run] = []
+    for reader, (k, position) in enumerate(at):
+        if k == first:
+            left += _cut(older, reader * older_share + position, (reader + 1) * older_share)
+    taken = sorted((r * newer_share, r * newer_share + position) for r, (k, position) in enumerate(at) if k > first)
+    offset = 0
+    for lo, hi in taken:
+        left += _cut(newer, offset, lo)
+        offset = hi
+    left += _cut(newer, offset, _length(newer))
+    return left, layout["next_epoch"] + first + 1
 
 
 class ReaderStream(IterableDataset):
@@ -155,6 +184,7 @@ class ReaderStream(IterableDataset):
         rank: int,
         num_workers: int,
         world_size: int,
+        layout: dict[str, Any],
         starts: dict[int, tuple[int, int]],
         rotation: int,
     ):
@@ -164,23 +194,28 @@ class ReaderStream(IterableDataset):
         self.rank = rank
         self.num_workers = num_workers
         self.num_readers = world_size * num_workers
+        self.layout = layout
         self.starts = starts
         self.rotation = rotation
 
     def _samples(self, reader: int) -> Iterator[tuple[np.ndarray, int, int, int]]:
-        """(stored sample, epoch, position after it, corrupt shards so far), forever."""
+        """(stored sample, sequence, position after it, corrupt shards so far), forever."""
         counts = [s["samples"] for s in self.source.shards]
-        epoch, position = self.starts.get(reader, (0, 0))
+        if sum(counts) < self.num_readers * self.batch_size:
+            raise ShardFormatError(
+                f"{self.source.url} ({self.source.split}) has {sum(counts)} samples, fewer than one batch for "
+                f"each of {self.num_readers} readers"
+            )
+        start, position = self.starts.get(reader, (0, 0))
+        stream = sequences(
+            counts, self.seed, self.num_readers, self.batch_size, self.layout["base"], self.layout["next_epoch"]
+        )
         corrupt: set[tuple[int, int]] = set()
-        while True:
-            pieces, per_reader = reader_pieces(counts, self.seed, epoch, reader, self.num_readers, self.batch_size)
-            if per_reader == 0:
-                raise ShardFormatError(
-                    f"{self.source.url} ({self.source.split}) has {sum(counts)} samples, fewer than one batch for "
-                    f"each of {self.num_readers} readers"
-                )
+        for index, (runs, per_reader) in enumerate(stream):
+            if index < start:
+                continue
             offset = 0
-            for order_epoch, shard, first, last in pieces:
+            for order_epoch, shard, first, last in _cut(runs, reader * per_reader, (reader + 1) * per_reader):
                 length = last - first
                 if offset + length <= position:  # consumed before the resume point
                     offset += length
@@ -191,24 +226,24 @@ class ReaderStream(IterableDataset):
                 else:
                     order = np.random.default_rng([self.seed, order_epoch, shard]).permutation(len(samples))
                     for i in range(max(first, first + position - offset), last):
-                        yield samples[order[i]], epoch, offset + (i - first) + 1, len(corrupt)
+                        yield samples[order[i]], index, offset + (i - first) + 1, len(corrupt)
                 offset += length
                 position = max(position, offset)
-            epoch, position = epoch + 1, 0
+            position = 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         reader = self.rank * self.num_workers + (self.rotation + worker) % self.num_workers
         batch: list[np.ndarray] = []
-        for sample, epoch, position, corrupt in self._samples(reader):
+        for sample, sequence, position, corrupt in self._samples(reader):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 key, values = self.source.to_model(np.stack(batch))
                 yield {
                     key: torch.from_numpy(values),
                     "_reader": torch.tensor(reader),
-                    "_epoch": torch.tensor(epoch),
+                    "_sequence": torch.tensor(sequence),
                     "_position": torch.tensor(position),
                     "_corrupt": torch.tensor(corrupt),
                 }
@@ -217,7 +252,8 @@ class ReaderStream(IterableDataset):
 
 class ShardLoader:
     """Infinite iterator of {"tokens": (B, S+1) int64} or {"frames": (B, T, D) float32} batches for one rank, with
-    exact state_dict/load_state_dict."""
+    exact state_dict/load_state_dict, and load_resized to continue the data of a run that had another number of
+    ranks or workers."""
 
     def __init__(
         self, source: ShardSource, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 2
@@ -229,10 +265,11 @@ class ShardLoader:
         self.world_size = world_size
         self.num_workers = num_workers
         self.readers_per_rank = max(1, num_workers)
+        self.layout: dict[str, Any] = {"num_readers": world_size * self.readers_per_rank, "base": None, "next_epoch": 1}
         self.consumed = 0
         self.positions: dict[int, tuple[int, int]] = {}
         self.corrupt: dict[int, int] = {}
-        self.corrupt_before_resume = 0
+        self.corrupt_before_resume = 0.0
         self._iterator: Iterator | None = None
 
     def _start(self) -> Iterator:
@@ -243,6 +280,7 @@ class ShardLoader:
             self.rank,
             self.readers_per_rank,
             self.world_size,
+            self.layout,
             dict(self.positions),
             self.consumed % self.readers_per_rank,
         )
@@ -269,7 +307,7 @@ class ShardLoader:
             self._iterator = self._start()
         batch = next(self._iterator)
         reader = int(batch.pop("_reader"))
-        self.positions[reader] = (int(batch.pop("_epoch")), int(batch.pop("_position")))
+        self.positions[reader] = (int(batch.pop("_sequence")), int(batch.pop("_position")))
         self.corrupt[reader] = int(batch.pop("_corrupt"))
         self.consumed += 1
         return batch
@@ -280,28 +318,76 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         return {
             "order": LOADER_ORDER,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
             "consumed": self.consumed,
             "num_workers": self.num_workers,
+            "layout": {
+                **self.layout,
+                "base": None if self.layout["base"] is None else [list(r) for r in self.layout["base"]],
+            },
             "positions": {str(r): list(p) for r, p in self.positions.items()},
-            "corrupt_shards": int(self.metrics()["corrupt_shards"]),
+            "corrupt_shards": self.metrics()["corrupt_shards"],
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _check_order(self, state: dict[str, Any]) -> None:
         if state.get("order") != LOADER_ORDER:
             raise ValueError(
                 f"the checkpoint's loader state was written for epoch layout {state.get('order', 'drop-remainder/0')}, "
                 f"this version reads {LOADER_ORDER}: its positions would select other samples, so exact resume is not "
                 "possible; start a new run from its weights (train.init_from after tools/export.py)"
             )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state` (this rank's, from a run with the same ranks and workers) stopped."""
+        self._check_order(state)
         if state["num_workers"] != self.num_workers:
             raise ValueError(
                 f"the checkpoint's loader ran {state['num_workers']} workers, this run has data.shards.num_workers="
-                f"{self.num_workers}; exact resume needs the same number"
+                f"{self.num_workers}; exact resume needs the same number (or resume through load_resized)"
             )
         self.consumed = state["consumed"]
+        if "layout" in state:  # states written before resizing existed are in the fresh layout
+            self.layout = _layout_from_state(state["layout"])
         self.positions = {int(r): (p[0], p[1]) for r, p in state["positions"].items()}
         self.corrupt_before_resume, self.corrupt = state["corrupt_shards"], {}
         self._iterator = None
+
+    def load_resized(self, states: list[dict[str, Any]]) -> None:
+        """Continue the data of a run with another number of ranks or workers: `states` holds every old rank's
+        loader state (one per data-parallel rank; repeats are ignored). What its readers had not taken becomes the
+        first sequence of this layout, so no sample is repeated or skipped; the epochs after it follow as usual."""
+        by_rank = {state["rank"]: state for state in states}
+        for state in by_rank.values():
+            self._check_order(state)
+        old = next(iter(by_rank.values()))
+        if "layout" not in old:
+            raise ValueError("the checkpoint's loader state predates resizable layouts: resume it on its own ranks")
+        if sorted(by_rank) != list(range(old["world_size"])):
+            raise ValueError(
+                f"load_resized needs the loader state of all {old['world_size']} ranks, got {sorted(by_rank)}"
+            )
+        if old["batch_size"] != self.batch_size:
+            raise ValueError(
+                f"the checkpoint's loader served batches of {old['batch_size']}, this run has data.micro_batch_size="
+                f"{self.batch_size}: change grad_accum_steps instead to keep the global batch"
+            )
+        positions = {int(r): (p[0], p[1]) for state in by_rank.values() for r, p in state["positions"].items()}
+        counts = [s["samples"] for s in self.source.shards]
+        base, next_epoch = remaining_runs(
+            counts, self.seed, self.batch_size, _layout_from_state(old["layout"]), positions
+        )
+        self.layout = {"num_readers": self.world_size * self.readers_per_rank, "base": base, "next_epoch": next_epoch}
+        self.consumed, self.positions = 0, {}
+        self.corrupt_before_resume = sum(state["corrupt_shards"] for state in by_rank.values()) / len(by_rank)
+        self.corrupt = {}
+        self._iterator = None
+
+
+def _layout_from_state(layout: dict[str, Any]) -> dict[str, Any]:
+    base = None if layout["base"] is None else [tuple(run) for run in layout["base"]]
+    return {"num_readers": layout["num_readers"], "base": base, "next_epoch": layout["next_epoch"]}
 
 
 def _single_thread_worker(worker_id: int) -> None:

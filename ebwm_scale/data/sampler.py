@@ -1,7 +1,7 @@
 """Deterministic, resumable batching over a map-style dataset of fixed-length samples.
 
 Epoch e visits a permutation seeded by (seed, e); data-parallel rank r takes every world_size-th sample of it.
-The whole position is (epoch, batch cursor), so a resumed run yields exactly the batches it would have.
+The whole position is (epoch, samples taken), so a resumed run yields exactly the batches it would have.
 """
 
 from __future__ import annotations
@@ -22,9 +22,14 @@ def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
 
 
 class BatchLoader:
+    """Epoch e visits a permutation seeded by (seed, e) in global batches of batch_size x world_size consecutive
+    samples, rank r taking every world_size-th sample of each; the few samples after the last whole global batch are
+    left out of that epoch. The position is (epoch, samples of the epoch taken by all ranks together), the same on
+    every rank, so a run may resume on another number of ranks without repeating or skipping a sample."""
+
     def __init__(self, dataset: SampleDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.batches_per_epoch = len(dataset) // (batch_size * world_size)
-        if self.batches_per_epoch == 0:
+        self.global_batch = batch_size * world_size
+        if len(dataset) < self.global_batch:
             raise ValueError(
                 f"dataset of {len(dataset)} samples is smaller than one global batch "
                 f"({batch_size} x {world_size} ranks)"
@@ -35,34 +40,36 @@ class BatchLoader:
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
-        self.cursor = 0
+        self.sample = 0
         self._order = self._epoch_order()
 
     def _epoch_order(self) -> np.ndarray:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset))
-        usable = self.batches_per_epoch * self.batch_size * self.world_size
-        return order[:usable][self.rank :: self.world_size]  # this rank's samples, in order
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset))
 
     def __iter__(self) -> BatchLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self.cursor == self.batches_per_epoch:
-            self.epoch, self.cursor = self.epoch + 1, 0
+        if self.sample + self.global_batch > len(self.dataset):
+            self.epoch, self.sample = self.epoch + 1, 0
             self._order = self._epoch_order()
-        indices = self._order[self.cursor * self.batch_size : (self.cursor + 1) * self.batch_size]
-        self.cursor += 1
+        indices = self._order[self.sample + self.rank : self.sample + self.global_batch : self.world_size]
+        self.sample += self.global_batch
         return collate([self.dataset[int(i)] for i in indices])
 
     def metrics(self) -> dict[str, float]:
         return {}
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return {"epoch": self.epoch, "sample": self.sample}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.epoch, self.sample = state["epoch"], state["sample"]
         self._order = self._epoch_order()
+
+    def load_resized(self, states: list[dict[str, int]]) -> None:
+        """Every rank's position is the same global one: continue from it with this run's ranks."""
+        self.load_state_dict(states[0])
 
 
 def fixed_batches(dataset: SampleDataset, batch_size: int, num_batches: int, rank: int = 0, world_size: int = 1):
