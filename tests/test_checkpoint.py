@@ -18,7 +18,15 @@ from fsspec.spec import AbstractFileSystem
 from ebwm_scale.config import ConfigError, load_config
 from ebwm_scale.pretrain import build_trainer
 from ebwm_scale.train.callbacks import Callback
-from ebwm_scale.train.checkpoint import MANIFEST, Checkpointer, CheckpointError, model_file_bytes, torch_bytes
+from ebwm_scale.train.checkpoint import (
+    MANIFEST,
+    STATE_DIR,
+    Checkpointer,
+    CheckpointError,
+    read_sharded,
+    torch_bytes,
+    write_sharded,
+)
 from ebwm_scale.train.export import load_exported
 from tests.conftest import CPU, REPO
 from tests.test_resume import _losses
@@ -39,7 +47,7 @@ def _trainer(tmp_path, *overrides, recipe="ci_tiny_video.yaml", callbacks=()):
 
 
 def _shared(data: bytes):
-    return lambda: {"model.safetensors": data, "trainer.pt": torch_bytes({"step": 1}), "config.yaml": b"x: 1"}
+    return lambda: {"weights.bin": data, "trainer.pt": torch_bytes({"step": 1}), "config.yaml": b"x: 1"}
 
 
 def test_memory_filesystem_save_latest_keep_last_and_verify():
@@ -49,11 +57,11 @@ def test_memory_filesystem_save_latest_keep_last_and_verify():
     fs = fsspec.filesystem("memory")
     assert [p.rsplit("/", 1)[-1] for p in ckpt.complete_checkpoints()] == ["step_00000002", "step_00000003"]
     assert ckpt.latest() == "memory://ckpt-test/run/step_00000003"
-    assert ckpt.read_verified(ckpt.latest(), "model.safetensors") == b"weights3"
-    with fs.open("/ckpt-test/run/step_00000003/model.safetensors", "wb") as f:
+    assert ckpt.read_verified(ckpt.latest(), "weights.bin") == b"weights3"
+    with fs.open("/ckpt-test/run/step_00000003/weights.bin", "wb") as f:
         f.write(b"weightsX")  # same size, other bytes
     with pytest.raises(CheckpointError, match="does not match its manifest"):
-        ckpt.read_verified(ckpt.latest(), "model.safetensors")
+        ckpt.read_verified(ckpt.latest(), "weights.bin")
     fs.rm("/ckpt-test", recursive=True)
 
 
@@ -62,21 +70,19 @@ def test_a_checkpoint_without_manifest_is_never_picked(tmp_path):
     ckpt.save(2, _shared(b"good"), torch_bytes({}))
     crashed = tmp_path / "step_00000004"  # what a crash between the file writes and the manifest leaves
     crashed.mkdir()
-    (crashed / "model.safetensors").write_bytes(b"half")
+    (crashed / "weights.bin").write_bytes(b"half")
     (tmp_path / ".tmp-step_00000006").mkdir()
     assert ckpt.latest() == f"file://{tmp_path}/step_00000002"
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
-        ckpt.read_verified(str(crashed), "model.safetensors")
+        ckpt.read_verified(str(crashed), "weights.bin")
 
 
 def test_latest_checks_sizes_against_the_manifest_and_falls_back(tmp_path):
     ckpt = Checkpointer(str(tmp_path), keep_last=3)
     ckpt.save(2, _shared(b"good"), torch_bytes({}))
     ckpt.save(4, _shared(b"newer"), torch_bytes({}))
-    (tmp_path / "step_00000004" / "model.safetensors").write_bytes(b"new")  # a partial copy: manifest, short file
-    with pytest.warns(
-        UserWarning, match="step_00000004 passed over: model.safetensors has 3 bytes, its manifest says 5"
-    ):
+    (tmp_path / "step_00000004" / "weights.bin").write_bytes(b"new")  # a partial copy: manifest, short file
+    with pytest.warns(UserWarning, match="step_00000004 passed over: weights.bin has 3 bytes, its manifest says 5"):
         assert ckpt.latest() == f"{tmp_path}/step_00000002"
     (tmp_path / "step_00000002" / "trainer.pt").unlink()
     (tmp_path / "step_00000004" / "COMPLETE.json").unlink()
@@ -113,13 +119,16 @@ class CrashPoints:
     """Counts the mutating calls made on a filesystem instance and crashes at call number `at` (1-based) or at the
     first call whose description ("write PATH", "rm PATH", ...) matches the regex `match`: a write is cut halfway
     (half its bytes reach the file), any other call before it runs. `crash` is SIGKILL for stores that outlive the
-    process."""
+    process. After the crash every call crashes again: a dead process does nothing more (a library that catches the
+    simulated crash, as DCP does to report it, must not get to clean up).
+    """
 
     MUTATING = ("makedirs", "mkdir", "rm", "rm_file", "mv", "cp_file")
 
     def __init__(self, fs, crash, at=None, match: str | None = None):
         self.fs, self.crash, self.at, self.match = fs, crash, at, match
         self.calls: list[str] = []
+        self.crashed = False
         for name in ("open", *self.MUTATING):
             setattr(fs, name, self._wrap(name, getattr(fs, name)))
 
@@ -128,6 +137,8 @@ class CrashPoints:
             delattr(self.fs, name)  # the class's method again (fsspec caches and shares instances)
 
     def _is_crash_point(self, description: str) -> bool:
+        if self.crashed:
+            return True
         self.calls.append(description)
         if self.match is not None:
             return re.search(self.match, description) is not None
@@ -136,8 +147,9 @@ class CrashPoints:
     def _wrap(self, name, original):
         def call(path, *args, **kwargs):
             mode = args[0] if args else kwargs.get("mode", "rb")
-            if name != "open":
+            if name != "open" or self.crashed:
                 if self._is_crash_point(f"{name} {path}"):
+                    self.crashed = True
                     self.crash()
                 return original(path, *args, **kwargs)
             handle = original(path, *args, **kwargs)
@@ -147,6 +159,7 @@ class CrashPoints:
                 def half_then_crash(data):
                     write(data[: len(data) // 2])
                     handle.flush()
+                    self.crashed = True
                     self.crash()
 
                 handle.write = half_then_crash
@@ -164,7 +177,11 @@ def _raise_crash():
 
 
 SWEEP_STEPS = (1, 2, 3)
-SWEEP_FILES = {step: _shared(model_file_bytes({"w": torch.full((64,), float(step))}))() for step in range(1, 5)}
+SWEEP_FILES = {step: _shared(torch_bytes({"w": torch.full((64,), float(step))}))() for step in range(1, 5)}
+
+
+def _sweep_tensors(step):
+    return {"w": torch.full((256,), float(step)), "v": torch.arange(8.0) + step}
 
 
 def _save_sweep_steps(url, steps, returned, crash=None, at=None):
@@ -173,7 +190,8 @@ def _save_sweep_steps(url, steps, returned, crash=None, at=None):
     points = CrashPoints(ckpt.fs, crash, at=at) if crash else None
     try:
         for step in steps:
-            ckpt.save(step, lambda step=step: SWEEP_FILES[step], torch_bytes({"rank": 0}))
+            sharded = lambda url, step=step: write_sharded(_sweep_tensors(step), url)  # noqa: E731
+            ckpt.save(step, lambda step=step: SWEEP_FILES[step], torch_bytes({"rank": 0}), sharded)
             returned(step)
     finally:
         if points is not None and crash is _raise_crash:
@@ -191,9 +209,12 @@ def _check_after_crash(url, last_returned):
     resumed = int(latest.rsplit("_", 1)[-1]) if latest else 0
     assert resumed in (last_returned, last_returned + 1)  # the one being saved counts once its commit was done
     if latest:
-        weights = ckpt.read_verified(latest, "model.safetensors")
-        assert weights == SWEEP_FILES[resumed]["model.safetensors"]
-        ckpt.load(latest)
+        weights = ckpt.read_verified(latest, "weights.bin")
+        assert weights == SWEEP_FILES[resumed]["weights.bin"]
+        assert ckpt.read_torch(latest, "rank_00000.pt") == {"rank": 0}
+        state = {key: torch.zeros_like(value) for key, value in _sweep_tensors(0).items()}
+        read_sharded(state, f"{latest}/{STATE_DIR}")
+        assert all(torch.equal(state[key], value) for key, value in _sweep_tensors(resumed).items())
     _save_sweep_steps(url, range(resumed + 1, 5), returned=lambda step: None)
     fs, root = fsspec.core.url_to_fs(url)
     left = sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False))
@@ -261,7 +282,7 @@ def pretrain_crashing_at(pattern: str, argv: list[str]) -> None:
 @pytest.mark.parametrize(
     "crash_pattern, resumes_from",
     [
-        (r"^write .*step_00000006/model\.safetensors$", 3),  # mid-write of the new checkpoint's weights
+        (r"^write .*step_00000006/trainer\.pt$", 3),  # mid-write of the new checkpoint's files
         (r"^rm .*/step_00000003/COMPLETE\.json$", 6),  # the new one committed, the old one being pruned
     ],
 )
@@ -293,10 +314,9 @@ def test_checkpoint_loading_cannot_run_code(tmp_path):
             return (os.system, ("echo pwned",))
 
     ckpt = Checkpointer(str(tmp_path), keep_last=1)
-    weights = model_file_bytes({"w": torch.zeros(1)})
-    path = ckpt.save(1, lambda: {"model.safetensors": weights, "trainer.pt": torch_bytes({"x": Evil()})}, b"")
+    path = ckpt.save(1, lambda: {"trainer.pt": torch_bytes({"x": Evil()})}, b"")
     with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
-        ckpt.load(path)
+        ckpt.read_torch(path, "trainer.pt")
 
 
 def test_unwritable_checkpoint_dir_fails_before_training(tmp_path):
@@ -343,7 +363,7 @@ class SmallDisk(LocalFileSystem):
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path):
     probe = _trainer(tmp_path / "probe", "train.max_steps=1")
     probe.fit()
-    checkpoint_bytes = sum(f.stat().st_size for f in Path(probe.checkpointer.latest()).iterdir())
+    checkpoint_bytes = sum(f.stat().st_size for f in Path(probe.checkpointer.latest()).rglob("*") if f.is_file())
     disk = tmp_path / "small_disk"
     disk.mkdir()
     fsspec.register_implementation("smalldisk", SmallDisk, clobber=True)
@@ -362,8 +382,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path):
     survivors = ckpt.complete_checkpoints()
     assert [name.rsplit("/", 1)[-1] for name in survivors] == ["step_00000002"]
     assert not any(p.name.startswith(".tmp") for p in disk.iterdir())  # the half-written one is gone
-    _, state, _ = ckpt.load(ckpt.latest())  # verified: sizes and hashes match
-    assert state["step"] == 2
+    assert ckpt.read_torch(ckpt.latest(), "trainer.pt")["step"] == 2  # verified: sizes and hashes match
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
+from ebwm_scale.train.export import load_checkpoint
 from tests.conftest import REPO
 
 NOISY_MCMC = [
@@ -67,7 +67,7 @@ def _losses(run_dir: Path) -> dict[int, tuple[float, ...]]:
 
 
 def _final_weights(run_dir: Path):
-    return load_file(run_dir / "checkpoints" / f"step_{MAX_STEPS:08d}" / "model.safetensors")
+    return load_checkpoint(str(run_dir / "checkpoints" / f"step_{MAX_STEPS:08d}"))[1].state_dict()
 
 
 @pytest.mark.slow

@@ -73,6 +73,7 @@ class DistInfo:
     tp_group: Any = None
     pp_group: Any = None
     dp_group: Any = None
+    mesh: Any = None  # the (dp, pp, tp) DeviceMesh when tp or pp > 1
 
     @property
     def is_rank0(self) -> bool:
@@ -195,7 +196,13 @@ def with_parallel_groups(info: DistInfo, tp_size: int, pp_size: int = 1) -> Dist
     mesh = init_device_mesh(info.device.type, shape, mesh_dim_names=("dp", "pp", "tp"))
     groups = {name: mesh.get_group(name) for name in ("dp", "pp", "tp")}
     return replace(
-        info, tp_size=tp_size, pp_size=pp_size, tp_group=groups["tp"], pp_group=groups["pp"], dp_group=groups["dp"]
+        info,
+        tp_size=tp_size,
+        pp_size=pp_size,
+        tp_group=groups["tp"],
+        pp_group=groups["pp"],
+        dp_group=groups["dp"],
+        mesh=mesh,
     )
 
 

@@ -29,10 +29,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import Shard
 
+from ebwm_scale.models.blocks import Attention
 from ebwm_scale.parallel import collectives
 from ebwm_scale.parallel.dist import DistInfo, all_reduce_gradients
 from ebwm_scale.parallel.pipeline import pipeline_schedule
+from ebwm_scale.parallel.state import checkpoint_state, load_checkpoint_state
 from ebwm_scale.parallel.tensor import gather_full_state, shard_full_state, sharded_weights
 from ebwm_scale.train.optim import set_lr
 
@@ -56,6 +59,7 @@ class Engine:
 
 class DataParallelEngine(Engine):
     can_skip_steps = True
+    resizable = True  # its checkpoints load onto any number of ranks
     checkpoint_safe_globals: list = []
 
     def __init__(
@@ -72,7 +76,6 @@ class DataParallelEngine(Engine):
         self.grad_clip = grad_clip
         self.grad_accum_steps = grad_accum_steps
         self.params = [p for p in objective.parameters() if p.requires_grad]
-        self.optimizer_state_is_sharded = dist.tp_size > 1  # tensor-parallel ranks hold different shards
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum_steps).backward()
@@ -125,25 +128,39 @@ class DataParallelEngine(Engine):
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(shard_full_state(self.module, state) if self.dist.tp_size > 1 else state)
 
-    def optimizer_state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Model and optimizer state for torch.distributed.checkpoint, in the form every engine shares."""
+        return checkpoint_state(self.module, self.optimizer, self.dist.mesh["tp"] if self.dist.tp_size > 1 else None)
 
-    def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        load_checkpoint_state(self.module, self.optimizer, state)
+
+    def rank_state(self) -> Any:
+        """What only this rank holds and DCP does not save (DeepSpeed's optimizer partition): nothing here."""
+        return None
+
+    def load_rank_state(self, state: Any) -> None:
+        pass
 
 
 class FSDPEngine(DataParallelEngine):
-    """Sharded parameters (FSDP2), see the module docstring. Checkpoints hold full (gathered) weights and optimizer
-    state, so they load under any parallel mode with the same number of ranks."""
+    """Sharded parameters (FSDP2), see the module docstring. Each rank writes its own shards to a checkpoint."""
 
     def __init__(self, objective: nn.Module, cfg, dist: DistInfo):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+        # q/k/v are stacked along the rows: shard them along D_in, so that each rank's shard is one box of the
+        # (3, D, D_in) checkpoint form (parallel/state.py).
+        stacked = {id(layer.wqkv.weight) for layer in objective.modules() if isinstance(layer, Attention)}
+
+        def placement(param: nn.Parameter) -> Shard | None:
+            return Shard(1) if id(param) in stacked else None
+
         self.units = []
         for block in objective.model.transformer.layers:
-            fully_shard(block, mesh=mesh)
+            fully_shard(block, mesh=mesh, shard_placement_fn=placement)
             self.units.append(block)
         fully_shard(objective, mesh=mesh)  # the rest: embeddings, state mapping, energy/output head, alpha
         self.units.append(objective)
@@ -180,34 +197,6 @@ class FSDPEngine(DataParallelEngine):
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         current = self.module.state_dict()
         self.module.load_state_dict({key: _local_shard(state[key], value) for key, value in current.items()})
-
-    def optimizer_state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(self.module, self.optimizer, options=options)
-
-    def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
-        """From the full, name-keyed state of optimizer_state_dict() to this rank's shards, with no communication
-        (every rank read the whole file; torch's set_optimizer_state_dict would scatter, and gloo aborts on the
-        empty shard of a 1-element parameter such as alpha)."""
-        params = dict(self.module.named_parameters())
-        local_state, groups = {}, []
-        index = 0
-        for saved_group, group in zip(state["param_groups"], self.optimizer.param_groups):
-            ids = []
-            for name in saved_group["params"]:
-                param = params[name]
-                assert param is group["params"][len(ids)], "parameter order changed since the checkpoint"
-                if name in state["state"]:
-                    local_state[index] = {
-                        key: _local_shard(value, param) if key != "step" else value
-                        for key, value in state["state"][name].items()
-                    }
-                ids.append(index)
-                index += 1
-            groups.append({**saved_group, "params": ids})
-        self.optimizer.load_state_dict({"state": local_state, "param_groups": groups})
 
 
 def _local_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -274,7 +263,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         self.stage = config["zero_optimization"]["stage"]
-        self.optimizer_state_is_sharded = self.stage > 0
+        self.resizable = False  # a ZeRO partition belongs to its data-parallel rank count
         # Gradients are already reduced into the optimizer's partitions when a bad loss shows: no clean skip.
         self.can_skip_steps = False
         self.checkpoint_safe_globals = _deepspeed_safe_globals()
@@ -309,15 +298,22 @@ class DeepSpeedEngine(Engine):
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.engine.module.load_state_dict(state)
 
-    def optimizer_state_dict(self) -> dict[str, Any]:
+    def checkpoint_state(self) -> dict[str, Any]:
+        return checkpoint_state(self.engine.module)
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        load_checkpoint_state(self.engine.module, None, state)
+
+    def rank_state(self) -> dict[str, Any]:
+        """The optimizer, as DeepSpeed partitions it: saved per rank, next to the RNG states."""
         return self.optimizer.state_dict()
 
-    def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
+    def load_rank_state(self, state: dict[str, Any]) -> None:
         if self.stage == 0:
             self.optimizer.load_state_dict(state)
         else:
             # ZeRO reads entry [dp rank] of a per-rank list; with a rigid (non-elastic) layout and the world size
-            # unchanged (the checkpoint enforces it) this rank's own partition is all it needs.
+            # unchanged (the trainer enforces it) this rank's own partition is all it needs.
             world_size = self.engine.dp_world_size
             self.optimizer.load_state_dict([state] * world_size, load_from_fp32_weights=True)
 
@@ -330,7 +326,6 @@ class PipelineEngine(DataParallelEngine):
     def __init__(self, objective, optimizer, dist: DistInfo, grad_clip: float, grad_accum_steps: int, schedule):
         super().__init__(objective, optimizer, dist, grad_clip, grad_accum_steps)
         self.schedule = schedule
-        self.optimizer_state_is_sharded = True  # each stage's optimizer holds its own parameters
 
     def forward_backward(self, batch: dict[str, torch.Tensor], autocast) -> dict[str, torch.Tensor]:
         return self.schedule.forward_backward(batch, 1 / self.grad_accum_steps, autocast)

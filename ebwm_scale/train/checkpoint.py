@@ -1,18 +1,21 @@
 """Atomic, verifiable checkpoints on any fsspec filesystem (local, file://, s3://, gs://, memory:// in tests).
 
 Layout of one checkpoint, `<dir>/step_00000050/`:
-    model.safetensors   the objective's weights (model + alpha): safetensors, so loading never runs code
-    trainer.pt          optimizer, step, callback states (torch.load(weights_only=True))
-    rank_00000.pt ...   per rank: RNG states (python, numpy, torch, cuda) and the data-loader position
+    state/              model (+ alpha) and optimizer state, written by torch.distributed.checkpoint (DCP): every
+                        rank writes its own shard (`__0_0.distcp` ...), `.metadata` says where each piece lies, so a
+                        checkpoint loads resharded onto any number of ranks (ebwm_scale/parallel/state.py)
+    trainer.pt          step, counters, callback states, the parallel layout (torch.load(weights_only=True))
+    rank_00000.pt ...   per rank: RNG states (python, numpy, torch, cuda), the data-loader position, and under
+                        DeepSpeed ZeRO the rank's optimizer partition
     config.yaml         the resolved recipe
-    COMPLETE.json       written last: size and sha256 of every file above
+    COMPLETE.json       written last: size of every file above, and sha256 of every file outside state/
 
 On a local filesystem a checkpoint is written under `.tmp-step_…`, fsynced, its manifest added, then renamed into
 place (an atomic rename). Object stores have no atomic rename (fsspec's `mv` copies, then deletes), so there the files
 are written in place and the manifest, one object, is written last; removal deletes the manifest first. Either way a
 crash at any point leaves either the old state or a directory whose manifest is missing or does not match its files:
-`latest()` checks every file's size against the manifest and falls back to the previous checkpoint, and `load()`
-checks sha256 too.
+`latest()` checks every file's size against the manifest and falls back to the previous checkpoint, and reads
+check sha256 too (DCP's shards are checked by size; hashing gigabytes per save in Python is what DCP avoids).
 """
 
 from __future__ import annotations
@@ -31,8 +34,7 @@ import fsspec
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from torch.distributed.checkpoint.api import CheckpointException as DCPError  # a BaseException
 
 from ebwm_scale.parallel import collectives
 from ebwm_scale.train.callbacks import Callback
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from ebwm_scale.train.trainer import Trainer
 
 MANIFEST = "COMPLETE.json"
-MODEL_FILE = "model.safetensors"
+STATE_DIR = "state"
 TRAINER_FILE = "trainer.pt"
 CONFIG_FILE = "config.yaml"
 NAME_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -91,6 +93,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_all(seed: int, step: int, stream: int) -> None:
+    """Seed every RNG from (seed, step, stream): the random streams of a run resumed on other ranks."""
+    value = int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         collectives.barrier()
@@ -137,10 +147,17 @@ class Checkpointer:
         except OSError as error:
             raise CheckpointError(f"checkpoint directory {self.url} is not writable: {error}") from None
 
-    def save(self, step: int, shared: Callable[[], dict[str, bytes]], per_rank: bytes) -> str:
-        """Write checkpoint `step`. `shared` builds rank 0's files (name -> bytes); each rank passes its own state.
-        Returns the final path. On any write error (on any rank) the temp dir is removed and every rank raises
-        CheckpointError; earlier checkpoints are untouched."""
+    def save(
+        self,
+        step: int,
+        shared: Callable[[], dict[str, bytes]],
+        per_rank: bytes,
+        sharded: Callable[[str], None] | None = None,
+    ) -> str:
+        """Write checkpoint `step`. `shared` builds rank 0's files (name -> bytes); each rank passes its own state;
+        `sharded(url)`, called on every rank, writes the DCP directory at `url`. Returns the final path. On any write
+        error (on any rank) the temp dir is removed and every rank raises CheckpointError; earlier checkpoints are
+        untouched."""
         name = checkpoint_name(step)
         final = self._path(name)
         tmp = self._path(f".tmp-{name}") if self.is_local else final
@@ -166,8 +183,13 @@ class Checkpointer:
         if dist.is_initialized():
             gathered = [None] * self.world_size
             collectives.all_gather_object(gathered, (entries, error))
+        error = next((e for _, e in gathered if e), None)  # the same on every rank
+        if sharded is not None and error is None:
+            try:
+                sharded(self._url_of(f"{tmp}/{STATE_DIR}"))
+            except (Exception, DCPError) as caught:  # DCP raises any rank's failure on every rank
+                error = f"cannot write checkpoint {final}/{STATE_DIR}: {_first_line(caught)}"
         if self.rank == 0:
-            error = next((e for _, e in gathered if e), None)
             if error is None:
                 try:
                     self._commit(step, tmp, final, [e for e, _ in gathered])
@@ -182,10 +204,17 @@ class Checkpointer:
             raise CheckpointError(outcome[0])
         return final
 
+    def _url_of(self, path: str) -> str:
+        """A path of this checkpointer's filesystem as a URL another library (DCP) can open."""
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
     def _commit(self, step: int, tmp: str, final: str, rank_entries: list[dict[str, Any]]) -> None:
         manifest = {"step": step, "world_size": self.world_size, "files": {}}
         for entries in rank_entries:
             manifest["files"].update(entries)
+        if self.fs.exists(f"{tmp}/{STATE_DIR}"):
+            for path, info in self.fs.find(f"{tmp}/{STATE_DIR}", detail=True).items():
+                manifest["files"][path[len(tmp) + 1 :]] = {"bytes": info["size"]}
         self._write(f"{tmp}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
         if self.is_local:
             self._fsync_dir(tmp)
@@ -236,8 +265,8 @@ class Checkpointer:
         if manifest is None:
             return NO_MANIFEST
         try:
-            listing = self.fs.ls(path, detail=True)
-            sizes = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["size"] for entry in listing}
+            prefix = path.rstrip("/") + "/"
+            sizes = {name.removeprefix(prefix): info["size"] for name, info in self.fs.find(path, detail=True).items()}
         except OSError as error:
             return f"cannot list it: {error}"
         for file_name, expected in manifest["files"].items():
@@ -284,32 +313,80 @@ class Checkpointer:
                 data = f.read()
         except OSError as error:
             raise CheckpointError(f"cannot read {url}/{file_name}: {error}") from None
-        if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected.get("sha256"):
             raise CheckpointError(
                 f"{url}/{file_name} does not match its manifest: the checkpoint is corrupt (remove it to resume "
                 "from the previous one)"
             )
         return data
 
-    def load(self, url: str, safe_globals: list | None = None) -> tuple[dict[str, torch.Tensor], dict, dict]:
-        """(model weights, trainer state, this rank's state) of the verified checkpoint at `url`. `safe_globals`:
-        plain data classes (e.g. DeepSpeed's ZeRO state) that torch.load(weights_only=True) may rebuild."""
+    def saved_world_size(self, url: str) -> int:
         fs, path = fsspec.core.url_to_fs(url)
-        saved_by = (self._manifest(fs, path) or {}).get("world_size", self.world_size)
-        if saved_by != self.world_size:  # the data position and RNG streams are per rank
+        manifest = self._manifest(fs, path)
+        if manifest is None:
+            raise CheckpointError(f"{url} is not a complete checkpoint ({NO_MANIFEST})")
+        if not any(name.startswith(f"{STATE_DIR}/") for name in manifest["files"]):
             raise CheckpointError(
-                f"{url} was saved by {saved_by} ranks, this run has {self.world_size}: exact resume needs the same "
-                "number; export it (tools/export.py) to start a new run from its weights"
+                f"{url} is in the format of an earlier ebwm-scale (one model.safetensors, no sharded {STATE_DIR}/): "
+                "export it with that version's tools/export.py and start a new run with train.init_from"
             )
-        weights = load_safetensors(self.read_verified(url, MODEL_FILE))
+        return manifest["world_size"]
+
+    def read_torch(self, url: str, file_name: str, safe_globals: list | None = None) -> Any:
+        """A verified torch file of the checkpoint, loaded with weights_only=True (`safe_globals`: plain data classes,
+        e.g. DeepSpeed's ZeRO state, it may rebuild)."""
         with torch.serialization.safe_globals(safe_globals or []):
-            trainer_state = torch_from_bytes(self.read_verified(url, TRAINER_FILE))
-            rank_state = torch_from_bytes(self.read_verified(url, rank_file(self.rank)))
-        return weights, trainer_state, rank_state
+            return torch_from_bytes(self.read_verified(url, file_name))
 
 
-def model_file_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    return save_safetensors({k: v.detach().contiguous().cpu() for k, v in state.items()})
+def _first_line(error: BaseException) -> str:
+    if isinstance(error, DCPError) and error.failures:  # DCP's own message names only the failing ranks
+        rank, (cause, _) = next(iter(error.failures.items()))
+        return f"rank {rank}: {_first_line(cause)}"
+    chained = error
+    while chained is not None and not isinstance(chained, OSError):  # torch.save reports a failed write vaguely
+        chained = chained.__cause__ or chained.__context__
+    text = str(chained or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def write_sharded(state: dict[str, Any], url: str, process_group=None) -> None:
+    """DCP save of `state` into the directory `url` (local path or fsspec URL); every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save(
+            state,
+            storage_writer=_storage(url, write=True),
+            process_group=process_group,
+            no_dist=not dist.is_initialized(),
+        )
+
+
+def read_sharded(state: dict[str, Any], url: str, collective: bool = True) -> None:
+    """DCP load into `state` in place, resharding from however the checkpoint was cut. `collective`: every rank of
+    the process group calls it (else this process reads alone, e.g. an export)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        no_dist = not (collective and dist.is_initialized())
+        with warnings.catch_warnings():  # DCP warns that a process without a group reads alone: that is asked for
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, storage_reader=_storage(url, write=False), no_dist=no_dist)
+    except (Exception, DCPError) as error:
+        raise CheckpointError(f"cannot load {url}: {_first_line(error)}") from None
+
+
+def _storage(url: str, write: bool):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+    fs, _ = fsspec.core.url_to_fs(url)
+    if "file" in fs.protocol or "local" in fs.protocol:
+        path = fsspec.core.strip_protocol(url)
+        return dcp.FileSystemWriter(path) if write else dcp.FileSystemReader(path)
+    return FsspecWriter(url) if write else FsspecReader(url)
 
 
 class CheckpointCallback(Callback):

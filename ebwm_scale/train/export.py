@@ -20,25 +20,25 @@ from torch import nn
 from ebwm_scale.config import ConfigError, PretrainConfig, config_from_text
 from ebwm_scale.models.config import ModelConfig
 from ebwm_scale.objective import build_objective
+from ebwm_scale.parallel.state import checkpoint_state, load_checkpoint_state
 from ebwm_scale.train.checkpoint import (
     CONFIG_FILE,
-    MODEL_FILE,
+    STATE_DIR,
     TRAINER_FILE,
     Checkpointer,
     CheckpointError,
-    torch_from_bytes,
+    read_sharded,
 )
 
 EXPORT_CONFIG = "config.json"
+MODEL_FILE = "model.safetensors"
 
 
 def export_checkpoint(checkpoint_url: str, out_url: str) -> None:
-    reader = Checkpointer(checkpoint_url, keep_last=1)
-    weights = reader.read_verified(checkpoint_url, MODEL_FILE)
-    cfg = config_from_text(reader.read_verified(checkpoint_url, CONFIG_FILE).decode(), checkpoint_url)
+    cfg, objective, _ = load_checkpoint(checkpoint_url)
+    tensors = {key: value.contiguous() for key, value in objective.state_dict().items()}
     fs, root = fsspec.core.url_to_fs(out_url)
     fs.makedirs(root, exist_ok=True)
-    tensors = load_safetensors(weights)
     with fs.open(f"{root}/{MODEL_FILE}", "wb") as f:
         f.write(save_safetensors(tensors, metadata={"format": "ebwm-scale", "source": checkpoint_url}))
     with fs.open(f"{root}/{EXPORT_CONFIG}", "w") as f:
@@ -78,10 +78,13 @@ def load_exported(url: str, device: str | torch.device = "cpu") -> tuple[Pretrai
 def load_checkpoint(url: str) -> tuple[PretrainConfig, nn.Module, dict[str, Any]]:
     """(config, objective with the weights, trainer state) of a verified training checkpoint."""
     reader = Checkpointer(url, keep_last=1)
+    reader.saved_world_size(url)  # a complete checkpoint of this format
     cfg = config_from_text(reader.read_verified(url, CONFIG_FILE).decode(), url)
     objective = build_objective(cfg.model.build(), cfg.mcmc.build())
-    objective.load_state_dict(load_safetensors(reader.read_verified(url, MODEL_FILE)))
-    return cfg, objective, torch_from_bytes(reader.read_verified(url, TRAINER_FILE))
+    state = checkpoint_state(objective)
+    read_sharded(state, f"{url}/{STATE_DIR}", collective=False)
+    load_checkpoint_state(objective, None, state)
+    return cfg, objective, reader.read_torch(url, TRAINER_FILE)
 
 
 def load_model(url: str, latest: bool = False) -> tuple[PretrainConfig, nn.Module]:

@@ -23,14 +23,17 @@ from ebwm_scale.parallel.engine import build_engine
 from ebwm_scale.train.callbacks import Callback
 from ebwm_scale.train.checkpoint import (
     CONFIG_FILE,
-    MODEL_FILE,
+    STATE_DIR,
     TRAINER_FILE,
     Checkpointer,
     CheckpointError,
     capture_rng_state,
-    model_file_bytes,
+    rank_file,
+    read_sharded,
     restore_rng_state,
+    seed_all,
     torch_bytes,
+    write_sharded,
 )
 from ebwm_scale.train.export import read_exported_weights
 from ebwm_scale.train.metrics import model_state_gb_per_rank, peak_memory_gb, peak_tflops, train_flops_per_token
@@ -71,6 +74,7 @@ class Trainer:
         self.engine = build_engine(cfg, objective, dist)
         self.train_loader = cfg.data.build_loader(train_set, dist.dp_rank, dist.dp_size)
         self.step = 0
+        self.tokens_seen = 0  # summed per step: a run resumed on other ranks may change the tokens per step
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
         self.stop_requested: str | None = None  # the name of the signal that asked us to stop
@@ -169,6 +173,7 @@ class Trainer:
         else:
             self.bad_steps_in_a_row = 0
         self.step += 1
+        self.tokens_seen += self.tokens_per_step
         metrics.update(skipped_steps=self.skipped_steps, data_wait_s=data_wait, **self.train_loader.metrics())
         if bad and self.bad_steps_in_a_row >= self.cfg.train.max_bad_steps:
             raise NonFiniteError(
@@ -203,52 +208,81 @@ class Trainer:
 
     # ---- checkpoint state ----
 
-    def shared_state(self, optimizer_state: dict[str, Any] | None) -> dict[str, Any]:
+    def layout(self) -> dict[str, Any]:
+        """How this run is cut: a checkpoint resumes exactly (RNG streams, data positions) only under the same."""
+        p = self.cfg.parallel
+        return {
+            "data_parallel": p.data_parallel,
+            "zero_stage": p.zero_stage if p.data_parallel == "zero" else None,
+            "world_size": self.dist.world_size,
+            "tp_size": self.dist.tp_size,
+            "pp_size": self.dist.pp_size,
+            "data_workers": self.cfg.data.shards.num_workers,
+        }
+
+    def shared_state(self) -> dict[str, Any]:
         """What every rank holds alike (saved once, by rank 0)."""
         return {
             "step": self.step,
-            "tokens_seen": self.step * self.tokens_per_step,
+            "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,
             "bad_steps_in_a_row": self.bad_steps_in_a_row,
-            "optimizer": optimizer_state,
+            "layout": self.layout(),
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
         }
 
     def save_checkpoint(self) -> str:
-        # Every rank calls these: gathering sharded weights or optimizer state is a collective.
-        weights = self.engine.model_state_dict()
-        optimizer_state = self.engine.optimizer_state_dict()
+        state = self.engine.checkpoint_state()
         rank_state = {"rng": capture_rng_state(), "loader": self.train_loader.state_dict()}
-        if self.engine.optimizer_state_is_sharded:  # each rank holds its own partition
-            rank_state["optimizer"] = optimizer_state
+        if (engine_state := self.engine.rank_state()) is not None:
+            rank_state["engine"] = engine_state
 
         def shared_files() -> dict[str, bytes]:
-            shared_optimizer = None if self.engine.optimizer_state_is_sharded else optimizer_state
-            return {
-                MODEL_FILE: model_file_bytes(weights),
-                TRAINER_FILE: torch_bytes(self.shared_state(shared_optimizer)),
-                CONFIG_FILE: self.cfg.to_yaml().encode(),
-            }
+            return {TRAINER_FILE: torch_bytes(self.shared_state()), CONFIG_FILE: self.cfg.to_yaml().encode()}
 
-        path = self.checkpointer.save(self.step, shared_files, torch_bytes(rank_state))
+        path = self.checkpointer.save(
+            self.step, shared_files, torch_bytes(rank_state), lambda url: write_sharded(state, url)
+        )
         for cb in self.callbacks:
             cb.on_checkpoint_saved(self, self.step, path)
         return path
 
     def resume(self, url: str) -> None:
-        weights, shared, rank = self.checkpointer.load(url, self.engine.checkpoint_safe_globals)
-        self.engine.load_model_state_dict(weights)
-        optimizer_state = rank.get("optimizer") if self.engine.optimizer_state_is_sharded else shared["optimizer"]
-        if optimizer_state is None:
-            raise CheckpointError(f"{url} holds no optimizer state for this parallel.data_parallel/zero_stage")
-        self.engine.load_optimizer_state_dict(optimizer_state)
+        """Continue from the checkpoint at `url`: exactly under the same layout; on other ranks (a data-parallel,
+        tensor-parallel or FSDP size change) with the weights and optimizer resharded, the data continued without
+        repeating or skipping a sample, and the random streams re-seeded from (seed, step, data-parallel rank)."""
+        saved_world = self.checkpointer.saved_world_size(url)
+        shared = self.checkpointer.read_torch(url, TRAINER_FILE)
+        saved = shared["layout"]
+        same = saved == self.layout()
+        if not same and (not self.engine.resizable or saved["data_parallel"] == "zero"):
+            raise CheckpointError(
+                f"{url} was saved by {saved['world_size']} ranks under {saved['data_parallel']} (ZeRO stage "
+                f"{saved['zero_stage']}), this run has {self.dist.world_size} under {self.cfg.parallel.data_parallel}: "
+                "DeepSpeed ZeRO checkpoints resume only on the same ranks and ZeRO stage"
+            )
+        state = self.engine.checkpoint_state()
+        read_sharded(state, f"{url}/{STATE_DIR}")
+        self.engine.load_checkpoint_state(state)
         self.step = shared["step"]
+        self.tokens_seen = shared["tokens_seen"]
         self.skipped_steps = shared["skipped_steps"]
         self.bad_steps_in_a_row = shared["bad_steps_in_a_row"]
         for cb in self.callbacks:
             cb.load_state_dict(shared["callbacks"].get(type(cb).__name__, {}))
-        self.train_loader.load_state_dict(rank["loader"])
-        restore_rng_state(rank["rng"])
+        safe_globals = self.engine.checkpoint_safe_globals
+        if same:
+            rank = self.checkpointer.read_torch(url, rank_file(self.dist.rank), safe_globals)
+            self.engine.load_rank_state(rank.get("engine"))
+            self.train_loader.load_state_dict(rank["loader"])
+            restore_rng_state(rank["rng"])
+            return
+        # One rank of each old data-parallel replica holds its loader state.
+        replica = saved["tp_size"] * saved["pp_size"]
+        old_ranks = range(0, saved_world, replica)
+        states = [self.checkpointer.read_torch(url, rank_file(r), safe_globals)["loader"] for r in old_ranks]
+        self.train_loader.load_resized(states)
+        seed_all(self.cfg.train.seed, self.step, self.dist.dp_rank)
 
     def _resume_url(self) -> str | None:
         resume, branch_from = self.cfg.train.resume, self.cfg.train.branch_from
@@ -325,14 +359,14 @@ class Trainer:
                 "scale": {  # what scaling fits need (ebwm-fit), for the steps actually trained
                     "kind": self.cfg.model.kind,
                     "params": self.num_params,
-                    "data": self.step * self.tokens_per_step,  # tokens (text) or predicted frames (video)
+                    "data": self.tokens_seen,  # tokens (text) or predicted frames (video)
                     "unit": self.unit,
-                    "flops": self.flops_per_token * self.step * self.tokens_per_step,
+                    "flops": self.flops_per_token * self.tokens_seen,
                 },
                 "steps": self.step,
                 "world_size": self.dist.world_size,
                 "skipped_steps": self.skipped_steps,
-                self.unit: self.step * self.tokens_per_step,
+                self.unit: self.tokens_seen,
                 "wall_time_s": elapsed,
                 f"{self.unit}_per_s": (self.step - start_step) * self.tokens_per_step / max(elapsed, 1e-9),
                 "train_loss": last_train.get("loss", float("nan")),

@@ -1,0 +1,135 @@
+"""Model and optimizer state in checkpoint form: one layout for every parallel mode, so torch.distributed.checkpoint
+(DCP) writes each piece once and a checkpoint loads under any other number of ranks or parallel mode.
+
+The form: every weight (and each of its AdamW moments) at its unsharded shape, keyed by the plain model's
+state_dict names, except that q/k/v stacked in one weight are kept as (3, D, D_in), so that a tensor-parallel rank's
+[q_r; k_r; v_r] is one box of it. What a rank holds is a DTensor over the ranks that split it: tensor-parallel shards
+over the `tp` mesh dimension (plain local tensors otherwise, which DCP would save from one rank only and so lose the
+rest), FSDP shards over FSDP's mesh (q/k/v sharded along D_in: see FSDPEngine). Replicated tensors stay plain; DCP
+keeps one copy. Every DTensor's local tensor is a view of the live parameter or moment, so a DCP load fills them in
+place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+from ebwm_scale.models.blocks import Attention
+from ebwm_scale.parallel.tensor import sharded_weights
+
+WRAPPER_PREFIXES = ("._checkpoint_wrapped_module", "._orig_mod")
+
+
+def _clean(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def stacked_weights(module: nn.Module) -> dict[str, int]:
+    """state_dict key -> number of matrices stacked along its rows (q, k, v)."""
+    return {f"{_clean(name)}.wqkv.weight": 3 for name, layer in module.named_modules() if isinstance(layer, Attention)}
+
+
+def tp_shard_dims(module: nn.Module) -> dict[str, int]:
+    """state_dict key -> the dimension tensor parallelism splits it along."""
+    return {key: layer.shard_dim for key, layer in sharded_weights(module)}
+
+
+def _to_form(tensor: torch.Tensor, blocks: int, tp_mesh, tp_dim: int | None) -> torch.Tensor:
+    if isinstance(tensor, DTensor):  # FSDP: Shard(d) over its mesh, never along the stacked rows
+        (placement,) = tensor.placements
+        local, dim = tensor.to_local(), placement.dim
+        shape = tuple(tensor.shape)
+        if blocks > 1:
+            assert dim > 0, "stacked weights must be sharded along D_in"
+            local, shape, dim = (
+                local.view(blocks, -1, *local.shape[1:]),
+                (blocks, shape[0] // blocks, *shape[1:]),
+                dim + 1,
+            )
+        return DTensor.from_local(
+            local,
+            tensor.device_mesh,
+            [Shard(dim)],
+            run_check=False,
+            shape=shape,
+            stride=torch.empty(shape, device="meta").stride(),
+        )
+    if blocks > 1:
+        tensor = tensor.view(blocks, -1, *tensor.shape[1:])
+    if tp_dim is None:
+        return tensor
+    dim = tp_dim + (1 if blocks > 1 else 0)
+    return DTensor.from_local(tensor, tp_mesh, [Shard(dim)], run_check=False)
+
+
+def _from_form(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The loaded checkpoint-form tensor in the shape of the live one (a view: no copy)."""
+    local = saved.to_local() if isinstance(saved, DTensor) else saved
+    if isinstance(like, DTensor):
+        return DTensor.from_local(
+            local.view(like.to_local().shape),
+            like.device_mesh,
+            like.placements,
+            run_check=False,
+            shape=like.shape,
+            stride=like.stride(),
+        )
+    return local.view(like.shape)
+
+
+def checkpoint_state(module: nn.Module, optimizer: torch.optim.Optimizer | None = None, tp_mesh=None) -> dict[str, Any]:
+    """{"model": ..., "optim": ...} in checkpoint form (see the module docstring); without an optimizer (DeepSpeed
+    keeps its own) only "model". `tp_mesh`: the tensor-parallel mesh dimension of a tensor-parallel module."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        model, optim = get_model_state_dict(module), None
+    else:
+        model, optim = get_state_dict(module, optimizer)
+    stacked, tp_dims = stacked_weights(module), tp_shard_dims(module) if tp_mesh is not None else {}
+
+    def form(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        return _to_form(tensor, stacked.get(key, 1), tp_mesh, tp_dims.get(key))
+
+    state = {"model": {key: form(key, value) for key, value in model.items()}}
+    if optim is not None:
+        optim["state"] = {
+            key: {name: form(key, value) if name != "step" else value for name, value in moments.items()}
+            for key, moments in optim["state"].items()
+        }
+        state["optim"] = optim
+    return state
+
+
+def load_checkpoint_state(module: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+    """Apply a checkpoint-form state that DCP has filled (in place of checkpoint_state's output)."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    if optimizer is None:
+        live_model = get_model_state_dict(module)
+    else:
+        live_model, live_optim = get_state_dict(module, optimizer)
+    model = {key: _from_form(value, live_model[key]) for key, value in state["model"].items()}
+    if optimizer is None:
+        set_model_state_dict(module, model)
+        return
+    optim = dict(state["optim"])
+    optim["state"] = {
+        key: {
+            name: _from_form(value, live_optim["state"][key][name]) if name != "step" else value
+            for name, value in moments.items()
+        }
+        for key, moments in state["optim"]["state"].items()
+    }
+    set_state_dict(module, optimizer, model_state_dict=model, optim_state_dict=optim)
