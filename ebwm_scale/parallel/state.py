@@ -6,8 +6,9 @@ state_dict names, except that q/k/v stacked in one weight are kept as (3, D, D_i
 [q_r; k_r; v_r] is one box of it. What a rank holds is a DTensor over the ranks that split it: tensor-parallel shards
 over the `tp` mesh dimension (plain local tensors otherwise, which DCP would save from one rank only and so lose the
 rest), FSDP shards over FSDP's mesh (q/k/v sharded along D_in: see FSDPEngine). Replicated tensors stay plain; DCP
-keeps one copy. Every DTensor's local tensor is a view of the live parameter or moment, so a DCP load fills them in
-place.
+keeps one copy. So does it of any non-tensor value several ranks hold under one key, whether or not they agree: the
+optimizer's param_groups (which differ between pipeline stages) are therefore not saved; they come from the recipe.
+Every DTensor's local tensor is a view of the live parameter or moment, so a DCP load fills them in place.
 """
 
 from __future__ import annotations
@@ -98,12 +99,11 @@ def checkpoint_state(module: nn.Module, optimizer: torch.optim.Optimizer | None 
         return _to_form(tensor, stacked.get(key, 1), tp_mesh, tp_dims.get(key))
 
     state = {"model": {key: form(key, value) for key, value in model.items()}}
-    if optim is not None:
-        optim["state"] = {
+    if optim is not None:  # per-parameter state only: the hyper-parameters come from the recipe
+        state["optim"] = {
             key: {name: form(key, value) if name != "step" else value for name, value in moments.items()}
             for key, moments in optim["state"].items()
         }
-        state["optim"] = optim
     return state
 
 
@@ -124,12 +124,12 @@ def load_checkpoint_state(module: nn.Module, optimizer: torch.optim.Optimizer | 
     if optimizer is None:
         set_model_state_dict(module, model)
         return
-    optim = dict(state["optim"])
-    optim["state"] = {
+    moments = {
         key: {
             name: _from_form(value, live_optim["state"][key][name]) if name != "step" else value
-            for name, value in moments.items()
+            for name, value in per_param.items()
         }
-        for key, moments in state["optim"]["state"].items()
+        for key, per_param in state["optim"].items()
     }
+    optim = {"state": moments, "param_groups": live_optim["param_groups"]}
     set_state_dict(module, optimizer, model_state_dict=model, optim_state_dict=optim)

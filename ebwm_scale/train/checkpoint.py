@@ -138,14 +138,36 @@ class Checkpointer:
                 os.close(fd)
 
     def check_writable(self) -> None:
-        """Fail at start, not after hours of training, when the directory cannot take files."""
+        """Fail at start, not after hours of training, when the directory cannot take files or is not one directory
+        that every rank sees (a relative or node-local path on a multi-node job: each node would hold its own part
+        of every checkpoint). Every rank calls it."""
         probe = self._path(f".write-probe-{self.rank}")
+        error = None
         try:
             self.fs.makedirs(self.root, exist_ok=True)
             self._write(probe, b"ok")
+        except OSError as caught:
+            error = f"checkpoint directory {self.url} is not writable: {caught}"
+        if dist.is_initialized():
+            error = _first_error(error, self.world_size)
+            if error is None:  # every rank must see rank 0's probe: one check per rank, whatever the rank count
+                unseen = None if self.fs.exists(self._path(".write-probe-0")) else self.rank
+                unseen_by = [None] * self.world_size
+                collectives.all_gather_object(unseen_by, unseen)
+                blind = [rank for rank in unseen_by if rank is not None]
+                if blind:
+                    error = (
+                        f"train.checkpoint_dir={self.url} is not the same directory on every rank (rank {blind[0]} "
+                        "cannot see rank 0's files): multi-node runs need a shared filesystem or an object store, "
+                        "given as an absolute path or URL"
+                    )
+            _barrier()  # no probe is removed before every rank has looked
+        try:
             self.fs.rm(probe)
-        except OSError as error:
-            raise CheckpointError(f"checkpoint directory {self.url} is not writable: {error}") from None
+        except OSError:
+            pass  # a probe left behind changes nothing
+        if error is not None:
+            raise CheckpointError(error)
 
     def save(
         self,
@@ -337,6 +359,13 @@ class Checkpointer:
         e.g. DeepSpeed's ZeRO state, it may rebuild)."""
         with torch.serialization.safe_globals(safe_globals or []):
             return torch_from_bytes(self.read_verified(url, file_name))
+
+
+def _first_error(error: str | None, world_size: int) -> str | None:
+    """The first rank's error, on every rank (a collective)."""
+    errors = [None] * world_size
+    collectives.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
 
 
 def _first_line(error: BaseException) -> str:
