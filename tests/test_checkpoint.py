@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -25,9 +26,8 @@ from ebwm_scale.train.checkpoint import (
     CheckpointError,
     read_sharded,
     torch_bytes,
-    write_sharded,
 )
-from ebwm_scale.train.export import load_exported
+from ebwm_scale.train.export import load_checkpoint, load_exported
 from tests.conftest import CPU, REPO
 from tests.test_resume import _losses
 from tests.test_training import SMALL, Recorder
@@ -190,8 +190,7 @@ def _save_sweep_steps(url, steps, returned, crash=None, at=None):
     points = CrashPoints(ckpt.fs, crash, at=at) if crash else None
     try:
         for step in steps:
-            sharded = lambda url, step=step: write_sharded(_sweep_tensors(step), url)  # noqa: E731
-            ckpt.save(step, lambda step=step: SWEEP_FILES[step], torch_bytes({"rank": 0}), sharded)
+            ckpt.save(step, lambda step=step: SWEEP_FILES[step], torch_bytes({"rank": 0}), _sweep_tensors(step))
             returned(step)
     finally:
         if points is not None and crash is _raise_crash:
@@ -272,6 +271,7 @@ def test_a_crash_at_every_point_of_save_on_an_object_store_leaves_a_resumable_ne
 
 def pretrain_crashing_at(pattern: str, argv: list[str]) -> None:
     """`python -c` entry for the test below: train argv, SIGKILLed at the first checkpoint call matching `pattern`."""
+    fsspec.register_implementation("copydelete", CopyThenDelete, clobber=True)
     trainer = build_trainer(load_config(argv[0], argv[1:]), CPU)
     if pattern:
         CrashPoints(trainer.checkpointer.fs, _sigkill, match=pattern)
@@ -280,16 +280,25 @@ def pretrain_crashing_at(pattern: str, argv: list[str]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "crash_pattern, resumes_from",
+    "crash_pattern, resumes_from, asynchronous",
     [
-        (r"^write .*step_00000006/trainer\.pt$", 3),  # mid-write of the new checkpoint's files
-        (r"^rm .*/step_00000003/COMPLETE\.json$", 6),  # the new one committed, the old one being pruned
+        (r"^write .*step_00000006/trainer\.pt$", 3, False),  # mid-write of the new checkpoint's files
+        (r"^rm .*/step_00000003/COMPLETE\.json$", 6, False),  # the new one committed, the old one being pruned
+        (r"^write .*step_00000006/state/.*\.distcp$", 3, True),  # inside DCP's background write
     ],
+    ids=["mid-write", "mid-prune", "mid-async-write"],
 )
-def test_a_run_killed_inside_save_resumes_from_the_newest_complete_checkpoint(tmp_path, crash_pattern, resumes_from):
+def test_a_run_killed_inside_save_resumes_from_the_newest_complete_checkpoint(
+    tmp_path, crash_pattern, resumes_from, asynchronous
+):
     def pretrain(out: Path, pattern: str = "", *extra: str):
         argv = [str(REPO / "recipes" / "ci_tiny_video.yaml"), *SMALL, *VIDEO, f"train.output_dir={out}"]
         argv += ["train.max_steps=9", "train.checkpoint_interval_steps=3", "train.keep_last_checkpoints=1", *extra]
+        if asynchronous and pattern:  # DCP writes through fsspec (where the calls are counted) on a non-local store
+            argv += [
+                "train.checkpoint_async=true",
+                f"train.checkpoint_dir=copydelete://{out}/ci_tiny_video/checkpoints",
+            ]
         script = (
             "import sys; from tests.test_checkpoint import pretrain_crashing_at as run; run(sys.argv[1], sys.argv[2:])"
         )
@@ -468,3 +477,55 @@ def test_preemption_signal_checkpoints_and_exits_zero(tmp_path, sig):
     assert f"{sig.name}: stopped after step {summary['steps']}" in out
     latest = Checkpointer(str(tmp_path / "ci_tiny_video" / "checkpoints"), keep_last=1).latest()
     assert latest.endswith(f"step_{summary['steps']:08d}") and (Path(latest) / MANIFEST).exists()
+
+
+class GatedStore(LocalFileSystem):
+    """`gated:///dir`: a local directory whose DCP shard writes wait until `gate` is set (an object store that is
+    slow to take a checkpoint)."""
+
+    protocol = ("gated",)
+    gate = threading.Event()
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).removeprefix("gated://"))
+
+    def open(self, path, mode="rb", **kwargs):
+        if "w" in mode and str(path).endswith(".distcp") and not self.gate.wait(timeout=120):
+            raise OSError(errno.ETIMEDOUT, "the gate was never opened", path)
+        return super().open(path, mode, **kwargs)
+
+
+class OpenGateAtStep(Callback):
+    def __init__(self, step: int):
+        self.step, self.seen = step, {}
+
+    def on_step_end(self, trainer, step, metrics):
+        if step == self.step:
+            self.seen = {"latest": trainer.checkpointer.latest(), "writing": trainer.checkpointer.pending is not None}
+            GatedStore.gate.set()
+
+
+def test_an_async_save_lets_training_go_on_and_saves_the_state_of_its_step(tmp_path):
+    """Step 3 runs while the step-2 checkpoint cannot be written (its shard writes wait at a gate that only step 3's
+    end opens); the step-2 checkpoint, committed later, holds the step-2 state: the same as a synchronous save's."""
+    fsspec.register_implementation("gated", GatedStore, clobber=True)
+    GatedStore.gate.clear()
+    every_2 = ["train.max_steps=4", "train.checkpoint_interval_steps=2", "train.keep_last_checkpoints=2"]
+    _trainer(tmp_path / "sync", *every_2).fit()
+    gate = OpenGateAtStep(3)
+    run = _trainer(
+        tmp_path / "async",
+        *every_2,
+        "train.checkpoint_async=true",
+        f"train.checkpoint_dir=gated://{tmp_path}/async/ckpt",
+        callbacks=[gate],
+    )
+    run.fit()
+    assert gate.seen == {"latest": None, "writing": True}  # step 3 ran while the step-2 write was held
+    assert [Path(p).name for p in run.checkpointer.complete_checkpoints()] == ["step_00000002", "step_00000004"]
+    for step in (2, 4):
+        name = f"step_{step:08d}"
+        _, expected, _ = load_checkpoint(str(tmp_path / "sync" / "ci_tiny_video" / "checkpoints" / name))
+        _, got, _ = load_checkpoint(str(tmp_path / "async" / "ckpt" / name))
+        assert all(torch.equal(got.state_dict()[k], v) for k, v in expected.state_dict().items()), step

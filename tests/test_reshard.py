@@ -2,7 +2,8 @@
 2 -> 1 and 2 -> 4 ranks, tensor-parallel 2 -> 1 and 1 -> 2, FSDP 2 -> 4). What must be exact is exact: the resumed
 run, saving at once, writes a checkpoint whose model and optimizer state equal the original bit for bit. The loss
 curve then continues within the fp32 tolerance of reordered sums (same global batch, same samples, noise-free
-MCMC start), and the token count continues from the checkpoint's."""
+MCMC start), and the token count continues from the checkpoint's. One saved run writes asynchronously (its own gloo
+group for DCP's background exchange)."""
 
 import json
 from pathlib import Path
@@ -39,6 +40,7 @@ def _layout_overrides(layout: dict) -> list[str]:
         f"parallel.data_parallel={layout.get('mode', 'ddp')}",
         f"parallel.tensor_parallel={layout.get('tp', 1)}",
         f"data.micro_batch_size={GLOBAL_BATCH // data_parallel_ranks}",
+        f"train.checkpoint_async={layout.get('async', False)}",
     ]
 
 
@@ -94,8 +96,9 @@ def _full_state(checkpoint: Path) -> dict[str, torch.Tensor]:
         ({"world": 2, "tp": 2}, {"world": 1}),
         ({"world": 1}, {"world": 2, "tp": 2}),
         ({"world": 2, "mode": "fsdp"}, {"world": 4, "mode": "fsdp"}),
+        ({"world": 2, "async": True}, {"world": 1}),
     ],
-    ids=["dp2-dp1", "dp2-dp4", "tp2-tp1", "tp1-tp2", "fsdp2-fsdp4"],
+    ids=["dp2-dp1", "dp2-dp4", "tp2-tp1", "tp1-tp2", "fsdp2-fsdp4", "dp2-async-dp1"],
 )
 def test_a_checkpoint_resumes_under_another_layout(tmp_path, saved, resumed):
     straight = _run_phase(saved, tmp_path / "saved")

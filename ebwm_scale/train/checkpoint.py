@@ -28,6 +28,8 @@ import random
 import re
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -106,10 +108,27 @@ def _barrier() -> None:
         collectives.barrier()
 
 
+@dataclass
+class PendingSave:
+    step: int
+    tmp: str
+    final: str
+    rank_entries: list[dict[str, Any]]
+    write: Future | None = None  # DCP's background write
+
+
 class Checkpointer:
     """Saves and finds checkpoints under one directory URL. Every rank calls save/load; rank 0 commits."""
 
-    def __init__(self, url: str, keep_last: int, rank: int = 0, world_size: int = 1, keep_steps: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        url: str,
+        keep_last: int,
+        rank: int = 0,
+        world_size: int = 1,
+        keep_steps: tuple[int, ...] = (),
+        asynchronous: bool = False,
+    ):
         self.url = url
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.keep_last = keep_last
@@ -117,6 +136,12 @@ class Checkpointer:
         self.rank = rank
         self.world_size = world_size
         self.is_local = "file" in self.fs.protocol or "local" in self.fs.protocol  # only there is rename atomic
+        self.asynchronous = asynchronous
+        self.pending: PendingSave | None = None  # an asynchronous save whose shards are still being written
+        self.committed: list[tuple[int, str]] = []  # (step, path) of commits not yet announced
+        # DCP's background thread exchanges its write results over a group of its own: on the training group it
+        # would interleave with the training's collectives (measured: a hang).
+        self._write_group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -174,12 +199,14 @@ class Checkpointer:
         step: int,
         shared: Callable[[], dict[str, bytes]],
         per_rank: bytes,
-        sharded: Callable[[str], None] | None = None,
+        state: dict[str, Any] | None = None,
     ) -> str:
-        """Write checkpoint `step`. `shared` builds rank 0's files (name -> bytes); each rank passes its own state;
-        `sharded(url)`, called on every rank, writes the DCP directory at `url`. Returns the final path. On any write
-        error (on any rank) the temp dir is removed and every rank raises CheckpointError; earlier checkpoints are
-        untouched."""
+        """Write checkpoint `step`: `shared` builds rank 0's files (name -> bytes), each rank passes its own bytes
+        and its part of the DCP `state`. Returns the final path. Synchronous: committed on return. Asynchronous: the
+        state is copied and written in the background, committed by poll() or finish() (a pending save is finished
+        before the next begins). On any write error (on any rank) the directory is removed and every rank raises
+        CheckpointError; earlier checkpoints are untouched."""
+        self.finish()
         name = checkpoint_name(step)
         final = self._path(name)
         tmp = self._path(f".tmp-{name}") if self.is_local else final
@@ -206,25 +233,61 @@ class Checkpointer:
             gathered = [None] * self.world_size
             collectives.all_gather_object(gathered, (entries, error))
         error = next((e for _, e in gathered if e), None)  # the same on every rank
-        if sharded is not None and error is None:
+        pending = PendingSave(step, tmp, final, [e for e, _ in gathered])
+        if state is not None and error is None:
+            url = self._url_of(f"{tmp}/{STATE_DIR}")
             try:
-                sharded(self._url_of(f"{tmp}/{STATE_DIR}"))
+                if self.asynchronous:
+                    pending.write = _dcp_save(state, url, self._write_group, asynchronous=True)
+                    self.pending = pending
+                    return final
+                _dcp_save(state, url, None, asynchronous=False)
             except (Exception, DCPError) as caught:  # DCP raises any rank's failure on every rank
                 error = f"cannot write checkpoint {final}/{STATE_DIR}: {_first_line(caught)}"
+        self._conclude(pending, error)
+        return final
+
+    def poll(self) -> None:
+        """Commit the pending asynchronous save if every rank's write has finished (a collective while one is
+        pending; call it at the same point on every rank)."""
+        if self.pending is None:
+            return
+        done = torch.tensor([1 if self.pending.write.done() else 0])
+        if dist.is_initialized():
+            collectives.all_reduce(done, op=collectives.ReduceOp.MIN)
+        if done.item():
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for the pending asynchronous save, then commit it (every rank calls it)."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        error = None
+        try:
+            pending.write.result()
+        except (Exception, DCPError) as caught:
+            error = f"cannot write checkpoint {pending.final}/{STATE_DIR}: {_first_line(caught)}"
+        if dist.is_initialized():
+            error = _first_error(error, self.world_size)
+        self._conclude(pending, error)
+
+    def _conclude(self, pending: PendingSave, error: str | None) -> None:
+        """Rank 0 commits (or, after an error on any rank, removes) the checkpoint; every rank learns the outcome."""
         if self.rank == 0:
             if error is None:
                 try:
-                    self._commit(step, tmp, final, [e for e, _ in gathered])
+                    self._commit(pending.step, pending.tmp, pending.final, pending.rank_entries)
                 except OSError as caught:
-                    error = f"cannot commit checkpoint {final}: {caught}"
+                    error = f"cannot commit checkpoint {pending.final}: {caught}"
             if error is not None:
-                self._discard(tmp)
+                self._discard(pending.tmp)
         outcome = [error]
         if dist.is_initialized():
             collectives.broadcast_object_list(outcome, src=0)
         if outcome[0] is not None:
             raise CheckpointError(outcome[0])
-        return final
+        self.committed.append((pending.step, pending.final))
 
     def _url_of(self, path: str) -> str:
         """A path of this checkpointer's filesystem as a URL another library (DCP) can open."""
@@ -379,18 +442,18 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def write_sharded(state: dict[str, Any], url: str, process_group=None) -> None:
-    """DCP save of `state` into the directory `url` (local path or fsspec URL); every rank calls it."""
+def _dcp_save(state: dict[str, Any], url: str, group, asynchronous: bool) -> Future | None:
+    """DCP save of `state` into the directory `url` (local path or fsspec URL), every rank its own part; asynchronous:
+    the state is copied now and written by a background thread (the returned future)."""
     import torch.distributed.checkpoint as dcp
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.save(
-            state,
-            storage_writer=_storage(url, write=True),
-            process_group=process_group,
-            no_dist=not dist.is_initialized(),
-        )
+        writer, no_dist = _storage(url, write=True), not dist.is_initialized()
+        if asynchronous:
+            return dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=no_dist)
+        dcp.save(state, storage_writer=writer, no_dist=no_dist)
+        return None
 
 
 def read_sharded(state: dict[str, Any], url: str, collective: bool = True) -> None:
@@ -437,9 +500,13 @@ class CheckpointCallback(Callback):
         trainer.checkpointer.check_writable()
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        trainer.checkpointer.poll()  # an asynchronous save whose writes have all finished is committed
+        trainer.announce_checkpoints()
         if trainer.stop_requested or step in self.at_steps or (self.interval_steps and step % self.interval_steps == 0):
             self._save(trainer)
 
     def on_train_end(self, trainer: Trainer, summary: dict[str, Any], error: BaseException | None) -> None:
-        if error is None:
+        if error is None:  # after an error another rank may be gone: no collective, nothing committed
             self._save(trainer)
+            trainer.checkpointer.finish()
+            trainer.announce_checkpoints()

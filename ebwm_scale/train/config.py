@@ -25,6 +25,7 @@ class TrainConfig:
     checkpoint_interval_steps: int = 0  # 0: only at the end and when stopped by a signal
     keep_last_checkpoints: int = 3
     checkpoint_at_steps: list[int] = field(default_factory=list)  # also save at these steps, and never prune them
+    checkpoint_async: bool = False  # write in the background (state copied at the step); training goes on meanwhile
     resume: str = "none"  # none | auto (newest complete checkpoint in checkpoint_dir, if any) | a checkpoint URL
     # A checkpoint of another run to start from when this run has none of its own (resume none or auto): a decay
     # branch of a longer warmup-stable-decay run (optim.schedule=wsd; ebwm-ladder sets it).

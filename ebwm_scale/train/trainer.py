@@ -33,7 +33,6 @@ from ebwm_scale.train.checkpoint import (
     restore_rng_state,
     seed_all,
     torch_bytes,
-    write_sharded,
 )
 from ebwm_scale.train.export import read_exported_weights
 from ebwm_scale.train.metrics import model_state_gb_per_rank, peak_memory_gb, peak_tflops, train_flops_per_token
@@ -88,6 +87,7 @@ class Trainer:
             dist.rank,
             dist.world_size,
             tuple(cfg.train.checkpoint_at_steps),
+            cfg.train.checkpoint_async,
         )
         self.unit = "tokens" if cfg.model.modality == "text" else "frames"
         self.tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * dist.dp_size
@@ -240,12 +240,16 @@ class Trainer:
         def shared_files() -> dict[str, bytes]:
             return {TRAINER_FILE: torch_bytes(self.shared_state()), CONFIG_FILE: self.cfg.to_yaml().encode()}
 
-        path = self.checkpointer.save(
-            self.step, shared_files, torch_bytes(rank_state), lambda url: write_sharded(state, url)
-        )
-        for cb in self.callbacks:
-            cb.on_checkpoint_saved(self, self.step, path)
+        path = self.checkpointer.save(self.step, shared_files, torch_bytes(rank_state), state)
+        self.announce_checkpoints()
         return path
+
+    def announce_checkpoints(self) -> None:
+        """Tell the callbacks about every checkpoint committed since the last call."""
+        while self.checkpointer.committed:
+            step, path = self.checkpointer.committed.pop(0)
+            for cb in self.callbacks:
+                cb.on_checkpoint_saved(self, step, path)
 
     def resume(self, url: str) -> None:
         """Continue from the checkpoint at `url`: exactly under the same layout; on other ranks (a data-parallel,
