@@ -105,7 +105,7 @@ def main() -> None:
     if any(proc.exitcode for proc in procs):
         raise SystemExit(f"a rank failed: exit codes {[proc.exitcode for proc in procs]}")
     rows = sorted((results.get() for _ in procs), key=lambda row: row["rank"])
-    print(f"{rows[0]['params'] / 1e6:.0f}M parameters, {args.ranks} ranks, {args.mode}")
+    print(f"{rows[0]['params'] / 1e6:.1f}M parameters, {args.ranks} ranks, {args.mode}")
     for row in rows:
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))
 
