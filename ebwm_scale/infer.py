@@ -120,7 +120,8 @@ class Generator:
 
 
 def text_tokenizer(cfg, tokenizer_path: str = ""):
-    """(encode, decode) for a text model: bytes for the stdlib corpus, else the shards' sentencepiece model."""
+    """(encode, decode) for a text model: bytes for the stdlib corpus, else a sentencepiece model (`tokenizer_path`,
+    by default the run's shards' one)."""
     if cfg.data.source == "stdlib_docs" and not tokenizer_path:
         from ebwm_scale.data.text import ByteTokenizer
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     import time
 
     from ebwm_scale.train.checkpoint import CheckpointError
-    from ebwm_scale.train.export import load_model
+    from ebwm_scale.train.export import exported_tokenizer, load_model
 
     parser = argparse.ArgumentParser(prog="ebwm-generate", description="Generate text with a trained EBT, thinking")
     parser.add_argument("model", help="an export directory, a checkpoint, or with --latest a checkpoint_dir")
@@ -153,7 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--early-exit", type=float, default=0.0, help="stop a token once its energy gains < this")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--no-cache", action="store_true", help="recompute the context for every token")
-    parser.add_argument("--tokenizer", default="", help="a sentencepiece .model (default: the run's shards)")
+    parser.add_argument(
+        "--tokenizer", default="", help="a sentencepiece .model (default: the export's, else the run's shards')"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         num_steps=args.steps, best_of=args.best_of, langevin_noise_std=args.langevin, early_exit_eps=args.early_exit
     )
     generator = Generator(objective, think_cfg)
-    encode, decode = text_tokenizer(cfg, args.tokenizer)
+    encode, decode = text_tokenizer(cfg, args.tokenizer or exported_tokenizer(args.model))
     prompt = torch.as_tensor(encode(args.prompt), dtype=torch.long)[None]
     torch.manual_seed(args.seed)
     start = time.perf_counter()

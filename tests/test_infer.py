@@ -130,3 +130,27 @@ def test_system2_eval_curves_for_ebt_and_the_flat_ar_contrast(tmp_path):
     for split in ("in_distribution", "out_of_distribution"):
         flat = results["ci_tiny_ar.yaml"][split]["1"]
         assert flat["1"]["loss"] == flat["4"]["loss"] and "energy" not in flat["1"]  # nothing to think about
+
+
+def test_an_export_of_a_shards_run_generates_without_its_shards(text_shards, tmp_path, capsys):
+    """The export carries the run's sentencepiece model (checked against the shards' meta.json), so ebwm-generate
+    needs nothing else once the shards are gone."""
+    import shutil
+
+    from ebwm_scale.config import load_config
+    from ebwm_scale.infer import main as generate
+    from ebwm_scale.pretrain import build_trainer
+    from ebwm_scale.train.export import TOKENIZER_FILE, export_checkpoint
+    from tests.conftest import CPU, REPO
+    from tests.test_training import SMALL
+
+    shards = tmp_path / "shards"
+    shutil.copytree(text_shards.output, shards)
+    overrides = [*SMALL, "model.vocab_size=512", "data.seq_len=32", "data.micro_batch_size=4", "train.max_steps=2"]
+    overrides += [f"data.shards.url={shards}", f"train.output_dir={tmp_path}"]
+    build_trainer(load_config(REPO / "recipes" / "ci_tiny_shards.yaml", overrides), CPU).fit()
+    export_checkpoint(str(tmp_path / "ci_tiny_shards" / "checkpoints" / "step_00000002"), str(tmp_path / "export"))
+    assert (tmp_path / "export" / TOKENIZER_FILE).read_bytes() == (shards / TOKENIZER_FILE).read_bytes()
+    shutil.rmtree(shards)
+    generate([str(tmp_path / "export"), "--prompt", "def ", "--num-tokens", "3"])
+    assert "3 tokens in" in capsys.readouterr().out

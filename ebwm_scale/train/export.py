@@ -6,6 +6,7 @@ and nothing of the training topology (ranks, optimizer, data position).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from typing import Any
@@ -18,6 +19,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from ebwm_scale.config import ConfigError, PretrainConfig, config_from_text
+from ebwm_scale.data.shards import ShardFormatError, read_meta
 from ebwm_scale.models.config import ModelConfig
 from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel.state import checkpoint_state, load_checkpoint_state
@@ -32,6 +34,24 @@ from ebwm_scale.train.checkpoint import (
 
 EXPORT_CONFIG = "config.json"
 MODEL_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.model"  # a text run's sentencepiece model, copied from its shards
+
+
+def run_tokenizer(cfg: PretrainConfig) -> bytes | None:
+    """The sentencepiece model a text run on prepared shards was trained with, checked against the shards'
+    meta.json; None for byte-level text and frames."""
+    if cfg.model.modality != "text" or cfg.data.source != "shards":
+        return None
+    url = cfg.data.shards.url.rstrip("/")
+    try:
+        meta = read_meta(url)
+        with fsspec.open(f"{url}/{TOKENIZER_FILE}", "rb") as f:
+            data = f.read()
+    except (OSError, ShardFormatError) as error:
+        raise CheckpointError(f"cannot read the run's tokenizer from {url}: {error}") from None
+    if hashlib.sha256(data).hexdigest() != meta["tokenizer"]["sha256"]:
+        raise CheckpointError(f"{url}/{TOKENIZER_FILE} does not match its meta.json: not the tokenizer of the shards")
+    return data
 
 
 def export_checkpoint(checkpoint_url: str, out_url: str) -> None:
@@ -41,6 +61,10 @@ def export_checkpoint(checkpoint_url: str, out_url: str) -> None:
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/{MODEL_FILE}", "wb") as f:
         f.write(save_safetensors(tensors, metadata={"format": "ebwm-scale", "source": checkpoint_url}))
+    tokenizer = run_tokenizer(cfg)
+    if tokenizer is not None:  # so that generation needs nothing but the export
+        with fs.open(f"{root}/{TOKENIZER_FILE}", "wb") as f:
+            f.write(tokenizer)
     with fs.open(f"{root}/{EXPORT_CONFIG}", "w") as f:
         json.dump(OmegaConf.to_container(OmegaConf.structured(cfg)), f, indent=1)
 
@@ -54,6 +78,12 @@ def _read_export(url: str) -> tuple[PretrainConfig, dict[str, torch.Tensor]]:
         cfg = config_from_text(f.read().decode(), url)
     with fs.open(f"{root}/{MODEL_FILE}", "rb") as f:
         return cfg, load_safetensors(f.read())
+
+
+def exported_tokenizer(url: str) -> str:
+    """The path of an export's tokenizer, or "" (not an export, or one without a tokenizer)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    return f"{url.rstrip('/')}/{TOKENIZER_FILE}" if fs.exists(f"{root}/{TOKENIZER_FILE}") else ""
 
 
 def read_exported_weights(url: str, model: ModelConfig) -> dict[str, torch.Tensor]:
