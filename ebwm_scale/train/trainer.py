@@ -263,7 +263,8 @@ class Trainer:
             raise CheckpointError(
                 f"{url} was saved by {saved['world_size']} ranks under {saved['data_parallel']} (ZeRO stage "
                 f"{saved['zero_stage']}), this run has {self.dist.world_size} under {self.cfg.parallel.data_parallel}: "
-                "DeepSpeed ZeRO checkpoints resume only on the same ranks and ZeRO stage"
+                "DeepSpeed ZeRO checkpoints resume only on the same ranks and ZeRO stage; to change them, export the "
+                "checkpoint (tools/export.py) and start from its weights with train.init_from"
             )
         state = self.engine.checkpoint_state()
         read_sharded(state, f"{url}/{STATE_DIR}")
