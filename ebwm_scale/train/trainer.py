@@ -282,11 +282,19 @@ class Trainer:
             self.train_loader.load_state_dict(rank["loader"])
             restore_rng_state(rank["rng"])
             return
-        # One rank of each old data-parallel replica holds its loader state.
-        replica = saved["tp_size"] * saved["pp_size"]
-        old_ranks = range(0, saved_world, replica)
-        states = [self.checkpointer.read_torch(url, rank_file(r), safe_globals)["loader"] for r in old_ranks]
-        self.train_loader.load_resized(states)
+        # One rank of each old data-parallel replica holds its loader state; rank 0 reads them for everyone.
+        states: list[Any] = [None]
+        if self.dist.is_rank0:
+            old_ranks = range(0, saved_world, saved["tp_size"] * saved["pp_size"])
+            try:
+                states[0] = [self.checkpointer.read_torch(url, rank_file(r), safe_globals)["loader"] for r in old_ranks]
+            except CheckpointError as error:  # every rank must hear of it, or the others wait for the broadcast
+                states[0] = str(error)
+        if torch.distributed.is_initialized():
+            collectives.broadcast_object_list(states, src=0)
+        if isinstance(states[0], str):
+            raise CheckpointError(states[0])
+        self.train_loader.load_resized(states[0])
         seed_all(self.cfg.train.seed, self.step, self.dist.dp_rank)
 
     def _resume_url(self) -> str | None:
