@@ -20,20 +20,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from ebwm_scale.models.blocks import Attention
-from ebwm_scale.parallel.tensor import sharded_weights
-
-WRAPPER_PREFIXES = ("._checkpoint_wrapped_module", "._orig_mod")
-
-
-def _clean(name: str) -> str:
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+from ebwm_scale.parallel.tensor import sharded_weights, state_key
 
 
 def stacked_weights(module: nn.Module) -> dict[str, int]:
     """state_dict key -> number of matrices stacked along its rows (q, k, v)."""
-    return {f"{_clean(name)}.wqkv.weight": 3 for name, layer in module.named_modules() if isinstance(layer, Attention)}
+    return {state_key(f"{name}.wqkv"): 3 for name, layer in module.named_modules() if isinstance(layer, Attention)}
 
 
 def tp_shard_dims(module: nn.Module) -> dict[str, int]:

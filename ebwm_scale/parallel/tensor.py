@@ -163,11 +163,16 @@ class VocabParallelOutput(ColumnParallelLinear):
 TENSOR_PARALLEL_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
 
 
+def state_key(module_name: str, tensor: str = "weight") -> str:
+    """The state_dict key of a module's tensor: the activation-checkpoint wrapper's name part dropped."""
+    return f"{module_name.replace('._checkpoint_wrapped_module', '')}.{tensor}"
+
+
 def sharded_weights(module: nn.Module):
     """(state_dict key, layer) of every tensor-parallel weight; keys as in the unsharded model."""
     for name, layer in module.named_modules():
         if isinstance(layer, TENSOR_PARALLEL_LAYERS):
-            yield f"{name.replace('._checkpoint_wrapped_module', '')}.weight", layer
+            yield state_key(name), layer
 
 
 def gather_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -95,6 +95,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in fs.protocol or "local" in fs.protocol
+
+
 def seed_all(seed: int, step: int, stream: int) -> None:
     """Seed every RNG from (seed, step, stream): the random streams of a run resumed on other ranks."""
     value = int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
@@ -135,7 +139,7 @@ class Checkpointer:
         self.keep_names = {checkpoint_name(step) for step in keep_steps}  # never pruned (e.g. branch points)
         self.rank = rank
         self.world_size = world_size
-        self.is_local = "file" in self.fs.protocol or "local" in self.fs.protocol  # only there is rename atomic
+        self.is_local = is_local(self.fs)  # only there is rename atomic
         self.asynchronous = asynchronous
         self.pending: PendingSave | None = None  # an asynchronous save whose shards are still being written
         self.committed: list[tuple[int, str]] = []  # (step, path) of commits not yet announced
@@ -405,7 +409,8 @@ class Checkpointer:
             )
         return data
 
-    def saved_world_size(self, url: str) -> int:
+    def check_format(self, url: str) -> None:
+        """A complete checkpoint of this format (sharded state), or CheckpointError."""
         fs, path = fsspec.core.url_to_fs(url)
         manifest = self._manifest(fs, path)
         if manifest is None:
@@ -415,7 +420,6 @@ class Checkpointer:
                 f"{url} is in the format of an earlier ebwm-scale (one model.safetensors, no sharded {STATE_DIR}/): "
                 "export it with that version's tools/export.py and start a new run with train.init_from"
             )
-        return manifest["world_size"]
 
     def read_torch(self, url: str, file_name: str, safe_globals: list | None = None) -> Any:
         """A verified torch file of the checkpoint, loaded with weights_only=True (`safe_globals`: plain data classes,
@@ -475,7 +479,7 @@ def _storage(url: str, write: bool):
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
     fs, _ = fsspec.core.url_to_fs(url)
-    if "file" in fs.protocol or "local" in fs.protocol:
+    if is_local(fs):
         path = fsspec.core.strip_protocol(url)
         return dcp.FileSystemWriter(path) if write else dcp.FileSystemReader(path)
     return FsspecWriter(url) if write else FsspecReader(url)

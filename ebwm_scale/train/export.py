@@ -108,7 +108,7 @@ def load_exported(url: str, device: str | torch.device = "cpu") -> tuple[Pretrai
 def load_checkpoint(url: str) -> tuple[PretrainConfig, nn.Module, dict[str, Any]]:
     """(config, objective with the weights, trainer state) of a verified training checkpoint."""
     reader = Checkpointer(url, keep_last=1)
-    reader.saved_world_size(url)  # a complete checkpoint of this format
+    reader.check_format(url)
     cfg = config_from_text(reader.read_verified(url, CONFIG_FILE).decode(), url)
     objective = build_objective(cfg.model.build(), cfg.mcmc.build())
     state = checkpoint_state(objective)

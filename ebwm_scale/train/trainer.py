@@ -255,7 +255,7 @@ class Trainer:
         """Continue from the checkpoint at `url`: exactly under the same layout; on other ranks (a data-parallel,
         tensor-parallel or FSDP size change) with the weights and optimizer resharded, the data continued without
         repeating or skipping a sample, and the random streams re-seeded from (seed, step, data-parallel rank)."""
-        saved_world = self.checkpointer.saved_world_size(url)
+        self.checkpointer.check_format(url)
         shared = self.checkpointer.read_torch(url, TRAINER_FILE)
         saved = shared["layout"]
         same = saved == self.layout()
@@ -285,7 +285,7 @@ class Trainer:
         # One rank of each old data-parallel replica holds its loader state; rank 0 reads them for everyone.
         states: list[Any] = [None]
         if self.dist.is_rank0:
-            old_ranks = range(0, saved_world, saved["tp_size"] * saved["pp_size"])
+            old_ranks = range(0, saved["world_size"], saved["tp_size"] * saved["pp_size"])
             try:
                 states[0] = [self.checkpointer.read_torch(url, rank_file(r), safe_globals)["loader"] for r in old_ranks]
             except CheckpointError as error:  # every rank must hear of it, or the others wait for the broadcast
