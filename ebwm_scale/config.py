@@ -240,11 +240,19 @@ def find_problem(cfg: PretrainConfig) -> str | None:
             "parallel.zero_stage=3: DeepSpeed re-partitions parameters before the EBT's second-order pass "
             "(docs/design.md §3); for sharded parameters use parallel.data_parallel=fsdp"
         )
+    if cfg.parallel.shard_optimizer and cfg.parallel.data_parallel != "ddp":
+        checks.append(
+            f"parallel.shard_optimizer=true is ZeRO-1 for parallel.data_parallel=ddp; under "
+            f"{cfg.parallel.data_parallel} the optimizer state is already sharded"
+        )
     tp = cfg.parallel.tensor_parallel
     if tp < 1:
         checks.append(f"parallel.tensor_parallel={tp} must be >= 1")
-    elif tp > 1 and cfg.parallel.data_parallel != "ddp":
-        checks.append(f"parallel.tensor_parallel={tp} works with parallel.data_parallel=ddp only (for now)")
+    elif tp > 1 and cfg.parallel.data_parallel == "zero":
+        checks.append(
+            f"parallel.tensor_parallel={tp} with DeepSpeed ZeRO: use parallel.data_parallel=ddp with "
+            "parallel.shard_optimizer=true (ZeRO-1 over the data-parallel group) or parallel.data_parallel=fsdp"
+        )
     elif tp > 1 and (
         m.num_heads % tp or m.resolved_ffn_hidden_dim % tp or (m.modality == "text" and m.vocab_size % tp)
     ):
@@ -253,13 +261,29 @@ def find_problem(cfg: PretrainConfig) -> str | None:
     if pp < 1 or chunks < 1:
         checks.append(f"parallel.pipeline_parallel={pp} and parallel.pipeline_microbatches={chunks} must be >= 1")
     elif pp > 1 and cfg.parallel.data_parallel != "ddp":
-        checks.append(f"parallel.pipeline_parallel={pp} works with parallel.data_parallel=ddp only (for now)")
+        checks.append(
+            f"parallel.pipeline_parallel={pp} with {cfg.parallel.data_parallel}: use parallel.data_parallel=ddp "
+            "with parallel.shard_optimizer=true (ZeRO-1 over each stage's data-parallel group)"
+        )
     elif pp > m.num_layers:
         checks.append(f"parallel.pipeline_parallel={pp} exceeds model.num_layers={m.num_layers}: a stage needs a block")
     elif pp > 1 and d.micro_batch_size % chunks:
         checks.append(f"parallel.pipeline_microbatches={chunks} does not divide data.micro_batch_size")
     elif pp > 1 and m.kind == "ebt" and m.ebt_impl != "split":
         checks.append(f"parallel.pipeline_parallel={pp} needs model.ebt_impl='split' (the stages pass prediction rows)")
+    sp = cfg.parallel.sequence_parallel
+    if sp and (tp < 2 or pp > 1 or cfg.parallel.data_parallel != "ddp"):
+        checks.append(
+            "parallel.sequence_parallel=true needs parallel.tensor_parallel > 1, parallel.pipeline_parallel=1 and "
+            "parallel.data_parallel=ddp"
+        )
+    elif sp and d.seq_len % tp:
+        checks.append(f"parallel.sequence_parallel=true: parallel.tensor_parallel={tp} does not divide data.seq_len")
+    elif sp and m.kind == "ebt" and m.step_conditioning == "time_token":
+        checks.append(
+            "parallel.sequence_parallel=true cannot split the time token's 1 + data.seq_len context positions evenly "
+            "over the ranks; use model.step_conditioning=additive or none"
+        )
     if cfg.parallel.compile and (cfg.parallel.data_parallel != "ddp" or tp > 1 or pp > 1):
         checks.append("parallel.compile=true works with parallel.data_parallel=ddp and no tensor/pipeline parallelism")
     elif cfg.parallel.compile and m.kind == "ebt" and m.ebt_impl != "split":

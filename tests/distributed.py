@@ -119,13 +119,20 @@ def record_gradients(engine) -> list[dict[str, torch.Tensor]]:
 
         def record(optimizer, args, kwargs) -> None:
             whole = {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for name, p in named}
+            if getattr(engine, "sharded", False):  # ZeRO-1: each data-parallel rank holds its owned gradients
+                owned = {name: grad for name, grad in whole.items() if grad is not None}
+                shares = [None] * engine.dist.dp_size
+                torch.distributed.all_gather_object(shares, owned, group=engine.dist.dp_group)
+                whole = {name: grad for share in shares for name, grad in share.items()}
+                assert whole.keys() == {name for name, _ in named}
             if engine.dist.tp_size > 1:  # tensor-parallel shards gathered into whole tensors
                 from ebwm_scale.parallel.tensor import gather_full_state
 
                 whole = gather_full_state(engine.module, whole)
             steps.append({name: g.detach().float().clone() for name, g in whole.items()})
 
-        engine.optimizer.register_step_pre_hook(record)
+        optimizer = engine.optimizer.zero if getattr(engine, "sharded", False) else engine.optimizer
+        optimizer.register_step_pre_hook(record)
     return steps
 
 

@@ -49,6 +49,18 @@ def all_gather(parts: list[torch.Tensor], tensor: torch.Tensor, group: Any = Non
     dist.all_gather(parts, tensor, group=group)
 
 
+def reduce(tensor: torch.Tensor, group_dst: int, group: Any = None) -> None:
+    """Sum onto the rank with index `group_dst` in `group`."""
+    check_device(tensor, group, "reduce")
+    dist.reduce(tensor, group=group, group_dst=group_dst)
+
+
+def reduce_scatter(output: torch.Tensor, tensor: torch.Tensor, group: Any = None) -> None:
+    """output = this rank's chunk (along dim 0) of the sum of `tensor` over the group."""
+    check_device(tensor, group, "reduce_scatter")
+    dist.reduce_scatter_single(output, tensor, group=group)
+
+
 def broadcast(tensor: torch.Tensor, group: Any = None, group_src: int = 0) -> None:
     check_device(tensor, group, "broadcast")
     dist.broadcast(tensor, group=group, group_src=group_src)

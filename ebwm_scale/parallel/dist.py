@@ -36,8 +36,15 @@ class ParallelConfig:
     # model, made safe for the EBT's double backward).
     data_parallel: str = "ddp"
     zero_stage: int = 1
+    # ddp only: ZeRO-1 by torch's ZeroRedundancyOptimizer over each (pipeline, tensor) coordinate's data-parallel
+    # group; each rank keeps its share of the AdamW state (parallel/zero.py). Composes with tensor and pipeline
+    # parallelism, as Megatron's distributed optimizer does.
+    shard_optimizer: bool = False
     deepspeed_config: str = ""  # a DeepSpeed JSON whose keys are added to the generated config; conflicts are errors
     tensor_parallel: int = 1  # ranks that split each layer (Megatron layout); the rest of the world is data parallel
+    # Megatron's sequence parallelism on top of tensor_parallel: norms and the residual stream between the
+    # tensor-parallel regions keep only this rank's rows of the sequence (parallel/tensor.py)
+    sequence_parallel: bool = False
     pipeline_parallel: int = 1  # stages of consecutive blocks, one per rank (parallel/pipeline.py)
     pipeline_microbatches: int = 4  # each rank's batch is cut into this many, in flight through the stages at once
     # Recompute transformer blocks in the backward instead of storing their activations: full = every block,

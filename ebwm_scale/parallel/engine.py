@@ -29,14 +29,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard
 
 from ebwm_scale.models.blocks import Attention
 from ebwm_scale.parallel import collectives
 from ebwm_scale.parallel.dist import DistInfo, all_reduce_gradients
 from ebwm_scale.parallel.pipeline import pipeline_schedule
 from ebwm_scale.parallel.state import checkpoint_state, load_checkpoint_state
-from ebwm_scale.parallel.tensor import gather_full_state, shard_full_state, sharded_weights
+from ebwm_scale.parallel.tensor import (
+    all_reduce_sequence_parallel_gradients,
+    gather_full_state,
+    shard_full_state,
+    sharded_weights,
+)
+from ebwm_scale.parallel.zero import ShardedOptimizer
 from ebwm_scale.train.optim import set_lr
 
 STEPS_PER_PRINT_NEVER = 2**62
@@ -76,6 +82,7 @@ class DataParallelEngine(Engine):
         self.grad_clip = grad_clip
         self.grad_accum_steps = grad_accum_steps
         self.params = [p for p in objective.parameters() if p.requires_grad]
+        self.sharded = isinstance(optimizer, ShardedOptimizer)  # then each rank holds its owned gradients only
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum_steps).backward()
@@ -83,7 +90,11 @@ class DataParallelEngine(Engine):
     def finish_step(self, skip: bool) -> float:
         """Average, clip and apply the accumulated gradients (unless skip, or the gradient is not finite); returns
         the global gradient norm before clipping (nan when skipped without one)."""
-        all_reduce_gradients(self.params, self.dist.dp_size, self.dist.dp_group)
+        all_reduce_sequence_parallel_gradients(self.module)  # norm gains that saw only this rank's rows
+        if self.sharded:
+            self.optimizer.reduce_gradients()
+        else:
+            all_reduce_gradients(self.params, self.dist.dp_size, self.dist.dp_group)
         grad_norm = self._clip_gradients()
         if not skip and math.isfinite(grad_norm):
             self.optimizer.step()
@@ -91,17 +102,19 @@ class DataParallelEngine(Engine):
         return grad_norm
 
     def _clip_gradients(self) -> float:
-        """Clip by the global norm. Under tensor parallelism the sharded weights' squares are summed over the group
-        (replicated ones counted once), under pipeline parallelism over the stages, so every rank scales by the same
-        factor."""
-        if self.dist.tp_size == self.dist.pp_size == 1:
+        """Clip by the global norm, computed once: squares summed over the data-parallel ranks when each holds a
+        disjoint share of the gradients (ZeRO-1, FSDP), over the tensor-parallel group for sharded weights
+        (replicated ones counted once), over the pipeline stages; every rank then scales by the same factor."""
+        if self.dist.tp_size == self.dist.pp_size == 1 and not self.sharded:
             return float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf")))
         sharded = {id(layer.weight) for _, layer in sharded_weights(self.module)}
         grads = [(p.grad, id(p) in sharded) for p in self.params if p.grad is not None]
-        device = grads[0][0].device if grads else self.dist.device
-        squares = torch.zeros(2, dtype=torch.float64, device=device)  # [sharded, replicated]
-        for grad, is_sharded in grads:
-            squares[0 if is_sharded else 1] += grad.double().pow(2).sum()
+        squares = torch.zeros(2, dtype=torch.float64, device=self.dist.device)  # [tp-sharded, tp-replicated]
+        for grad, tp_sharded in grads:
+            local = grad.to_local() if isinstance(grad, DTensor) else grad
+            squares[0 if tp_sharded else 1] += local.double().pow(2).sum()
+        if self.sharded and self.dist.dp_size > 1:
+            collectives.all_reduce(squares, group=self.dist.dp_group)
         if self.dist.tp_size > 1:
             collectives.all_reduce(squares[0], group=self.dist.tp_group)
         total = squares.sum()
@@ -130,10 +143,16 @@ class DataParallelEngine(Engine):
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Model and optimizer state for torch.distributed.checkpoint, in the form every engine shares."""
-        return checkpoint_state(self.module, self.optimizer, self.dist.mesh["tp"] if self.dist.tp_size > 1 else None)
+        tp_mesh = self.dist.mesh["tp"] if self.dist.tp_size > 1 else None
+        if self.sharded:
+            return checkpoint_state(self.module, None, tp_mesh, self.optimizer.moments(self.module))
+        return checkpoint_state(self.module, self.optimizer, tp_mesh)
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        load_checkpoint_state(self.module, self.optimizer, state)
+        if self.sharded:  # DCP filled this rank's moments in place (views of the live state)
+            load_checkpoint_state(self.module, None, state)
+        else:
+            load_checkpoint_state(self.module, self.optimizer, state)
 
     def rank_state(self) -> Any:
         """What only this rank holds and DCP does not save (DeepSpeed's optimizer partition): nothing here."""
@@ -349,6 +368,8 @@ def build_engine(cfg, objective: nn.Module, dist: DistInfo):
     optimizer = cfg.optim.build(objective, cfg.mcmc.alpha_lr_multiplier)
     if cfg.parallel.data_parallel == "zero":
         return DeepSpeedEngine(objective, optimizer, deepspeed_config(cfg, dist.world_size))
+    if cfg.parallel.shard_optimizer and dist.dp_size > 1:
+        optimizer = ShardedOptimizer(optimizer, dist.dp_group)
     clip, accum = cfg.optim.grad_clip, cfg.train.grad_accum_steps
     if dist.pp_size > 1:
         schedule = pipeline_schedule(objective, dist, cfg.parallel.pipeline_microbatches, cfg.mcmc)

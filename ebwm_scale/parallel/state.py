@@ -76,13 +76,20 @@ def _from_form(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return local.view(like.shape)
 
 
-def checkpoint_state(module: nn.Module, optimizer: torch.optim.Optimizer | None = None, tp_mesh=None) -> dict[str, Any]:
+def checkpoint_state(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    tp_mesh=None,
+    moments: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> dict[str, Any]:
     """{"model": ..., "optim": ...} in checkpoint form (see the module docstring); without an optimizer (DeepSpeed
-    keeps its own) only "model". `tp_mesh`: the tensor-parallel mesh dimension of a tensor-parallel module."""
+    keeps its own) only "model". `tp_mesh`: the tensor-parallel mesh dimension of a tensor-parallel module.
+    `moments` (instead of `optimizer`): the per-parameter optimizer state this rank owns under ZeRO-1, by state_dict
+    key; a key only its owners hold is written by them and read back by whoever owns it on load."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if optimizer is None:
-        model, optim = get_model_state_dict(module), None
+        model, optim = get_model_state_dict(module), None if moments is None else {"state": moments}
     else:
         model, optim = get_state_dict(module, optimizer)
     stacked, tp_dims = stacked_weights(module), tp_shard_dims(module) if tp_mesh is not None else {}

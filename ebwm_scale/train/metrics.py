@@ -86,13 +86,13 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def model_state_gb_per_rank(num_params: int, precision: str, data_parallel: str, zero_stage: int, world: int) -> float:
-    """Parameters + gradients + AdamW state per rank (the ZeRO paper's accounting; activations come on top).
+def model_state_gb_per_rank(num_params: int, precision: str, zero_stage: int, dp_size: int) -> float:
+    """Parameters + gradients + AdamW state per rank of `num_params` (a rank's tensor/pipeline share) under ZeRO
+    stage `zero_stage` over `dp_size` data-parallel ranks (the ZeRO paper's accounting; activations come on top).
     bf16: 2 B params, 2 B grads, 12 B fp32 master + moments; fp32: 4 + 4 + 8. ZeRO-1 shards the optimizer state,
-    ZeRO-2 also the gradients, ZeRO-3 also the parameters."""
+    ZeRO-2 also the gradients, ZeRO-3 (FSDP) also the parameters."""
     params, grads, optimizer = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
-    stage = {"zero": zero_stage, "fsdp": 3}.get(data_parallel, 0)
     shard = [1.0, 1.0, 1.0]
-    for index in range(stage):  # 1: optimizer, 2: + gradients, 3: + parameters
-        shard[2 - index] = 1 / world
+    for index in range(zero_stage):  # 1: optimizer, 2: + gradients, 3: + parameters
+        shard[2 - index] = 1 / dp_size
     return num_params * (params * shard[0] + grads * shard[1] + optimizer * shard[2]) / 2**30

@@ -115,8 +115,12 @@ class Trainer:
 
     def _model_state_gb(self) -> float:
         p = self.cfg.parallel
+        stage = {"zero": p.zero_stage, "fsdp": 3}.get(p.data_parallel, 1 if p.shard_optimizer else 0)
         return model_state_gb_per_rank(
-            self.num_params, self.cfg.train.precision, p.data_parallel, p.zero_stage, self.dist.world_size
+            self.num_params // (self.dist.tp_size * self.dist.pp_size),
+            self.cfg.train.precision,
+            stage,
+            self.dist.dp_size,
         )
 
     def _parallel_mode(self) -> str:
@@ -124,6 +128,8 @@ class Trainer:
         mode = {"zero": f"DeepSpeed ZeRO-{p.zero_stage}", "fsdp": "FSDP2, sharded parameters"}.get(
             p.data_parallel, "data parallel"
         )
+        if p.shard_optimizer:
+            mode += ", ZeRO-1 optimizer sharding"
         if p.tensor_parallel > 1:
             mode += f", tensor parallel {p.tensor_parallel}"
         if p.pipeline_parallel > 1:

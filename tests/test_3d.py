@@ -1,0 +1,97 @@
+"""Data parallelism with sharded state composed with tensor and pipeline parallelism, on 4 and 8 gloo ranks: ZeRO-1
+(parallel.shard_optimizer) x TP, x PP and x TP x PP, and FSDP2 x TP. Each follows one process on the same global
+batch: the first step's whole gradients before the optimizer (a constant scale error shows there, Adam hides it in
+the weights) and 5 AdamW steps of losses, for the text EBT (second-order gradients) and the AR model."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ebwm_scale.config import load_config
+from ebwm_scale.parallel.dist import DistInfo, with_parallel_groups
+from ebwm_scale.pretrain import build_trainer
+from tests.conftest import CPU, REPO
+from tests.distributed import TRAINER_LOSS_RTOL, assert_gradients_close, record_gradients, run_distributed_test
+from tests.test_training import Recorder
+from tests.test_zero import COMMON, GRADIENT_RTOL, RECIPES
+
+GLOBAL_BATCH = 8
+
+
+def _train(recipe, dist_info, output_dir, *overrides):
+    """(trainer, losses, every step's whole gradients)."""
+    cfg = load_config(REPO / "recipes" / recipe, [*COMMON, f"train.output_dir={output_dir}", *overrides])
+    recorder = Recorder()
+    trainer = build_trainer(cfg, dist_info, [recorder])
+    gradients = record_gradients(trainer.engine)
+    trainer.fit()
+    return trainer, [m["loss"] for m in recorder.train], gradients
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    runs = {r: _train(r, CPU, out / r, f"data.micro_batch_size={GLOBAL_BATCH}", "optim.grad_clip=0") for r in RECIPES}
+    return {recipe: (losses, gradients) for recipe, (_, losses, gradients) in runs.items()}
+
+
+def _layout(rank, size, tp, pp) -> DistInfo:
+    return with_parallel_groups(
+        DistInfo(rank=rank, local_rank=rank, world_size=size, device=torch.device("cpu")), tp, pp
+    )
+
+
+def _check(rank, size, output_dir, expected, tp, pp, data_parallel):
+    dist_info = _layout(rank, size, tp, pp)
+    parallel = [
+        f"data.micro_batch_size={GLOBAL_BATCH // dist_info.dp_size}",
+        f"parallel.tensor_parallel={tp}",
+        f"parallel.pipeline_parallel={pp}",
+        "parallel.pipeline_microbatches=2",
+        "optim.grad_clip=0",
+        *(["parallel.shard_optimizer=true"] if data_parallel == "zero1" else ["parallel.data_parallel=fsdp"]),
+    ]
+    for recipe in RECIPES:
+        trainer, losses, gradients = _train(recipe, dist_info, f"{output_dir}/{recipe}", *parallel)
+        ref_losses, ref_gradients = expected[recipe]
+        assert losses == pytest.approx(ref_losses, rel=TRAINER_LOSS_RTOL), recipe
+        assert_gradients_close(gradients[0], ref_gradients[0], GRADIENT_RTOL, stage=pp > 1)
+        if data_parallel == "zero1":
+            _check_optimizer_state_is_split(trainer.engine, dist_info)
+
+
+def _check_optimizer_state_is_split(engine, dist_info) -> None:
+    """Every parameter has AdamW state on exactly one rank of its data-parallel group."""
+    held = [id(p) in {id(q) for q in engine.optimizer.local.state} for p in engine.params]
+    counts = torch.tensor(held, dtype=torch.int64)
+    dist.all_reduce(counts, group=dist_info.dp_group)
+    assert counts.eq(1).all() and 0 < sum(held) < len(held)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "tp, pp, data_parallel",
+    [(2, 1, "zero1"), (1, 2, "zero1"), (2, 1, "fsdp")],
+    ids=["zero1-tp2-dp2", "zero1-pp2-dp2", "fsdp-tp2-dp2"],
+)
+def test_sharded_data_parallel_composes_on_four_ranks(tp, pp, data_parallel, one_process, tmp_path):
+    run_distributed_test(_check, world_size=4, args=(str(tmp_path), one_process, tp, pp, data_parallel))
+
+
+@pytest.mark.slow
+def test_zero1_with_tensor_and_pipeline_parallel_on_eight_ranks(one_process, tmp_path):
+    """ZeRO-1 x TP=2 x PP=2 x DP=2: the whole 3-D layout."""
+    run_distributed_test(_check, world_size=8, args=(str(tmp_path), one_process, 2, 2, "zero1"))
+
+
+def _check_resume(rank, size, output_dir):
+    from tests.test_zero import check_resume_and_export
+
+    check_resume_and_export(
+        _layout(rank, size, 2, 1), output_dir, "parallel.tensor_parallel=2", "parallel.shard_optimizer=true"
+    )
+
+
+@pytest.mark.slow
+def test_zero1_with_tensor_parallel_resumes_bit_for_bit(tmp_path):
+    run_distributed_test(_check_resume, world_size=4, args=(str(tmp_path),))
