@@ -84,14 +84,14 @@ def test_zero1_with_tensor_and_pipeline_parallel_on_eight_ranks(one_process, tmp
     run_distributed_test(_check, world_size=8, args=(str(tmp_path), one_process, 2, 2, "zero1"))
 
 
-def _check_resume(rank, size, output_dir):
+def _check_resume(rank, size, output_dir, data_parallel):
     from tests.test_zero import check_resume_and_export
 
-    check_resume_and_export(
-        _layout(rank, size, 2, 1), output_dir, "parallel.tensor_parallel=2", "parallel.shard_optimizer=true"
-    )
+    mode = "parallel.shard_optimizer=true" if data_parallel == "zero1" else "parallel.data_parallel=fsdp"
+    check_resume_and_export(_layout(rank, size, 2, 1), output_dir, "parallel.tensor_parallel=2", mode)
 
 
 @pytest.mark.slow
-def test_zero1_with_tensor_parallel_resumes_bit_for_bit(tmp_path):
-    run_distributed_test(_check_resume, world_size=4, args=(str(tmp_path),))
+@pytest.mark.parametrize("data_parallel", ["zero1", "fsdp"])
+def test_sharded_data_parallel_with_tensor_parallel_resumes_bit_for_bit(data_parallel, tmp_path):
+    run_distributed_test(_check_resume, world_size=4, args=(str(tmp_path), data_parallel))

@@ -1,5 +1,6 @@
 """Checkpoints are resharded on load: a run saved under one parallel layout resumes under another (data-parallel
-2 -> 1 and 2 -> 4 ranks, tensor-parallel 2 -> 1 and 1 -> 2, FSDP 2 -> 4, ZeRO-1 x TP 2 x 2 -> 1, 1 -> ZeRO-1 on 2). What must be exact is exact: the resumed
+2 -> 1 and 2 -> 4 ranks, tensor-parallel 2 -> 1 and 1 -> 2, FSDP 2 -> 4, ZeRO-1 x TP 2 x 2 -> 1, 1 -> ZeRO-1 on 2,
+FSDP x TP 2 x 2 -> 1, FSDP 2 -> FSDP x TP 2 x 2). What must be exact is exact: the resumed
 run, saving at once, writes a checkpoint whose model and optimizer state equal the original bit for bit. The loss
 curve then continues within the fp32 tolerance of reordered sums (same global batch, same samples, noise-free
 MCMC start), and the token count continues from the checkpoint's. One saved run writes asynchronously (its own gloo
@@ -101,8 +102,13 @@ def _full_state(checkpoint: Path) -> dict[str, torch.Tensor]:
         ({"world": 2, "async": True}, {"world": 1}),
         ({"world": 4, "tp": 2, "mode": "zero1"}, {"world": 1}),
         ({"world": 1}, {"world": 2, "mode": "zero1"}),
+        ({"world": 4, "tp": 2, "mode": "fsdp"}, {"world": 1}),
+        ({"world": 2, "mode": "fsdp"}, {"world": 4, "tp": 2, "mode": "fsdp"}),
     ],
-    ids=["dp2-dp1", "dp2-dp4", "tp2-tp1", "tp1-tp2", "fsdp2-fsdp4", "dp2-async-dp1", "zero1tp2-dp1", "dp1-zero1"],
+    ids=[
+        *("dp2-dp1", "dp2-dp4", "tp2-tp1", "tp1-tp2", "fsdp2-fsdp4", "dp2-async-dp1"),
+        *("zero1tp2-dp1", "dp1-zero1", "fsdp2tp2-dp1", "fsdp2-fsdp2tp2"),
+    ],
 )
 def test_a_checkpoint_resumes_under_another_layout(tmp_path, saved, resumed):
     straight = _run_phase(saved, tmp_path / "saved")

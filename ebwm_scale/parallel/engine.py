@@ -82,7 +82,8 @@ class DataParallelEngine(Engine):
         self.grad_clip = grad_clip
         self.grad_accum_steps = grad_accum_steps
         self.params = [p for p in objective.parameters() if p.requires_grad]
-        self.sharded = isinstance(optimizer, ShardedOptimizer)  # then each rank holds its owned gradients only
+        self.sharded = isinstance(optimizer, ShardedOptimizer)
+        self.grads_split_over_dp = self.sharded  # each data-parallel rank holds a disjoint share of the gradients
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum_steps).backward()
@@ -105,7 +106,7 @@ class DataParallelEngine(Engine):
         """Clip by the global norm, computed once: squares summed over the data-parallel ranks when each holds a
         disjoint share of the gradients (ZeRO-1, FSDP), over the tensor-parallel group for sharded weights
         (replicated ones counted once), over the pipeline stages; every rank then scales by the same factor."""
-        if self.dist.tp_size == self.dist.pp_size == 1 and not self.sharded:
+        if self.dist.tp_size == self.dist.pp_size == 1 and not self.grads_split_over_dp:
             return float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf")))
         sharded = {id(layer.weight) for _, layer in sharded_weights(self.module)}
         grads = [(p.grad, id(p) in sharded) for p in self.params if p.grad is not None]
@@ -113,7 +114,7 @@ class DataParallelEngine(Engine):
         for grad, tp_sharded in grads:
             local = grad.to_local() if isinstance(grad, DTensor) else grad
             squares[0 if tp_sharded else 1] += local.double().pow(2).sum()
-        if self.sharded and self.dist.dp_size > 1:
+        if self.grads_split_over_dp and self.dist.dp_size > 1:
             collectives.all_reduce(squares, group=self.dist.dp_group)
         if self.dist.tp_size > 1:
             collectives.all_reduce(squares[0], group=self.dist.tp_group)
@@ -143,10 +144,10 @@ class DataParallelEngine(Engine):
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Model and optimizer state for torch.distributed.checkpoint, in the form every engine shares."""
-        tp_mesh = self.dist.mesh["tp"] if self.dist.tp_size > 1 else None
+        mesh = self.dist.mesh if self.dist.tp_size > 1 else None
         if self.sharded:
-            return checkpoint_state(self.module, None, tp_mesh, self.optimizer.moments(self.module))
-        return checkpoint_state(self.module, self.optimizer, tp_mesh)
+            return checkpoint_state(self.module, None, mesh, self.optimizer.moments(self.module))
+        return checkpoint_state(self.module, self.optimizer, mesh)
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         if self.sharded:  # DCP filled this rank's moments in place (views of the live state)
@@ -169,30 +170,36 @@ class FSDPEngine(DataParallelEngine):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+        # under tensor parallelism FSDP shards each rank's tensor-parallel piece over its data-parallel group
+        mesh = dist.mesh["dp"] if dist.tp_size > 1 else init_device_mesh(dist.device.type, (dist.world_size,))
         # q/k/v are stacked along the rows: shard them along D_in, so that each rank's shard is one box of the
-        # (3, D, D_in) checkpoint form (parallel/state.py).
+        # (3, D, D_in) checkpoint form (parallel/state.py); a tensor-parallel weight along the dimension tensor
+        # parallelism leaves whole, so that the two together cut one box of the unsharded weight.
         stacked = {id(layer.wqkv.weight) for layer in objective.modules() if isinstance(layer, Attention)}
+        tp_dims = {id(layer.weight): layer.shard_dim for _, layer in sharded_weights(objective)}
 
         def placement(param: nn.Parameter) -> Shard | None:
-            return Shard(1) if id(param) in stacked else None
+            if id(param) in stacked:
+                return Shard(1)
+            return Shard(1 - tp_dims[id(param)]) if id(param) in tp_dims else None
 
         self.units = []
         for block in objective.model.transformer.layers:
             fully_shard(block, mesh=mesh, shard_placement_fn=placement)
             self.units.append(block)
-        fully_shard(objective, mesh=mesh)  # the rest: embeddings, state mapping, energy/output head, alpha
+        # the rest: embeddings, state mapping, energy/output head, alpha
+        fully_shard(objective, mesh=mesh, shard_placement_fn=placement)
         self.units.append(objective)
         for unit in self.units:
             unit.set_reshard_after_backward(False)  # the outer backward still needs the gathered weights
         optimizer = cfg.optim.build(objective, cfg.mcmc.alpha_lr_multiplier)  # over the sharded parameters
         super().__init__(objective, optimizer, dist, cfg.optim.grad_clip, cfg.train.grad_accum_steps)
+        self.grads_split_over_dp = True
 
     def finish_step(self, skip: bool) -> float:
         for unit in self.units:
             unit.reshard()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or float("inf"))
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = self._clip_gradients()  # FSDP has reduce-scattered the gradients in the backward
         if not skip and math.isfinite(grad_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -210,10 +217,16 @@ class FSDPEngine(DataParallelEngine):
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(self.module, options=options)
+        if self.dist.tp_size == 1:
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_model_state_dict(self.module, options=options)
+        # cpu_offload would leave all but rank 0 without the pieces the tensor-parallel gather needs
+        pieces = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
+        return {key: value.cpu() for key, value in gather_full_state(self.module, pieces).items()}
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.dist.tp_size > 1:
+            state = shard_full_state(self.module, state)
         current = self.module.state_dict()
         self.module.load_state_dict({key: _local_shard(state[key], value) for key, value in current.items()})
 

@@ -5,7 +5,8 @@ The form: every weight (and each of its AdamW moments) at its unsharded shape, k
 state_dict names, except that q/k/v stacked in one weight are kept as (3, D, D_in), so that a tensor-parallel rank's
 [q_r; k_r; v_r] is one box of it. What a rank holds is a DTensor over the ranks that split it: tensor-parallel shards
 over the `tp` mesh dimension (plain local tensors otherwise, which DCP would save from one rank only and so lose the
-rest), FSDP shards over FSDP's mesh (q/k/v sharded along D_in: see FSDPEngine). Replicated tensors stay plain; DCP
+rest), FSDP shards over FSDP's mesh (q/k/v sharded along D_in: see FSDPEngine), both at once over the
+(dp, tp) grid. Replicated tensors stay plain; DCP
 keeps one copy. So does it of any non-tensor value several ranks hold under one key, whether or not they agree: the
 optimizer's param_groups (which differ between pipeline stages) are therefore not saved; they come from the recipe.
 Every DTensor's local tensor is a view of the live parameter or moment, so a DCP load fills them in place.
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ebwm_scale.models.blocks import Attention
 from ebwm_scale.parallel.tensor import sharded_weights, state_key
@@ -33,32 +34,31 @@ def tp_shard_dims(module: nn.Module) -> dict[str, int]:
     return {key: layer.shard_dim for key, layer in sharded_weights(module)}
 
 
-def _to_form(tensor: torch.Tensor, blocks: int, tp_mesh, tp_dim: int | None) -> torch.Tensor:
+def _to_form(tensor: torch.Tensor, blocks: int, mesh, tp_dim: int | None) -> torch.Tensor:
+    """`mesh`: the (dp, pp, tp) mesh of a tensor-parallel module, else None; tp_dim: the dimension tensor parallelism
+    splits this tensor along (None: replicated over the tensor-parallel ranks)."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    shape = list(tensor.shape)  # FSDP: the whole of this rank's tensor-parallel piece
+    if blocks > 1:
+        local = local.view(blocks, -1, *local.shape[1:])
+        shape = [blocks, shape[0] // blocks, *shape[1:]]
+    form_dim = None if tp_dim is None else tp_dim + (1 if blocks > 1 else 0)
+    if form_dim is not None:
+        shape[form_dim] *= mesh["tp"].size()
+    tp_placement = Replicate() if form_dim is None else Shard(form_dim)
     if isinstance(tensor, DTensor):  # FSDP: Shard(d) over its mesh, never along the stacked rows
         (placement,) = tensor.placements
-        local, dim = tensor.to_local(), placement.dim
-        shape = tuple(tensor.shape)
-        if blocks > 1:
-            assert dim > 0, "stacked weights must be sharded along D_in"
-            local, shape, dim = (
-                local.view(blocks, -1, *local.shape[1:]),
-                (blocks, shape[0] // blocks, *shape[1:]),
-                dim + 1,
-            )
-        return DTensor.from_local(
-            local,
-            tensor.device_mesh,
-            [Shard(dim)],
-            run_check=False,
-            shape=shape,
-            stride=torch.empty(shape, device="meta").stride(),
-        )
-    if blocks > 1:
-        tensor = tensor.view(blocks, -1, *tensor.shape[1:])
-    if tp_dim is None:
-        return tensor
-    dim = tp_dim + (1 if blocks > 1 else 0)
-    return DTensor.from_local(tensor, tp_mesh, [Shard(dim)], run_check=False)
+        fsdp_dim = placement.dim + (1 if blocks > 1 else 0)
+        assert blocks == 1 or fsdp_dim > 1, "stacked weights must be sharded along D_in"
+        if mesh is None:
+            device_mesh, placements = tensor.device_mesh, [Shard(fsdp_dim)]
+        else:  # FSDP x TP: a box of the (dp, tp) grid; the two never split the same dimension (FSDPEngine)
+            device_mesh, placements = mesh["dp", "tp"], [Shard(fsdp_dim), tp_placement]
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(local, device_mesh, placements, run_check=False, shape=tuple(shape), stride=stride)
+    if form_dim is None:
+        return local
+    return DTensor.from_local(local, mesh["tp"], [tp_placement], run_check=False)
 
 
 def _from_form(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -79,11 +79,11 @@ def _from_form(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def checkpoint_state(
     module: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    tp_mesh=None,
+    mesh=None,
     moments: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """{"model": ..., "optim": ...} in checkpoint form (see the module docstring); without an optimizer (DeepSpeed
-    keeps its own) only "model". `tp_mesh`: the tensor-parallel mesh dimension of a tensor-parallel module.
+    keeps its own) only "model". `mesh`: the (dp, pp, tp) mesh of a tensor-parallel module.
     `moments` (instead of `optimizer`): the per-parameter optimizer state this rank owns under ZeRO-1, by state_dict
     key; a key only its owners hold is written by them and read back by whoever owns it on load."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
@@ -92,10 +92,10 @@ def checkpoint_state(
         model, optim = get_model_state_dict(module), None if moments is None else {"state": moments}
     else:
         model, optim = get_state_dict(module, optimizer)
-    stacked, tp_dims = stacked_weights(module), tp_shard_dims(module) if tp_mesh is not None else {}
+    stacked, tp_dims = stacked_weights(module), tp_shard_dims(module) if mesh is not None else {}
 
     def form(key: str, tensor: torch.Tensor) -> torch.Tensor:
-        return _to_form(tensor, stacked.get(key, 1), tp_mesh, tp_dims.get(key))
+        return _to_form(tensor, stacked.get(key, 1), mesh, tp_dims.get(key))
 
     state = {"model": {key: form(key, value) for key, value in model.items()}}
     if optim is not None:  # per-parameter state only: the hyper-parameters come from the recipe
