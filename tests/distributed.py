@@ -115,7 +115,10 @@ def record_gradients(engine) -> list[dict[str, torch.Tensor]]:
 
         engine.finish_step = record_then_finish
     else:
-        named = list(engine.module.named_parameters())
+        from ebwm_scale.parallel.tensor import state_key
+
+        # state_dict names (an activation-checkpoint wrapper's part dropped), as the tensor-parallel gather uses
+        named = [(state_key(*name.rsplit(".", 1)), p) for name, p in engine.module.named_parameters()]
 
         def record(optimizer, args, kwargs) -> None:
             whole = {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for name, p in named}

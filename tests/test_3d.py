@@ -41,7 +41,7 @@ def _layout(rank, size, tp, pp) -> DistInfo:
     )
 
 
-def _check(rank, size, output_dir, expected, tp, pp, data_parallel):
+def _check(rank, size, output_dir, expected, tp, pp, data_parallel, *extra):
     dist_info = _layout(rank, size, tp, pp)
     parallel = [
         f"data.micro_batch_size={GLOBAL_BATCH // dist_info.dp_size}",
@@ -50,6 +50,7 @@ def _check(rank, size, output_dir, expected, tp, pp, data_parallel):
         "parallel.pipeline_microbatches=2",
         "optim.grad_clip=0",
         *(["parallel.shard_optimizer=true"] if data_parallel == "zero1" else ["parallel.data_parallel=fsdp"]),
+        *extra,
     ]
     for recipe in RECIPES:
         trainer, losses, gradients = _train(recipe, dist_info, f"{output_dir}/{recipe}", *parallel)
@@ -68,20 +69,28 @@ def _check_optimizer_state_is_split(engine, dist_info) -> None:
     assert counts.eq(1).all() and 0 < sum(held) < len(held)
 
 
+CHECKPOINTING = "parallel.activation_checkpointing=full"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "tp, pp, data_parallel",
-    [(2, 1, "zero1"), (1, 2, "zero1"), (2, 1, "fsdp")],
-    ids=["zero1-tp2-dp2", "zero1-pp2-dp2", "fsdp-tp2-dp2"],
+    "world, tp, pp, data_parallel, extra",
+    [
+        (2, 1, 1, "zero1", ["parallel.compile=true"]),
+        (4, 2, 1, "zero1", []),
+        (4, 1, 2, "zero1", []),
+        (4, 2, 1, "fsdp", [CHECKPOINTING]),
+    ],
+    ids=["zero1-dp2-compiled", "zero1-tp2-dp2", "zero1-pp2-dp2", "fsdp-tp2-dp2-checkpointed"],
 )
-def test_sharded_data_parallel_composes_on_four_ranks(tp, pp, data_parallel, one_process, tmp_path):
-    run_distributed_test(_check, world_size=4, args=(str(tmp_path), one_process, tp, pp, data_parallel))
+def test_sharded_data_parallel_composes(world, tp, pp, data_parallel, extra, one_process, tmp_path):
+    run_distributed_test(_check, world_size=world, args=(str(tmp_path), one_process, tp, pp, data_parallel, *extra))
 
 
 @pytest.mark.slow
 def test_zero1_with_tensor_and_pipeline_parallel_on_eight_ranks(one_process, tmp_path):
-    """ZeRO-1 x TP=2 x PP=2 x DP=2: the whole 3-D layout."""
-    run_distributed_test(_check, world_size=8, args=(str(tmp_path), one_process, 2, 2, "zero1"))
+    """ZeRO-1 x TP=2 x PP=2 x DP=2 with activation checkpointing: the whole 3-D layout."""
+    run_distributed_test(_check, world_size=8, args=(str(tmp_path), one_process, 2, 2, "zero1", CHECKPOINTING))
 
 
 def _check_resume(rank, size, output_dir, data_parallel):

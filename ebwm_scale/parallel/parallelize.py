@@ -1,15 +1,18 @@
 """Applies parallelism and memory techniques to a plain model from the outside, in a fixed order.
 
 0. Tensor parallelism (parallel.tensor_parallel): layers split Megatron-style over the tensor-parallel group. A text
-   EBT's objective is built with `vocab_split`, so its MCMC state is split over the vocabulary the same way.
+   EBT's objective is built with `vocab_split`, so its MCMC state is split over the vocabulary the same way. With
+   parallel.sequence_parallel the blocks' norms and residual stream keep only this rank's rows of the sequence.
 1. Pipeline parallelism (parallel.pipeline_parallel): each rank keeps only its stage's blocks and ends; the schedule
    that runs them is the training engine's (parallel/pipeline.py).
 2. Activation checkpointing: transformer blocks recompute their activations in the backward. Non-reentrant
    checkpointing (use_reentrant=False) is the variant that supports double backward (docs/design.md §3); the
    reentrant one does not. It covers every block forward: the AR trunk, the masked EBT, the EBT context stream and
    the prediction stream that runs once per MCMC step.
-3. torch.compile (parallel.compile): only what no second-order gradient passes through (apply_compile).
-4. Data parallelism / ZeRO: by the training engine (parallel/engine.py), after this.
+3. Sequence-parallel boundaries: the first block enters the region, the last one leaves it; after checkpointing, so
+   that the first block's checkpoint keeps only this rank's rows.
+4. torch.compile (parallel.compile): only what no second-order gradient passes through (apply_compile).
+5. Data parallelism / ZeRO: by the training engine (parallel/engine.py), after this.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ from ebwm_scale.parallel.pipeline import VacantLayer, apply_pipeline
 from ebwm_scale.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
+    SequenceParallelRMSNorm,
     VocabParallel,
     VocabParallelEmbedding,
     VocabParallelOutput,
+    gather_from_sequence_parallel,
+    scatter_to_sequence_parallel,
 )
 from ebwm_scale.states import TokenState
 
@@ -40,26 +46,57 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
             layers[index] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
-def apply_tensor_parallel(model: nn.Module, group) -> None:
+def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = False) -> None:
     """Megatron layout, in place: attention heads and the SwiGLU hidden units split over `group`, q/k/v and gate/up
     column-parallel, the output projections row-parallel; token embeddings, the EBT's V -> D state mapping and the
-    AR head split over the vocabulary; norms, frame projections and the energy head replicated."""
+    AR head split over the vocabulary; norms, frame projections and the energy head replicated. `sequence_parallel`:
+    the blocks' norms gather the sequence and their output projections reduce-scatter it (parallel/tensor.py); the
+    region's boundaries come from apply_sequence_parallel_boundaries."""
     size = dist.get_world_size(group)
+    sp = sequence_parallel
     for block in model.transformer.layers:
         attention, ffn = block.attention, block.feed_forward
         if attention.num_heads % size:
             raise ValueError(f"model.num_heads={attention.num_heads} is not divisible by tensor_parallel={size}")
-        attention.wqkv = ColumnParallelLinear(attention.wqkv, group, blocks=3)
-        attention.wo = RowParallelLinear(attention.wo, group)
+        attention.wqkv = ColumnParallelLinear(attention.wqkv, group, blocks=3, sequence_parallel=sp)
+        attention.wo = RowParallelLinear(attention.wo, group, sequence_parallel=sp)
         attention.num_heads //= size
-        ffn.w_gate, ffn.w_up = ColumnParallelLinear(ffn.w_gate, group), ColumnParallelLinear(ffn.w_up, group)
-        ffn.w_down = RowParallelLinear(ffn.w_down, group)
+        ffn.w_gate = ColumnParallelLinear(ffn.w_gate, group, sequence_parallel=sp)
+        ffn.w_up = ColumnParallelLinear(ffn.w_up, group, sequence_parallel=sp)
+        ffn.w_down = RowParallelLinear(ffn.w_down, group, sequence_parallel=sp)
+        if sp:
+            block.attention_norm = SequenceParallelRMSNorm(block.attention_norm, group)
+            block.ffn_norm = SequenceParallelRMSNorm(block.ffn_norm, group)
     if hasattr(model, "tok_embeddings"):
         model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group)
     if hasattr(model, "vocab_to_embed"):  # the EBT's state is split over the vocabulary too (see vocab_split)
         model.vocab_to_embed = RowParallelLinear(model.vocab_to_embed, group)
     if isinstance(getattr(model, "output", None), nn.Linear) and hasattr(model, "tok_embeddings"):
         model.output = VocabParallelOutput(model.output, group)
+
+
+def apply_sequence_parallel_boundaries(model: nn.Module, group) -> None:
+    """The first block this rank holds takes its rows of the sequence, the last one gathers the whole sequence back:
+    every call site (AR trunk, masked EBT, the EBT's context and prediction streams) runs all its blocks in order, and
+    RoPE tables, masks and context keys/values stay whole-sequence. Hooks, so state_dict keys stay; on the
+    checkpoint wrappers, if any, so that they sit outside the recomputed part."""
+    held = [block for block in model.transformer.layers if not isinstance(block, VacantLayer)]
+
+    def enter(block, args, kwargs):
+        if kwargs.get("past_kv") is not None:
+            raise ValueError(
+                "generation with cached keys/values does not run under parallel.sequence_parallel (new positions "
+                "need not divide over the ranks); generate from an export on one process (ebwm-generate)"
+            )
+        return (scatter_to_sequence_parallel(args[0], group), *args[1:]), kwargs
+
+    def leave(block, args, output):
+        if isinstance(output, tuple):  # (h, keys/values): keys/values are made from the gathered rows, already whole
+            return (gather_from_sequence_parallel(output[0], group), *output[1:])
+        return gather_from_sequence_parallel(output, group)
+
+    held[0].register_forward_pre_hook(enter, with_kwargs=True)
+    held[-1].register_forward_hook(leave)
 
 
 def vocab_split(dist_info: DistInfo | None) -> VocabParallel | None:
@@ -87,11 +124,13 @@ def parallelize(objective: nn.Module, cfg: ParallelConfig, dist_info: DistInfo |
         state = getattr(objective, "state", None)
         if isinstance(state, TokenState) and state.split.count != dist_info.tp_size:
             raise ValueError("a text EBT under tensor parallelism needs build_objective(..., vocab_split(dist_info))")
-        apply_tensor_parallel(objective.model, dist_info.tp_group)
+        apply_tensor_parallel(objective.model, dist_info.tp_group, cfg.sequence_parallel)
     if dist_info is not None and dist_info.pp_size > 1:
         apply_pipeline(objective, dist_info.pp_rank, dist_info.pp_size)
     if cfg.activation_checkpointing != "none":
         apply_activation_checkpointing(objective.model, cfg.activation_checkpointing)
+    if cfg.sequence_parallel and dist_info is not None and dist_info.tp_size > 1:
+        apply_sequence_parallel_boundaries(objective.model, dist_info.tp_group)
     if cfg.compile:
         apply_compile(objective.model)
     return objective

@@ -23,6 +23,20 @@ Layouts (Y = X A):
 - RowParallelLinear: A split by rows (input features); input sharded, output summed over ranks (reduce_from_tp).
 - VocabParallelEmbedding: the table split by vocabulary rows; each rank looks up its rows, then reduce_from_tp.
 - The text EBT's V -> D state mapping is a RowParallelLinear: its input is this rank's vocabulary slice.
+
+Sequence parallelism (parallel.sequence_parallel, Megatron's): between the tensor-parallel regions, i.e. in the
+residual stream and the blocks' RMSNorms, each rank keeps only its L / tp rows of the sequence (dim 1 of (B, L, D)),
+so what they save for the backward shrinks by tp. Four Functions, again in pairs that are each other's backward:
+
+    gather_sequence          forward: all-gather          backward: reduce-scatter (reduce_scatter_sequence)
+    reduce_scatter_sequence  forward: reduce-scatter      backward: all-gather     (gather_sequence)
+    scatter_to_sequence_parallel    forward: own rows     backward: all-gather     (gather_from_sequence_parallel)
+    gather_from_sequence_parallel   forward: all-gather   backward: own rows       (scatter_to_sequence_parallel)
+
+Inside a block, a SequenceParallelRMSNorm gathers the sequence after normalizing (one gather feeds q/k/v, one the
+SwiGLU's gate and up: gathering in each column-parallel layer would gather and save the SwiGLU input twice), and the
+row-parallel layers reduce-scatter instead of all-reducing. The first block of the trunk enters the region (own rows
+of a replicated input) and the last one leaves it (parallelize.apply_sequence_parallel_boundaries).
 """
 
 from __future__ import annotations
@@ -32,8 +46,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ebwm_scale.models.blocks import RMSNorm
 from ebwm_scale.parallel import collectives
 from ebwm_scale.vocab_state import VocabSplit
+
+SEQUENCE_DIM = 1  # of (B, L, D)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -75,35 +92,41 @@ def _shard(weight: torch.Tensor, dim: int, rank: int, size: int, blocks: int = 1
 
 class ColumnParallelLinear(nn.Module):
     """Y_r = X A_r: this rank's output features. `blocks`: the output stacks that many equal parts (q, k, v), each
-    split separately so that every rank gets whole heads of each."""
+    split separately so that every rank gets whole heads of each. `sequence_parallel`: X arrives already gathered
+    over the sequence (SequenceParallelRMSNorm), whose backward reduce-scatter sums the ranks' input gradients in place
+    of copy_to_tp's all-reduce."""
 
     shard_dim = 0
 
-    def __init__(self, full: nn.Linear, group, blocks: int = 1):
+    def __init__(self, full: nn.Linear, group, blocks: int = 1, sequence_parallel: bool = False):
         super().__init__()
         self.group = group
         self.blocks = blocks
+        self.sequence_parallel = sequence_parallel
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         self.weight = nn.Parameter(_shard(full.weight.detach(), 0, rank, size, blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.group), self.weight)
+        return F.linear(x if self.sequence_parallel else copy_to_tp(x, self.group), self.weight)
 
 
 class RowParallelLinear(nn.Module):
-    """Y = sum_r X_r A_r: the input arrives sharded over features; partial products are all-reduced. Also the EBT's
+    """Y = sum_r X_r A_r: the input arrives sharded over features; partial products are all-reduced, or under
+    `sequence_parallel` reduce-scattered: each rank keeps the sum for its own rows of the sequence. Also the EBT's
     V -> D state mapping, whose input is this rank's slice of the vocabulary state."""
 
     shard_dim, blocks = 1, 1
 
-    def __init__(self, full: nn.Linear, group):
+    def __init__(self, full: nn.Linear, group, sequence_parallel: bool = False):
         super().__init__()
         self.group = group
+        self.sequence_parallel = sequence_parallel
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         self.weight = nn.Parameter(_shard(full.weight.detach(), 1, rank, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_tp(F.linear(x, self.weight), self.group)
+        y = F.linear(x, self.weight)
+        return reduce_scatter_sequence(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -127,37 +150,130 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp(rows, self.group)
 
 
+def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    collectives.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """The sum over ranks of x, of which this rank keeps its chunk along `dim`."""
+    rows = x.movedim(dim, 0).contiguous()  # the collective splits its input along dim 0
+    out = rows.new_empty((rows.shape[0] // dist.get_world_size(group), *rows.shape[1:]))
+    collectives.reduce_scatter(out, rows, group=group)
+    return out.movedim(0, dim)
+
+
 class _GatherFromTP(torch.autograd.Function):
-    """forward: all-gather along the last dim; backward: this rank's slice (_SplitToTP), differentiable again."""
+    """forward: all-gather along `dim`; backward: this rank's slice (_SplitToTP), differentiable again. For a result
+    that every rank then uses alike (its gradient is the same on every rank)."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        collectives.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _SplitToTP.apply(grad, ctx.group), None
+        return _SplitToTP.apply(grad, ctx.group, ctx.dim), None, None
 
 
 class _SplitToTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.chunk(dist.get_world_size(group), dim=-1)[dist.get_rank(group)].contiguous()
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
 
     @staticmethod
     def backward(ctx, grad):
-        return _GatherFromTP.apply(grad, ctx.group), None
+        return _GatherFromTP.apply(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherSequence(torch.autograd.Function):
+    """forward: all-gather the sequence; backward: reduce-scatter, since the column-parallel layers that read the
+    gathered rows give each rank only a partial gradient of them."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, group, SEQUENCE_DIM)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ReduceScatterSequence.apply(grad, ctx.group), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """forward: sum the ranks' partial products, keep this rank's rows; backward: all-gather (every addend of a sum
+    gets the whole gradient of its rows)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, group, SEQUENCE_DIM)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _GatherSequence.apply(grad, ctx.group), None
+
+
+def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    return _GatherSequence.apply(x, group)  # (B, L / tp, D) -> (B, L, D)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    return _ReduceScatterSequence.apply(x, group)  # (B, L, D) partial -> (B, L / tp, D) summed
+
+
+def scatter_to_sequence_parallel(x: torch.Tensor, group) -> torch.Tensor:
+    """This rank's rows of a replicated (B, L, D): (B, L / tp, D)."""
+    length, size = x.shape[SEQUENCE_DIM], dist.get_world_size(group)
+    if length % size:
+        raise ValueError(
+            f"parallel.sequence_parallel splits the sequence over tensor_parallel={size} ranks, but a sequence of "
+            f"{length} positions does not divide by {size}"
+        )
+    return _SplitToTP.apply(x, group, SEQUENCE_DIM)
+
+
+def gather_from_sequence_parallel(x: torch.Tensor, group) -> torch.Tensor:
+    """The whole (B, L, D) on every rank from each rank's rows, for replicated computation after the region."""
+    return _GatherFromTP.apply(x, group, SEQUENCE_DIM)
+
+
+class SequenceParallelRMSNorm(RMSNorm):
+    """A block's RMSNorm under sequence parallelism: normalizes this rank's rows (B, L / tp, D), then gathers the
+    sequence (B, L, D) for the column-parallel layers after it. The gain is the same parameter, replicated, but its
+    gradient covers only this rank's rows: all_reduce_sequence_parallel_gradients sums it over the group."""
+
+    def __init__(self, norm: RMSNorm, group):
+        super().__init__(norm.weight.shape[0], norm.eps)
+        self.weight = norm.weight
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_sequence(super().forward(x), self.group)
+
+
+def all_reduce_sequence_parallel_gradients(module: nn.Module) -> None:
+    """Sum over the tensor-parallel group the gradients of the gains that saw only this rank's rows (after the outer
+    backward, before the data-parallel reduction)."""
+    norms = [m for m in module.modules() if isinstance(m, SequenceParallelRMSNorm) and m.weight.grad is not None]
+    if not norms:
+        return
+    flat = torch.cat([m.weight.grad.reshape(-1) for m in norms])
+    collectives.all_reduce(flat, group=norms[0].group)
+    offset = 0
+    for m in norms:
+        m.weight.grad.copy_(flat[offset : offset + m.weight.numel()].view_as(m.weight))
+        offset += m.weight.numel()
 
 
 class VocabParallelOutput(ColumnParallelLinear):
     """The AR head over a vocabulary split by rank, gathered to full logits for the loss."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _GatherFromTP.apply(super().forward(x), self.group)
+        return _GatherFromTP.apply(super().forward(x), self.group, -1)
 
 
 TENSOR_PARALLEL_LAYERS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
