@@ -197,3 +197,32 @@ def _check_flagship(rank, world_size, output_dir):
 @pytest.mark.slow
 def test_zero2_bf16_checkpointing_and_accumulation_match_ddp(tmp_path):
     run_distributed_test(_check_flagship, world_size=2, args=(str(tmp_path),))
+
+
+def _check_start_from_export(rank, world_size, export, output_dir, expected):
+    dist = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
+    for mode in ("zero1", "zero2"):
+        data_parallel, stage = _mode(mode)
+        losses, _ = _run(
+            "ci_tiny.yaml",
+            dist,
+            f"{output_dir}/{mode}",
+            "data.micro_batch_size=4",
+            f"parallel.data_parallel={data_parallel}",
+            f"parallel.zero_stage={stage}",
+            f"train.init_from={export}",
+        )
+        assert losses == pytest.approx(expected, rel=TRAINER_LOSS_RTOL), mode
+
+
+@pytest.mark.slow
+def test_zero_runs_keep_the_exported_weights_they_start_from(tmp_path):
+    """DeepSpeed's optimizer keeps fp32 copies of its partitions: weights loaded into the module after
+    deepspeed.initialize must reach them, or the first step reverts to the initial weights (plus one update)."""
+    from ebwm_scale.train.export import export_checkpoint
+
+    _run("ci_tiny.yaml", CPU, tmp_path / "a", "data.micro_batch_size=8", "train.checkpoint_interval_steps=5")
+    export_checkpoint(f"{tmp_path}/a/ci_tiny/checkpoints/step_{STEPS:08d}", f"{tmp_path}/export")
+    start = [f"train.init_from={tmp_path}/export"]
+    expected, _ = _run("ci_tiny.yaml", CPU, tmp_path / "one", "data.micro_batch_size=8", *start)
+    run_distributed_test(_check_start_from_export, args=(f"{tmp_path}/export", str(tmp_path / "two"), expected))

@@ -329,6 +329,8 @@ class DeepSpeedEngine(Engine):
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.engine.module.load_state_dict(state)
+        if self.stage > 0:  # ZeRO steps fp32 copies of its partitions: without this, step 1 reverts the weights
+            self.optimizer.refresh_fp32_params()
 
     def checkpoint_state(self) -> dict[str, Any]:
         return checkpoint_state(self.engine.module)
