@@ -235,11 +235,6 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         checks.append(f"optim.betas={o.betas} must be two numbers in [0, 1)")
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         checks.append(f"parallel.zero_stage={cfg.parallel.zero_stage} is not one of 0, 1, 2, 3")
-    elif cfg.parallel.data_parallel == "zero" and cfg.parallel.zero_stage == 3:
-        checks.append(
-            "parallel.zero_stage=3: DeepSpeed re-partitions parameters before the EBT's second-order pass "
-            "(docs/design.md §3); for sharded parameters use parallel.data_parallel=fsdp"
-        )
     if cfg.parallel.shard_optimizer and cfg.parallel.data_parallel != "ddp":
         checks.append(
             f"parallel.shard_optimizer=true is ZeRO-1 for parallel.data_parallel=ddp; under "

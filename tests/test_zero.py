@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO 0/1/2, FSDP2 sharded parameters and our data parallel on 2 gloo ranks: the same losses and
+"""DeepSpeed ZeRO 0/1/2/3, FSDP2 sharded parameters and our data parallel on 2 gloo ranks: the same losses and
 parameters as one process on the same global batch (EBT-text with its second-order gradients, and AR-text),
 exact resume, and the deepspeed launcher."""
 
@@ -71,9 +71,18 @@ def check_resume_and_export(dist_info, output_dir, *parallel) -> None:
         assert all(torch.equal(single.state_dict()[k], v) for k, v in params.items())
 
 
-def _mode(mode: str) -> tuple[str, str]:
-    """'ddp' | 'fsdp' | 'zeroN' -> (parallel.data_parallel, parallel.zero_stage)."""
-    return ("zero", mode.removeprefix("zero")) if mode.startswith("zero") else (mode, "1")
+# DeepSpeed keeps parameters under 1e5 elements whole ("persistent") under ZeRO-3: all of a tiny model's. This makes
+# it partition every one, so that the tests exercise what a large model does.
+ZERO3_PARTITION_ALL = REPO / "tests" / "assets" / "zero3_partition_all.json"
+
+
+def _mode(mode: str) -> list[str]:
+    """'ddp' | 'fsdp' | 'zeroN' -> the parallel.* overrides."""
+    if not mode.startswith("zero"):
+        return [f"parallel.data_parallel={mode}"]
+    stage = mode.removeprefix("zero")
+    extra = [f"parallel.deepspeed_config={ZERO3_PARTITION_ALL}"] if stage == "3" else []
+    return ["parallel.data_parallel=zero", f"parallel.zero_stage={stage}", *extra]
 
 
 GRADIENT_RTOL = 2e-4  # fp32: two half-batch sums averaged vs one sum, per tensor relative to its largest entry
@@ -83,15 +92,13 @@ def _check_parity(rank, world_size, mode, output_dir, expected):
     """The first step's gradients before the optimizer, per tensor, and the losses, vs one process on the whole
     batch. Only the first step's gradients: later ones follow weights that Adam has moved by reordered roundings."""
     dist = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
-    data_parallel, stage = _mode(mode)
     for recipe in RECIPES:
         losses, _, gradients = _run_with_gradients(
             recipe,
             dist,
             f"{output_dir}/{recipe}",
             "data.micro_batch_size=4",
-            f"parallel.data_parallel={data_parallel}",
-            f"parallel.zero_stage={stage}",
+            *_mode(mode),
             "optim.grad_clip=0",  # clipping to a norm would hide a scale error too
         )
         ref_losses, ref_gradients = expected[recipe]
@@ -111,21 +118,19 @@ def single_process(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "zero0", "zero1", "zero2", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "zero0", "zero1", "zero2", "zero3", "fsdp"])
 def test_two_ranks_match_one_process(mode, single_process, tmp_path):
     run_distributed_test(_check_parity, world_size=2, args=(mode, str(tmp_path), single_process))
 
 
 def _check_resume(rank, world_size, mode, output_dir):
     dist = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
-    data_parallel, stage = _mode(mode)
     noisy = [
         "mcmc.init_scale=1",
         "mcmc.langevin_noise_std=0.05",
         "mcmc.max_num_steps=3",
         "data.micro_batch_size=4",
-        f"parallel.data_parallel={data_parallel}",
-        f"parallel.zero_stage={stage}",
+        *_mode(mode),
         "train.max_steps=6",
         "train.checkpoint_interval_steps=2",
     ]
@@ -137,7 +142,7 @@ def _check_resume(rank, world_size, mode, output_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "zero1", "zero2", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "zero1", "zero2", "zero3", "fsdp"])
 def test_resume_is_exact_on_two_ranks(mode, tmp_path):
     run_distributed_test(_check_resume, world_size=2, args=(mode, str(tmp_path)))
 
@@ -170,46 +175,45 @@ BF16_LOSS_RTOL = 2e-2  # bf16 matmuls summed in a different order: ~3 significan
 def _check_flagship(rank, world_size, output_dir):
     dist = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
     runs = {}
-    for mode in ("ddp", "zero2"):
-        data_parallel, stage = _mode(mode)
+    for mode in ("ddp", "zero2", "zero3"):
         cfg = load_config(
             REPO / "recipes" / "ci_tiny.yaml",
             [
                 *COMMON,
                 *FLAGSHIP,
-                f"parallel.data_parallel={data_parallel}",
-                f"parallel.zero_stage={stage}",
+                *_mode(mode),
                 f"train.output_dir={output_dir}/{mode}",
             ],
         )
         recorder = Recorder()
         trainer = build_trainer(cfg, dist, [recorder])
         trainer.fit()
-        alpha = next(p for name, p in trainer.engine.module.named_parameters() if name.endswith("mcmc.alpha"))
+        alpha = trainer.engine.model_state_dict()["mcmc.alpha"]  # whole, also where ZeRO-3 partitions it
         assert alpha.dtype == torch.float32, (mode, alpha.dtype)
         runs[mode] = ([m["loss"] for m in recorder.train], [m["alpha"] for m in recorder.train], float(alpha))
-    (ddp_losses, ddp_alpha, _), (zero_losses, zero_alpha, final) = runs["ddp"], runs["zero2"]
-    assert zero_losses == pytest.approx(ddp_losses, rel=BF16_LOSS_RTOL)
-    assert zero_alpha == pytest.approx(ddp_alpha, rel=1e-6)
-    assert final != float(torch.tensor(final).bfloat16()), "alpha lost its fp32 resolution"
+    ddp_losses, ddp_alpha, _ = runs["ddp"]
+    for mode in ("zero2", "zero3"):
+        zero_losses, zero_alpha, final = runs[mode]
+        assert zero_losses == pytest.approx(ddp_losses, rel=BF16_LOSS_RTOL), mode
+        # ZeRO-3 computes linears with its own autograd Function, whose bf16 backward rounds differently
+        assert zero_alpha == pytest.approx(ddp_alpha, rel=1e-5 if mode == "zero3" else 1e-6), mode
+        assert final != float(torch.tensor(final).bfloat16()), f"{mode}: alpha lost its fp32 resolution"
 
 
 @pytest.mark.slow
-def test_zero2_bf16_checkpointing_and_accumulation_match_ddp(tmp_path):
+def test_zero_bf16_checkpointing_and_accumulation_match_ddp(tmp_path):
     run_distributed_test(_check_flagship, world_size=2, args=(str(tmp_path),))
 
 
 def _check_start_from_export(rank, world_size, export, output_dir, expected):
     dist = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
-    for mode in ("zero1", "zero2"):
-        data_parallel, stage = _mode(mode)
+    for mode in ("zero1", "zero2", "zero3"):
         losses, _ = _run(
             "ci_tiny.yaml",
             dist,
             f"{output_dir}/{mode}",
             "data.micro_batch_size=4",
-            f"parallel.data_parallel={data_parallel}",
-            f"parallel.zero_stage={stage}",
+            *_mode(mode),
             f"train.init_from={export}",
         )
         assert losses == pytest.approx(expected, rel=TRAINER_LOSS_RTOL), mode
@@ -226,3 +230,28 @@ def test_zero_runs_keep_the_exported_weights_they_start_from(tmp_path):
     start = [f"train.init_from={tmp_path}/export"]
     expected, _ = _run("ci_tiny.yaml", CPU, tmp_path / "one", "data.micro_batch_size=8", *start)
     run_distributed_test(_check_start_from_export, args=(f"{tmp_path}/export", str(tmp_path / "two"), expected))
+
+
+def _check_zero3_memory(rank, world_size, output_dir):
+    dist = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
+    cfg = load_config(REPO / "recipes" / "ci_tiny.yaml", [*COMMON, *_mode("zero3"), f"train.output_dir={output_dir}"])
+    trainer = build_trainer(cfg, dist, [])
+    engine, held_in_step = trainer.engine, []
+    release = engine._release
+
+    def record_then_release(partition: bool = True) -> None:
+        held_in_step.append(sum(p.numel() for p in engine.params))
+        release(partition)
+
+    engine._release = record_then_release
+    trainer.fit()
+    whole = sum(p.ds_numel for p in engine.params)
+    partition = sum(p.ds_tensor.numel() for p in engine.params)
+    assert sum(p.numel() for p in engine.params) == 0  # at rest every parameter is partitioned
+    assert partition <= whole / world_size + len(engine.params) * world_size  # its share, plus padding
+    assert held_in_step[:STEPS] == [whole] * STEPS  # the step holds every weight until the outer backward is done
+
+
+@pytest.mark.slow
+def test_zero3_partitions_parameters_at_rest_and_holds_them_for_the_step(tmp_path):
+    run_distributed_test(_check_zero3_memory, args=(str(tmp_path),))

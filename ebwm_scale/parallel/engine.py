@@ -15,8 +15,11 @@ optimizer state for checkpoints.
   in the forward, blocks are gathered one at a time.
 - DeepSpeedEngine (`parallel.data_parallel: zero`): DeepSpeed ZeRO stage 0/1/2. DeepSpeed's backward hooks fire on
   the outer backward only (the energy gradient is taken with autograd.grad, which touches no parameter .grad), which
-  is why stages 0-2 train the EBT correctly. Stage 3 re-partitions parameters between the forward and the second-order
-  pass ("mat2 must be a matrix", docs/design.md §3) and is refused until its fix lands.
+  is why stages 0-2 train the EBT correctly. Stage 3 (DeepSpeedZero3Engine) keeps each gathered parameter pinned
+  until the outer backward is done: DeepSpeed would free it after its module's forward while the energy gradient's
+  graph still holds it ("mat2 must be a matrix", docs/design.md §3).
+- DataParallelEngine with a ShardedOptimizer (`parallel.shard_optimizer`): ZeRO-1 of our own data parallelism, which
+  composes with tensor and pipeline parallelism (parallel/zero.py); FSDPEngine composes with tensor parallelism.
 - PipelineEngine (`parallel.pipeline_parallel`): a DataParallelEngine over one pipeline stage whose
   forward_backward is the stage's schedule (parallel/pipeline.py).
 """
@@ -352,6 +355,90 @@ class DeepSpeedEngine(Engine):
             self.optimizer.load_state_dict([state] * world_size, load_from_fp32_weights=True)
 
 
+class DeepSpeedZero3Engine(DeepSpeedEngine):
+    """DeepSpeed ZeRO-3 for the EBT. DeepSpeed gathers a module's parameters before its forward and frees them after
+    it; its stage-3 linear keeps the weight *parameter* in the energy gradient's graph, so the outer backward finds
+    it freed ("mat2 must be a matrix", docs/design.md §3). Here every gathered parameter is pinned for the step: a
+    forward pre-hook, run after DeepSpeed's own, marks it in use (DeepSpeed never releases a parameter with an active
+    sub-module), and after the outer backward the pins go and the parameters are partitioned again, before the
+    optimizer step. Parameters that are read without their module's forward (alpha, the text state's V -> D mapping,
+    step embeddings: everything outside the transformer blocks) are gathered and pinned when the step starts. Memory
+    is then FSDPEngine's: blocks gathered one at a time in the first forward, all of them until the outer backward
+    ends; gradients and optimizer state stay partitioned."""
+
+    PIN = -1  # a sub-module id no module has
+
+    def __init__(self, objective: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
+        super().__init__(objective, optimizer, config)
+        self.params = list(objective.parameters())
+        in_blocks = {id(p) for p in objective.model.transformer.layers.parameters()}
+        self.outside_blocks = [p for p in self.params if id(p) not in in_blocks]
+        self.pinned: list[nn.Parameter] = []
+        for module in objective.modules():  # registered after DeepSpeed's gathering hooks, so they run after them
+            if next(module.parameters(recurse=False), None) is not None:
+                module.register_forward_pre_hook(lambda m, args: self._pin(m.parameters(recurse=False)))
+
+    def _pin(self, params) -> None:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        for param in params:
+            if param.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+                param.all_gather()
+            if self.PIN not in param.ds_active_sub_modules:
+                param.ds_active_sub_modules.add(self.PIN)
+                self.pinned.append(param)
+
+    def _release(self, partition: bool = True) -> None:
+        for param in self.pinned:
+            param.ds_active_sub_modules.discard(self.PIN)
+        idle = [p for p in self.pinned if not p.ds_active_sub_modules]
+        if idle and partition:
+            idle[0].partition(param_list=idle)
+        self.pinned.clear()
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], autocast) -> dict[str, torch.Tensor]:
+        self._pin(self.outside_blocks)
+        try:
+            return super().forward_backward(batch, autocast)
+        finally:
+            self._release()
+
+    def _gathered(self, modifier_rank: int | None):
+        """Every parameter whole on every rank inside the context; with modifier_rank, that rank's values are
+        partitioned again on exit (every rank loads the same values here, so rank 0's are everyone's)."""
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(self.params, modifier_rank=modifier_rank)
+
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with self._gathered(None):  # evaluate() is not forward(): no hook gathers for it
+            try:
+                return self.engine.module.evaluate(batch)
+            finally:
+                self._release(partition=False)  # leaving the context partitions them
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        with self._gathered(None):
+            return {key: value.detach().cpu().clone() for key, value in self.engine.module.state_dict().items()}
+
+    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with self._gathered(0):
+            self.engine.module.load_state_dict(state)
+        self.optimizer.refresh_fp32_params()
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The whole weights (copies: DCP writes them after the gathered context has freed the parameters); the
+        optimizer's partitions, fp32 weights included, are the rank files'."""
+        with self._gathered(None):
+            state = checkpoint_state(self.engine.module)
+            return {"model": {key: value.clone() for key, value in state["model"].items()}}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        with self._gathered(0):
+            load_checkpoint_state(self.engine.module, None, state)
+        self.optimizer.refresh_fp32_params()
+
+
 class PipelineEngine(DataParallelEngine):
     """`parallel.pipeline_parallel`: this rank holds one stage; its schedule runs forward and backward together,
     exchanging activations and gradients with the neighbouring stages. Gradients are then reduced over the
@@ -382,7 +469,8 @@ def build_engine(cfg, objective: nn.Module, dist: DistInfo):
         return FSDPEngine(objective, cfg, dist)
     optimizer = cfg.optim.build(objective, cfg.mcmc.alpha_lr_multiplier)
     if cfg.parallel.data_parallel == "zero":
-        return DeepSpeedEngine(objective, optimizer, deepspeed_config(cfg, dist.world_size))
+        zero = DeepSpeedZero3Engine if cfg.parallel.zero_stage == 3 else DeepSpeedEngine
+        return zero(objective, optimizer, deepspeed_config(cfg, dist.world_size))
     if cfg.parallel.shard_optimizer and dist.dp_size > 1:
         optimizer = ShardedOptimizer(optimizer, dist.dp_group)
     clip, accum = cfg.optim.grad_clip, cfg.train.grad_accum_steps
