@@ -28,11 +28,15 @@ def _train(recipe, dist_info, output_dir, *overrides):
     return trainer, [m["loss"] for m in recorder.train], gradients
 
 
+def _one_process(out, *overrides) -> dict:
+    batch = f"data.micro_batch_size={GLOBAL_BATCH}"
+    runs = {r: _train(r, CPU, out / r, batch, "optim.grad_clip=0", *overrides) for r in RECIPES}
+    return {recipe: (losses, gradients) for recipe, (_, losses, gradients) in runs.items()}
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    out = tmp_path_factory.mktemp("one")
-    runs = {r: _train(r, CPU, out / r, f"data.micro_batch_size={GLOBAL_BATCH}", "optim.grad_clip=0") for r in RECIPES}
-    return {recipe: (losses, gradients) for recipe, (_, losses, gradients) in runs.items()}
+    return _one_process(tmp_path_factory.mktemp("one"))
 
 
 def _layout(rank, size, tp, pp) -> DistInfo:
@@ -91,6 +95,15 @@ def test_sharded_data_parallel_composes(world, tp, pp, data_parallel, extra, one
 def test_zero1_with_tensor_and_pipeline_parallel_on_eight_ranks(one_process, tmp_path):
     """ZeRO-1 x TP=2 x PP=2 x DP=2 with activation checkpointing: the whole 3-D layout."""
     run_distributed_test(_check, world_size=8, args=(str(tmp_path), one_process, 2, 2, "zero1", CHECKPOINTING))
+
+
+@pytest.mark.slow
+def test_zero1_with_sequence_parallel_on_four_ranks(tmp_path):
+    """ZeRO-1 x TP=2 with sequence parallelism (the time token's 1 + S positions cannot split: additive)."""
+    additive = "model.step_conditioning=additive"
+    expected = _one_process(tmp_path / "one", additive)
+    extra = (additive, "parallel.sequence_parallel=true")
+    run_distributed_test(_check, world_size=4, args=(str(tmp_path / "four"), expected, 2, 1, "zero1", *extra))
 
 
 def _check_resume(rank, size, output_dir, data_parallel):
