@@ -1,3 +1,4 @@
+import re
 import shutil
 import subprocess
 import sys
@@ -131,3 +132,48 @@ def test_step_embeddings_default_to_one_per_training_step(tmp_path):
     recipe = _recipe(tmp_path, "model:\n  step_conditioning: time_token\nmcmc:\n  num_steps: 2\n  max_num_steps: 4\n")
     assert load_config(recipe).model.num_step_embeddings == 4
     assert load_config(recipe, ["model.num_step_embeddings=6"]).model.num_step_embeddings == 6
+
+
+README = RECIPE_DIR.parent / "README.md"
+TABLE_ROWS = {
+    "`ddp`": ["parallel.data_parallel=ddp"],
+    "`ddp` + `shard_optimizer` (ZeRO-1)": ["parallel.data_parallel=ddp", "parallel.shard_optimizer=true"],
+    "`zero`, stage 0-2 (DeepSpeed)": ["parallel.data_parallel=zero", "parallel.zero_stage=2"],
+    "`zero`, stage 3 (DeepSpeed)": ["parallel.data_parallel=zero", "parallel.zero_stage=3"],
+    "`fsdp`": ["parallel.data_parallel=fsdp"],
+}
+TABLE_COLUMNS = {
+    "alone": [],
+    "TP": ["parallel.tensor_parallel=2"],
+    "PP": ["parallel.pipeline_parallel=2"],
+    "TP × PP": ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"],
+    "SP": ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "model.step_conditioning=additive"],
+    "activation checkpointing": ["parallel.activation_checkpointing=full"],
+    "compile": ["parallel.compile=true"],
+}
+
+
+def _combination_table() -> list[tuple[str, str, str]]:
+    section = README.read_text().split("### Which combinations work")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    split = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
+    header, rows = split[0], split[2:]
+    return [(row[0], column, cell) for row in rows for column, cell in zip(header[1:], row[1:], strict=True)]
+
+
+def test_the_readme_combination_table_is_true():
+    """Each ❌ is a one-line config error; each ✅ loads and names a test that exists."""
+    table = _combination_table()
+    assert {(row, column) for row, column, _ in table} == {(r, c) for r in TABLE_ROWS for c in TABLE_COLUMNS}
+    base = ["data.micro_batch_size=4", "parallel.pipeline_microbatches=2"]
+    for row, column, cell in table:
+        overrides = [*base, *TABLE_ROWS[row], *TABLE_COLUMNS[column]]
+        if cell == "❌":
+            _error(RECIPE_DIR / "ci_tiny.yaml", overrides)
+            continue
+        load_config(RECIPE_DIR / "ci_tiny.yaml", overrides)
+        named = re.fullmatch(r"✅ `(test_\w+\.py)::(\w+)(?:\[([\w-]+)\])?`", cell)
+        assert named, (row, column, cell)
+        source = (README.parent / "tests" / named[1]).read_text()
+        assert f"def {named[2]}(" in source, cell
+        assert named[3] is None or f'"{named[3]}"' in source, cell
