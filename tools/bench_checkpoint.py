@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from bench_memory import PeakMemory  # tools/ is this script's directory
+from spawn_ranks import run_on_ranks
 
 from ebwm_scale.config import load_config
 from ebwm_scale.parallel.dist import DistInfo
@@ -50,10 +49,8 @@ def _trainer(args, rank: int, world: int, out: str):
     return build_trainer(load_config(RECIPE, overrides), info)
 
 
-def _rank(rank: int, args, store: str, results) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=args.ranks)
-    trainer = _trainer(args, rank, args.ranks, args.out)
+def _rank(rank: int, world: int, args) -> dict:
+    trainer = _trainer(args, rank, world, args.out)
     trainer.train_step()
     dist.barrier()
     with PeakMemory(CPU) as save_memory:
@@ -64,25 +61,21 @@ def _rank(rank: int, args, store: str, results) -> None:
             trainer.checkpointer.finish()
         committed = time.perf_counter() - start
     dist.barrier()
-    fresh = _trainer(args, rank, args.ranks, f"{args.out}/fresh")
+    fresh = _trainer(args, rank, world, f"{args.out}/fresh")
     dist.barrier()
     with PeakMemory(CPU) as load_memory:
         start = time.perf_counter()
         fresh.resume(path)
         loaded = time.perf_counter() - start
-    results.put(
-        {
-            "rank": rank,
-            "save_returns_s": returned,
-            "save_committed_s": committed,
-            "save_peak_mb": save_memory.peak / 2**20,
-            "load_s": loaded,
-            "load_peak_mb": load_memory.peak / 2**20,
-            "params": trainer.num_params,
-        }
-    )
-    dist.barrier()
-    dist.destroy_process_group()
+    return {
+        "rank": rank,
+        "save_returns_s": returned,
+        "save_committed_s": committed,
+        "save_peak_mb": save_memory.peak / 2**20,
+        "load_s": loaded,
+        "load_peak_mb": load_memory.peak / 2**20,
+        "params": trainer.num_params,
+    }
 
 
 def main() -> None:
@@ -94,17 +87,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="where the runs write (default: a temp dir)")
     args = parser.parse_args()
     args.out = args.out or tempfile.mkdtemp(prefix="bench-checkpoint-")
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    store = os.path.join(tempfile.mkdtemp(prefix="bench-checkpoint-store-"), "store")
-    procs = [ctx.Process(target=_rank, args=(r, args, store, results)) for r in range(args.ranks)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join()
-    if any(proc.exitcode for proc in procs):
-        raise SystemExit(f"a rank failed: exit codes {[proc.exitcode for proc in procs]}")
-    rows = sorted((results.get() for _ in procs), key=lambda row: row["rank"])
+    rows = run_on_ranks(_rank, args.ranks, args)
     print(f"{rows[0]['params'] / 1e6:.1f}M parameters, {args.ranks} ranks, {args.mode}")
     for row in rows:
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))

@@ -11,16 +11,13 @@ step. The baseline is one process with both cores.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from bench_step import time_train_steps  # tools/ is this script's directory
+from spawn_ranks import run_on_ranks
 
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models import ModelConfig
@@ -65,10 +62,7 @@ def build(args):
     return build_objective(cfg.build(), mcmc.build()), mcmc, batch
 
 
-def _rank(rank: int, args, microbatches: int, port: int, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # two ranks share the two cores
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _rank(rank: int, world: int, args, microbatches: int):
     info = with_parallel_groups(DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu")), 1, 2)
     objective, mcmc, batch = build(args)
     apply_pipeline(objective, rank, 2)
@@ -86,28 +80,13 @@ def _rank(rank: int, args, microbatches: int, port: int, out) -> None:
     with SavedTensorBytes() as saved:
         schedule.forward_backward(batch, 1.0, nullcontext())
     stage = {"params": count_params(objective), "saved_mb": saved.bytes / 2**20}
-    stages = [None, None]
-    dist.all_gather_object(stages, stage)
-    if rank == 0:
-        out.put((statistics.median(times), statistics.median(bubbles), stages))
-    dist.barrier()
-    dist.destroy_process_group()
+    return statistics.median(times), statistics.median(bubbles), stage
 
 
 def run_pipeline(args, microbatches: int):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_rank, args=(r, args, microbatches, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    if any(p.exitcode for p in procs):
-        raise SystemExit(f"a pipeline rank failed (exit codes {[p.exitcode for p in procs]})")
-    return out.get()
+    """(median step seconds, median bubble share) of stage 0, and each stage's parameters and saved bytes."""
+    ranks = run_on_ranks(_rank, 2, args, microbatches)
+    return ranks[0][0], ranks[0][1], [stage for _, _, stage in ranks]
 
 
 def main() -> None:

@@ -10,13 +10,10 @@ and residual rows outside the tensor-parallel regions, of which each rank keeps 
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from bench_pp import SavedTensorBytes  # tools/ is this script's directory
+from spawn_ranks import run_on_ranks
 
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models import ModelConfig
@@ -48,14 +45,9 @@ def saved_bytes(args, dist_info: DistInfo, sequence_parallel: bool) -> int:
     return saved.bytes
 
 
-def _rank(rank: int, args, port: int, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # two ranks share the two cores
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    info = with_parallel_groups(DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu")), 2)
-    out.put((rank, saved_bytes(args, info, False), saved_bytes(args, info, True)))
-    dist.barrier()
-    dist.destroy_process_group()
+def _rank(rank: int, world: int, args) -> tuple[int, int, int]:
+    info = with_parallel_groups(DistInfo(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu")), 2)
+    return rank, saved_bytes(args, info, False), saved_bytes(args, info, True)
 
 
 def main() -> None:
@@ -66,17 +58,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--ebt-impl", default="split", choices=("split", "masked"))
     args = parser.parse_args()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_rank, args=(r, args, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(out.get() for _ in procs)
-    for p in procs:
-        p.join()
+    results = run_on_ranks(_rank, 2, args)
     shape = f"dim {args.dim}, {args.num_layers} layers, seq {args.seq_len}, batch {args.batch_size}"
     print(f"text EBT ({args.ebt_impl}), {shape}: activations saved by one step's forward and MCMC, per rank")
     for rank, tp, sp in results:

@@ -10,13 +10,10 @@ forward, the energy-gradient backward and the outer backward; the printed ratio 
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from bench_step import time_train_steps  # tools/ is this script's directory
+from spawn_ranks import run_on_ranks
 
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models import ModelConfig
@@ -37,16 +34,9 @@ def step_seconds(args, dist_info: DistInfo | None) -> float:
     return time_train_steps(objective, batch, args.warmup, args.steps)
 
 
-def _rank(rank: int, args, port: int, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # two ranks share the two cores
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    info = with_parallel_groups(DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu")), 2)
-    seconds = step_seconds(args, info)
-    dist.barrier()
-    if rank == 0:
-        out.put(seconds)
-    dist.destroy_process_group()
+def _rank(rank: int, world: int, args) -> float:
+    info = with_parallel_groups(DistInfo(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu")), 2)
+    return step_seconds(args, info)
 
 
 def main() -> None:
@@ -59,17 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
     single = step_seconds(args, None)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_rank, args=(r, args, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    tp2 = out.get()
+    tp2 = run_on_ranks(_rank, 2, args)[0]
     print(f"TP=1, 1 process ({torch.get_num_threads()} threads): {single * 1e3:.0f} ms/step")
     print(f"TP=2, 2 processes x 1 thread:  {tp2 * 1e3:.0f} ms/step")
     print(f"TP=2 / TP=1 step time = {tp2 / single:.2f}")
