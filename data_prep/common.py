@@ -86,18 +86,23 @@ def init_ray(ray_address: str, num_cpus: int) -> None:
 
 
 def write_split_shards(
-    fs, root: str, chunk: int, split: str, samples: list[np.ndarray], per_shard: int, field: str
+    fs, root: str, chunk: int, split: str, samples: list[np.ndarray], per_shard: int, field: str, stacked: bool
 ) -> list[dict[str, Any]]:
-    """One split's samples of one chunk as shards (temp name, then rename); returns their meta.json entries."""
+    """One split's samples of one chunk as shards (temp name, then rename); returns their meta.json entries.
+    stacked: a shard is one member holding its samples as one array (text), else one member per sample (video)."""
     fs.makedirs(f"{root}/{split}", exist_ok=True)
     entries = []
     for shard_index, start in enumerate(range(0, len(samples), per_shard)):
         name = f"{split}/chunk{chunk:05d}-{shard_index:04d}.tar"
-        keyed = [(f"c{chunk:05d}-{start + i:07d}", array) for i, array in enumerate(samples[start : start + per_shard])]
-        data = write_shard(keyed, field)
+        part = samples[start : start + per_shard]
+        if stacked:
+            members = [(f"c{chunk:05d}-{start:07d}", np.stack(part))]
+        else:
+            members = [(f"c{chunk:05d}-{start + i:07d}", array) for i, array in enumerate(part)]
+        data = write_shard(members, field)
         write_atomic(fs, f"{root}/{name}", data)
         entries.append(
-            {"name": name, "samples": len(keyed), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            {"name": name, "samples": len(part), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         )
     return entries
 
@@ -141,11 +146,12 @@ def bounded(submit: Callable[[Any], Any], items: Iterable[Any], max_in_flight: i
         yield ray.get(done[0])
 
 
-def merge_counts(markers: list[dict]) -> dict[str, int]:
-    counts: dict[str, int] = {}
+def merge_counts(markers: list[dict]) -> dict[str, Any]:
+    """The chunks' counts summed (lists, such as examples, concatenated)."""
+    counts: dict[str, Any] = {}
     for marker in markers:
         for key, value in marker["counts"].items():
-            counts[key] = counts.get(key, 0) + value
+            counts[key] = counts.get(key, type(value)()) + value
     return counts
 
 

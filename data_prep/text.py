@@ -5,17 +5,21 @@
     ray submit cluster/ray/cluster.yaml data_prep/text.py -- ...  (on a Ray cluster)
 
 Inputs are fsspec URLs or globs of plain text (one document per file), JSONL (one document per line, --text-field)
-or parquet (a text column). The job (1) splits the inputs into chunks, (2) trains a sentencepiece model on a
-hash-selected sample of documents, or reuses --tokenizer, (3) runs one Ray task per chunk that tokenizes and writes
-that chunk's shards, each under a temp name then renamed, and finally a chunk marker, (4) writes meta.json from the
-markers. A re-run after a kill skips the chunks that have markers and rewrites the others byte for byte, so the final
-set has no duplicate and no missing sample. Documents go to train or val by a hash of their text.
+or parquet (a text column). Text and JSONL may be compressed (.gz, .zst, .bz2, .xz): such a file is read whole as
+one chunk, where uncompressed JSONL is split into byte ranges. The job (1) splits the inputs into chunks, (2) trains
+a sentencepiece model on a hash-selected sample of documents, or reuses --tokenizer, (3) runs one Ray task per chunk
+that tokenizes and writes that chunk's shards (tokens as uint16 up to 65,536 ids), each under a temp name then
+renamed, and finally a chunk marker, (4) writes meta.json from the markers. A re-run after a kill skips the chunks
+that have markers and rewrites the others byte for byte, so the final set has no duplicate and no missing sample.
+Documents go to train or val by a hash of their text. Malformed JSONL lines are counted and the first ones named in
+meta.json; inputs that yield no document are an error.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -39,10 +43,10 @@ from data_prep.common import (
     write_marker,
     write_split_shards,
 )
-from ebwm_scale.data.shards import META_FILE, SPLITS, TEXT_FORMAT, TOKENIZER_FILE, TOKENS_KEY
+from ebwm_scale.data.shards import META_FILE, SPLITS, TEXT_FORMAT, TOKENIZER_FILE, TOKENS_KEY, token_dtype
 from ebwm_scale.data.text import is_validation_document
 
-TAR_BYTES_PER_SAMPLE = 1536  # tar header, npy header and padding around each sample's tokens
+BAD_LINE_EXAMPLES = 20  # how many malformed JSONL lines meta.json names (url:line)
 
 
 @dataclass(kw_only=True)
@@ -81,7 +85,7 @@ class TextPrepConfig:
             "chunk_mb",
             "val_percent",
         )
-        return {k: v for k, v in asdict(self).items() if k in keep}
+        return {"format": TEXT_FORMAT} | {k: v for k, v in asdict(self).items() if k in keep}
 
 
 @dataclass(frozen=True)
@@ -98,10 +102,17 @@ class Chunk:
     pieces: tuple[Piece, ...]
 
 
+def _compression(url: str) -> str | None:
+    """fsspec's codec for the file's extension (gzip, zstd, bz2, lzma, ...), or None."""
+    return fsspec.utils.infer_compression(url)
+
+
 def _format_of(url: str, requested: str) -> str:
     if requested != "auto":
         return requested
-    name = url.lower().removesuffix(".gz").removesuffix(".zst")
+    name = url.lower()
+    if _compression(url):
+        name = name.rsplit(".", 1)[0]
     if name.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
     if name.endswith(".parquet"):
@@ -129,6 +140,8 @@ def make_chunks(files: list[tuple[str, int]], requested_format: str, chunk_bytes
             pending_bytes += size
             if pending_bytes >= chunk_bytes:
                 flush("text")
+        elif fmt == "jsonl" and _compression(url):  # a compressed stream has no byte ranges to seek to
+            chunks.append(Chunk(len(chunks), "jsonl", (Piece(url, 0, size),)))
         elif fmt == "jsonl":
             for start in range(0, max(size, 1), chunk_bytes):
                 chunks.append(Chunk(len(chunks), "jsonl", (Piece(url, start, min(size, start + chunk_bytes)),)))
@@ -145,27 +158,48 @@ def make_chunks(files: list[tuple[str, int]], requested_format: str, chunk_bytes
     return chunks
 
 
-def read_documents(chunk: Chunk, text_field: str, counts: dict[str, int]) -> Iterator[str]:
-    """The documents of one chunk, in order. Malformed JSONL lines are skipped and counted in counts['bad_lines']."""
+def _jsonl_lines(piece: Piece) -> Iterator[tuple[int | None, bytes]]:
+    """(line number or None, line) of a JSONL piece: a compressed file whole, numbered; else the lines whose first
+    byte lies in [start, end), numbered only in the first range (elsewhere counting would mean reading from 0)."""
+    compression = _compression(piece.url)
+    with fsspec.open(piece.url, "rb", compression=compression) as f:
+        if compression:  # some decompressors (zstd) have no readline: buffer them
+            yield from enumerate(io.BufferedReader(f), start=1)
+            return
+        if piece.start > 0:  # a line belongs to the range holding its first byte
+            f.seek(piece.start - 1)
+            f.readline()
+        number = 1 if piece.start == 0 else None
+        while f.tell() < piece.end:
+            line = f.readline()
+            if not line:
+                break
+            yield number, line
+            number = None if number is None else number + 1
+
+
+def read_documents(chunk: Chunk, text_field: str, counts: dict) -> Iterator[str]:
+    """The documents of one chunk, in order. Malformed JSONL lines are skipped, counted in counts['bad_lines'] and
+    the first few named in counts['bad_line_examples'] (url:line, or url@byte offset range)."""
     for piece in chunk.pieces:
         if chunk.input_format == "text":
-            with fsspec.open(piece.url, "r", encoding="utf-8", errors="replace") as f:
+            with fsspec.open(piece.url, "r", encoding="utf-8", errors="replace", compression="infer") as f:
                 yield f.read()
         elif chunk.input_format == "jsonl":
-            with fsspec.open(piece.url, "rb") as f:
-                if piece.start > 0:  # a line belongs to the range holding its first byte
-                    f.seek(piece.start - 1)
-                    f.readline()
-                while f.tell() < piece.end:
-                    line = f.readline()
-                    if not line:
-                        break
-                    if not line.strip():
-                        continue
-                    try:
-                        yield json.loads(line)[text_field]
-                    except (ValueError, KeyError, TypeError):
-                        counts["bad_lines"] = counts.get("bad_lines", 0) + 1
+            for number, line in _jsonl_lines(piece):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[text_field]
+                    if not isinstance(text, str):
+                        raise TypeError(f"{text_field} is {type(text).__name__}, not a string")
+                    yield text
+                except (ValueError, KeyError, TypeError):
+                    counts["bad_lines"] = counts.get("bad_lines", 0) + 1
+                    examples = counts.setdefault("bad_line_examples", [])
+                    if len(examples) < BAD_LINE_EXAMPLES:
+                        where = f":{number}" if number else f" (bytes {piece.start}-{piece.end})"
+                        examples.append(f"{piece.url}{where}")
         else:
             import pyarrow.parquet as pq
 
@@ -218,7 +252,7 @@ def chunk_samples(
     import sentencepiece as spm
 
     processor = spm.SentencePieceProcessor(model_proto=tokenizer)
-    eos = processor.eos_id()
+    eos, dtype = processor.eos_id(), token_dtype(processor.get_piece_size())
     window = cfg.seq_len + 1
     counts = {"documents": 0, "tokens": 0, "dropped_tokens": 0, "dropped_documents": 0}
     streams: dict[str, list[int]] = {split: [] for split in SPLITS}
@@ -233,14 +267,14 @@ def chunk_samples(
                 counts["dropped_documents"] += 1
                 counts["dropped_tokens"] += len(ids)
             else:
-                samples[split].append(np.asarray(ids[:window], dtype=np.int32))
+                samples[split].append(np.asarray(ids[:window], dtype=dtype))
                 counts["dropped_tokens"] += len(ids) - window
             continue
         stream = streams[split]
         stream.extend(ids)
         stream.append(eos)
         while len(stream) >= window:
-            samples[split].append(np.asarray(stream[:window], dtype=np.int32))
+            samples[split].append(np.asarray(stream[:window], dtype=dtype))
             del stream[:window]
     counts["dropped_tokens"] += sum(len(s) for s in streams.values())  # each chunk's tail, shorter than a window
     return samples, counts
@@ -250,9 +284,10 @@ def process_chunk(chunk: Chunk, cfg: TextPrepConfig, tokenizer: bytes) -> dict:
     """Tokenize one chunk, write its shards (temp name, then rename) and its marker; returns the marker."""
     fs, root = fsspec.core.url_to_fs(cfg.output)
     samples, counts = chunk_samples(chunk, cfg, tokenizer)
-    per_shard = max(1, int(cfg.shard_mb * 2**20) // ((cfg.seq_len + 1) * 4 + TAR_BYTES_PER_SAMPLE))
+    itemsize = next((s[0].itemsize for s in samples.values() if s), 2)
+    per_shard = max(1, int(cfg.shard_mb * 2**20) // ((cfg.seq_len + 1) * itemsize))
     shards = {
-        split: write_split_shards(fs, root, chunk.index, split, samples[split], per_shard, TOKENS_KEY)
+        split: write_split_shards(fs, root, chunk.index, split, samples[split], per_shard, TOKENS_KEY, stacked=True)
         for split in SPLITS
     }
     return write_marker(fs, root, chunk.index, {"chunk": chunk.index, "counts": counts, "shards": shards})
@@ -297,6 +332,12 @@ def run(cfg: TextPrepConfig) -> dict:
 
     markers, num_run = run_chunks(fs, root, [c.index for c in chunks], process, "tokenize + write shards")
     meta = assemble_meta(cfg, tokenizer, markers)
+    if not meta["counts"].get("documents"):
+        bad = meta["counts"].get("bad_lines", 0)
+        raise SystemExit(
+            f"no documents in {cfg.inputs} ({bad} malformed JSONL lines, e.g. "
+            f"{meta['counts'].get('bad_line_examples', ['-'])[0]}): check --input-format and --text-field"
+        )
     write_atomic(fs, f"{root}/{META_FILE}", json.dumps(meta, indent=1).encode())
     elapsed = time.perf_counter() - started
     train, val = meta["splits"]["train"], meta["splits"]["val"]
@@ -312,6 +353,9 @@ def assemble_meta(cfg: TextPrepConfig, tokenizer: bytes, markers: list[dict]) ->
     import sentencepiece as spm
 
     processor = spm.SentencePieceProcessor(model_proto=tokenizer)
+    counts = merge_counts(markers)
+    if "bad_line_examples" in counts:
+        counts["bad_line_examples"] = counts["bad_line_examples"][:BAD_LINE_EXAMPLES]
     return {
         "format": TEXT_FORMAT,
         "seq_len": cfg.seq_len,
@@ -325,7 +369,8 @@ def assemble_meta(cfg: TextPrepConfig, tokenizer: bytes, markers: list[dict]) ->
             "eos_id": processor.eos_id(),
             "sha256": hashlib.sha256(tokenizer).hexdigest(),
         },
-        "counts": merge_counts(markers),
+        "token_dtype": token_dtype(processor.get_piece_size()).name,
+        "counts": counts,
         "splits": split_entries(markers),
         "settings": cfg.settings(),
     }

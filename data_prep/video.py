@@ -195,7 +195,7 @@ class ClipEncoder:
         sample_bytes = cfg.clip_frames * self.encoder.dim * 2 + TAR_BYTES_PER_SAMPLE
         per_shard = max(1, int(cfg.shard_mb * 2**20) // sample_bytes)
         shards = {
-            split: write_split_shards(fs, root, chunk, split, latents[split], per_shard, LATENTS_KEY)
+            split: write_split_shards(fs, root, chunk, split, latents[split], per_shard, LATENTS_KEY, stacked=False)
             for split in SPLITS
         }
         marker = {"chunk": chunk, "counts": counts, "seconds": seconds, "latent_stats": stats, "shards": shards}

@@ -211,8 +211,12 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         checks.append(f"model.modality={m.modality!r} but data.source={d.source!r} provides {d.modality}")
     elif d.source == "stdlib_docs" and m.vocab_size != ByteTokenizer.vocab_size:
         checks.append(f"model.vocab_size={m.vocab_size} but data.source='stdlib_docs' has 256 byte tokens")
-    elif d.source == "shards" and not d.shards.url:
+    elif d.source == "shards" and not d.shards.url and not d.shards.sources:
         checks.append("data.source='shards' needs data.shards.url (a directory made by `ebwm-prep text`)")
+    elif d.shards.url and d.shards.sources:
+        checks.append("data.shards.url and data.shards.sources are both set: one dataset, or a mixture")
+    elif d.shards.sources and not all(s.url and s.weight > 0 for s in d.shards.sources):
+        checks.append("data.shards.sources: every source needs a url and a weight > 0")
     elif d.source == "synthetic_video" and m.frame_dim != d.video.frame_dim:
         checks.append(f"model.frame_dim={m.frame_dim} but data.video gives {d.video.frame_dim}-dim frames")
     if d.video.frame_size % d.video.patch_size:

@@ -130,7 +130,7 @@ def text_tokenizer(cfg, tokenizer_path: str = ""):
     import fsspec
     import sentencepiece as spm
 
-    path = tokenizer_path or f"{cfg.data.shards.url.rstrip('/')}/tokenizer.model"
+    path = tokenizer_path or f"{cfg.data.shards.urls[0].rstrip('/')}/tokenizer.model"
     with fsspec.open(path, "rb") as f:
         processor = spm.SentencePieceProcessor(model_proto=f.read())
     return (lambda text: processor.encode(text)), (lambda ids: processor.decode([int(i) for i in ids]))

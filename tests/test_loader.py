@@ -1,6 +1,7 @@
 """The streaming shard loader: exactly-once epochs across ranks and workers, exact resume, corrupt/missing shards."""
 
 import hashlib
+import itertools
 import json
 import math
 import shutil
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ebwm_scale.data.loader import ShardLoader, ShardSource, sequences
-from ebwm_scale.data.shards import TEXT_FORMAT, ReadError, ShardFormatError, write_shard
+from ebwm_scale.data.shards import TEXT_FORMAT, TEXT_FORMAT_PER_SAMPLE, ReadError, ShardFormatError, write_shard
 from tests.faults import flaky_store
 
 BATCH = 4
@@ -30,19 +32,37 @@ def _per_epoch(source: ShardSource, readers: int) -> int:
     return readers * next(sequences(counts, 0, readers, BATCH, None, 1))[1]
 
 
-def _numbered_dataset(directory: Path, shard_sizes: list[int]) -> str:
-    """A text dataset whose sample i is the row [i, i, i]: shards of unequal sizes, numbered samples, meta.json."""
+def _numbered_dataset(
+    directory: Path, shard_sizes: list[int], text_format: str = TEXT_FORMAT, numbers_from: int = 0
+) -> str:
+    """A text dataset whose sample i is the row [n, n, n], n = numbers_from + i: shards of unequal sizes, numbered
+    samples, meta.json. The current format stacks a shard's samples in one uint16 array; the first one stored an
+    int32 array each."""
     (directory / "train").mkdir(parents=True)
     shards, first = [], 0
     for index, size in enumerate(shard_sizes):
-        data = write_shard([(f"{i:06d}", np.full(3, i)) for i in range(first, first + size)])
+        rows = [np.full(3, numbers_from + i) for i in range(first, first + size)]
+        if text_format == TEXT_FORMAT:
+            members = [(f"{first:06d}", np.stack(rows).astype(np.uint16))]
+        else:
+            members = [(f"{first + i:06d}", row.astype(np.int32)) for i, row in enumerate(rows)]
+        data = write_shard(members)
         name = f"train/{index:05d}.tar"
         (directory / name).write_bytes(data)
         shards.append({"name": name, "samples": size, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         first += size
-    meta = {"format": TEXT_FORMAT, "splits": {"train": {"samples": first, "shards": shards}}}
+    meta = {"format": text_format, "splits": {"train": {"samples": first, "shards": shards}}}
     (directory / "meta.json").write_text(json.dumps(meta))
     return str(directory)
+
+
+def test_shards_of_the_first_text_format_are_still_read(tmp_path):
+    """Same samples, same batches, from one int32 member per sample (format 1) as from one uint16 array per shard."""
+    old = ShardSource.open(_numbered_dataset(tmp_path / "v1", NUMBERED_SHARDS, TEXT_FORMAT_PER_SAMPLE), "train")
+    new = ShardSource.open(_numbered_dataset(tmp_path / "v2", NUMBERED_SHARDS), "train")
+    batches = [list(itertools.islice(ShardLoader(s, BATCH, seed=3, num_workers=0), 15)) for s in (old, new)]
+    assert [_rows(b) for b in batches[0]] == [_rows(b) for b in batches[1]]
+    assert batches[1][0]["tokens"].dtype == torch.int64
 
 
 NUMBERED_SHARDS = [7, 3, 11, 5, 9, 9]  # 44 samples: a round of 2 or 4 readers x batch 4 leaves 4 or 12 over

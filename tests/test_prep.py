@@ -25,9 +25,9 @@ def _shard_samples(root: str, meta: dict, split: str) -> dict[int, list]:
     by_chunk = defaultdict(list)
     for shard in meta["splits"][split]["shards"]:
         data = Path(root, shard["name"]).read_bytes()
-        for key, tokens in read_shard(data):
-            chunk, index = key[1:].split("-")
-            by_chunk[int(chunk)].append((int(index), tokens.tolist()))
+        for key, tokens in read_shard(data):  # one (samples, tokens) member per shard, keyed by its first sample
+            chunk, start = key[1:].split("-")
+            by_chunk[int(chunk)] += [(int(start) + i, row.tolist()) for i, row in enumerate(tokens)]
     return {c: [t for _, t in sorted(samples)] for c, samples in by_chunk.items()}
 
 
@@ -72,10 +72,56 @@ def test_text_parquet_and_bad_jsonl_inputs(tmp_path):
     pq.write_table(pa.table({"content": ["x y", "z"] * 10}), tmp_path / "c.parquet", row_group_size=5)
     chunks = make_chunks([(str(tmp_path / "c.parquet"), 0)], "auto", 2**20)
     assert len(chunks) == 4 and [d for c in chunks for d in read_documents(c, "content", {})] == ["x y", "z"] * 10
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n{"other": 1}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n{"other": 1}\n{"text": 7}\n')
     counts = {}
-    docs = list(read_documents(Chunk(0, "jsonl", (Piece(str(tmp_path / "bad.jsonl"), 0, 99),)), "text", counts))
-    assert docs == ["ok"] and counts["bad_lines"] == 2
+    docs = list(read_documents(Chunk(0, "jsonl", (Piece(str(bad), 0, 99),)), "text", counts))
+    assert docs == ["ok"] and counts["bad_lines"] == 3
+    assert counts["bad_line_examples"] == [f"{bad}:2", f"{bad}:3", f"{bad}:4"]
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst", ".bz2", ".xz"])
+def test_compressed_text_and_jsonl_inputs_are_read_whole(tmp_path, suffix):
+    """A compressed JSONL file is one chunk (no byte ranges in a compressed stream), read through fsspec's codec."""
+    documents = [f"document {i} " * (i % 5 + 1) for i in range(300)]
+    jsonl = "".join(json.dumps({"text": doc}) + "\n" for doc in documents)
+    with fsspec.open(str(tmp_path / f"d.jsonl{suffix}"), "wt", compression="infer") as f:
+        f.write(jsonl)
+    with fsspec.open(str(tmp_path / f"e.txt{suffix}"), "wt", compression="infer") as f:
+        f.write("one plain text document")
+    files = list_inputs([str(tmp_path)])
+    chunks = make_chunks(files, "auto", 64)  # far smaller than the files: uncompressed JSONL would be cut
+    assert [c.input_format for c in chunks] == ["jsonl", "text"]
+    assert [d for c in chunks for d in read_documents(c, "text", {})] == [*documents, "one plain text document"]
+
+
+def test_parquet_input_compressed_with_zstd(tmp_path):
+    pq.write_table(pa.table({"text": ["a b c", "d e"] * 50}), tmp_path / "z.parquet", compression="zstd")
+    (chunk,) = make_chunks([(str(tmp_path / "z.parquet"), 0)], "auto", 2**20)
+    assert list(read_documents(chunk, "text", {})) == ["a b c", "d e"] * 50
+
+
+def test_inputs_without_a_document_are_an_error(text_shards, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "wrong_field.jsonl").write_text('{"content": "a"}\n{"content": "b"}\n')
+    cfg = TextPrepConfig(
+        inputs=[str(tmp_path / "in")],
+        output=str(tmp_path / "out"),
+        tokenizer=str(Path(text_shards.output, "tokenizer.model")),
+        seq_len=8,
+    )
+    with pytest.raises(SystemExit, match=r"no documents in .* \(2 malformed JSONL lines, e.g. .*wrong_field.jsonl:1\)"):
+        run(cfg)
+
+
+def test_text_shards_hold_uint16_tokens_in_one_array(text_shards):
+    """2 bytes a token (V = 512), plus one tar member's headers and the archive's padding per shard."""
+    meta = json.loads(Path(text_shards.output, META_FILE).read_text())
+    assert meta["format"] == "ebwm-scale/text-shards/2" and meta["token_dtype"] == "uint16"
+    for shard in meta["splits"]["train"]["shards"]:
+        ((_, tokens),) = read_shard(Path(text_shards.output, shard["name"]).read_bytes())
+        assert tokens.dtype == "uint16" and tokens.shape == (shard["samples"], text_shards.seq_len + 1)
+        assert shard["bytes"] - tokens.nbytes < 512 + 128 + 512 + 10240  # header, npy header, padding, tar record
 
 
 def test_memory_filesystem_input_and_output(ray_local, stdlib_jsonl):

@@ -32,6 +32,7 @@ RUNS = {
         *NOISY_MCMC,
     ],
 }
+RUNS["mixture"] = RUNS["shards"]
 MAX_STEPS = 24
 
 
@@ -71,10 +72,15 @@ def _final_weights(run_dir: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("modality", ["text", "frames", "shards"])
+@pytest.mark.parametrize("modality", ["text", "frames", "shards", "mixture"])
 def test_sigkill_and_resume_is_bit_identical(tmp_path, modality, request):
     run_name = RUNS[modality][0].removesuffix(".yaml")
-    data = [f"data.shards.url={request.getfixturevalue('text_shards').output}"] if modality == "shards" else []
+    data = []
+    if modality in ("shards", "mixture"):
+        url = request.getfixturevalue("text_shards").output
+        data = [f"data.shards.url={url}"]
+        if modality == "mixture":  # the dataset twice, 2:1: two sources with their own orders and buffers
+            data = ["data.shards.url=''", f"data.shards.sources=[{{url: {url}, weight: 2}}, {{url: {url}, weight: 1}}]"]
     straight = subprocess.run(
         _command(modality, tmp_path / "straight", *data), capture_output=True, text=True, timeout=600
     )

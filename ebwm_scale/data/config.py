@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ebwm_scale.data.loader import ShardLoader, ShardSamples, ShardSource
+from ebwm_scale.data.mixture import Mixture, MixtureLoader, MixtureSamples
 from ebwm_scale.data.sampler import BatchLoader, SampleDataset
 from ebwm_scale.data.shards import VIDEO_FORMAT, ShardFormatError
 from ebwm_scale.data.text import ByteTokenizer, stdlib_docs_splits
@@ -36,11 +37,25 @@ class SyntheticVideoConfig:
 
 
 @dataclass(kw_only=True)
+class MixtureSourceConfig:
+    url: str = ""  # a dataset directory made by `ebwm-prep text|video`
+    weight: float = 1.0  # its share of the samples, relative to the other sources' weights
+
+
+@dataclass(kw_only=True)
 class ShardsConfig:
     url: str = ""  # a dataset directory made by `ebwm-prep text` or `ebwm-prep video` (any fsspec URL)
+    # Instead of url: several datasets (same tokenizer or frame encoder) mixed sample by sample by weight, e.g.
+    # [{url: s3://web, weight: 0.7}, {url: s3://code, weight: 0.3}] (data/mixture.py)
+    sources: list[MixtureSourceConfig] = field(default_factory=list)
     num_workers: int = 2  # DataLoader workers per rank (0: read in the training process)
     read_attempts: int = 5  # a failed shard read (network error) is tried this often in all, then stops the run
     read_backoff_s: float = 1.0  # wait before the first retry; doubled before each next one
+
+    @property
+    def urls(self) -> list[str]:
+        """Every dataset this run reads (the first one's tokenizer is every one's)."""
+        return [source.url for source in self.sources] if self.sources else [self.url]
 
 
 @dataclass(kw_only=True)
@@ -63,15 +78,26 @@ class DataConfig:
         """(train, val, description for the run log); the data must fit the `model` (vocabulary, frame size)."""
         if self.source == "shards":
             retries = {"read_attempts": self.shards.read_attempts, "backoff_s": self.shards.read_backoff_s}
-            train = ShardSource.open(self.shards.url, "train", **retries)
-            self._check_shards_fit(train.meta, model)
+            trains = [ShardSource.open(url, "train", **retries) for url in self.shards.urls]
+            for train in trains:
+                self._check_shards_fit(train.meta, train.url, model)
+            train = trains[0]
             if train.modality == "text":
                 described = f"sentencepiece {train.meta['tokenizer']['sha256'][:12]}"
-                info = {"shards": self.shards.url, "tokenizer": described}
+                info = {"shards": ", ".join(self.shards.urls), "tokenizer": described}
             else:
-                info = {"shards": self.shards.url, "encoder": train.meta["encoder"]["id"]}
-            info["train_samples"] = str(len(train))
-            return train, ShardSamples(ShardSource.open(self.shards.url, "val", **retries)), info
+                info = {"shards": ", ".join(self.shards.urls), "encoder": train.meta["encoder"]["id"]}
+            vals = [ShardSamples(ShardSource.open(url, "val", **retries)) for url in self.shards.urls]
+            if not self.shards.sources:
+                info["train_samples"] = str(len(train))
+                return train, vals[0], info
+            _check_same_inputs(trains)
+            weights = [source.weight for source in self.shards.sources]
+            info["train_samples"] = " + ".join(str(len(t)) for t in trains)
+            info["mixture"] = ", ".join(
+                f"mixture/{i} = {t.url} ({w:g})" for i, (t, w) in enumerate(zip(trains, weights))
+            )
+            return Mixture(trains, weights), MixtureSamples(vals, weights), info
         if model.vocab_size != ByteTokenizer.vocab_size and self.source == "stdlib_docs":
             raise ShardFormatError(f"data.source=stdlib_docs has 256 byte tokens, model.vocab_size={model.vocab_size}")
         if self.source == "stdlib_docs":
@@ -83,8 +109,8 @@ class DataConfig:
         )
         return train, val, {"corpus": "synthetic bouncing discs", "encoder": f"patch-mean {v.patch_size}px"}
 
-    def _check_shards_fit(self, meta: dict, model: ModelShape) -> None:
-        url, video = self.shards.url, meta["format"] == VIDEO_FORMAT
+    def _check_shards_fit(self, meta: dict, url: str, model: ModelShape) -> None:
+        video = meta["format"] == VIDEO_FORMAT
         if (model.modality == "frames") != video:
             held = "video frame latents" if video else "text tokens"
             raise ShardFormatError(f"the shards at {url} hold {held}, model.modality={model.modality!r}")
@@ -101,7 +127,34 @@ class DataConfig:
                 f"model.vocab_size={meta['tokenizer']['vocab_size']} (now {self.seq_len}, {model.vocab_size})"
             )
 
-    def build_loader(self, dataset: SampleDataset | ShardSource, rank: int = 0, world_size: int = 1):
+    def build_loader(self, dataset: SampleDataset | ShardSource | Mixture, rank: int = 0, world_size: int = 1):
+        if isinstance(dataset, Mixture):
+            return MixtureLoader(
+                dataset.sources,
+                dataset.weights,
+                self.micro_batch_size,
+                self.seed,
+                rank,
+                world_size,
+                self.shards.num_workers,
+            )
         if isinstance(dataset, ShardSource):
             return ShardLoader(dataset, self.micro_batch_size, self.seed, rank, world_size, self.shards.num_workers)
         return BatchLoader(dataset, self.micro_batch_size, self.seed, rank, world_size)
+
+
+def _check_same_inputs(sources: list[ShardSource]) -> None:
+    """Mixed datasets must mean the same by a token id (one tokenizer) or a latent (one frame encoder)."""
+
+    def made_with(source: ShardSource) -> str:
+        meta = source.meta
+        return meta["tokenizer"]["sha256"] if source.modality == "text" else meta["encoder"]["id"]
+
+    first = made_with(sources[0])
+    for source in sources[1:]:
+        if made_with(source) != first:
+            what = "tokenizer" if source.modality == "text" else "frame encoder"
+            raise ShardFormatError(
+                f"data.shards.sources: {source.url} was made with another {what} than {sources[0].url}; a mixture "
+                "needs one (prepare it with --tokenizer pointing at the first dataset's tokenizer.model)"
+            )

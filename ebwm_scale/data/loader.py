@@ -38,6 +38,7 @@ from ebwm_scale.data.shards import (
     read_meta,
     read_shard,
     sample_field,
+    shard_samples,
 )
 
 LOADER_ORDER = "carry-remainder/1"  # in the loader state: positions mean nothing under another epoch layout
@@ -97,7 +98,8 @@ class ShardSource:
         try:
             if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
                 raise ShardFormatError(f"{url} does not match meta.json (size or sha256)")
-            samples = [array for _, array in read_shard(data, url, sample_field(self.meta))]
+            members = [array for _, array in read_shard(data, url, sample_field(self.meta))]
+            samples = shard_samples(self.meta, members)
             if len(samples) != info["samples"]:
                 raise ShardFormatError(f"{url} holds {len(samples)} samples, meta.json says {info['samples']}")
         except Exception as error:

@@ -4,8 +4,10 @@ A dataset directory (any fsspec URL):
     meta.json              format, per split the shards with sample count, bytes, sha256, and what the samples are:
                            text: tokenizer, seq_len; video: frame encoder, clip frames, latent dim and statistics
     tokenizer.model        text: the sentencepiece model the tokens were made with
-    train/*.tar, val/*.tar WebDataset shards; each sample is {"__key__": str, FIELD: array} where FIELD is
-                           "tokens.npy" (text: int32 (seq_len + 1,)) or "latents.npy" (video: float16 (T, D))
+    train/*.tar, val/*.tar WebDataset shards. Text: one member per shard, {"__key__": str, "tokens.npy": (N, seq_len
+                           + 1)} of every sample's tokens, uint16 for vocabularies up to 65,536 (else uint32): 2 bytes
+                           a token plus ~2 KB per shard. Text format 1 (still read) held one int32 member per sample,
+                           8x that. Video: one member per sample, {"__key__": str, "latents.npy": float16 (T, D)}
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-TEXT_FORMAT = "ebwm-scale/text-shards/1"
+TEXT_FORMAT = "ebwm-scale/text-shards/2"
+TEXT_FORMAT_PER_SAMPLE = "ebwm-scale/text-shards/1"  # the first format: one int32 member per sample
 VIDEO_FORMAT = "ebwm-scale/video-shards/1"
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -81,14 +84,17 @@ def decode_array(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned integer type that holds every token id."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
 def write_shard(samples: list[tuple[str, np.ndarray]], field: str = TOKENS_KEY) -> bytes:
-    """A WebDataset tar (as bytes) holding (key, array) samples under `field` (tokens are stored as int32)."""
+    """A WebDataset tar (as bytes) holding (key, array) members under `field`, arrays stored as they are."""
     buffer = io.BytesIO()
     with TarWriter(buffer, encoder=False, mtime=SHARD_MTIME, format=tarfile.USTAR_FORMAT) as writer:
         for key, array in samples:
-            writer.write(
-                {"__key__": key, field: encode_array(array.astype(np.int32) if field == TOKENS_KEY else array)}
-            )
+            writer.write({"__key__": key, field: encode_array(array)})
     return buffer.getvalue()
 
 
@@ -112,15 +118,23 @@ def read_meta(url: str) -> dict[str, Any]:
         raise ShardFormatError(f"{url} has no {META_FILE}: make a dataset there with `ebwm-prep text|video`") from None
     except ValueError as error:
         raise ShardFormatError(f"{url}/{META_FILE} is not valid JSON: {error}") from None
-    if meta.get("format") not in (TEXT_FORMAT, VIDEO_FORMAT):
-        raise ShardFormatError(
-            f"{url}/{META_FILE} has format {meta.get('format')!r}, expected {TEXT_FORMAT!r} or {VIDEO_FORMAT!r}"
-        )
+    known = (TEXT_FORMAT, TEXT_FORMAT_PER_SAMPLE, VIDEO_FORMAT)
+    if meta.get("format") not in known:
+        raise ShardFormatError(f"{url}/{META_FILE} has format {meta.get('format')!r}, expected one of {known}")
     return meta
 
 
 def sample_field(meta: dict[str, Any]) -> str:
     return LATENTS_KEY if meta["format"] == VIDEO_FORMAT else TOKENS_KEY
+
+
+def shard_samples(meta: dict[str, Any], members: list[np.ndarray]) -> list[np.ndarray]:
+    """A shard's samples from its members' arrays: the rows of a text shard's one array, else one per member."""
+    if meta["format"] != TEXT_FORMAT:
+        return members
+    if any(array.ndim != 2 for array in members):
+        raise ShardFormatError(f"a text shard member is not a (samples, tokens) array: {[a.shape for a in members]}")
+    return [row for array in members for row in array]
 
 
 def is_corrupt_error(error: BaseException) -> bool:

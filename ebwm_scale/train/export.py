@@ -42,7 +42,7 @@ def run_tokenizer(cfg: PretrainConfig) -> bytes | None:
     meta.json; None for byte-level text and frames."""
     if cfg.model.modality != "text" or cfg.data.source != "shards":
         return None
-    url = cfg.data.shards.url.rstrip("/")
+    url = cfg.data.shards.urls[0].rstrip("/")
     try:
         meta = read_meta(url)
         with fsspec.open(f"{url}/{TOKENIZER_FILE}", "rb") as f:
