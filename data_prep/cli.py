@@ -14,6 +14,7 @@ from pathlib import Path
 
 from data_prep import text, video
 from ebwm_scale.data.text import corpus_documents
+from ebwm_scale.extras import needs
 
 
 def stdlib_docs(argv: list[str]) -> None:
@@ -34,13 +35,19 @@ def stdlib_docs(argv: list[str]) -> None:
 
 
 COMMANDS = {"text": text.main, "video": video.main, "stdlib-docs": stdlib_docs}
+# what each command imports from the [prep] extra (pyarrow only for parquet inputs, zstandard only for .zst)
+PREP_MODULES = {"text": ("ray",), "video": ("ray", "av", "PIL")}
 
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(__doc__)
         sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
-    COMMANDS[sys.argv[1]](sys.argv[2:])
+    command = sys.argv[1]
+    problem = needs(f"ebwm-prep {command}", "prep", *PREP_MODULES.get(command, ()))
+    if problem:
+        sys.exit(problem)
+    COMMANDS[command](sys.argv[2:])
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from data_prep.common import (
 )
 from ebwm_scale.data.shards import META_FILE, SPLITS, TEXT_FORMAT, TOKENIZER_FILE, TOKENS_KEY, token_dtype
 from ebwm_scale.data.text import is_validation_document
+from ebwm_scale.extras import needs
 
 BAD_LINE_EXAMPLES = 20  # how many malformed JSONL lines meta.json names (url:line)
 
@@ -104,7 +105,10 @@ class Chunk:
 
 def _compression(url: str) -> str | None:
     """fsspec's codec for the file's extension (gzip, zstd, bz2, lzma, ...), or None."""
-    return fsspec.utils.infer_compression(url)
+    codec = fsspec.utils.infer_compression(url)
+    if codec is None and url.lower().endswith(".zst"):  # fsspec knows zstd only once zstandard is installed
+        raise SystemExit(needs(f"reading {url}", "prep", "zstandard") or f"fsspec cannot decompress {url}")
+    return codec
 
 
 def _format_of(url: str, requested: str) -> str:

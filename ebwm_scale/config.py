@@ -15,6 +15,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ebwm_scale.data.config import DATA_SOURCES, DataConfig
 from ebwm_scale.data.text import ByteTokenizer
+from ebwm_scale.extras import needs, url_needs
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models.config import (
     ATTENTION_IMPLS,
@@ -291,6 +292,15 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         checks.append(f"parallel.deepspeed_config={cfg.parallel.deepspeed_config!r}: no such file")
     if not t.resume:
         checks.append("train.resume='' must be none, auto or a checkpoint URL")
+    if cfg.parallel.data_parallel == "zero":
+        checks.append(needs("parallel.data_parallel=zero", "cluster", "deepspeed"))
+    urls = {"train.checkpoint_dir": t.checkpoint_dir, "train.init_from": t.init_from}
+    if t.resume not in ("none", "auto"):
+        urls["train.resume"] = t.resume
+    if d.source == "shards":
+        urls["data.shards.url"] = d.shards.url
+        urls |= {f"data.shards.sources[{i}].url": source.url for i, source in enumerate(d.shards.sources)}
+    checks += [url_needs(key, url) for key, url in urls.items()]
     if not 0 < d.val_percent < 100:
         checks.append(f"data.val_percent={d.val_percent} must lie in (0, 100)")
     return next((c for c in checks if c), None)

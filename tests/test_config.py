@@ -178,3 +178,22 @@ def test_the_readme_combination_table_is_true():
         source = (README.parent / "tests" / named[1]).read_text()
         assert f"def {named[2]}(" in source, cell
         assert named[3] is None or f'"{named[3]}"' in source, cell
+
+
+def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
+    """deepspeed for ZeRO, s3fs/gcsfs for object-store URLs, ray for the prep jobs: one line naming the pip extra."""
+    import importlib.util
+
+    import data_prep.cli
+
+    find_spec = importlib.util.find_spec
+    absent = {"deepspeed", "s3fs", "gcsfs", "ray"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in absent else find_spec(name, *a))
+    recipe = RECIPE_DIR / "ci_tiny.yaml"
+    assert "zero needs deepspeed: pip install 'ebwm-scale[cluster]'" in _error(recipe, ["parallel.data_parallel=zero"])
+    message = _error(recipe, ["train.checkpoint_dir=s3://bucket/runs"])
+    assert message.startswith("train.checkpoint_dir=s3://bucket/runs needs s3fs: pip install 'ebwm-scale[s3]'")
+    assert "ebwm-scale[gcs]" in _error(recipe, ["data.source=shards", "data.shards.url=gs://bucket/shards"])
+    monkeypatch.setattr(sys, "argv", ["ebwm-prep", "text", "--input", "x", "--output", "y"])
+    with pytest.raises(SystemExit, match=r"ebwm-prep text needs ray: pip install 'ebwm-scale\[prep\]'"):
+        data_prep.cli.main()
