@@ -292,15 +292,23 @@ def find_problem(cfg: PretrainConfig) -> str | None:
         checks.append(f"parallel.deepspeed_config={cfg.parallel.deepspeed_config!r}: no such file")
     if not t.resume:
         checks.append("train.resume='' must be none, auto or a checkpoint URL")
-    if cfg.parallel.data_parallel == "zero":
-        checks.append(needs("parallel.data_parallel=zero", "cluster", "deepspeed"))
+    if not 0 < d.val_percent < 100:
+        checks.append(f"data.val_percent={d.val_percent} must lie in (0, 100)")
+    return next((c for c in checks if c), None)
+
+
+def missing_extra(cfg: PretrainConfig) -> str | None:
+    """What a run of `cfg` needs that is not installed, as one line naming the pip extra (checked when a run starts,
+    not when a recipe loads: a recipe with s3:// URLs can be read and printed anywhere)."""
+    d, t = cfg.data, cfg.train
+    problems = [
+        needs("parallel.data_parallel=zero", "cluster", "deepspeed") if cfg.parallel.data_parallel == "zero" else None
+    ]
     urls = {"train.checkpoint_dir": t.checkpoint_dir, "train.init_from": t.init_from}
     if t.resume not in ("none", "auto"):
         urls["train.resume"] = t.resume
     if d.source == "shards":
         urls["data.shards.url"] = d.shards.url
         urls |= {f"data.shards.sources[{i}].url": source.url for i, source in enumerate(d.shards.sources)}
-    checks += [url_needs(key, url) for key, url in urls.items()]
-    if not 0 < d.val_percent < 100:
-        checks.append(f"data.val_percent={d.val_percent} must lie in (0, 100)")
-    return next((c for c in checks if c), None)
+    problems += [url_needs(key, url) for key, url in urls.items()]
+    return next((problem for problem in problems if problem), None)

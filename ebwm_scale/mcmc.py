@@ -30,9 +30,9 @@ StateSpace = FrameState | TokenState
 
 @dataclass(kw_only=True)
 class MCMCConfig:
-    num_steps: int = 2
-    alpha_init: float = 500.0
-    learn_alpha: bool = True
+    num_steps: int = 2  # gradient steps on the energy per training batch (K)
+    alpha_init: float = 500.0  # the MCMC step size alpha at the start
+    learn_alpha: bool = True  # alpha is a trained parameter (else fixed)
     alpha_min: float = 1e-4  # the step size is clamped here so it can never flip sign
     alpha_lr_multiplier: float = 1500.0  # alpha's optimizer group runs at lr * this
     init_scale: float = 1.0  # pred starts as init_scale * randn

@@ -7,17 +7,21 @@ from collections.abc import Sequence
 
 import torch
 
-from ebwm_scale.config import ConfigError, PretrainConfig, load_config
+from ebwm_scale.config import ConfigError, PretrainConfig, load_config, missing_extra
 from ebwm_scale.data.shards import ShardFormatError
 from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel.dist import DistInfo, LaunchError, init_distributed, shutdown_distributed
 from ebwm_scale.parallel.parallelize import parallelize, vocab_split
+from ebwm_scale.recipe_help import help_text
 from ebwm_scale.train.callbacks import Callback, ConsoleCallback, MetricsFileCallback
 from ebwm_scale.train.checkpoint import CheckpointCallback, CheckpointError
 from ebwm_scale.train.tracking import MLflowCallback
 from ebwm_scale.train.trainer import NonFiniteError, Trainer
 
-USAGE = "usage: ebwm-pretrain RECIPE.yaml [key.sub=value ...]   (e.g. recipes/ci_tiny.yaml train.max_steps=50)"
+USAGE = (
+    "usage: ebwm-pretrain RECIPE.yaml [key.sub=value ...]   (e.g. recipes/ci_tiny.yaml train.max_steps=50)\n"
+    "       ebwm-pretrain --print-config RECIPE.yaml [key.sub=value ...]   (the resolved recipe, checked; no run)"
+)
 
 
 def build_trainer(cfg: PretrainConfig, dist: DistInfo, extra_callbacks: Sequence[Callback] = ()) -> Trainer:
@@ -42,9 +46,17 @@ def main(argv: list[str]) -> dict:
     """Train the recipe argv[0] with overrides argv[1:]; returns the run summary."""
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's; LOCAL_RANK is set too
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(help_text(PretrainConfig, USAGE) if argv else USAGE)
         sys.exit(0 if argv else 2)
+    if argv[0] == "--print-config":
+        if len(argv) < 2:
+            sys.exit(USAGE)
+        print(load_config(argv[1], argv[2:]).to_yaml(), end="")
+        sys.exit(0)
     cfg = load_config(argv[0], argv[1:])
+    problem = missing_extra(cfg)
+    if problem:
+        raise ConfigError(problem)
     dist = init_distributed(cfg.parallel, cfg.train.device)
     try:
         summary = build_trainer(cfg, dist).fit()

@@ -189,11 +189,37 @@ def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
     find_spec = importlib.util.find_spec
     absent = {"deepspeed", "s3fs", "gcsfs", "ray"}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in absent else find_spec(name, *a))
+    from ebwm_scale.config import missing_extra
+    from ebwm_scale.pretrain import main
+
     recipe = RECIPE_DIR / "ci_tiny.yaml"
-    assert "zero needs deepspeed: pip install 'ebwm-scale[cluster]'" in _error(recipe, ["parallel.data_parallel=zero"])
-    message = _error(recipe, ["train.checkpoint_dir=s3://bucket/runs"])
-    assert message.startswith("train.checkpoint_dir=s3://bucket/runs needs s3fs: pip install 'ebwm-scale[s3]'")
-    assert "ebwm-scale[gcs]" in _error(recipe, ["data.source=shards", "data.shards.url=gs://bucket/shards"])
+    zero = load_config(recipe, ["parallel.data_parallel=zero"])  # a recipe loads anywhere; a run needs the extras
+    assert missing_extra(zero) == "parallel.data_parallel=zero needs deepspeed: pip install 'ebwm-scale[cluster]'"
+    with pytest.raises(ConfigError, match=r"train.checkpoint_dir=s3://bucket/runs needs s3fs: .*ebwm-scale\[s3\]'$"):
+        main([str(recipe), "train.checkpoint_dir=s3://bucket/runs"])
+    gcs = load_config(recipe, ["data.source=shards", "data.shards.url=gs://bucket/shards"])
+    assert "ebwm-scale[gcs]" in missing_extra(gcs)
     monkeypatch.setattr(sys, "argv", ["ebwm-prep", "text", "--input", "x", "--output", "y"])
     with pytest.raises(SystemExit, match=r"ebwm-prep text needs ray: pip install 'ebwm-scale\[prep\]'"):
         data_prep.cli.main()
+
+
+def test_help_lists_every_recipe_key_and_print_config_round_trips(tmp_path, capsys):
+    from ebwm_scale.config import PretrainConfig
+    from ebwm_scale.pretrain import main
+    from ebwm_scale.recipe_help import recipe_keys
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert done.value.code == 0
+    keys = {key for key, _, _, meaning in recipe_keys(PretrainConfig) if meaning}  # every key has a meaning
+    assert keys == {key for key, *_ in recipe_keys(PretrainConfig)} >= set(PretrainConfig().flat())
+    assert all(f"  {key} " in listed for key in keys)
+    assert "  optim.lr" in listed and "float = 0.0003  # peak learning rate (after warmup)" in listed
+    with pytest.raises(SystemExit) as done:
+        main(["--print-config", str(RECIPE_DIR / "ci_tiny.yaml"), "model.dim=48"])
+    printed = capsys.readouterr().out
+    assert done.value.code == 0
+    (tmp_path / "resolved.yaml").write_text(printed)
+    assert load_config(tmp_path / "resolved.yaml").model.dim == 48

@@ -25,11 +25,11 @@ class ModelShape(Protocol):
 
 @dataclass(kw_only=True)
 class SyntheticVideoConfig:
-    num_clips: int = 2048
-    num_val_clips: int = 256
+    num_clips: int = 2048  # training clips generated
+    num_val_clips: int = 256  # validation clips generated
     frame_size: int = 32  # pixels, square
     patch_size: int = 4  # frame_dim = (frame_size / patch_size)^2
-    max_objects: int = 2
+    max_objects: int = 2  # moving discs per clip, at most
 
     @property
     def frame_dim(self) -> int:
@@ -64,7 +64,7 @@ class DataConfig:
     source: str = "stdlib_docs"
     seq_len: int = 128  # context length S; every sample holds S + 1 elements
     micro_batch_size: int = 8  # samples per rank per forward
-    seed: int = 0
+    seed: int = 0  # data order (shard and sample shuffles) and synthetic data
     val_percent: float = 5.0  # text: share held out, chosen by a hash of each document's module (shards: of its text)
     video: SyntheticVideoConfig = field(default_factory=SyntheticVideoConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)

@@ -18,15 +18,15 @@ INITS = ("default", "official")
 class ModelConfig:
     kind: str = "ebt"  # ebt | ar
     modality: str = "text"  # text (token ids) | frames (continuous frame embeddings)
-    vocab_size: int = 256
-    frame_dim: int = 64
-    dim: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
+    vocab_size: int = 256  # text: token ids (shards: the tokenizer's size)
+    frame_dim: int = 64  # frames: the size of one frame's embedding
+    dim: int = 128  # width of the residual stream
+    num_layers: int = 2  # transformer blocks
+    num_heads: int = 4  # attention heads (divides dim)
     ffn_hidden_dim: int = 0  # 0: Llama rule, 8/3 * dim rounded up to ffn_multiple_of
-    ffn_multiple_of: int = 32
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    ffn_multiple_of: int = 32  # the SwiGLU width is rounded up to a multiple of this
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
     # Kernel for causal attention over real tokens (the AR trunk, the EBT context stream). The EBT "split" layout
     # only ever differentiates that stream once, so even "sdpa_fused" is allowed there; "masked" needs math/sdpa.
     attn_impl: str = "sdpa"

@@ -35,7 +35,7 @@ class ParallelConfig:
     # 2: + gradients sharded). fsdp: parameters, gradients and optimizer states sharded (torch FSDP2; ZeRO-3's memory
     # model, made safe for the EBT's double backward).
     data_parallel: str = "ddp"
-    zero_stage: int = 1
+    zero_stage: int = 1  # under zero: 0, 1 (optimizer), 2 (+ gradients) or 3 (+ parameters) sharded
     # ddp only: ZeRO-1 by torch's ZeroRedundancyOptimizer over each (pipeline, tensor) coordinate's data-parallel
     # group; each rank keeps its share of the AdamW state (parallel/zero.py). Composes with tensor and pipeline
     # parallelism, as Megatron's distributed optimizer does.

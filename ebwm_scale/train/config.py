@@ -11,19 +11,19 @@ PRECISIONS = ("fp32", "bf16")
 @dataclass(kw_only=True)
 class TrainConfig:
     max_steps: int = 300  # optimizer steps
-    grad_accum_steps: int = 1
-    log_interval_steps: int = 10
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    log_interval_steps: int = 10  # a log line (and tracked metrics) every this many steps
     eval_interval_steps: int = 100  # 0: evaluate only at the end
-    eval_batches: int = 8
-    seed: int = 0
-    device: str = "auto"
+    eval_batches: int = 8  # validation batches per evaluation (the same ones every time)
+    seed: int = 0  # initial weights and MCMC noise
+    device: str = "auto"  # auto (cuda if present) | cuda | cpu
     precision: str = "fp32"  # bf16: autocast for the matmuls; the MCMC state and losses stay fp32
     output_dir: str = "runs"  # the run writes <output_dir>/<run_name>/{config.yaml,summary.json,metrics.jsonl}
     run_name: str = ""  # default: the recipe's file name
-    progress_bar: bool = True
+    progress_bar: bool = True  # a live bar on a terminal (log lines either way)
     checkpoint_dir: str = ""  # any fsspec URL; default <output_dir>/<run_name>/checkpoints
     checkpoint_interval_steps: int = 0  # 0: only at the end and when stopped by a signal
-    keep_last_checkpoints: int = 3
+    keep_last_checkpoints: int = 3  # older periodic checkpoints are removed
     checkpoint_at_steps: list[int] = field(default_factory=list)  # also save at these steps, and never prune them
     checkpoint_async: bool = False  # write in the background (state copied at the step); training goes on meanwhile
     resume: str = "none"  # none | auto (newest complete checkpoint in checkpoint_dir, if any) | a checkpoint URL

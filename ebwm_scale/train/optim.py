@@ -21,12 +21,12 @@ DECAYED = ("matrices", "all")
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    lr: float = 3e-4
-    weight_decay: float = 0.01
+    lr: float = 3e-4  # peak learning rate (after warmup)
+    weight_decay: float = 0.01  # AdamW's decoupled decay
     decay: str = "matrices"  # what weight decay applies to: matrices (not norm gains) | all (every weight; official)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    warmup_steps: int = 100
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's moment decay rates
+    eps: float = 1e-8  # AdamW's denominator epsilon
+    warmup_steps: int = 100  # linear warmup from 0 to lr
     min_lr_ratio: float = 0.1  # the schedule ends at lr * this at the last step
     schedule: str = "cosine"  # cosine | wsd (see the module docstring)
     decay_fraction: float = 0.2  # wsd: the share of the steps, at the end, over which the lr decays

@@ -27,9 +27,9 @@ MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUES
 
 @dataclass(kw_only=True)
 class TrackingConfig:
-    enabled: bool = True
+    enabled: bool = True  # log params, metrics and artifacts to MLflow
     uri: str = "sqlite:///mlruns/mlflow.db"  # a local store by default; http://127.0.0.1:5000 for a server
-    experiment: str = "ebwm-scale"
+    experiment: str = "ebwm-scale"  # the MLflow experiment the run goes to
     tags: dict[str, str] = field(default_factory=dict)  # e.g. ladder: nlp_tiny_cpu
     retry_interval_s: float = 30.0  # after a failed call, wait this long before trying the server again
     max_buffered_metrics: int = 100_000  # kept for a server that is down; beyond it the oldest are dropped (counted)
