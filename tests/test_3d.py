@@ -7,30 +7,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ebwm_scale.config import load_config
 from ebwm_scale.parallel.dist import DistInfo, with_parallel_groups
-from ebwm_scale.pretrain import build_trainer
-from tests.conftest import CPU, REPO
-from tests.distributed import TRAINER_LOSS_RTOL, assert_gradients_close, record_gradients, run_distributed_test
-from tests.test_training import Recorder
-from tests.test_zero import COMMON, GRADIENT_RTOL, RECIPES
+from tests.conftest import CPU
+from tests.distributed import TRAINER_LOSS_RTOL, assert_gradients_close, run_distributed_test
+from tests.test_zero import GRADIENT_RTOL, RECIPES, train_recording
 
 GLOBAL_BATCH = 8
 
 
-def _train(recipe, dist_info, output_dir, *overrides):
-    """(trainer, losses, every step's whole gradients)."""
-    cfg = load_config(REPO / "recipes" / recipe, [*COMMON, f"train.output_dir={output_dir}", *overrides])
-    recorder = Recorder()
-    trainer = build_trainer(cfg, dist_info, [recorder])
-    gradients = record_gradients(trainer.engine)
-    trainer.fit()
-    return trainer, [m["loss"] for m in recorder.train], gradients
-
-
 def _one_process(out, *overrides) -> dict:
     batch = f"data.micro_batch_size={GLOBAL_BATCH}"
-    runs = {r: _train(r, CPU, out / r, batch, "optim.grad_clip=0", *overrides) for r in RECIPES}
+    runs = {r: train_recording(r, CPU, out / r, batch, "optim.grad_clip=0", *overrides) for r in RECIPES}
     return {recipe: (losses, gradients) for recipe, (_, losses, gradients) in runs.items()}
 
 
@@ -57,7 +44,7 @@ def _check(rank, size, output_dir, expected, tp, pp, data_parallel, *extra):
         *extra,
     ]
     for recipe in RECIPES:
-        trainer, losses, gradients = _train(recipe, dist_info, f"{output_dir}/{recipe}", *parallel)
+        trainer, losses, gradients = train_recording(recipe, dist_info, f"{output_dir}/{recipe}", *parallel)
         ref_losses, ref_gradients = expected[recipe]
         assert losses == pytest.approx(ref_losses, rel=TRAINER_LOSS_RTOL), recipe
         assert_gradients_close(gradients[0], ref_gradients[0], GRADIENT_RTOL, stage=pp > 1)

@@ -35,14 +35,19 @@ def _run(recipe, dist, output_dir, *overrides):
     return losses, params
 
 
-def _run_with_gradients(recipe, dist, output_dir, *overrides):
-    """(losses, final weights, every step's gradients before the optimizer)."""
+def train_recording(recipe, dist, output_dir, *overrides):
+    """(trainer, losses, every step's gradients before the optimizer) of a COMMON run of `recipe`."""
     cfg = load_config(REPO / "recipes" / recipe, [*COMMON, f"train.output_dir={output_dir}", *overrides])
     recorder = Recorder()
     trainer = build_trainer(cfg, dist, [recorder])
     gradients = record_gradients(trainer.engine)
     trainer.fit()
-    losses = [m["loss"] for m in recorder.train]
+    return trainer, [m["loss"] for m in recorder.train], gradients
+
+
+def _run_with_gradients(recipe, dist, output_dir, *overrides):
+    """(losses, final weights, every step's gradients before the optimizer)."""
+    trainer, losses, gradients = train_recording(recipe, dist, output_dir, *overrides)
     params = {k: v.detach().float().clone() for k, v in trainer.engine.model_state_dict().items()}
     return losses, params, gradients
 
