@@ -114,7 +114,9 @@ def test_pretrain_logs_to_mlflow_and_writes_config_and_summary(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4 == summary["steps"]
     assert load_config(run_dir / "config.yaml").train.max_steps == 4  # the saved config loads as a recipe
     client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("ebwm-scale").experiment_id])
+    experiment = client.get_experiment_by_name("ebwm-scale")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # created with the tag
+    (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["model_kind"] == "ebt"
     assert run.data.params["model.dim"] == "64" and run.data.params["mcmc.num_steps"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4]

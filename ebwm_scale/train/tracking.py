@@ -58,6 +58,11 @@ def unreachable_message(uri: str, error: str, metrics_file: Path) -> str:
     return message
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI pages (traces, evaluation runs); tagged as model
+# development it opens on the runs table and the metric charts.
+EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -121,10 +126,14 @@ class MLflowCallback(Callback):
         experiment = self.client.get_experiment_by_name(self.cfg.experiment)
         if experiment is None:
             artifacts = local_artifact_location(self.cfg.uri)
-            experiment_id = self.client.create_experiment(self.cfg.experiment, artifact_location=artifacts)
+            experiment_id = self.client.create_experiment(
+                self.cfg.experiment, artifact_location=artifacts, tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT}
+            )
         else:
             experiment_id = experiment.experiment_id
-        tags = {**trainer.run_tags(), "git_commit": git_commit(), **self.cfg.tags}
+            if EXPERIMENT_KIND_TAG not in experiment.tags:
+                self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
+        tags = {**trainer.run_tags(), "mlflow.source.git.commit": git_commit(), **self.cfg.tags}
         run = self.client.create_run(experiment_id, run_name=trainer.run_name, tags=tags)
         params = [Param(k, str(v)[:MLFLOW_PARAM_MAX_CHARS]) for k, v in trainer.cfg.flat().items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
