@@ -54,7 +54,8 @@ def _check(rank, size, output_dir, expected, tp, pp, data_parallel, *extra):
 
 def _check_optimizer_state_is_split(engine, dist_info) -> None:
     """Every parameter has AdamW state on exactly one rank of its data-parallel group."""
-    held = [id(p) in {id(q) for q in engine.optimizer.local.state} for p in engine.params]
+    stateful = {id(q) for q in engine.optimizer.local.state}
+    held = [id(p) in stateful for p in engine.params]
     counts = torch.tensor(held, dtype=torch.int64)
     dist.all_reduce(counts, group=dist_info.dp_group)
     assert counts.eq(1).all() and 0 < sum(held) < len(held)

@@ -80,6 +80,15 @@ def barrier(group: Any = None) -> None:
     dist.barrier(group=group)
 
 
+def unflatten_into(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy consecutive pieces of `flat` back into `tensors`: the inverse of a torch.cat of their flattened views, for
+    a collective run once on one flat buffer."""
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+
+
 def all_gather_object(values: list[Any], value: Any, group: Any = None) -> None:
     """Pickled Python objects; torch stages them on the device its backend needs."""
     dist.all_gather_object(values, value, group=group)

@@ -221,10 +221,7 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], dp_size: int, group: 
     flat = torch.cat([g.reshape(-1) for g in grads])
     collectives.all_reduce(flat, group=group)
     flat /= dp_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    collectives.unflatten_into(grads, flat)
 
 
 def all_reduce_mean(values: dict[str, float], world_size: int) -> dict[str, float]:

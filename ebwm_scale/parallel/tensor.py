@@ -261,12 +261,10 @@ def all_reduce_sequence_parallel_gradients(module: nn.Module) -> None:
     norms = [m for m in module.modules() if isinstance(m, SequenceParallelRMSNorm) and m.weight.grad is not None]
     if not norms:
         return
-    flat = torch.cat([m.weight.grad.reshape(-1) for m in norms])
+    grads = [m.weight.grad for m in norms]
+    flat = torch.cat([g.reshape(-1) for g in grads])
     collectives.all_reduce(flat, group=norms[0].group)
-    offset = 0
-    for m in norms:
-        m.weight.grad.copy_(flat[offset : offset + m.weight.numel()].view_as(m.weight))
-        offset += m.weight.numel()
+    collectives.unflatten_into(grads, flat)
 
 
 class VocabParallelOutput(ColumnParallelLinear):

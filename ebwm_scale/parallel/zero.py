@@ -64,10 +64,7 @@ class ShardedOptimizer:
                     p.grad = None
                 continue
             flat /= self.size
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+            collectives.unflatten_into([p.grad for p in params], flat)
 
     def step(self) -> None:
         self.zero.step()
