@@ -9,6 +9,7 @@ import torch
 
 from ebwm_scale.config import ConfigError, PretrainConfig, load_config, missing_extra
 from ebwm_scale.data.shards import ShardFormatError
+from ebwm_scale.logs import setup_logging
 from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel.dist import DistInfo, LaunchError, init_distributed, shutdown_distributed
 from ebwm_scale.parallel.parallelize import parallelize, vocab_split
@@ -58,6 +59,7 @@ def main(argv: list[str]) -> dict:
     if problem:
         raise ConfigError(problem)
     dist = init_distributed(cfg.parallel, cfg.train.device)
+    setup_logging(dist.rank, cfg.train.log_all_ranks)
     try:
         summary = build_trainer(cfg, dist).fit()
     except BaseException:

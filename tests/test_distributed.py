@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -66,9 +67,9 @@ COMMON = [
 ENTRY = str(REPO / "ebwm_scale" / "pretrain.py")
 
 
-def _train(launchers: list[list[str]], out, *overrides, env=None) -> tuple[dict, list[float]]:
+def _train(launchers: list[list[str]], out, *overrides, env=None, logs=None) -> tuple[dict, list[float]]:
     """Start every launcher command at once (the nodes of one job) with the entry point and the recipe; returns the
-    summary and the per-step training losses."""
+    summary and the per-step training losses (and appends each launcher's output to `logs`)."""
     procs = [
         subprocess.Popen(
             [*launch, ENTRY, *COMMON, *overrides, f"train.output_dir={out}"],
@@ -88,6 +89,8 @@ def _train(launchers: list[list[str]], out, *overrides, env=None) -> tuple[dict,
         raise AssertionError("a launcher hung:\n" + "\n---\n".join(o[-3000:] for o in outputs)) from None
     for proc, output in zip(procs, outputs):
         assert proc.returncode == 0, output[-3000:]
+    if logs is not None:
+        logs += outputs
     run = out / "ci_tiny_ar"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return json.loads((run / "summary.json").read_text()), [r["loss"] for r in rows if r.get("split") == "train"]
@@ -107,7 +110,11 @@ def test_torchrun_two_ranks_match_one_process_end_to_end(tmp_path):
     global batch: the sampler gives the ranks disjoint halves of it, and gradients are averaged."""
     one = _train([[sys.executable]], tmp_path / "one", "data.micro_batch_size=8")
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={free_port()}"]
-    _assert_same_curve(_train([launch], tmp_path / "two", "data.micro_batch_size=4"), one)
+    logs = []
+    overrides = ["data.micro_batch_size=4", "train.log_all_ranks=true"]
+    _assert_same_curve(_train([launch], tmp_path / "two", *overrides, logs=logs), one)
+    for rank in (0, 1):  # every rank logs, each line with its time and rank
+        assert re.search(rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d rank {rank}: step 5/5 \| loss", logs[0], re.M)
 
 
 def test_torchrun_on_two_nodes_matches_one_process(tmp_path):
@@ -128,7 +135,9 @@ def test_torchrun_on_two_nodes_matches_one_process(tmp_path):
         ]
         for node in (0, 1)
     ]
-    _assert_same_curve(_train(nodes, tmp_path / "nodes", "data.micro_batch_size=4"), one)
+    logs = []
+    _assert_same_curve(_train(nodes, tmp_path / "nodes", "data.micro_batch_size=4", logs=logs), one)
+    assert "rank 0: step 5/5" in logs[0] and "rank 1: step" not in logs[1]  # by default rank 0 alone logs
 
 
 def test_one_process_with_a_process_group_trains_like_one_without(tmp_path):

@@ -141,7 +141,7 @@ def test_pretrain_runs_as_a_script(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "run summary" in proc.stdout and "step 2/2" in proc.stdout
+    assert "rank 0: step 2/2" in proc.stdout and "rank 0: run ci_tiny_ar finished: 2 steps on 1 rank(s)" in proc.stdout
 
 
 def test_a_wsd_decay_branch_equals_a_run_of_its_length_from_scratch(tmp_path):

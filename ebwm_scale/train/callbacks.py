@@ -1,6 +1,7 @@
 """Callbacks: everything optional in a run (console output, tracking; later checkpoints, NaN guard, profiling).
 
-A callback gates itself on rank; the trainer calls every callback on every rank.
+A callback gates itself on rank (the console through the logger's level); the trainer calls every callback on
+every rank.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+
+from ebwm_scale.logs import log
 
 if TYPE_CHECKING:
     from ebwm_scale.train.trainer import Trainer
@@ -57,64 +59,66 @@ def format_log_line(step: int, max_steps: int, m: dict[str, float], unit: str) -
     return " | ".join(parts)
 
 
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The run summary as a few sentences (summary.json has the same fields for machines)."""
+    scale, unit = summary["scale"], summary["scale"]["unit"]
+    resumed = f", resumed from {summary['resumed_from']}" if summary["resumed_from"] else ""
+    return [
+        f"run {summary['run']} {summary['status']}: {summary['steps']} steps on {summary['world_size']} rank(s), "
+        f"{summary[unit]:,} {unit} in {summary['wall_time_s']:.1f} s ({summary[unit + '_per_s']:,.0f} {unit}/s), "
+        f"{summary['skipped_steps']} skipped steps{resumed}",
+        f"loss: train {summary['train_loss']:.4f}, eval {summary['eval_loss']:.4f}",
+        f"scale: {scale['kind'].upper()}, {scale['params']:,} parameters, {scale['data']:,} {unit}, "
+        f"{scale['flops']:.3g} FLOP",
+        f"output: {summary['output_dir']} (summary.json, metrics.jsonl, config.yaml)",
+    ]
+
+
 class ConsoleCallback(Callback):
-    """A progress bar, a log line every `log_interval_steps`, eval lines and a final summary table (rank 0)."""
+    """Log lines (start, every `log_interval_steps`, evals, checkpoints, the summary) through the `ebwm_scale` logger,
+    which shows rank 0 unless train.log_all_ranks; a live progress bar on rank 0's terminal."""
 
     def __init__(self, is_rank0: bool, log_interval_steps: int, progress_bar: bool):
-        self.is_rank0 = is_rank0
         self.log_interval_steps = log_interval_steps
-        self.console = Console(highlight=False)
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            console=self.console,
+            console=Console(highlight=False),
             disable=not (progress_bar and is_rank0),
         )
         self.task = None
 
     def on_train_start(self, trainer: Trainer) -> None:
-        if not self.is_rank0:
-            return
         for line in trainer.describe():
-            self.console.print(line, soft_wrap=True)
+            log.info(line)
         if trainer.step:
-            self.console.print(f"resumed at step {trainer.step} from {trainer.resumed_from}", soft_wrap=True)
+            log.info(f"resumed at step {trainer.step} from {trainer.resumed_from}")
         self.task = self.progress.add_task("train", total=trainer.max_steps, completed=trainer.step)
         self.progress.start()
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        if not self.is_rank0:
-            return
         self.progress.update(self.task, completed=step)
         if step % self.log_interval_steps == 0 or step == trainer.max_steps:
-            self.console.print(format_log_line(step, trainer.max_steps, metrics, trainer.unit), soft_wrap=True)
+            log.info(format_log_line(step, trainer.max_steps, metrics, trainer.unit))
 
     def on_checkpoint_saved(self, trainer: Trainer, step: int, url: str) -> None:
-        if self.is_rank0:
-            self.console.print(f"checkpoint @ step {step}: {url}", soft_wrap=True)
+        log.info(f"checkpoint @ step {step}: {url}")
 
     def on_eval_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        if self.is_rank0:
-            line = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            self.console.print(f"eval @ step {step}: {line}", soft_wrap=True)
+        log.info(f"eval @ step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def on_train_end(self, trainer: Trainer, summary: dict[str, Any], error: BaseException | None) -> None:
-        if not self.is_rank0:
-            return
         self.progress.stop()
         if trainer.stop_requested and error is None:
-            self.console.print(
+            log.info(
                 f"{trainer.stop_requested}: stopped after step {trainer.step} with a checkpoint in "
-                f"{trainer.checkpointer.url}; rerun with train.resume=auto to continue",
-                soft_wrap=True,
+                f"{trainer.checkpointer.url}; rerun with train.resume=auto to continue"
             )
-        table = Table(title="run summary" if error is None else "run summary (FAILED)", show_header=False)
-        for key, value in summary.items():
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-        self.console.print(table)
+        for line in summary_lines(summary):
+            log.info(line)
 
 
 class MetricsFileCallback(Callback):

@@ -21,6 +21,7 @@ class TrainConfig:
     output_dir: str = "runs"  # the run writes <output_dir>/<run_name>/{config.yaml,summary.json,metrics.jsonl}
     run_name: str = ""  # default: the recipe's file name
     progress_bar: bool = True  # a live bar on a terminal (log lines either way)
+    log_all_ranks: bool = False  # every rank logs its lines (prefixed with its rank); default: rank 0 only
     checkpoint_dir: str = ""  # any fsspec URL; default <output_dir>/<run_name>/checkpoints
     checkpoint_interval_steps: int = 0  # 0: only at the end and when stopped by a signal
     keep_last_checkpoints: int = 3  # older periodic checkpoints are removed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ class Trainer:
         self.autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
     def describe(self) -> list[str]:
-        c = self.cfg
+        c, d = self.cfg, self.dist
         return [
             f"run {self.run_name}: {c.model.kind.upper()}-{c.model.modality}, {self.num_params:,} parameters, "
             f"{c.model.num_layers} layers x {c.model.dim} dim, {self.flops_per_token / 1e6:.1f} MFLOP/{self.unit[:-1]}",
@@ -111,6 +112,8 @@ class Trainer:
             f"per step: {self.flops_per_token * self.tokens_per_step / 1e12:.3g} TFLOP (counted); "
             f"model states {self._model_state_gb():.2f} GB per rank "
             "(params + grads + AdamW; activations extra)",
+            f"this rank: host {socket.gethostname()}, {d.device}, data-parallel rank {d.dp_rank} of {d.dp_size}, "
+            f"pipeline stage {d.pp_rank} of {d.pp_size}, tensor-parallel rank {d.rank % d.tp_size} of {d.tp_size}",
         ]
 
     def _model_state_gb(self) -> float:
