@@ -60,6 +60,8 @@ class TextPrepConfig:
     vocab_size: int = 2048
     model_type: str = "bpe"  # bpe | unigram
     tokenizer_sample_mb: float = 64.0
+    # sentencepiece's trainer threads. A fixed number, not the machine's cores: the model it trains depends on it.
+    tokenizer_threads: int = 16
     seed: int = 0
     seq_len: int = 256  # samples hold seq_len + 1 tokens
     mode: str = "pack"  # pack: documents joined by EOS and cut into windows | truncate: one window per document
@@ -79,6 +81,7 @@ class TextPrepConfig:
             "vocab_size",
             "model_type",
             "tokenizer_sample_mb",
+            "tokenizer_threads",
             "seed",
             "seq_len",
             "mode",
@@ -238,7 +241,7 @@ def train_tokenizer(documents: list[str], cfg: TextPrepConfig) -> bytes:
             byte_fallback=True,
             shuffle_input_sentence=False,
             input_sentence_size=0,
-            num_threads=1,
+            num_threads=cfg.tokenizer_threads,
             minloglevel=2,
             unk_id=0,
             bos_id=1,
@@ -391,6 +394,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--vocab-size", type=int, default=d.vocab_size)
     parser.add_argument("--model-type", default=d.model_type, choices=["bpe", "unigram"])
     parser.add_argument("--tokenizer-sample-mb", type=float, default=d.tokenizer_sample_mb)
+    parser.add_argument(
+        "--tokenizer-threads", type=int, default=d.tokenizer_threads, help="fixed: the trained model depends on it"
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="picks the tokenizer's training sample")
     parser.add_argument("--seq-len", type=int, default=d.seq_len)
     parser.add_argument("--mode", default=d.mode, choices=["pack", "truncate"])
@@ -407,6 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.seq_len < 1 or args.vocab_size < 8 or not 0 < args.val_percent < 100 or args.shard_mb <= 0:
         raise SystemExit("--seq-len must be >= 1, --vocab-size >= 8, --val-percent in (0, 100), --shard-mb > 0")
+    if args.tokenizer_threads < 1:
+        raise SystemExit("--tokenizer-threads must be >= 1")
     run(TextPrepConfig(**vars(args)))
 
 

@@ -103,9 +103,10 @@ def test_run_on_a_real_server_continues_the_same_run_after_resume(mlflow_server,
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert run["info"]["status"] == "FINISHED"
     assert tags["model_kind"] == "ebt" and tags["ladder"] == "unit-test"
+    assert tags["mlflow.runColor"] == "#1f77b4"  # EBT blue in the runs table and its charts, AR red
     assert len(tags["mlflow.source.git.commit"]) >= 7  # MLflow's own tag: the UI shows it as the source version
     kind = {t["key"]: t["value"] for t in experiment["tags"]}["mlflow.experimentKind"]
-    assert kind == "custom_model_development"  # the UI opens on runs and charts, not on the GenAI pages
+    assert kind == "custom_model_development"
     history = _get(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="train/loss")["metrics"]
     assert sorted(m["step"] for m in history) == [2, 4, 6]
     metric_keys = {m["key"] for m in run["data"]["metrics"]}

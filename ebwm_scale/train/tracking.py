@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,9 +64,19 @@ def unreachable_message(uri: str, error: str, metrics_file: Path) -> str:
     return message
 
 
-# MLflow 3's UI opens an experiment without this tag on its GenAI pages (traces, evaluation runs); tagged as model
-# development it opens on the runs table and the metric charts.
+# MLflow 3 records what an experiment is for in this tag (model development, not GenAI). Which page the UI opens on is
+# a per-browser choice (its GenAI / Model training switch), hence the ?workflowType link the run logs.
 EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+# The runs table's colour dot, which the chart view's points take: one colour per kind, so a ladder's scatter of final
+# loss against tokens reads at a glance (grouping by kind would average each kind into one point).
+RUN_COLOR_TAG = "mlflow.runColor"
+KIND_COLORS = {"ar": "#d62728", "ebt": "#1f77b4"}
+OTHER_KIND_COLORS = ("#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def kind_color(kind: str) -> str:
+    """A fixed colour per kind (ladder kinds such as ebt_logits get one of the others, by name)."""
+    return KIND_COLORS.get(kind) or OTHER_KIND_COLORS[zlib.crc32(kind.encode()) % len(OTHER_KIND_COLORS)]
 
 
 def git_commit() -> str:
@@ -153,12 +164,16 @@ class MLflowCallback(Callback):
             experiment_id = experiment.experiment_id
             if EXPERIMENT_KIND_TAG not in experiment.tags:
                 self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
-        tags = {**trainer.run_tags(), "mlflow.source.git.commit": git_commit(), **self.cfg.tags}
-        run = self.client.create_run(experiment_id, run_name=trainer.run_name, tags=tags)
+        kind = self.cfg.tags.get("ladder_kind") or trainer.cfg.model.kind
+        tags = {**trainer.run_tags(), "mlflow.source.git.commit": git_commit(), RUN_COLOR_TAG: kind_color(kind)}
+        run = self.client.create_run(experiment_id, run_name=trainer.run_name, tags={**tags, **self.cfg.tags})
         params = [Param(k, str(v)[:MLFLOW_PARAM_MAX_CHARS]) for k, v in trainer.cfg.flat().items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run.info.run_id, params=params[start : start + 100])
         self.run_id = run.info.run_id
+        if self.cfg.uri.startswith("http"):
+            page = f"{self.cfg.uri.rstrip('/')}/#/experiments/{experiment_id}"
+            log.info(f"MLflow: run {page}/runs/{self.run_id}, experiment {page}?workflowType=machine_learning")
         with self.queue:
             self.pending_files.append(str(trainer.output_dir / "config.yaml"))
 
