@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import fsspec
@@ -86,17 +86,18 @@ def init_ray(ray_address: str, num_cpus: int) -> None:
 
 
 def write_split_shards(
-    fs, root: str, chunk: int, split: str, samples: list[np.ndarray], per_shard: int, field: str, stacked: bool
+    fs, root: str, chunk: int, split: str, samples: Sequence[np.ndarray], per_shard: int, field: str, stacked: bool
 ) -> list[dict[str, Any]]:
-    """One split's samples of one chunk as shards (temp name, then rename); returns their meta.json entries.
-    stacked: a shard is one member holding its samples as one array (text), else one member per sample (video)."""
+    """One split's samples of one chunk (arrays, or the rows of one array) as shards (temp name, then rename);
+    returns their meta.json entries. stacked: a shard is one member holding its samples as one array (text), else
+    one member per sample (video)."""
     fs.makedirs(f"{root}/{split}", exist_ok=True)
     entries = []
     for shard_index, start in enumerate(range(0, len(samples), per_shard)):
         name = f"{split}/chunk{chunk:05d}-{shard_index:04d}.tar"
         part = samples[start : start + per_shard]
         if stacked:
-            members = [(f"c{chunk:05d}-{start:07d}", np.stack(part))]
+            members = [(f"c{chunk:05d}-{start:07d}", np.asarray(part))]
         else:
             members = [(f"c{chunk:05d}-{start + i:07d}", array) for i, array in enumerate(part)]
         data = write_shard(members, field)

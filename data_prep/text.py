@@ -27,6 +27,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -176,13 +177,47 @@ def _jsonl_lines(piece: Piece) -> Iterator[tuple[int | None, bytes]]:
         if piece.start > 0:  # a line belongs to the range holding its first byte
             f.seek(piece.start - 1)
             f.readline()
-        number = 1 if piece.start == 0 else None
-        while f.tell() < piece.end:
-            line = f.readline()
-            if not line:
-                break
-            yield number, line
-            number = None if number is None else number + 1
+        start = f.tell()
+        block = f.read(max(piece.end - start, 0))
+        if block and not block.endswith(b"\n"):
+            block += f.readline()  # the range's last line runs past its end
+        lines = block.split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
+        if piece.start == 0:
+            yield from enumerate(lines, start=1)
+        else:
+            yield from ((None, line) for line in lines)
+
+
+JSON_BATCH = 256  # JSONL lines parsed by one json.loads call
+
+
+def _jsonl_texts(batch: list[tuple[int | None, bytes]], piece: Piece, text_field: str, counts: dict) -> Iterator[str]:
+    """The text field of each (line number, line); a line that is not an object with a string there is counted."""
+    try:  # one parse of the batch as an array; it fails (or miscounts) when a line is malformed
+        records = json.loads(b"[" + b",".join(line for _, line in batch) + b"]")
+    except ValueError:
+        records = None
+    if records is None or len(records) != len(batch):
+        records = [_json_or_none(line) for _, line in batch]
+    for (number, _), record in zip(batch, records):
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if isinstance(text, str):
+            yield text
+            continue
+        counts["bad_lines"] = counts.get("bad_lines", 0) + 1
+        examples = counts.setdefault("bad_line_examples", [])
+        if len(examples) < BAD_LINE_EXAMPLES:
+            where = f":{number}" if number else f" (bytes {piece.start}-{piece.end})"
+            examples.append(f"{piece.url}{where}")
+
+
+def _json_or_none(line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def read_documents(chunk: Chunk, text_field: str, counts: dict) -> Iterator[str]:
@@ -193,20 +228,14 @@ def read_documents(chunk: Chunk, text_field: str, counts: dict) -> Iterator[str]
             with fsspec.open(piece.url, "r", encoding="utf-8", errors="replace", compression="infer") as f:
                 yield f.read()
         elif chunk.input_format == "jsonl":
+            batch: list[tuple[int | None, bytes]] = []
             for number, line in _jsonl_lines(piece):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)[text_field]
-                    if not isinstance(text, str):
-                        raise TypeError(f"{text_field} is {type(text).__name__}, not a string")
-                    yield text
-                except (ValueError, KeyError, TypeError):
-                    counts["bad_lines"] = counts.get("bad_lines", 0) + 1
-                    examples = counts.setdefault("bad_line_examples", [])
-                    if len(examples) < BAD_LINE_EXAMPLES:
-                        where = f":{number}" if number else f" (bytes {piece.start}-{piece.end})"
-                        examples.append(f"{piece.url}{where}")
+                if line.strip():
+                    batch.append((number, line))
+                if len(batch) == JSON_BATCH:
+                    yield from _jsonl_texts(batch, piece, text_field, counts)
+                    batch = []
+            yield from _jsonl_texts(batch, piece, text_field, counts)
         else:
             import pyarrow.parquet as pq
 
@@ -252,38 +281,77 @@ def train_tokenizer(documents: list[str], cfg: TextPrepConfig) -> bytes:
             return f.read()
 
 
-def chunk_samples(
-    chunk: Chunk, cfg: TextPrepConfig, tokenizer: bytes
-) -> tuple[dict[str, list[np.ndarray]], dict[str, int]]:
-    """Fixed-length samples (seq_len + 1 tokens) per split, and counts."""
+ENCODE_BATCH = 256  # documents per sentencepiece call: one Python round trip for many documents
+PACK_EVERY = 64  # windows cut from a split's token stream at once (bounds the stream held as Python ints)
+
+
+class _Packer:
+    """One split's token stream, cut into rows of `window` tokens in bulk."""
+
+    def __init__(self, window: int, dtype: np.dtype):
+        self.window, self.dtype = window, dtype
+        self.stream: list[int] = []
+        self.blocks: list[np.ndarray] = []
+
+    def add(self, ids: list[int], eos: int) -> None:
+        self.stream += ids
+        self.stream.append(eos)
+        if len(self.stream) >= PACK_EVERY * self.window:
+            self._cut()
+
+    def _cut(self) -> None:
+        rows = len(self.stream) // self.window
+        if rows:
+            block = np.asarray(self.stream[: rows * self.window], dtype=self.dtype).reshape(rows, self.window)
+            self.blocks.append(block)
+            del self.stream[: rows * self.window]
+
+    def finish(self) -> tuple[np.ndarray, int]:
+        """(every full window, one row each; the tokens of the last, partial window, dropped)."""
+        self._cut()
+        samples = np.concatenate(self.blocks) if self.blocks else np.empty((0, self.window), self.dtype)
+        return samples, len(self.stream)
+
+
+def chunk_samples(chunk: Chunk, cfg: TextPrepConfig, tokenizer: bytes) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Fixed-length samples (rows of seq_len + 1 tokens) per split, and counts."""
     import sentencepiece as spm
 
-    processor = spm.SentencePieceProcessor(model_proto=tokenizer)
+    processor = spm.SentencePieceProcessor(model_proto=tokenizer, num_threads=1)  # a Ray task has one core
     eos, dtype = processor.eos_id(), token_dtype(processor.get_piece_size())
     window = cfg.seq_len + 1
     counts = {"documents": 0, "tokens": 0, "dropped_tokens": 0, "dropped_documents": 0}
-    streams: dict[str, list[int]] = {split: [] for split in SPLITS}
-    samples: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
-    for doc in read_documents(chunk, cfg.text_field, counts):
-        split = "val" if is_validation_document(doc, cfg.val_percent) else "train"
-        ids = processor.encode(doc)
-        counts["documents"] += 1
-        counts["tokens"] += len(ids)
-        if cfg.mode == "truncate":
-            if len(ids) < window:
+    packers = {split: _Packer(window, dtype) for split in SPLITS}
+    kept: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}  # truncate mode: a window per document
+
+    def encode(batch: list[str]) -> None:
+        for doc, ids in zip(batch, processor.encode(batch)):
+            split = "val" if is_validation_document(doc, cfg.val_percent) else "train"
+            counts["tokens"] += len(ids)
+            if cfg.mode == "pack":
+                packers[split].add(ids, eos)
+            elif len(ids) < window:
                 counts["dropped_documents"] += 1
                 counts["dropped_tokens"] += len(ids)
             else:
-                samples[split].append(np.asarray(ids[:window], dtype=dtype))
+                kept[split].append(np.asarray(ids[:window], dtype=dtype))
                 counts["dropped_tokens"] += len(ids) - window
-            continue
-        stream = streams[split]
-        stream.extend(ids)
-        stream.append(eos)
-        while len(stream) >= window:
-            samples[split].append(np.asarray(stream[:window], dtype=dtype))
-            del stream[:window]
-    counts["dropped_tokens"] += sum(len(s) for s in streams.values())  # each chunk's tail, shorter than a window
+
+    batch: list[str] = []
+    for doc in read_documents(chunk, cfg.text_field, counts):
+        counts["documents"] += 1
+        batch.append(doc)
+        if len(batch) == ENCODE_BATCH:
+            encode(batch)
+            batch = []
+    encode(batch)
+    samples = {}
+    for split in SPLITS:
+        if cfg.mode == "pack":
+            samples[split], tail = packers[split].finish()
+            counts["dropped_tokens"] += tail  # each chunk's tail, shorter than a window
+        else:
+            samples[split] = np.stack(kept[split]) if kept[split] else np.empty((0, window), dtype)
     return samples, counts
 
 
@@ -291,8 +359,7 @@ def process_chunk(chunk: Chunk, cfg: TextPrepConfig, tokenizer: bytes) -> dict:
     """Tokenize one chunk, write its shards (temp name, then rename) and its marker; returns the marker."""
     fs, root = fsspec.core.url_to_fs(cfg.output)
     samples, counts = chunk_samples(chunk, cfg, tokenizer)
-    itemsize = next((s[0].itemsize for s in samples.values() if s), 2)
-    per_shard = max(1, int(cfg.shard_mb * 2**20) // ((cfg.seq_len + 1) * itemsize))
+    per_shard = max(1, int(cfg.shard_mb * 2**20) // ((cfg.seq_len + 1) * samples["train"].itemsize))
     shards = {
         split: write_split_shards(fs, root, chunk.index, split, samples[split], per_shard, TOKENS_KEY, stacked=True)
         for split in SPLITS

@@ -80,6 +80,20 @@ def test_text_parquet_and_bad_jsonl_inputs(tmp_path):
     assert counts["bad_line_examples"] == [f"{bad}:2", f"{bad}:3", f"{bad}:4"]
 
 
+def test_a_bad_line_among_many_costs_only_itself(tmp_path):
+    """Lines are parsed in batches; a batch with a bad line is parsed line by line, so only that line is lost and it
+    is named by its line number (valid JSON that is not an object with a string text is bad too)."""
+    lines = [json.dumps({"text": f"document {i}"}) for i in range(600)]
+    lines[20] += "\r"  # a Windows line end is whitespace
+    lines[10], lines[300], lines[301], lines[450] = "", "[1, 2]", '"a string"', '{"text": "cut sho'
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    counts = {}
+    docs = list(read_documents(Chunk(0, "jsonl", (Piece(str(path), 0, path.stat().st_size),)), "text", counts))
+    assert docs == [f"document {i}" for i in range(600) if i not in (10, 300, 301, 450)]  # a blank line is no document
+    assert counts["bad_line_examples"] == [f"{path}:301", f"{path}:302", f"{path}:451"] and counts["bad_lines"] == 3
+
+
 @pytest.mark.parametrize("suffix", [".gz", ".zst", ".bz2", ".xz"])
 def test_compressed_text_and_jsonl_inputs_are_read_whole(tmp_path, suffix):
     """A compressed JSONL file is one chunk (no byte ranges in a compressed stream), read through fsspec's codec."""
