@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=8, help="corpus size: copies of the ~1.3 MB docstring set")
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs, raw and pipeline alike")
     args = parser.parse_args()
@@ -54,6 +55,7 @@ def main() -> None:
             inputs=[f"{corpus}/*.jsonl"],
             output="",
             vocab_size=args.vocab_size,
+            model_type=args.model_type,
             seq_len=args.seq_len,
             chunk_mb=2.0,
             shard_mb=16.0,
