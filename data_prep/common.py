@@ -3,6 +3,8 @@
 A job splits its inputs into numbered chunks; each chunk's shards are written under temp names then renamed, and a
 marker `_chunks/chunkNNNNN.json` written last records them. A re-run skips chunks with markers and redoes the
 others byte for byte, so a killed job resumes without duplicates or gaps; meta.json is assembled from the markers.
+The chunk plan depends on the settings and the input files (url, size, modification time), both recorded when the
+directory is started: a re-run that would plan differently is refused.
 """
 
 from __future__ import annotations
@@ -58,16 +60,65 @@ def list_inputs(patterns: list[str], accept: Callable[[str], bool] = lambda path
     return sorted(files.items())
 
 
-def open_output(url: str, settings: dict[str, Any]) -> tuple[Any, str]:
-    """(fs, root) of the output directory, after checking that an earlier run there used the same settings and
-    removing the temp files a killed run left behind (no meta.json or marker ever lists them)."""
+def _modified(info: dict[str, Any]) -> str:
+    """A file's modification stamp as its filesystem reports it (local, s3, gcs, memory), or ""."""
+    for key in ("mtime", "LastModified", "updated", "last_modified", "created"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return ""
+
+
+def input_manifest(files: list[tuple[str, int]]) -> list[list[Any]]:
+    """[url, size, modified] of every input: what the output directory's chunks were planned from."""
+    manifest = []
+    for url, size in files:
+        fs, path = fsspec.core.url_to_fs(url)
+        manifest.append([url, size, _modified(fs.info(path))])
+    return manifest
+
+
+def _input_changes(previous: list[list[Any]], current: list[list[Any]]) -> str:
+    """The difference between two manifests in a few words ("" when equal)."""
+    before, now = {url: rest for url, *rest in previous}, {url: rest for url, *rest in current}
+    parts = []
+    for what, urls in (
+        ("added", sorted(now.keys() - before.keys())),
+        ("removed", sorted(before.keys() - now.keys())),
+        ("changed (size or modification time)", sorted(u for u in now.keys() & before.keys() if now[u] != before[u])),
+    ):
+        if urls:
+            parts.append(f"{len(urls)} {what}, e.g. {urls[0]}")
+    return "; ".join(parts)
+
+
+def open_output(url: str, settings: dict[str, Any], files: list[tuple[str, int]]) -> tuple[Any, str]:
+    """(fs, root) of the output directory. Its chunks are planned from the settings and the input files: a directory
+    that already holds finished chunks must have been started with the same of both (else a re-run would mix two
+    datasets), one without any is started afresh. Temp files a killed run left behind are removed (no meta.json or
+    marker ever lists them)."""
     fs, root = fsspec.core.url_to_fs(url)
     fs.makedirs(f"{root}/{MARKER_DIR}", exist_ok=True)
+    manifest = input_manifest(files)
     previous = read_json(fs, f"{root}/{SETTINGS_FILE}")
-    if previous is not None and previous != settings:
-        changed = sorted(k for k in settings if previous.get(k) != settings[k])
-        raise SystemExit(f"{url} was prepared with other settings ({', '.join(changed)}); use a new --output")
-    write_atomic(fs, f"{root}/{SETTINGS_FILE}", json.dumps(settings, indent=1).encode())
+    if previous is not None:
+        if "settings" not in previous:  # written before the inputs were recorded: settings alone
+            previous = {"settings": previous, "inputs": manifest}
+        changed = sorted(k for k in settings if previous["settings"].get(k) != settings[k])
+        difference = _input_changes(previous["inputs"], manifest)
+        finished = fs.glob(f"{root}/{MARKER_DIR}/*.json")
+        if finished and changed:
+            raise SystemExit(f"{url} was prepared with other settings ({', '.join(changed)}); use a new --output")
+        if finished and difference:
+            raise SystemExit(
+                f"the inputs changed since {url} was started ({difference}): a re-run would mix two datasets; "
+                "use a new --output, or restore the inputs to finish this one"
+            )
+        if changed or difference:  # no chunk was finished: what an earlier attempt left was planned otherwise
+            for leftover in fs.ls(root, detail=False):
+                if not leftover.rstrip("/").endswith(MARKER_DIR):
+                    fs.rm(leftover, recursive=True)
+    record = {"settings": settings, "inputs": manifest}
+    write_atomic(fs, f"{root}/{SETTINGS_FILE}", json.dumps(record, indent=1).encode())
     for stale in fs.glob(f"{root}/**/*.tmp-*"):
         fs.rm(stale)
     return fs, root

@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 import time
@@ -48,7 +49,7 @@ from ebwm_scale.data.shards import META_FILE, SPLITS, TEXT_FORMAT, TOKENIZER_FIL
 from ebwm_scale.data.text import is_validation_document
 from ebwm_scale.extras import needs
 
-BAD_LINE_EXAMPLES = 20  # how many malformed JSONL lines meta.json names (url:line)
+BAD_EXAMPLES = 20  # how many malformed JSONL lines (url:line) and undecodable documents meta.json names
 
 
 @dataclass(kw_only=True)
@@ -69,6 +70,7 @@ class TextPrepConfig:
     shard_mb: float = 64.0
     chunk_mb: float = 32.0
     val_percent: float = 1.0
+    max_bad_fraction: float = 0.001  # malformed lines + undecodable files above this share of records stop the job
     num_cpus: int = 0  # local Ray: 0 = all cores
     ray_address: str = ""  # "": connect to $RAY_ADDRESS if set, else start Ray on this machine; "auto": running cluster
     max_in_flight: int = 0  # tasks submitted at once; 0 = 2 x cluster CPUs
@@ -206,11 +208,20 @@ def _jsonl_texts(batch: list[tuple[int | None, bytes]], piece: Piece, text_field
         if isinstance(text, str):
             yield text
             continue
-        counts["bad_lines"] = counts.get("bad_lines", 0) + 1
-        examples = counts.setdefault("bad_line_examples", [])
-        if len(examples) < BAD_LINE_EXAMPLES:
-            where = f":{number}" if number else f" (bytes {piece.start}-{piece.end})"
-            examples.append(f"{piece.url}{where}")
+        where = f":{number}" if number else f" (bytes {piece.start}-{piece.end})"
+        _count_bad(counts, "bad_lines", "bad_line_examples", f"{piece.url}{where}")
+
+
+def _count_bad(counts: dict, count_key: str, examples_key: str, where: str) -> None:
+    counts[count_key] = counts.get(count_key, 0) + 1
+    examples = counts.setdefault(examples_key, [])
+    if len(examples) < BAD_EXAMPLES:
+        examples.append(where)
+
+
+def _undecodable(text: str) -> bool:
+    """Binary or not UTF-8: NUL bytes, or more than 1 % replacement characters after decoding."""
+    return "\x00" in text or text.count("\ufffd") * 100 > len(text)
 
 
 def _json_or_none(line: bytes) -> Any:
@@ -222,11 +233,16 @@ def _json_or_none(line: bytes) -> Any:
 
 def read_documents(chunk: Chunk, text_field: str, counts: dict) -> Iterator[str]:
     """The documents of one chunk, in order. Malformed JSONL lines are skipped, counted in counts['bad_lines'] and
-    the first few named in counts['bad_line_examples'] (url:line, or url@byte offset range)."""
+    the first few named in counts['bad_line_examples'] (url:line, or the byte range); so are text files that do not
+    decode (binary, not UTF-8), in counts['undecodable_documents'] and counts['undecodable_examples']."""
     for piece in chunk.pieces:
         if chunk.input_format == "text":
             with fsspec.open(piece.url, "r", encoding="utf-8", errors="replace", compression="infer") as f:
-                yield f.read()
+                text = f.read()
+            if _undecodable(text):
+                _count_bad(counts, "undecodable_documents", "undecodable_examples", piece.url)
+            else:
+                yield text
         elif chunk.input_format == "jsonl":
             batch: list[tuple[int | None, bytes]] = []
             for number, line in _jsonl_lines(piece):
@@ -371,8 +387,8 @@ def run(cfg: TextPrepConfig) -> dict:
     """The whole job; returns meta.json's content."""
     import ray
 
-    fs, root = open_output(cfg.output, cfg.settings())
     files = list_inputs(cfg.inputs)
+    fs, root = open_output(cfg.output, cfg.settings(), files)
     chunks = make_chunks(files, cfg.input_format, int(cfg.chunk_mb * 2**20))
     init_ray(cfg.ray_address, cfg.num_cpus)
     max_in_flight = cfg.max_in_flight or 2 * int(ray.cluster_resources().get("CPU", 1))
@@ -406,12 +422,7 @@ def run(cfg: TextPrepConfig) -> dict:
 
     markers, num_run = run_chunks(fs, root, [c.index for c in chunks], process, "tokenize + write shards")
     meta = assemble_meta(cfg, tokenizer, markers)
-    if not meta["counts"].get("documents"):
-        bad = meta["counts"].get("bad_lines", 0)
-        raise SystemExit(
-            f"no documents in {cfg.inputs} ({bad} malformed JSONL lines, e.g. "
-            f"{meta['counts'].get('bad_line_examples', ['-'])[0]}): check --input-format and --text-field"
-        )
+    check_bad_inputs(cfg, meta["counts"])
     write_atomic(fs, f"{root}/{META_FILE}", json.dumps(meta, indent=1).encode())
     elapsed = time.perf_counter() - started
     train, val = meta["splits"]["train"], meta["splits"]["val"]
@@ -423,13 +434,40 @@ def run(cfg: TextPrepConfig) -> dict:
     return meta
 
 
+def check_bad_inputs(cfg: TextPrepConfig, counts: dict) -> None:
+    """Say what was skipped; stop (before meta.json) when nothing is left or more than --max-bad-fraction was bad."""
+    lines, undecodable = counts.get("bad_lines", 0), counts.get("undecodable_documents", 0)
+    examples = counts.get("bad_line_examples", []) + counts.get("undecodable_examples", [])
+    if not counts.get("documents"):
+        raise SystemExit(
+            f"no documents in {cfg.inputs} ({lines} malformed JSONL lines, {undecodable} undecodable files, e.g. "
+            f"{examples[0] if examples else '-'}): check --input-format and --text-field"
+        )
+    if not lines + undecodable:
+        return
+    fraction = (lines + undecodable) / (lines + undecodable + counts["documents"])
+    skipped = (
+        f"{lines:,} malformed JSONL lines and {undecodable:,} undecodable (binary or not UTF-8) files, "
+        f"{fraction:.2%} of the inputs' records, e.g. {', '.join(examples[:3])} (all counted, the first "
+        f"{BAD_EXAMPLES} of each named, in meta.json)"
+    )
+    if fraction > cfg.max_bad_fraction:
+        accept = math.ceil(fraction * 1000) / 1000
+        raise SystemExit(
+            f"skipped {skipped}: more than --max-bad-fraction {cfg.max_bad_fraction:g}. Fix the inputs and use a new "
+            f"--output, or accept them: the same command with --max-bad-fraction {accept:g} (finished chunks are kept)"
+        )
+    print(f"warning: skipped {skipped}", flush=True)
+
+
 def assemble_meta(cfg: TextPrepConfig, tokenizer: bytes, markers: list[dict]) -> dict:
     import sentencepiece as spm
 
     processor = spm.SentencePieceProcessor(model_proto=tokenizer)
     counts = merge_counts(markers)
-    if "bad_line_examples" in counts:
-        counts["bad_line_examples"] = counts["bad_line_examples"][:BAD_LINE_EXAMPLES]
+    for examples in ("bad_line_examples", "undecodable_examples"):
+        if examples in counts:
+            counts[examples] = counts[examples][:BAD_EXAMPLES]
     return {
         "format": TEXT_FORMAT,
         "seq_len": cfg.seq_len,
@@ -470,6 +508,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--shard-mb", type=float, default=d.shard_mb)
     parser.add_argument("--chunk-mb", type=float, default=d.chunk_mb)
     parser.add_argument("--val-percent", type=float, default=d.val_percent)
+    parser.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=d.max_bad_fraction,
+        help="malformed JSONL lines + undecodable files, as a share of all records, above which the job stops",
+    )
     parser.add_argument("--num-cpus", type=int, default=d.num_cpus, help="local Ray only; 0 = all cores")
     parser.add_argument("--ray-address", default=d.ray_address, help="'auto' on a cluster started by `ray up`")
     parser.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
@@ -480,8 +524,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.seq_len < 1 or args.vocab_size < 8 or not 0 < args.val_percent < 100 or args.shard_mb <= 0:
         raise SystemExit("--seq-len must be >= 1, --vocab-size >= 8, --val-percent in (0, 100), --shard-mb > 0")
-    if args.tokenizer_threads < 1:
-        raise SystemExit("--tokenizer-threads must be >= 1")
+    if args.tokenizer_threads < 1 or not 0 <= args.max_bad_fraction <= 1:
+        raise SystemExit("--tokenizer-threads must be >= 1, --max-bad-fraction in [0, 1]")
     run(TextPrepConfig(**vars(args)))
 
 

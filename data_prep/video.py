@@ -81,9 +81,14 @@ class VideoPrepConfig:
         return self.clip_stride or self.clip_frames * self.frame_gap
 
 
-def list_videos(patterns: list[str]) -> list[str]:
-    """URLs of the video files and image folders the patterns match, sorted."""
-    files = [url for url, _ in list_inputs(patterns, lambda p: p.lower().endswith(VIDEO_EXTENSIONS + IMAGE_EXTENSIONS))]
+def list_media(patterns: list[str]) -> list[tuple[str, int]]:
+    """(url, size) of the video files and images the patterns match, sorted."""
+    return list_inputs(patterns, lambda path: path.lower().endswith(VIDEO_EXTENSIONS + IMAGE_EXTENSIONS))
+
+
+def list_videos(media: list[tuple[str, int]]) -> list[str]:
+    """URLs of the video files and image folders among the media files, sorted."""
+    files = [url for url, _ in media]
     videos = {url for url in files if url.lower().endswith(VIDEO_EXTENSIONS)}
     videos |= {url.rsplit("/", 1)[0] for url in files if url.lower().endswith(IMAGE_EXTENSIONS)}
     return sorted(videos)
@@ -230,8 +235,9 @@ def run(cfg: VideoPrepConfig) -> dict:
     import ray
     from ray.util import ActorPool
 
-    fs, root = open_output(cfg.output, cfg.settings())
-    videos = list_videos(cfg.inputs)
+    media = list_media(cfg.inputs)
+    fs, root = open_output(cfg.output, cfg.settings(), media)
+    videos = list_videos(media)
     chunks = [videos[i : i + cfg.videos_per_chunk] for i in range(0, len(videos), cfg.videos_per_chunk)]
     init_ray(cfg.ray_address, cfg.num_cpus)
     started = time.perf_counter()

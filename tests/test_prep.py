@@ -124,7 +124,10 @@ def test_inputs_without_a_document_are_an_error(text_shards, tmp_path):
         tokenizer=str(Path(text_shards.output, "tokenizer.model")),
         seq_len=8,
     )
-    with pytest.raises(SystemExit, match=r"no documents in .* \(2 malformed JSONL lines, e.g. .*wrong_field.jsonl:1\)"):
+    with pytest.raises(
+        SystemExit,
+        match=r"no documents in .* \(2 malformed JSONL lines, 0 undecodable files, e.g. .*wrong_field.jsonl:1\)",
+    ):
         run(cfg)
 
 
@@ -216,3 +219,55 @@ def test_a_directory_input_means_every_file_below_it(tmp_path):
     (tmp_path / "a.txt").write_text("one")
     (tmp_path / "sub" / "b.txt").write_text("two")
     assert [Path(url).name for url, _ in list_inputs([str(tmp_path)])] == ["a.txt", "b.txt"]
+
+
+def _prep(inputs: list[str], output, **overrides) -> dict:
+    settings = dict(vocab_size=512, seq_len=32, chunk_mb=0.05, shard_mb=0.05, val_percent=10)
+    return run(TextPrepConfig(inputs=inputs, output=str(output), **{**settings, **overrides}))
+
+
+def test_a_rerun_after_the_inputs_changed_is_refused_with_the_difference(stdlib_jsonl, ray_local, tmp_path):
+    """Chunks are numbered from the input list: finishing a directory from another list would mix two datasets
+    (before: a file added to the glob was silently missing and other samples duplicated)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("docs_0.jsonl", "docs_1.jsonl"):
+        (inputs / name).write_bytes((stdlib_jsonl / name).read_bytes())
+    _prep([f"{inputs}/*.jsonl"], tmp_path / "out")
+    (inputs / "docs_2.jsonl").write_bytes((stdlib_jsonl / "docs_2.jsonl").read_bytes())
+    with pytest.raises(SystemExit, match=r"inputs changed .*\(1 added, e\.g\. .*docs_2\.jsonl\): a re-run would mix"):
+        _prep([f"{inputs}/*.jsonl"], tmp_path / "out")
+    (inputs / "docs_2.jsonl").unlink()
+    with open(inputs / "docs_1.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more"}) + "\n")
+    with pytest.raises(SystemExit, match=r"1 changed \(size or modification time\), e\.g\. .*docs_1\.jsonl"):
+        _prep([f"{inputs}/*.jsonl"], tmp_path / "out")
+
+
+def test_a_failed_first_run_leaves_the_directory_rerunnable(stdlib_jsonl, ray_local, tmp_path):
+    """An impossible setting fails before any chunk is finished; the corrected command then starts afresh (before:
+    the first attempt's settings file refused it)."""
+    with pytest.raises(RuntimeError, match="[Vv]ocab"):
+        _prep([f"{stdlib_jsonl}/*.jsonl"], tmp_path / "out", vocab_size=10**6)
+    meta = _prep([f"{stdlib_jsonl}/*.jsonl"], tmp_path / "out")
+    assert meta["tokenizer"]["vocab_size"] == 512 and meta["splits"]["train"]["samples"] > 0
+
+
+def test_too_many_bad_records_stop_the_job_and_are_named(ray_local, tmp_path, capsys):
+    """Half the JSONL lines malformed and a binary file among text inputs: counted, named on the console and in
+    meta.json, and above --max-bad-fraction the job stops before meta.json (before: exit 0, nothing said)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    lines = [json.dumps({"text": f"document number {i} " * 20}) if i % 2 else f"not json {i}" for i in range(200)]
+    (inputs / "half.jsonl").write_text("\n".join(lines) + "\n")
+    (inputs / "notes.txt").write_text("a plain text document " * 30)
+    (inputs / "image.txt").write_bytes(bytes(range(256)) * 40)
+    named = r"e\.g\. .*half\.jsonl:1, .*half\.jsonl:3.*more than --max-bad-fraction 0\.001"
+    with pytest.raises(SystemExit, match=r"skipped 100 malformed JSONL lines and 1 undecodable .* 50\.\d+% .*" + named):
+        _prep([str(inputs)], tmp_path / "out", vocab_size=400)
+    assert not (tmp_path / "out" / META_FILE).exists()
+    meta = _prep([str(inputs)], tmp_path / "out", vocab_size=400, max_bad_fraction=0.6)  # finished chunks are kept
+    assert meta["counts"]["bad_lines"] == 100 and meta["counts"]["undecodable_documents"] == 1
+    assert meta["counts"]["undecodable_examples"] == [(inputs / "image.txt").as_uri()]
+    assert meta["counts"]["documents"] == 101
+    assert "warning: skipped 100 malformed JSONL lines and 1 undecodable" in capsys.readouterr().out
