@@ -7,6 +7,8 @@ fields. Every problem surfaces as one line naming the key and the file, e.g.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,6 +53,10 @@ class PretrainConfig:
 
     def flat(self) -> dict[str, object]:
         """{"model.dim": 128, ...} for tracking params."""
+        return PretrainConfig.flat_dict(asdict(self))
+
+    @staticmethod
+    def flat_dict(nested: dict) -> dict[str, object]:
         flat: dict[str, object] = {}
 
         def walk(prefix: str, node: object) -> None:
@@ -60,8 +66,70 @@ class PretrainConfig:
             else:
                 flat[prefix] = node
 
-        walk("", asdict(self))
+        walk("", nested)
         return flat
+
+
+# What a resumed run may change: how it is run, logged, checkpointed and laid out, not what a step computes. The
+# per-rank batch (micro-batch, accumulation) follows the ranks; the global batch it makes must stay the same.
+RESUME_MAY_CHANGE = (
+    "train.max_steps",
+    "train.log_interval_steps",
+    "train.eval_interval_steps",
+    "train.eval_batches",
+    "train.device",
+    "train.output_dir",
+    "train.run_name",
+    "train.progress_bar",
+    "train.log_all_ranks",
+    "train.checkpoint_dir",
+    "train.checkpoint_interval_steps",
+    "train.keep_last_checkpoints",
+    "train.checkpoint_at_steps",
+    "train.checkpoint_async",
+    "train.resume",
+    "train.resume_allow_changes",
+    "train.branch_from",
+    "train.init_from",
+    "train.max_bad_steps",
+    "train.peak_tflops",
+    "data.shards.num_workers",
+    "data.shards.read_attempts",
+    "data.shards.read_backoff_s",
+    "tracking.",
+    "parallel.",
+)
+PER_RANK_BATCH = ("data.micro_batch_size", "train.grad_accum_steps")
+GLOBAL_BATCH = "global_batch"  # samples per optimizer step, over all data-parallel ranks
+
+
+def _may_change(key: str) -> bool:
+    return key in RESUME_MAY_CHANGE or any(p.endswith(".") and key.startswith(p) for p in RESUME_MAY_CHANGE)
+
+
+def _comparable(value: object) -> object:
+    return json.loads(json.dumps(value, default=str))  # tuples and lists, OmegaConf and dataclass values alike
+
+
+def recipe_changes(saved_yaml: str, saved_dp_size: int, cfg: PretrainConfig, dp_size: int) -> dict[str, tuple]:
+    """{key: (checkpoint's value, this run's)} for every recipe key that a resumed run changes and should not (keys
+    added or removed since the checkpoint aside), with the global batch as GLOBAL_BATCH."""
+    saved_cfg = OmegaConf.to_container(OmegaConf.create(saved_yaml))
+    saved = PretrainConfig.flat_dict(saved_cfg)
+    now = cfg.flat()
+    changes = {
+        key: (saved[key], value)
+        for key, value in now.items()
+        if key in saved
+        and not _may_change(key)
+        and key not in PER_RANK_BATCH
+        and _comparable(saved[key]) != _comparable(value)
+    }
+    saved_batch = math.prod(saved.get(key, now[key]) for key in PER_RANK_BATCH) * saved_dp_size
+    batch_now = math.prod(now[key] for key in PER_RANK_BATCH) * dp_size
+    if saved_batch != batch_now:
+        changes[GLOBAL_BATCH] = (saved_batch, batch_now)
+    return changes
 
 
 def _describe(error: OmegaConfBaseException) -> str:

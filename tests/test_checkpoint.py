@@ -529,3 +529,24 @@ def test_an_async_save_lets_training_go_on_and_saves_the_state_of_its_step(tmp_p
         _, expected, _ = load_checkpoint(str(tmp_path / "sync" / "ci_tiny_video" / "checkpoints" / name))
         _, got, _ = load_checkpoint(str(tmp_path / "async" / "ckpt" / name))
         assert all(torch.equal(got.state_dict()[k], v) for k, v in expected.state_dict().items()), step
+
+
+def test_resume_refuses_a_changed_recipe_unless_the_keys_are_allowed(tmp_path):
+    """A resumed run whose recipe computes differently (MCMC steps, data seed, global batch) would mix two runs and
+    miscount tokens and FLOPs (before: accepted silently); train.resume_allow_changes lets named keys through."""
+    _trainer(tmp_path, "train.max_steps=2").fit()
+    changed = ["train.max_steps=4", "train.resume=auto", "mcmc.num_steps=3", "data.seed=7", "data.micro_batch_size=8"]
+    with pytest.raises(CheckpointError) as refused:
+        _trainer(tmp_path, *changed).fit()
+    message = str(refused.value)
+    assert "\n" not in message and "step_00000002 was saved under another recipe" in message
+    assert "mcmc.num_steps 2 -> 3" in message and "data.seed 0 -> 7" in message and "global_batch 4 -> 8" in message
+    assert "train.resume_allow_changes=[mcmc.num_steps,data.seed,global_batch]" in message
+
+    allowed = "train.resume_allow_changes=[mcmc.num_steps,data.seed,global_batch]"
+    trainer = _trainer(tmp_path, *changed, allowed)
+    summary = trainer.fit()
+    seq_len = trainer.cfg.data.seq_len
+    assert summary["steps"] == 4 and summary["frames"] == 2 * 4 * seq_len + 2 * 8 * seq_len
+    two_step_flops = trainer.flops_per_token  # counted for 3 MCMC steps now; the first 2 steps had 2
+    assert summary["scale"]["flops"] < summary["frames"] * two_step_flops

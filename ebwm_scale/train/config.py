@@ -28,6 +28,9 @@ class TrainConfig:
     checkpoint_at_steps: list[int] = field(default_factory=list)  # also save at these steps, and never prune them
     checkpoint_async: bool = False  # write in the background (state copied at the step); training goes on meanwhile
     resume: str = "none"  # none | auto (newest complete checkpoint in checkpoint_dir, if any) | a checkpoint URL
+    # Recipe keys a resumed run may change although exact resume then breaks (global_batch for the batch over all
+    # ranks); any other change of what a step computes (model, MCMC, data, optimizer, seed) is refused.
+    resume_allow_changes: list[str] = field(default_factory=list)
     # A checkpoint of another run to start from when this run has none of its own (resume none or auto): a decay
     # branch of a longer warmup-stable-decay run (optim.schedule=wsd; ebwm-ladder sets it).
     branch_from: str = ""

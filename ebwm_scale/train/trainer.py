@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ebwm_scale.config import recipe_changes
 from ebwm_scale.data.sampler import SampleDataset, fixed_batches
+from ebwm_scale.logs import log
 from ebwm_scale.models.blocks import count_params
 from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel import collectives
@@ -75,6 +77,7 @@ class Trainer:
         self.train_loader = cfg.data.build_loader(train_set, dist.dp_rank, dist.dp_size)
         self.step = 0
         self.tokens_seen = 0  # summed per step: a run resumed on other ranks may change the tokens per step
+        self.flops_seen = 0.0  # summed per step too: a resume with allowed recipe changes may change FLOPs per token
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
         self.stop_requested: str | None = None  # the name of the signal that asked us to stop
@@ -183,6 +186,7 @@ class Trainer:
             self.bad_steps_in_a_row = 0
         self.step += 1
         self.tokens_seen += self.tokens_per_step
+        self.flops_seen += self.tokens_per_step * self.flops_per_token
         metrics.update(skipped_steps=self.skipped_steps, data_wait_s=data_wait, **self.train_loader.metrics())
         if bad and self.bad_steps_in_a_row >= self.cfg.train.max_bad_steps:
             raise NonFiniteError(
@@ -234,6 +238,7 @@ class Trainer:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "flops_seen": self.flops_seen,
             "skipped_steps": self.skipped_steps,
             "bad_steps_in_a_row": self.bad_steps_in_a_row,
             "layout": self.layout(),
@@ -267,6 +272,7 @@ class Trainer:
         self.checkpointer.check_format(url)
         shared = self.checkpointer.read_torch(url, TRAINER_FILE)
         saved = shared["layout"]
+        self._check_recipe(url, saved["world_size"] // (saved["tp_size"] * saved["pp_size"]))
         same = saved == self.layout()
         if not same and (not self.engine.resizable or saved["data_parallel"] == "zero"):
             raise CheckpointError(
@@ -280,6 +286,7 @@ class Trainer:
         self.engine.load_checkpoint_state(state)
         self.step = shared["step"]
         self.tokens_seen = shared["tokens_seen"]
+        self.flops_seen = shared.get("flops_seen", self.tokens_seen * self.flops_per_token)
         self.skipped_steps = shared["skipped_steps"]
         self.bad_steps_in_a_row = shared["bad_steps_in_a_row"]
         for cb in self.callbacks:
@@ -305,6 +312,23 @@ class Trainer:
             raise CheckpointError(states[0])
         self.train_loader.load_resized(states[0])
         seed_all(self.cfg.train.seed, self.step, self.dist.dp_rank)
+
+    def _check_recipe(self, url: str, saved_dp_size: int) -> None:
+        """Refuse a resume whose recipe computes differently from the checkpoint's, unless the keys are allowed."""
+        saved_yaml = self.checkpointer.read_verified(url, CONFIG_FILE).decode()
+        changes = recipe_changes(saved_yaml, saved_dp_size, self.cfg, self.dist.dp_size)
+        described = {key: f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()}
+        refused = [text for key, text in described.items() if key not in self.cfg.train.resume_allow_changes]
+        if refused:
+            keys = ",".join(key for key in changes if key not in self.cfg.train.resume_allow_changes)
+            raise CheckpointError(
+                f"{url} was saved under another recipe ({'; '.join(refused)}): resuming would mix the two in one run; "
+                f"start a new run (another train.run_name or train.output_dir), or allow it with "
+                f"train.resume_allow_changes=[{keys}]"
+            )
+        if described:
+            allowed = "; ".join(described.values())
+            log.warning(f"resuming {url} with changes allowed by train.resume_allow_changes: {allowed}")
 
     def _resume_url(self) -> str | None:
         resume, branch_from = self.cfg.train.resume, self.cfg.train.branch_from
@@ -383,7 +407,7 @@ class Trainer:
                     "params": self.num_params,
                     "data": self.tokens_seen,  # tokens (text) or predicted frames (video)
                     "unit": self.unit,
-                    "flops": self.flops_per_token * self.tokens_seen,
+                    "flops": self.flops_seen,
                 },
                 "steps": self.step,
                 "world_size": self.dist.world_size,
