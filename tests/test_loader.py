@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,45 @@ def test_corrupt_shard_is_skipped_counted_and_logged(text_shards, tmp_path):
     assert loader.metrics()["corrupt_shards"] == 1
     # The reader moves on into its next epoch to fill its batches, so a few samples may repeat; none is invented.
     assert set(seen) <= set(_all_samples(ShardSource.open(text_shards.output, "train")))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_split_whose_every_shard_is_corrupt_stops_with_one_line(text_shards, tmp_path, num_workers):
+    """Before: the loader skipped shard after shard forever (warning each time), deaf to SIGTERM."""
+    copy = tmp_path / "copy"
+    shutil.copytree(text_shards.output, copy)
+    source = ShardSource.open(str(copy), "train")
+    for shard in source.shards:
+        (copy / shard["name"]).write_bytes(b"not a tar")
+    loader = ShardLoader(source, BATCH, seed=0, num_workers=num_workers)
+    with pytest.warns(RuntimeWarning, match="skipping corrupt shard") if num_workers == 0 else nullcontext():
+        with pytest.raises(ShardFormatError) as stopped:
+            next(loader)
+    message = str(stopped.value)
+    assert "\n" not in message and f"every train shard of {copy} is corrupt ({len(source.shards)} shards" in message
+
+
+def test_a_corrupt_validation_shard_stops_the_run_before_it_trains(text_shards, tmp_path):
+    """The fixed evaluation batches are read before the first step (before: the run trained, died at its first
+    evaluation and, with no periodic checkpoints, kept nothing)."""
+    from ebwm_scale.config import load_config
+    from ebwm_scale.pretrain import build_trainer
+    from tests.conftest import CPU, REPO
+    from tests.test_training import SMALL
+
+    copy = tmp_path / "copy"
+    shutil.copytree(text_shards.output, copy)
+    victim = copy / ShardSource.open(str(copy), "val").shards[0]["name"]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    overrides = [*SMALL, "model.vocab_size=512", "data.seq_len=32", "data.micro_batch_size=4", "train.max_steps=50"]
+    overrides += [f"data.shards.url={copy}", f"train.output_dir={tmp_path}", "data.shards.num_workers=0"]
+    trainer = build_trainer(load_config(REPO / "recipes" / "ci_tiny_shards.yaml", overrides), CPU)
+    with (
+        pytest.warns(RuntimeWarning, match="skipping corrupt shard"),
+        pytest.raises(ShardFormatError, match="evaluation"),
+    ):
+        trainer.fit()
+    assert trainer.step == 0
 
 
 def test_transient_read_errors_are_retried_and_change_nothing(tmp_path):

@@ -225,6 +225,11 @@ class ReaderStream(IterableDataset):
                 samples = self.source.load(shard)
                 if samples is None:
                     corrupt.add((order_epoch, shard))
+                    if len({s for _, s in corrupt}) == len(counts):  # nothing left to read: stop, do not spin
+                        raise ShardFormatError(
+                            f"every {self.source.split} shard of {self.source.url} is corrupt ({len(counts)} shards, "
+                            "size or sha256 unlike meta.json, or unreadable): re-run the prep job"
+                        )
                 else:
                     order = np.random.default_rng([self.seed, order_epoch, shard]).permutation(len(samples))
                     for i in range(max(first, first + position - offset), last):
@@ -307,7 +312,10 @@ class ShardLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:
             self._iterator = self._start()
-        batch = next(self._iterator)
+        try:
+            batch = next(self._iterator)
+        except ShardFormatError as error:  # from a DataLoader worker the message holds the worker's traceback
+            raise ShardFormatError(str(error).strip().splitlines()[-1].split("ShardFormatError: ")[-1]) from None
         reader = int(batch.pop("_reader"))
         self.positions[reader] = (int(batch.pop("_sequence")), int(batch.pop("_position")))
         self.corrupt[reader] = int(batch.pop("_corrupt"))
@@ -412,7 +420,10 @@ class ShardSamples:
         if self._cached is None or self._cached[0] != shard:
             samples = self.source.load(shard)
             if samples is None:
-                raise ShardFormatError(f"evaluation shard {self.source.shards[shard]['name']} is corrupt")
+                raise ShardFormatError(
+                    f"evaluation shard {self.source.url}/{self.source.shards[shard]['name']} is corrupt (size or "
+                    "sha256 unlike meta.json, or unreadable): re-run the prep job"
+                )
             self._cached = (shard, samples)
         key, values = self.source.to_model(self._cached[1][index - self.bounds[shard]][None])
         return {key: values[0]}

@@ -78,6 +78,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0  # summed per step: a run resumed on other ranks may change the tokens per step
         self.flops_seen = 0.0  # summed per step too: a resume with allowed recipe changes may change FLOPs per token
+        self._eval_batches: list[dict[str, torch.Tensor]] | None = None
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
         self.stop_requested: str | None = None  # the name of the signal that asked us to stop
@@ -196,6 +197,15 @@ class Trainer:
             )
         return metrics
 
+    def eval_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's fixed validation batches, read once: fit() reads them before the first step, so a corrupt or
+        missing validation shard stops the run before it trains, not at its first evaluation."""
+        if self._eval_batches is None:
+            c, d = self.cfg, self.dist
+            batches = fixed_batches(self.val_set, c.data.micro_batch_size, c.train.eval_batches, d.dp_rank, d.dp_size)
+            self._eval_batches = list(batches)
+        return self._eval_batches
+
     def evaluate(self) -> dict[str, float]:
         """Mean loss over the first eval_batches validation batches, MCMC chains started from fixed noise."""
         self.objective.eval()
@@ -203,14 +213,7 @@ class Trainer:
         num_batches = 0
         with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
             torch.manual_seed(EVAL_NOISE_SEED + self.dist.dp_rank)
-            batches = fixed_batches(
-                self.val_set,
-                self.cfg.data.micro_batch_size,
-                self.cfg.train.eval_batches,
-                self.dist.dp_rank,
-                self.dist.dp_size,
-            )
-            for batch in batches:
+            for batch in self.eval_batches():
                 with self.autocast:
                     result = self.engine.evaluate(to_device(batch, self.dist.device))
                 for key, value in result.items():
@@ -367,6 +370,7 @@ class Trainer:
             self.resumed_from = resume_url
         elif self.cfg.train.init_from:
             self.engine.load_model_state_dict(read_exported_weights(self.cfg.train.init_from, self.cfg.model))
+        self.eval_batches()
         if self.dist.is_rank0:
             (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml())
         previous_handlers = self._install_signal_handlers()
