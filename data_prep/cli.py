@@ -14,6 +14,7 @@ from pathlib import Path
 
 from data_prep import text, video
 from ebwm_scale.data.text import corpus_documents
+from ebwm_scale.errors import run_cli
 from ebwm_scale.extras import needs
 
 
@@ -39,16 +40,20 @@ COMMANDS = {"text": text.main, "video": video.main, "stdlib-docs": stdlib_docs}
 PREP_MODULES = {"text": ("ray",), "video": ("ray", "av", "PIL")}
 
 
-def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in COMMANDS:
         print(__doc__)
-        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
-    command = sys.argv[1]
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    command = argv[0]
     problem = needs(f"ebwm-prep {command}", "prep", *PREP_MODULES.get(command, ()))
     if problem:
         sys.exit(problem)
-    COMMANDS[command](sys.argv[2:])
+    COMMANDS[command](argv[1:])
+
+
+def cli() -> None:
+    run_cli(main)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

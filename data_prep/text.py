@@ -277,22 +277,25 @@ def train_tokenizer(documents: list[str], cfg: TextPrepConfig) -> bytes:
                 for line in doc.splitlines():
                     if line.strip():
                         f.write(line.strip() + "\n")
-        spm.SentencePieceTrainer.train(
-            input=corpus,
-            model_prefix=os.path.join(tmp, "tok"),
-            vocab_size=cfg.vocab_size,
-            model_type=cfg.model_type,
-            character_coverage=1.0,
-            byte_fallback=True,
-            shuffle_input_sentence=False,
-            input_sentence_size=0,
-            num_threads=cfg.tokenizer_threads,
-            minloglevel=2,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-        )
+        try:
+            spm.SentencePieceTrainer.train(
+                input=corpus,
+                model_prefix=os.path.join(tmp, "tok"),
+                vocab_size=cfg.vocab_size,
+                model_type=cfg.model_type,
+                character_coverage=1.0,
+                byte_fallback=True,
+                shuffle_input_sentence=False,
+                input_sentence_size=0,
+                num_threads=cfg.tokenizer_threads,
+                minloglevel=2,
+                unk_id=0,
+                bos_id=1,
+                eos_id=2,
+                pad_id=-1,
+            )
+        except RuntimeError as error:  # sentencepiece says what is wrong after its source location
+            raise SystemExit(f"sentencepiece cannot train this tokenizer: {str(error).split('] ')[-1]}") from None
         with open(os.path.join(tmp, "tok.model"), "rb") as f:
             return f.read()
 

@@ -12,11 +12,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ebwm_scale.data.config import DATA_SOURCES, DataConfig
 from ebwm_scale.data.text import ByteTokenizer
+from ebwm_scale.errors import UserError
 from ebwm_scale.extras import needs, url_needs
 from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models.config import (
@@ -34,7 +35,7 @@ from ebwm_scale.train.optim import DECAYED, SCHEDULES, OptimConfig
 from ebwm_scale.train.tracking import TrackingConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe or override problem; the message is one line that names the key and its source."""
 
 
@@ -163,15 +164,28 @@ def _load_yaml(path: Path, what: str):
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
     try:
-        return OmegaConf.load(path)
+        loaded = OmegaConf.load(path)
     except Exception as error:  # yaml errors carry several lines; keep the first
         raise ConfigError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{what} {path} must be a YAML mapping (key: value lines), not a list")
+    if not loaded:
+        raise ConfigError(f"{what} {path} is empty: it would train every default; name at least the model")
+    return loaded
+
+
+def _to_object(merged, source: str):
+    """The dataclass tree of a merged config; a bad ${...} interpolation is a one-line ConfigError."""
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{_describe(error)} ({source})") from None
 
 
 def load_structured(schema: type, path: str | Path, what: str):
     """A YAML file read into the dataclass `schema`: unknown keys and wrong types are one-line ConfigErrors."""
     path = Path(path)
-    return OmegaConf.to_object(_merge(OmegaConf.structured(schema), _load_yaml(path, what), str(path)))
+    return _to_object(_merge(OmegaConf.structured(schema), _load_yaml(path, what), str(path)), str(path))
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
@@ -182,7 +196,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         if "=" not in override or override.startswith("="):
             raise ConfigError(f"override {override!r} is not of the form key.sub=value (command line)")
         merged = _merge(merged, OmegaConf.from_dotlist([override]), f"command line: {override}")
-    cfg: PretrainConfig = resolve(OmegaConf.to_object(merged))
+    cfg: PretrainConfig = resolve(_to_object(merged, str(path)))
     if not cfg.train.run_name:
         cfg.train.run_name = path.stem
     problem = find_problem(cfg)

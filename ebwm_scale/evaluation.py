@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ebwm_scale.data.sampler import fixed_batches
+from ebwm_scale.errors import at_least, int_list, run_cli
 from ebwm_scale.infer import ThinkConfig, think_about
 from ebwm_scale.models.blocks import at_least_fp32
 from ebwm_scale.objective import EBTObjective, split_batch
@@ -112,10 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ebwm-eval", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="an export directory, a checkpoint, or with --latest a checkpoint_dir")
     parser.add_argument("--latest", action="store_true")
-    parser.add_argument("--steps", default="1,2,4,8,16")
-    parser.add_argument("--best-of", default="1,4")
-    parser.add_argument("--batches", type=int, default=4, help="validation batches per split")
-    parser.add_argument("--batch-size", type=int, default=0, help="0: the recipe's micro batch")
+    parser.add_argument("--steps", type=int_list(1), default=[1, 2, 4, 8, 16], help="e.g. 1,2,4,8,16")
+    parser.add_argument("--best-of", type=int_list(1), default=[1, 4], help="e.g. 1,4")
+    parser.add_argument("--batches", type=at_least(1), default=4, help="validation batches per split")
+    parser.add_argument("--batch-size", type=at_least(0), default=0, help="0: the recipe's micro batch")
     parser.add_argument("--ood-shards", default="", help="a prepared dataset to use as the OOD split")
     parser.add_argument(
         "--ood-split", default="val", choices=["val", "train"], help="which split of --ood-shards (no model saw either)"
@@ -125,17 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mlflow", action="store_true", help="log to the checkpoint's MLflow run")
     args = parser.parse_args(argv)
     url = args.model
-    try:
-        if args.latest:
-            url = Checkpointer(url, keep_last=1).latest() or ""
-            if not url:
-                raise CheckpointError(f"no complete checkpoint in {args.model}")
-        cfg, objective = load_model(url)
-    except CheckpointError as error:
-        raise SystemExit(f"CheckpointError: {error}") from None
+    if args.latest:
+        url = Checkpointer(url, keep_last=1).latest() or ""
+        if not url:
+            raise CheckpointError(f"no complete checkpoint in {args.model}")
+    cfg, objective = load_model(url)
     objective.eval()
-    steps = [int(s) for s in args.steps.split(",")]
-    best_of = [int(b) for b in args.best_of.split(",")] if isinstance(objective, EBTObjective) else [1]
+    steps = args.steps
+    best_of = args.best_of if isinstance(objective, EBTObjective) else [1]
     if not isinstance(objective, EBTObjective):
         steps = [steps[0], steps[-1]]  # an AR model's loss does not depend on it: two points draw the flat line
     batch_size = args.batch_size or cfg.data.micro_batch_size
@@ -172,5 +170,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"logged to MLflow run {run_id} (artifacts/system2)")
 
 
+def cli() -> None:
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ebwm_scale.errors import at_least, run_cli
 from ebwm_scale.mcmc import refine
 from ebwm_scale.models import EBT
 from ebwm_scale.models.ebt import EncodedContext
@@ -140,29 +141,29 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import time
 
-    from ebwm_scale.train.checkpoint import CheckpointError
     from ebwm_scale.train.export import exported_tokenizer, load_model
 
     parser = argparse.ArgumentParser(prog="ebwm-generate", description="Generate text with a trained EBT, thinking")
     parser.add_argument("model", help="an export directory, a checkpoint, or with --latest a checkpoint_dir")
     parser.add_argument("--latest", action="store_true")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--num-tokens", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=0, help="MCMC steps per token (0: as trained)")
-    parser.add_argument("--best-of", type=int, default=1)
-    parser.add_argument("--langevin", type=float, default=0.0, help="Langevin noise std at inference")
-    parser.add_argument("--early-exit", type=float, default=0.0, help="stop a token once its energy gains < this")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--num-tokens", type=at_least(1), default=64)
+    parser.add_argument("--steps", type=at_least(0), default=0, help="MCMC steps per token (0: as trained)")
+    parser.add_argument("--best-of", type=at_least(1), default=1)
+    parser.add_argument("--langevin", type=at_least(0, float), default=0.0, help="Langevin noise std at inference")
+    parser.add_argument(
+        "--early-exit", type=at_least(0, float), default=0.0, help="stop a token once its energy gains < this"
+    )
+    parser.add_argument("--temperature", type=at_least(0, float), default=0.0, help="0: greedy")
     parser.add_argument("--no-cache", action="store_true", help="recompute the context for every token")
     parser.add_argument(
         "--tokenizer", default="", help="a sentencepiece .model (default: the export's, else the run's shards')"
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        cfg, objective = load_model(args.model, args.latest)
-    except CheckpointError as error:
-        raise SystemExit(f"CheckpointError: {error}") from None
+    if not args.prompt:
+        parser.error("--prompt must not be empty: generation continues a text")
+    cfg, objective = load_model(args.model, args.latest)
     if cfg.model.modality != "text":
         raise SystemExit("ebwm-generate writes text; for frame models use tools/render_predictions.py")
     think_cfg = ThinkConfig(
@@ -187,5 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
+def cli() -> None:
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -37,6 +37,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ebwm_scale.config import ConfigError, PretrainConfig, load_config, load_structured
+from ebwm_scale.errors import run_cli
 from ebwm_scale.train.checkpoint import checkpoint_name
 from ebwm_scale.train.optim import SCHEDULES, OptimConfig, wsd_decay_start
 
@@ -104,12 +106,22 @@ def budget_label(budget: int) -> str:
     return str(budget)
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
 def load_ladder(path: str | Path) -> tuple[LadderConfig, Path]:
     path = Path(path)
     ladder: LadderConfig = load_structured(LadderConfig, path, "ladder")
     base = (path.parent / ladder.base).resolve()
     unknown = [k for k in ladder.kinds if model_kind(ladder, k) not in ("ebt", "ar")]
+    badly_named = [
+        f"{what}={value!r}"
+        for what, values in (("name", [ladder.name]), ("kinds", ladder.kinds), ("sizes", list(ladder.sizes)))
+        for value in values
+        if not SAFE_NAME.fullmatch(str(value))
+    ]
     problems = [
+        badly_named and f"{badly_named[0]}: names go into run names, paths and job scripts: use [A-Za-z0-9_.-] only",
         not ladder.sizes and "sizes is empty",
         not ladder.budgets and "budgets is empty",
         any(b <= 0 for b in ladder.budgets) and f"budgets={ladder.budgets} must be > 0",
@@ -323,7 +335,7 @@ def slurm_script(ladder_path: Path, ladder: LadderConfig, runs: list[LadderRun],
     path = shlex.quote(str(ladder_path.resolve()))
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name=ladder-{runs[0].name.split('-')[0]}",
+        f"#SBATCH --job-name=ladder-{ladder.name}",
         f"#SBATCH --array=0-{len(runs) - 1}",
         "#SBATCH --output=ladder-%A_%a.out",
         "#SBATCH --nodes=1",
@@ -350,11 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpus-per-rank", type=float, help="Ray: CPUs per rank (default: the ladder's cpus_per_rank)")
     parser.add_argument("--gpus-per-rank", type=float, help="Ray: GPUs per rank (default: the ladder's gpus_per_rank)")
     args = parser.parse_args(argv)
-    try:
-        ladder, base = load_ladder(args.ladder)
-        runs = expand(ladder, base)
-    except ConfigError as error:
-        raise SystemExit(f"ConfigError: {error}") from None
+    ladder, base = load_ladder(args.ladder)
+    runs = expand(ladder, base)
     if args.only:
         runs = [r for r in runs if any(fnmatch.fnmatch(r.name, pattern) for pattern in args.only)]
         if not runs:
@@ -393,5 +402,9 @@ def main(argv: list[str] | None = None) -> None:
         run_locally(base, runs)
 
 
+def cli() -> None:
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -8,16 +8,16 @@ from collections.abc import Sequence
 import torch
 
 from ebwm_scale.config import ConfigError, PretrainConfig, load_config, missing_extra
-from ebwm_scale.data.shards import ShardFormatError
+from ebwm_scale.errors import run_cli
 from ebwm_scale.logs import setup_logging
 from ebwm_scale.objective import build_objective
-from ebwm_scale.parallel.dist import DistInfo, LaunchError, init_distributed, shutdown_distributed
+from ebwm_scale.parallel.dist import DistInfo, init_distributed, shutdown_distributed
 from ebwm_scale.parallel.parallelize import parallelize, vocab_split
 from ebwm_scale.recipe_help import help_text
 from ebwm_scale.train.callbacks import Callback, ConsoleCallback, MetricsFileCallback
-from ebwm_scale.train.checkpoint import CheckpointCallback, CheckpointError
+from ebwm_scale.train.checkpoint import CheckpointCallback
 from ebwm_scale.train.tracking import MLflowCallback
-from ebwm_scale.train.trainer import NonFiniteError, Trainer
+from ebwm_scale.train.trainer import Trainer
 
 USAGE = (
     "usage: ebwm-pretrain RECIPE.yaml [key.sub=value ...]   (e.g. recipes/ci_tiny.yaml train.max_steps=50)\n"
@@ -70,12 +70,7 @@ def main(argv: list[str]) -> dict:
 
 
 def cli() -> None:
-    try:
-        main(sys.argv[1:])
-    except ConfigError as error:
-        sys.exit(f"ConfigError: {error}")
-    except (CheckpointError, NonFiniteError, ShardFormatError, LaunchError) as error:
-        sys.exit(f"{type(error).__name__}: {error}")
+    run_cli(main)
 
 
 if __name__ == "__main__":

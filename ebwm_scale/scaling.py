@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ebwm_scale.errors import UserError, at_least, run_cli
+
 HUBER_DELTA = 1e-3
 MIN_POINTS, MIN_SIZES, MIN_BUDGETS = 6, 2, 2
 
@@ -30,7 +32,7 @@ MIN_POINTS, MIN_SIZES, MIN_BUDGETS = 6, 2, 2
 LOG_FLOOR = -50.0
 
 
-class FitError(ValueError):
+class FitError(UserError, ValueError):
     """Too few or unusable points for the requested fit."""
 
 
@@ -341,19 +343,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
     parser.add_argument("--experiment", default="", help="default ladder-<ladder>")
     parser.add_argument("--out", required=True, help="directory for summary.json, summary.md and the plots")
-    parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument("--bootstrap", type=at_least(1), default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mlflow", action="store_true", help="log the outputs as artifacts of a fit run")
     args = parser.parse_args(argv)
     experiment = args.experiment or f"ladder-{args.ladder}"
-    try:
-        points = (
-            points_from_runs_dir(args.runs_dir)
-            if args.runs_dir
-            else points_from_mlflow(args.tracking_uri, experiment, args.ladder)
-        )
-    except FitError as error:
-        raise SystemExit(f"FitError: {error}") from None
+    points = (
+        points_from_runs_dir(args.runs_dir)
+        if args.runs_dir
+        else points_from_mlflow(args.tracking_uri, experiment, args.ladder)
+    )
     if not points:
         raise SystemExit(f"no finished runs of ladder {args.ladder} found")
     result, fits = analyse(points, args.bootstrap, args.seed)
@@ -376,5 +375,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"logged to MLflow run fit-{args.ladder} ({run.info.run_id}) in experiment {experiment}")
 
 
+def cli() -> None:
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

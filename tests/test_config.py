@@ -199,9 +199,8 @@ def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
         main([str(recipe), "train.checkpoint_dir=s3://bucket/runs"])
     gcs = load_config(recipe, ["data.source=shards", "data.shards.url=gs://bucket/shards"])
     assert "ebwm-scale[gcs]" in missing_extra(gcs)
-    monkeypatch.setattr(sys, "argv", ["ebwm-prep", "text", "--input", "x", "--output", "y"])
     with pytest.raises(SystemExit, match=r"ebwm-prep text needs ray: pip install 'ebwm-scale\[prep\]'"):
-        data_prep.cli.main()
+        data_prep.cli.main(["text", "--input", "x", "--output", "y"])
 
 
 def test_help_lists_every_recipe_key_and_print_config_round_trips(tmp_path, capsys):

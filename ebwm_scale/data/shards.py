@@ -25,6 +25,8 @@ import numpy as np
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from ebwm_scale.errors import UserError
+
 TEXT_FORMAT = "ebwm-scale/text-shards/2"
 TEXT_FORMAT_PER_SAMPLE = "ebwm-scale/text-shards/1"  # the first format: one int32 member per sample
 VIDEO_FORMAT = "ebwm-scale/video-shards/1"
@@ -36,11 +38,11 @@ SPLITS = ("train", "val")
 SHARD_MTIME = 1  # fixed (integer: a float mtime costs a pax header per member) so re-runs are byte-identical
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(UserError, ValueError):
     """A dataset directory or shard that does not follow this schema; the message names the URL."""
 
 
-class ReadError(OSError):
+class ReadError(UserError, OSError):
     """A read that failed on every attempt (not a damaged file: the storage did not answer); names the URL."""
 
 

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ebwm_scale.errors import UserError
+
 ASSETS = Path(__file__).parent / "assets"
 CORPUS_FILE, CODE_FILE, MANIFEST_FILE = "stdlib_docs.jsonl.gz", "stdlib_code.txt.gz", "corpus.json"
 DOC_SEPARATOR = PARAGRAPH_SEPARATOR = "\n\n"
 MIN_DOC_CHARS = 100  # one-line docstrings carry little language
 
 
-class CorpusError(RuntimeError):
+class CorpusError(UserError, RuntimeError):
     """A shipped corpus file is missing, unreadable or not the content its manifest names."""
 
 

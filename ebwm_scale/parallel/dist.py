@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ebwm_scale.errors import UserError
 from ebwm_scale.parallel import collectives
 
 BACKENDS = ("auto", "gloo", "nccl")
@@ -61,7 +62,7 @@ class ParallelConfig:
     force_distributed: bool = False
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """The launch does not fit the recipe: rank count, device, rendezvous."""
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException as DCPError  # a BaseException
 
+from ebwm_scale.errors import UserError
 from ebwm_scale.parallel import collectives
 from ebwm_scale.train.callbacks import Callback
 
@@ -52,7 +53,7 @@ NAME_PATTERN = re.compile(r"^step_(\d{8})$")
 NO_MANIFEST = f"no readable {MANIFEST}"  # a checkpoint being written, or one a crash cut short: nothing to report
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be written or read; the message names the path."""
 
 

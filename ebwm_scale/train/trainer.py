@@ -17,6 +17,7 @@ from torch import nn
 
 from ebwm_scale.config import recipe_changes
 from ebwm_scale.data.sampler import SampleDataset, fixed_batches
+from ebwm_scale.errors import UserError
 from ebwm_scale.logs import log
 from ebwm_scale.models.blocks import count_params
 from ebwm_scale.objective import build_objective
@@ -48,7 +49,7 @@ EVAL_NOISE_SEED = 1234  # every eval starts the MCMC chains from the same noise,
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM preemption sends one of these before the kill
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many steps in a row had a non-finite loss, energy, alpha or gradient."""
 
 
