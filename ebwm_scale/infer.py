@@ -120,28 +120,47 @@ class Generator:
         return context, thoughts
 
 
-def text_tokenizer(cfg, tokenizer_path: str = ""):
-    """(encode, decode) for a text model: bytes for the stdlib corpus, else a sentencepiece model (`tokenizer_path`,
-    by default the run's shards' one)."""
-    if cfg.data.source == "stdlib_docs" and not tokenizer_path:
+def text_tokenizer(cfg, model: bytes | None = None):
+    """(encode, decode) for a text model: bytes for the stdlib corpus, else a sentencepiece model (`model`, by
+    default the run's shards' one), which must not have more pieces than the model has token ids."""
+    from ebwm_scale.train.checkpoint import CheckpointError
+
+    if cfg.data.source == "stdlib_docs" and model is None:
         from ebwm_scale.data.text import ByteTokenizer
 
         tokenizer = ByteTokenizer()
         return (lambda text: tokenizer.encode(text).astype("int64")), tokenizer.decode
-    import fsspec
     import sentencepiece as spm
 
-    path = tokenizer_path or f"{cfg.data.shards.urls[0].rstrip('/')}/tokenizer.model"
-    with fsspec.open(path, "rb") as f:
-        processor = spm.SentencePieceProcessor(model_proto=f.read())
+    if model is None:
+        model = read_tokenizer(f"{cfg.data.shards.urls[0].rstrip('/')}/tokenizer.model")
+    processor = spm.SentencePieceProcessor(model_proto=model)
+    if processor.get_piece_size() > cfg.model.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has {processor.get_piece_size()} pieces, the model {cfg.model.vocab_size} token ids: "
+            "not the tokenizer it was trained with"
+        )
     return (lambda text: processor.encode(text)), (lambda ids: processor.decode([int(i) for i in ids]))
+
+
+def read_tokenizer(url: str) -> bytes:
+    import fsspec
+
+    from ebwm_scale.train.checkpoint import CheckpointError
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise CheckpointError(f"cannot read the tokenizer {url}: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import time
 
-    from ebwm_scale.train.export import exported_tokenizer, load_model
+    from ebwm_scale.train.checkpoint import CheckpointError
+    from ebwm_scale.train.export import TOKENIZER_FILE, exported_tokenizer, load_model
 
     parser = argparse.ArgumentParser(prog="ebwm-generate", description="Generate text with a trained EBT, thinking")
     parser.add_argument("model", help="an export directory, a checkpoint, or with --latest a checkpoint_dir")
@@ -170,7 +189,16 @@ def main(argv: list[str] | None = None) -> None:
         num_steps=args.steps, best_of=args.best_of, langevin_noise_std=args.langevin, early_exit_eps=args.early_exit
     )
     generator = Generator(objective, think_cfg)
-    encode, decode = text_tokenizer(cfg, args.tokenizer or exported_tokenizer(args.model))
+    tokenizer = exported_tokenizer(args.model)
+    if args.tokenizer:
+        given = read_tokenizer(args.tokenizer)
+        if tokenizer is not None and given != tokenizer:
+            raise CheckpointError(
+                f"--tokenizer {args.tokenizer} is not the tokenizer {args.model} was trained with (the export's own "
+                f"{TOKENIZER_FILE}): leave --tokenizer out"
+            )
+        tokenizer = given
+    encode, decode = text_tokenizer(cfg, tokenizer)
     prompt = torch.as_tensor(encode(args.prompt), dtype=torch.long)[None]
     torch.manual_seed(args.seed)
     start = time.perf_counter()

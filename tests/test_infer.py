@@ -154,3 +154,20 @@ def test_an_export_of_a_shards_run_generates_without_its_shards(text_shards, tmp
     shutil.rmtree(shards)
     generate([str(tmp_path / "export"), "--prompt", "def ", "--num-tokens", "3"])
     assert "3 tokens in" in capsys.readouterr().out
+
+    # Before: any --tokenizer was used unchecked, and damaged weights loaded.
+    from data_prep.text import TextPrepConfig, train_tokenizer
+    from ebwm_scale.train.checkpoint import CheckpointError
+
+    other = tmp_path / "other.model"
+    other.write_bytes(
+        train_tokenizer(["def f(x):\n    return x + 1\n" * 50], TextPrepConfig(inputs=[], output="", vocab_size=280))
+    )
+    with pytest.raises(CheckpointError, match="is not the tokenizer .* was trained with"):
+        generate([str(tmp_path / "export"), "--prompt", "def ", "--num-tokens", "3", "--tokenizer", str(other)])
+    weights = tmp_path / "export" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors does not match export.json"):
+        generate([str(tmp_path / "export"), "--prompt", "def ", "--num-tokens", "3"])

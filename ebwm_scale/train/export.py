@@ -35,6 +35,7 @@ from ebwm_scale.train.checkpoint import (
 EXPORT_CONFIG = "config.json"
 MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"  # a text run's sentencepiece model, copied from its shards
+EXPORT_MANIFEST = "export.json"  # sha256 of every other file, written last: a damaged or partial export is refused
 
 
 def run_tokenizer(cfg: PretrainConfig) -> bytes | None:
@@ -57,33 +58,52 @@ def run_tokenizer(cfg: PretrainConfig) -> bytes | None:
 def export_checkpoint(checkpoint_url: str, out_url: str) -> None:
     cfg, objective, _ = load_checkpoint(checkpoint_url)
     tensors = {key: value.contiguous() for key, value in objective.state_dict().items()}
-    fs, root = fsspec.core.url_to_fs(out_url)
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(f"{root}/{MODEL_FILE}", "wb") as f:
-        f.write(save_safetensors(tensors, metadata={"format": "ebwm-scale", "source": checkpoint_url}))
+    files = {
+        MODEL_FILE: save_safetensors(tensors, metadata={"format": "ebwm-scale", "source": checkpoint_url}),
+        EXPORT_CONFIG: json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)), indent=1).encode(),
+    }
     tokenizer = run_tokenizer(cfg)
     if tokenizer is not None:  # so that generation needs nothing but the export
-        with fs.open(f"{root}/{TOKENIZER_FILE}", "wb") as f:
-            f.write(tokenizer)
-    with fs.open(f"{root}/{EXPORT_CONFIG}", "w") as f:
-        json.dump(OmegaConf.to_container(OmegaConf.structured(cfg)), f, indent=1)
+        files[TOKENIZER_FILE] = tokenizer
+    fs, root = fsspec.core.url_to_fs(out_url)
+    fs.makedirs(root, exist_ok=True)
+    if fs.exists(f"{root}/{EXPORT_MANIFEST}"):
+        fs.rm(f"{root}/{EXPORT_MANIFEST}")  # an export being rewritten is not a valid export meanwhile
+    for name, data in files.items():
+        with fs.open(f"{root}/{name}", "wb") as f:
+            f.write(data)
+    manifest = {"files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
+    with fs.open(f"{root}/{EXPORT_MANIFEST}", "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
+def read_export_file(url: str, name: str) -> bytes:
+    """A file of an export, checked against the export's manifest (sha256)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        with fs.open(f"{root}/{EXPORT_MANIFEST}") as f:
+            expected = json.loads(f.read())["files"]
+        with fs.open(f"{root}/{name}", "rb") as f:
+            data = f.read()
+    except FileNotFoundError as missing:
+        raise CheckpointError(f"{url} is not a complete export: {missing.filename or name} is missing") from None
+    if name not in expected or hashlib.sha256(data).hexdigest() != expected[name]:
+        raise CheckpointError(f"{url}/{name} does not match {EXPORT_MANIFEST} (damaged or replaced): export again")
+    return data
 
 
 def _read_export(url: str) -> tuple[PretrainConfig, dict[str, torch.Tensor]]:
     fs, root = fsspec.core.url_to_fs(url)
-    for name in (EXPORT_CONFIG, MODEL_FILE):
-        if not fs.exists(f"{root}/{name}"):
-            raise CheckpointError(f"{url} is not an export: {name} is missing (write one with tools/export.py)")
-    with fs.open(f"{root}/{EXPORT_CONFIG}") as f:
-        cfg = config_from_text(f.read().decode(), url)
-    with fs.open(f"{root}/{MODEL_FILE}", "rb") as f:
-        return cfg, load_safetensors(f.read())
+    if not fs.exists(f"{root}/{EXPORT_CONFIG}"):
+        raise CheckpointError(f"{url} is not an export: {EXPORT_CONFIG} is missing (write one with tools/export.py)")
+    cfg = config_from_text(read_export_file(url, EXPORT_CONFIG).decode(), url)
+    return cfg, load_safetensors(read_export_file(url, MODEL_FILE))
 
 
-def exported_tokenizer(url: str) -> str:
-    """The path of an export's tokenizer, or "" (not an export, or one without a tokenizer)."""
+def exported_tokenizer(url: str) -> bytes | None:
+    """An export's tokenizer, checked against its manifest; None when `url` is no export or has no tokenizer."""
     fs, root = fsspec.core.url_to_fs(url)
-    return f"{url.rstrip('/')}/{TOKENIZER_FILE}" if fs.exists(f"{root}/{TOKENIZER_FILE}") else ""
+    return read_export_file(url, TOKENIZER_FILE) if fs.exists(f"{root}/{TOKENIZER_FILE}") else None
 
 
 def read_exported_weights(url: str, model: ModelConfig) -> dict[str, torch.Tensor]:
