@@ -550,3 +550,30 @@ def test_resume_refuses_a_changed_recipe_unless_the_keys_are_allowed(tmp_path):
     assert summary["steps"] == 4 and summary["frames"] == 2 * 4 * seq_len + 2 * 8 * seq_len
     two_step_flops = trainer.flops_per_token  # counted for 3 MCMC steps now; the first 2 steps had 2
     assert summary["scale"]["flops"] < summary["frames"] * two_step_flops
+
+
+class DiskFullAt(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step, metrics):
+        if step == self.step:
+            raise OSError(28, "No space left on device (metrics disk)")
+
+
+def test_a_run_that_fails_between_steps_keeps_the_step_it_finished(tmp_path):
+    """With no periodic checkpoints, a failure after step 3 (here a callback's full disk) used to lose all three
+    steps; now the finished step is saved, and the resumed run follows the uninterrupted one exactly."""
+    whole = Recorder()
+    _trainer(tmp_path / "whole", "train.max_steps=6", callbacks=[whole]).fit()
+    with pytest.raises(OSError, match="No space left"):
+        _trainer(tmp_path / "failed", "train.max_steps=6", callbacks=[DiskFullAt(3)]).fit()
+    assert (
+        Checkpointer(str(tmp_path / "failed" / "ci_tiny_video" / "checkpoints"), keep_last=1)
+        .latest()
+        .endswith("step_00000003")
+    )
+    resumed = Recorder()
+    summary = _trainer(tmp_path / "failed", "train.max_steps=6", "train.resume=auto", callbacks=[resumed]).fit()
+    assert summary["steps"] == 6
+    assert [m["loss"] for m in resumed.train] == [m["loss"] for m in whole.train[3:]]

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException as DCPError  # a BaseException
 
 from ebwm_scale.errors import UserError
+from ebwm_scale.logs import log
 from ebwm_scale.parallel import collectives
 from ebwm_scale.train.callbacks import Callback
 
@@ -511,7 +512,18 @@ class CheckpointCallback(Callback):
             self._save(trainer)
 
     def on_train_end(self, trainer: Trainer, summary: dict[str, Any], error: BaseException | None) -> None:
-        if error is None:  # after an error another rank may be gone: no collective, nothing committed
+        # After an error another rank may be gone or inside a collective: nothing to save, nothing committed. A
+        # single process that failed between two steps (an evaluation, a callback) keeps the step it finished.
+        if error is None:
             self._save(trainer)
             trainer.checkpointer.finish()
             trainer.announce_checkpoints()
+        elif isinstance(error, Exception) and trainer.at_step_boundary and trainer.dist.world_size == 1:
+            if self.last_saved_step < 0:  # failed before this callback started: nothing new to keep
+                return
+            try:
+                self._save(trainer)
+                trainer.checkpointer.finish()
+                trainer.announce_checkpoints()
+            except Exception as failed:  # the run's own error is the one to report
+                log.warning(f"no checkpoint after the failure at step {trainer.step}: {failed}")

@@ -80,6 +80,7 @@ class Trainer:
         self.tokens_seen = 0  # summed per step: a run resumed on other ranks may change the tokens per step
         self.flops_seen = 0.0  # summed per step too: a resume with allowed recipe changes may change FLOPs per token
         self._eval_batches: list[dict[str, torch.Tensor]] | None = None
+        self.at_step_boundary = True  # the state is that of a finished step: a checkpoint of it resumes exactly
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
         self.stop_requested: str | None = None  # the name of the signal that asked us to stop
@@ -160,6 +161,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """Accumulate, all-reduce, clip and step; a step whose loss, energy, alpha or gradient is not finite is
         skipped (no update), counted, and after train.max_bad_steps in a row the run stops."""
+        self.at_step_boundary = False  # from the first batch on, the state is between two steps
         lr = lr_at(self.step, self.cfg.optim, self.max_steps)
         self.engine.set_lr(lr)
         accum = self.cfg.train.grad_accum_steps
@@ -196,6 +198,7 @@ class Trainer:
                 f"{', '.join(bad)}; stopping (train.max_bad_steps={self.cfg.train.max_bad_steps}). Lower optim.lr "
                 "or mcmc.alpha_init, or check the data."
             )
+        self.at_step_boundary = True
         return metrics
 
     def eval_batches(self) -> list[dict[str, torch.Tensor]]:
