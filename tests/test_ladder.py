@@ -86,7 +86,7 @@ def test_a_run_launched_on_other_ranks_than_planned_stops_at_start(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # a user error: one line, exit 2
     assert proc.stderr.strip() == (
         "LaunchError: this run is planned for 2 ranks (parallel.expected_world_size) but was launched on 1; launch it "
         "with ebwm-ladder, or e.g. torchrun --nproc-per-node 2"
