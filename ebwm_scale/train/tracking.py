@@ -122,6 +122,13 @@ class MLflowCallback(Callback):
         self.run_id = state.get("run_id") or None
         self.resumed = self.run_id is not None
 
+    def _bound_buffer(self) -> None:
+        """Drop the oldest metrics beyond max_buffered_metrics (either thread, holding self.queue)."""
+        excess = len(self.buffer) - self.cfg.max_buffered_metrics
+        if excess > 0:
+            self.dropped += excess
+            del self.buffer[:excess]
+
     # ---- the sender thread ----
 
     def _attempt(self, action, what: str) -> bool:
@@ -241,12 +248,6 @@ class MLflowCallback(Callback):
                 return
 
     # ---- the training thread ----
-
-    def _bound_buffer(self) -> None:
-        excess = len(self.buffer) - self.cfg.max_buffered_metrics
-        if excess > 0:
-            self.dropped += excess
-            del self.buffer[:excess]
 
     def _log(self, metrics: dict[str, float], step: int, prefix: str) -> None:
         from mlflow.entities import Metric

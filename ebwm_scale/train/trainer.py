@@ -325,13 +325,12 @@ class Trainer:
         saved_yaml = self.checkpointer.read_verified(url, CONFIG_FILE).decode()
         changes = recipe_changes(saved_yaml, saved_dp_size, self.cfg, self.dist.dp_size)
         described = {key: f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()}
-        refused = [text for key, text in described.items() if key not in self.cfg.train.resume_allow_changes]
+        refused = [key for key in changes if key not in self.cfg.train.resume_allow_changes]
         if refused:
-            keys = ",".join(key for key in changes if key not in self.cfg.train.resume_allow_changes)
             raise CheckpointError(
-                f"{url} was saved under another recipe ({'; '.join(refused)}): resuming would mix the two in one run; "
-                f"start a new run (another train.run_name or train.output_dir), or allow it with "
-                f"train.resume_allow_changes=[{keys}]"
+                f"{url} was saved under another recipe ({'; '.join(described[key] for key in refused)}): resuming "
+                "would mix the two in one run; start a new run (another train.run_name or train.output_dir), or "
+                f"allow it with train.resume_allow_changes=[{','.join(refused)}]"
             )
         if described:
             allowed = "; ".join(described.values())
