@@ -7,19 +7,18 @@ fields. Every problem surfaces as one line naming the key and the file, e.g.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.spaces import UPDATE_SPACES, VOCAB_STATES
 from ebwm_scale.data.config import DATA_SOURCES, DataConfig
 from ebwm_scale.data.text import ByteTokenizer
 from ebwm_scale.errors import UserError
 from ebwm_scale.extras import needs, url_needs
-from ebwm_scale.mcmc import MCMCConfig
 from ebwm_scale.models.config import (
     ATTENTION_IMPLS,
     DOUBLE_BACKWARD_SAFE_ATTENTION,
@@ -29,9 +28,9 @@ from ebwm_scale.models.config import (
     ModelConfig,
 )
 from ebwm_scale.parallel.dist import ACTIVATION_CHECKPOINTING, BACKENDS, DATA_PARALLEL_MODES, ParallelConfig
-from ebwm_scale.states import UPDATE_SPACES, VOCAB_STATES
 from ebwm_scale.train.config import DEVICES, PRECISIONS, TrainConfig
 from ebwm_scale.train.optim import DECAYED, SCHEDULES, OptimConfig
+from ebwm_scale.train.resume import flatten
 from ebwm_scale.train.tracking import TrackingConfig
 
 
@@ -54,83 +53,7 @@ class PretrainConfig:
 
     def flat(self) -> dict[str, object]:
         """{"model.dim": 128, ...} for tracking params."""
-        return PretrainConfig.flat_dict(asdict(self))
-
-    @staticmethod
-    def flat_dict(nested: dict) -> dict[str, object]:
-        flat: dict[str, object] = {}
-
-        def walk(prefix: str, node: object) -> None:
-            if isinstance(node, dict):
-                for key, value in node.items():
-                    walk(f"{prefix}.{key}" if prefix else key, value)
-            else:
-                flat[prefix] = node
-
-        walk("", nested)
-        return flat
-
-
-# What a resumed run may change: how it is run, logged, checkpointed and laid out, not what a step computes. The
-# per-rank batch (micro-batch, accumulation) follows the ranks; the global batch it makes must stay the same.
-RESUME_MAY_CHANGE = (
-    "train.max_steps",
-    "train.log_interval_steps",
-    "train.eval_interval_steps",
-    "train.eval_batches",
-    "train.device",
-    "train.output_dir",
-    "train.run_name",
-    "train.progress_bar",
-    "train.log_all_ranks",
-    "train.checkpoint_dir",
-    "train.checkpoint_interval_steps",
-    "train.keep_last_checkpoints",
-    "train.checkpoint_at_steps",
-    "train.checkpoint_async",
-    "train.resume",
-    "train.resume_allow_changes",
-    "train.branch_from",
-    "train.init_from",
-    "train.max_bad_steps",
-    "train.peak_tflops",
-    "data.shards.num_workers",
-    "data.shards.read_attempts",
-    "data.shards.read_backoff_s",
-    "tracking.",
-    "parallel.",
-)
-PER_RANK_BATCH = ("data.micro_batch_size", "train.grad_accum_steps")
-GLOBAL_BATCH = "global_batch"  # samples per optimizer step, over all data-parallel ranks
-
-
-def _may_change(key: str) -> bool:
-    return key in RESUME_MAY_CHANGE or any(p.endswith(".") and key.startswith(p) for p in RESUME_MAY_CHANGE)
-
-
-def _comparable(value: object) -> object:
-    return json.loads(json.dumps(value, default=str))  # tuples and lists, OmegaConf and dataclass values alike
-
-
-def recipe_changes(saved_yaml: str, saved_dp_size: int, cfg: PretrainConfig, dp_size: int) -> dict[str, tuple]:
-    """{key: (checkpoint's value, this run's)} for every recipe key that a resumed run changes and should not (keys
-    added or removed since the checkpoint aside), with the global batch as GLOBAL_BATCH."""
-    saved_cfg = OmegaConf.to_container(OmegaConf.create(saved_yaml))
-    saved = PretrainConfig.flat_dict(saved_cfg)
-    now = cfg.flat()
-    changes = {
-        key: (saved[key], value)
-        for key, value in now.items()
-        if key in saved
-        and not _may_change(key)
-        and key not in PER_RANK_BATCH
-        and _comparable(saved[key]) != _comparable(value)
-    }
-    saved_batch = math.prod(saved.get(key, now[key]) for key in PER_RANK_BATCH) * saved_dp_size
-    batch_now = math.prod(now[key] for key in PER_RANK_BATCH) * dp_size
-    if saved_batch != batch_now:
-        changes[GLOBAL_BATCH] = (saved_batch, batch_now)
-    return changes
+        return flatten(asdict(self))
 
 
 def _describe(error: OmegaConfBaseException) -> str:

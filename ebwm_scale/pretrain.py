@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
+from ebwm_scale.cli.recipe_help import help_text
 from ebwm_scale.config import ConfigError, PretrainConfig, load_config, missing_extra
+from ebwm_scale.core.objective import build_objective
 from ebwm_scale.errors import run_cli
+from ebwm_scale.inference.export import read_exported_weights
 from ebwm_scale.logs import setup_logging
-from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel.dist import DistInfo, init_distributed, shutdown_distributed
 from ebwm_scale.parallel.parallelize import parallelize, vocab_split
-from ebwm_scale.recipe_help import help_text
 from ebwm_scale.train.callbacks import Callback, ConsoleCallback, MetricsFileCallback
 from ebwm_scale.train.checkpoint import CheckpointCallback
 from ebwm_scale.train.tracking import MLflowCallback
@@ -40,7 +42,9 @@ def build_trainer(cfg: PretrainConfig, dist: DistInfo, extra_callbacks: Sequence
         callbacks.append(MLflowCallback(cfg.tracking, dist.is_rank0, cfg.train.log_interval_steps))
     # Last: a step's metrics are recorded before its checkpoint exists, so a kill right after the save loses none.
     callbacks.append(CheckpointCallback(cfg.train.checkpoint_interval_steps, tuple(cfg.train.checkpoint_at_steps)))
-    return Trainer(cfg, objective, train_set, val_set, data_info, dist, [*callbacks, *extra_callbacks])
+    init = cfg.train.init_from
+    initial_weights = partial(read_exported_weights, init, cfg.model) if init else None
+    return Trainer(cfg, objective, train_set, val_set, data_info, dist, [*callbacks, *extra_callbacks], initial_weights)
 
 
 def main(argv: list[str]) -> dict:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.core.mcmc import MCMCConfig
 from ebwm_scale.models import ModelConfig
 from ebwm_scale.parallel.dist import DistInfo
 

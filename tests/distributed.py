@@ -107,13 +107,13 @@ def record_gradients(engine) -> list[dict[str, torch.Tensor]]:
         named = list(engine.engine.module.named_parameters())  # the objective's names, not the wrapper's
         from deepspeed.utils import safe_get_full_grad
 
-        finish_step = engine.finish_step
+        optimizer_step = engine.optimizer_step
 
         def record_then_finish(skip: bool) -> float:
             steps.append({name: safe_get_full_grad(p).detach().float().clone() for name, p in named})
-            return finish_step(skip)
+            return optimizer_step(skip)
 
-        engine.finish_step = record_then_finish
+        engine.optimizer_step = record_then_finish
     else:
         from ebwm_scale.parallel.tensor import state_key
 

@@ -17,6 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
 from ebwm_scale.config import ConfigError, load_config
+from ebwm_scale.inference.export import load_checkpoint, load_exported
 from ebwm_scale.pretrain import build_trainer
 from ebwm_scale.train.callbacks import Callback
 from ebwm_scale.train.checkpoint import (
@@ -27,7 +28,6 @@ from ebwm_scale.train.checkpoint import (
     read_sharded,
     torch_bytes,
 )
-from ebwm_scale.train.export import load_checkpoint, load_exported
 from tests.conftest import CPU, REPO
 from tests.test_resume import _losses
 from tests.test_training import SMALL, Recorder

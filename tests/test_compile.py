@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch._dynamo
 
-from ebwm_scale.mcmc import MCMCConfig
-from ebwm_scale.objective import build_objective
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import build_objective
 from ebwm_scale.parallel.dist import ParallelConfig
 from ebwm_scale.parallel.parallelize import parallelize
 from tests.conftest import tiny_model_config

@@ -204,9 +204,9 @@ def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
 
 
 def test_help_lists_every_recipe_key_and_print_config_round_trips(tmp_path, capsys):
+    from ebwm_scale.cli.recipe_help import recipe_keys
     from ebwm_scale.config import PretrainConfig
     from ebwm_scale.pretrain import main
-    from ebwm_scale.recipe_help import recipe_keys
 
     with pytest.raises(SystemExit) as done:
         main(["--help"])

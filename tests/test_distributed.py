@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from ebwm_scale.mcmc import MCMCConfig
-from ebwm_scale.objective import EBTObjective
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import EBTObjective
 from ebwm_scale.parallel.dist import all_reduce_gradients, all_reduce_mean
 from tests.conftest import REPO, tiny_model_config
 from tests.distributed import free_port, run_distributed_test

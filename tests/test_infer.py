@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from ebwm_scale.infer import Generator, ThinkConfig, think
-from ebwm_scale.mcmc import MCMCConfig
-from ebwm_scale.objective import build_objective
-from ebwm_scale.states import FrameState
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import build_objective
+from ebwm_scale.core.spaces import FrameSpace
+from ebwm_scale.inference.think import Generator, ThinkConfig, think
 from tests.conftest import tiny_model_config
 from tests.test_mcmc import trained_frames_objective
 
@@ -17,7 +17,7 @@ def _text_objective(**model):
     return build_objective(cfg.build(), MCMCConfig(alpha_init=5.0, num_steps=3).build())
 
 
-EUCLIDEAN = FrameState(lambda x: x, frame_dim=2, init_scale=1.0)  # the state is the candidate itself
+EUCLIDEAN = FrameSpace(lambda x: x, frame_dim=2, init_scale=1.0)  # the state is the candidate itself
 
 
 def quadratic(target: torch.Tensor):
@@ -115,7 +115,7 @@ def test_system2_eval_curves_for_ebt_and_the_flat_ar_contrast(tmp_path):
         build_trainer(load_config(REPO / "recipes" / recipe, overrides), CPU).fit()
         checkpoints = tmp_path / recipe.removesuffix(".yaml") / "checkpoints"
         out = tmp_path / f"eval-{recipe}"
-        command = [sys.executable, "-m", "ebwm_scale.evaluation", str(checkpoints), "--latest", "--out", str(out)]
+        command = [sys.executable, "-m", "ebwm_scale.cli.evaluate", str(checkpoints), "--latest", "--out", str(out)]
         command += ["--steps", "1,2,4", "--best-of", "1,2", "--batches", "1", "--batch-size", "4"]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -138,9 +138,9 @@ def test_an_export_of_a_shards_run_generates_without_its_shards(text_shards, tmp
     import shutil
 
     from ebwm_scale.config import load_config
-    from ebwm_scale.infer import main as generate
+    from ebwm_scale.inference.export import TOKENIZER_FILE, export_checkpoint
+    from ebwm_scale.cli.generate import main as generate
     from ebwm_scale.pretrain import build_trainer
-    from ebwm_scale.train.export import TOKENIZER_FILE, export_checkpoint
     from tests.conftest import CPU, REPO
     from tests.test_training import SMALL
 

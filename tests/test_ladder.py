@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ebwm_scale.cli.ladder import expand, load_ladder, main, run_command, slurm_script, slurm_task_command
 from ebwm_scale.config import ConfigError
-from ebwm_scale.ladder import expand, load_ladder, main, run_command, slurm_script, slurm_task_command
 from tests.conftest import REPO
 
 
@@ -124,7 +124,7 @@ def test_a_ladder_killed_mid_run_resumes_that_run_and_is_fitted(tmp_path):
         "overrides: [train.eval_interval_steps=0, train.eval_batches=1, train.checkpoint_interval_steps=4, "
         f"train.progress_bar=false, tracking.uri='{tracking}']\n"
     )
-    command = [sys.executable, "-m", "ebwm_scale.ladder", str(ladder)]
+    command = [sys.executable, "-m", "ebwm_scale.cli.ladder", str(ladder)]
     # The ladder runs tiny-ebt-s1-2.048k, then tiny-ebt-s1-32.768k (32 steps): killed, with its child, once that run
     # has its first checkpoint, as a preempted job would be.
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -150,7 +150,7 @@ def test_a_ladder_killed_mid_run_resumes_that_run_and_is_fitted(tmp_path):
     for source in (["--runs-dir", f"{tmp_path}/runs/tiny"], ["--tracking-uri", tracking, "--mlflow"]):
         out = tmp_path / f"fit{len(source)}"
         fit = subprocess.run(
-            [sys.executable, "-m", "ebwm_scale.scaling", "--ladder", "tiny", "--out", str(out), *source],
+            [sys.executable, "-m", "ebwm_scale.cli.fit", "--ladder", "tiny", "--out", str(out), *source],
             capture_output=True,
             text=True,
             timeout=300,
@@ -188,7 +188,7 @@ def test_a_wsd_ladder_plans_one_trunk_and_branches_at_their_decay_starts(tmp_pat
         "step_00000012",
     ]
     with pytest.raises(SystemExit, match="cannot say"):
-        from ebwm_scale.ladder import main
+        from ebwm_scale.cli.ladder import main
 
         main([str(_wsd_ladder(tmp_path, "[1024, 2048]")), "--emit-slurm", str(tmp_path / "x.sbatch")])
     with pytest.raises(ConfigError, match="schedule='linear' is not one of cosine, wsd"):
@@ -202,7 +202,7 @@ def test_a_wsd_ladder_branch_trains_exactly_like_its_budget_from_scratch(tmp_pat
     """The ladder trains the trunk, then a branch from the trunk's checkpoint; the branch's losses are those of a
     plain wsd run of the branch's length."""
     ladder = _wsd_ladder(tmp_path, "[1024, 2048]")
-    done = subprocess.run([sys.executable, "-m", "ebwm_scale.ladder", str(ladder)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "ebwm_scale.cli.ladder", str(ladder)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "[1/2] wsd-ebt-s1-2.048k: 32 steps" in done.stdout and "[2/2] wsd-ebt-s1-1.024k: 16 steps" in done.stdout
     branch = next(r for r in expand(*load_ladder(ladder)) if r.trunk)
@@ -233,8 +233,8 @@ def test_a_wsd_ladder_branch_trains_exactly_like_its_budget_from_scratch(tmp_pat
 
 def test_a_dry_run_says_how_often_each_run_sees_its_data(tmp_path):
     """Passes over the training samples per run (the operator's check against repeating data), or why unknown."""
+    from ebwm_scale.cli.ladder import passes_over_data
     from ebwm_scale.data.text import stdlib_docs_splits
-    from ebwm_scale.ladder import passes_over_data
 
     ladder_path = _wsd_ladder(tmp_path, "[1024, 2048]")
     ladder, base = load_ladder(ladder_path)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ebwm_scale.mcmc import MCMCConfig, refine
-from ebwm_scale.objective import EBTObjective
+from ebwm_scale.core.mcmc import MCMCConfig, refine
+from ebwm_scale.core.objective import EBTObjective
 from ebwm_scale.train.optim import OptimConfig, set_lr
 from tests.conftest import tiny_model_config
 
@@ -68,7 +68,7 @@ def test_langevin_noise_and_jitter_change_the_chain():
     def run(**options):
         torch.manual_seed(3)
         return refine(
-            _energy_fn(objective, ctx), objective.state, init, torch.tensor(5.0), 3, create_graph=False, **options
+            _energy_fn(objective, ctx), objective.space, init, torch.tensor(5.0), 3, create_graph=False, **options
         )
 
     plain = run()
@@ -82,7 +82,7 @@ def test_refine_runs_under_no_grad_and_returns_detached_state():
     ctx = torch.randn(2, 5, 8)
     with torch.no_grad():
         result = refine(
-            _energy_fn(objective, ctx), objective.state, torch.randn(2, 5, 8), torch.tensor(1.0), 3, create_graph=False
+            _energy_fn(objective, ctx), objective.space, torch.randn(2, 5, 8), torch.tensor(1.0), 3, create_graph=False
         )
     assert len(result.energies) == 3 and not result.pred.requires_grad
 
@@ -113,8 +113,8 @@ def test_more_inference_steps_than_training_lower_the_energy():
     alpha = objective.mcmc.step_size().detach()
     final_energy = {}
     for num_steps in (2, 8):
-        result = refine(energy_fn, objective.state, init, alpha, num_steps, create_graph=False, final_energy=True)
+        result = refine(energy_fn, objective.space, init, alpha, num_steps, create_graph=False, final_energy=True)
         final_energy[num_steps] = result.final_energy.mean().item()
-    trace = refine(energy_fn, objective.state, init, alpha, 8, create_graph=False).energies
+    trace = refine(energy_fn, objective.space, init, alpha, 8, create_graph=False).energies
     assert final_energy[8] < final_energy[2]
     assert trace[-1].mean() < trace[1].mean()

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import build_objective
 from ebwm_scale.models.blocks import count_params
-from ebwm_scale.objective import build_objective
 from ebwm_scale.train.metrics import (
     peak_memory_gb,
     peak_tflops,

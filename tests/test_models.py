@@ -2,11 +2,11 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import EBTObjective
 from ebwm_scale.models.blocks import attention
 from ebwm_scale.models.ebt import ebt_attention_mask, ebt_positions
 from ebwm_scale.models.fused import rms_norm, silu_gate
-from ebwm_scale.objective import EBTObjective
 from tests.conftest import tiny_model_config
 
 

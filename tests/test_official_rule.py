@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ebwm_scale.evaluation import evaluate_batch
-from ebwm_scale.mcmc import MCMCConfig, mcmc_step
-from ebwm_scale.objective import build_objective
+from ebwm_scale.cli.evaluate import evaluate_batch
+from ebwm_scale.core.mcmc import MCMCConfig, mcmc_step
+from ebwm_scale.core.objective import build_objective
 from tests.conftest import tiny_model_config
 
 VOCAB = 23
@@ -135,8 +135,8 @@ class _FrozenChain(nn.Module):
         alpha = objective.mcmc.step_size()
         losses = []
         for step, start in enumerate(starts):
-            state, _ = mcmc_step(energy_fn, objective.state, start, alpha, step, create_graph=True)
-            losses.append(objective.state.loss(state, target))
+            state, _ = mcmc_step(energy_fn, objective.space, start, alpha, step, create_graph=True)
+            losses.append(objective.space.loss(state, target))
         return torch.stack(losses).mean()
 
 
@@ -183,7 +183,7 @@ def _states_before_each_step(objective, tokens, init, num_steps) -> list[torch.T
     energy_fn = objective.energy_fn(objective.model.encode_context(tokens[:, :-1]))
     states, state = [init], init
     for step in range(num_steps - 1):
-        state, _ = mcmc_step(energy_fn, objective.state, state, objective.mcmc.step_size(), step, create_graph=False)
+        state, _ = mcmc_step(energy_fn, objective.space, state, objective.mcmc.step_size(), step, create_graph=False)
         states.append(state)
     return states
 

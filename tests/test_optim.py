@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from ebwm_scale.mcmc import MCMCConfig
-from ebwm_scale.objective import build_objective
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import build_objective
 from ebwm_scale.train.optim import OptimConfig, lr_at
 from tests.conftest import tiny_model_config
 

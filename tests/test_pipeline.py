@@ -8,8 +8,8 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from ebwm_scale.mcmc import MCMCConfig
-from ebwm_scale.objective import build_objective
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import build_objective
 from ebwm_scale.parallel.dist import DistInfo, with_parallel_groups
 from ebwm_scale.parallel.pipeline import apply_pipeline, pipeline_schedule, stage_layers
 from tests.conftest import tiny_model_config

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from ebwm_scale.config import load_config
-from ebwm_scale.objective import build_objective
+from ebwm_scale.core.objective import build_objective
+from ebwm_scale.parallel.checkpoint_form import checkpoint_state
 from ebwm_scale.parallel.dist import DistInfo, with_parallel_groups
-from ebwm_scale.parallel.state import checkpoint_state
 from ebwm_scale.pretrain import build_trainer
 from ebwm_scale.train.checkpoint import STATE_DIR, read_sharded
 from tests.conftest import REPO

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ebwm_scale.train.export import load_checkpoint
+from ebwm_scale.inference.export import load_checkpoint
 from tests.conftest import REPO
 
 NOISY_MCMC = [

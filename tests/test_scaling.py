@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ebwm_scale.scaling import Point, analyse, markdown, plot
+from ebwm_scale.cli.fit import RunPoint, analyse, markdown, plot
 
 TRUE = {"ebt": (1.5, 400.0, 0.35, 600.0, 0.30), "ar": (1.6, 400.0, 0.35, 600.0, 0.22)}  # E, A, a, B, b
 
 
-def synthetic_points(noise: float = 0.005, sizes=(1e5, 3e5, 1e6, 3e6), budgets=(1e6, 3e6, 1e7, 3e7)) -> list[Point]:
+def synthetic_points(noise: float = 0.005, sizes=(1e5, 3e5, 1e6, 3e6), budgets=(1e6, 3e6, 1e7, 3e7)) -> list[RunPoint]:
     rng = np.random.default_rng(0)
     points = []
     for kind, (e, a_coef, a, b_coef, b) in TRUE.items():
@@ -20,7 +20,7 @@ def synthetic_points(noise: float = 0.005, sizes=(1e5, 3e5, 1e6, 3e6), budgets=(
             for data in budgets:
                 loss = (e + a_coef / params**a + b_coef / data**b) * np.exp(rng.normal(0, noise))
                 points.append(
-                    Point(f"{kind}-{params:g}-{data:g}", kind, f"s{index}", params, data, 6 * params * data, loss)
+                    RunPoint(f"{kind}-{params:g}-{data:g}", kind, f"s{index}", params, data, 6 * params * data, loss)
                 )
     return points
 
@@ -66,7 +66,7 @@ VIDEO_EBT_RUNS = Path(__file__).parent / "assets" / "video_ebt_runs.json"
 
 
 def test_a_fit_whose_floor_goes_to_zero_stays_finite():
-    points = [Point(kind="ebt", **run) for run in json.loads(VIDEO_EBT_RUNS.read_text())]
+    points = [RunPoint(kind="ebt", **run) for run in json.loads(VIDEO_EBT_RUNS.read_text())]
     result, fits = analyse(points, samples=200)
     fit = result["kinds"]["ebt"]["fit"]
     assert 0 < fit["E"] < 1e-3 and 0 < fit["b"] < 3 and all(np.isfinite(result["kinds"]["ebt"]["b_interval"]))

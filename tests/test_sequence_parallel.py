@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 from ebwm_scale.config import ConfigError, load_config
-from ebwm_scale.mcmc import MCMCConfig
-from ebwm_scale.objective import build_objective
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import build_objective
 from ebwm_scale.parallel.dist import ParallelConfig
 from ebwm_scale.parallel.parallelize import apply_tensor_parallel, parallelize
 from ebwm_scale.parallel.tensor import (

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ebwm_scale.mcmc import MCMCConfig
-from ebwm_scale.objective import build_objective
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import build_objective
 from ebwm_scale.parallel.parallelize import apply_tensor_parallel
 from ebwm_scale.parallel.tensor import (
     ColumnParallelLinear,

@@ -55,7 +55,7 @@ def _run_with_gradients(recipe, dist, output_dir, *overrides):
 def check_resume_and_export(dist_info, output_dir, *parallel) -> None:
     """Under the `parallel` overrides: a run resumed from its step-4 checkpoint repeats the straight run's losses
     bit for bit (Langevin noise and random step counts on), and the final checkpoint exports to the whole model."""
-    from ebwm_scale.train.export import export_checkpoint, load_exported
+    from ebwm_scale.inference.export import export_checkpoint, load_exported
 
     noisy = [
         "data.micro_batch_size=4",
@@ -228,7 +228,7 @@ def _check_start_from_export(rank, world_size, export, output_dir, expected):
 def test_zero_runs_keep_the_exported_weights_they_start_from(tmp_path):
     """DeepSpeed's optimizer keeps fp32 copies of its partitions: weights loaded into the module after
     deepspeed.initialize must reach them, or the first step reverts to the initial weights (plus one update)."""
-    from ebwm_scale.train.export import export_checkpoint
+    from ebwm_scale.inference.export import export_checkpoint
 
     _run("ci_tiny.yaml", CPU, tmp_path / "a", "data.micro_batch_size=8", "train.checkpoint_interval_steps=5")
     export_checkpoint(f"{tmp_path}/a/ci_tiny/checkpoints/step_{STEPS:08d}", f"{tmp_path}/export")

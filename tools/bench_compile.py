@@ -14,9 +14,9 @@ import time
 import torch
 from bench_step import time_train_steps  # tools/ is this script's directory
 
-from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import build_objective
 from ebwm_scale.models import ModelConfig
-from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel.dist import ParallelConfig
 from ebwm_scale.parallel.parallelize import parallelize
 

@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from ebwm_scale.infer import Generator, ThinkConfig
-from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import build_objective
+from ebwm_scale.inference.think import Generator, ThinkConfig
 from ebwm_scale.models import ModelConfig
-from ebwm_scale.objective import build_objective
 
 
 def tokens_per_second(objective, prompt: torch.Tensor, num_tokens: int, steps: int, use_cache: bool) -> float:

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from bench_pp import SavedTensorBytes  # tools/ is this script's directory
 
-from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import build_objective
 from ebwm_scale.models import ModelConfig
-from ebwm_scale.objective import build_objective
 
 
 class PeakMemory:

@@ -19,10 +19,10 @@ import torch
 from bench_step import time_train_steps  # tools/ is this script's directory
 from spawn_ranks import run_on_ranks
 
-from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import build_objective
 from ebwm_scale.models import ModelConfig
 from ebwm_scale.models.blocks import count_params
-from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel.dist import DistInfo, with_parallel_groups
 from ebwm_scale.parallel.pipeline import apply_pipeline, pipeline_schedule
 from ebwm_scale.train.optim import OptimConfig

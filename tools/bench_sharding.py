@@ -55,13 +55,13 @@ def _rank(rank: int, world: int, args, mode: str) -> dict:
         f"train.output_dir={tempfile.mkdtemp(prefix='bench-sharding-')}",
     ]
     trainer = build_trainer(load_config(RECIPE, overrides), DistInfo(rank, rank, world, CPU))
-    finish_step, before_step = trainer.engine.finish_step, []
+    optimizer_step, before_step = trainer.engine.optimizer_step, []
 
     def measure_then_finish(skip: bool) -> float:
         before_step.append(live_tensor_bytes())
-        return finish_step(skip)
+        return optimizer_step(skip)
 
-    trainer.engine.finish_step = measure_then_finish
+    trainer.engine.optimizer_step = measure_then_finish
     for _ in range(2):
         trainer.train_step()
     at_rest = live_tensor_bytes()

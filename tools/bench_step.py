@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import build_objective
 from ebwm_scale.models import ModelConfig
-from ebwm_scale.objective import build_objective
 from ebwm_scale.train.metrics import peak_memory_gb, train_flops_per_token
 from ebwm_scale.train.optim import OptimConfig
 

@@ -15,9 +15,9 @@ import torch
 from bench_step import time_train_steps  # tools/ is this script's directory
 from spawn_ranks import run_on_ranks
 
-from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import build_objective
 from ebwm_scale.models import ModelConfig
-from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel.dist import DistInfo, ParallelConfig, with_parallel_groups
 from ebwm_scale.parallel.parallelize import parallelize, vocab_split
 

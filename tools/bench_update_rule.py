@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ebwm_scale.mcmc import MCMCConfig
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import build_objective, split_batch
 from ebwm_scale.models import ModelConfig
-from ebwm_scale.objective import build_objective, split_batch
 from ebwm_scale.train.optim import OptimConfig, lr_at, set_lr
 
 DEFAULT_SETTINGS = "probs:500:1:1500,logits:500:1:1500,logits:20:0.1:100,probs:20:0.1:100"

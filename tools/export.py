@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 
 from ebwm_scale.errors import run_cli
+from ebwm_scale.inference.export import export_checkpoint
 from ebwm_scale.train.checkpoint import Checkpointer, CheckpointError
-from ebwm_scale.train.export import export_checkpoint
 
 
 def main(argv: list[str]) -> None:

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ebwm_scale.core.objective import EBTObjective, split_batch
 from ebwm_scale.data.frame_encoders import encoder_from_meta
 from ebwm_scale.data.loader import ShardSamples, ShardSource
-from ebwm_scale.objective import EBTObjective, split_batch
+from ebwm_scale.inference.export import load_checkpoint
 from ebwm_scale.train.checkpoint import Checkpointer
-from ebwm_scale.train.export import load_checkpoint
 
 
 def predicted_frames(objective, frames: torch.Tensor, num_steps: int | None) -> torch.Tensor:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ebwm_scale.models.blocks import RMSNorm, Transformer, init_weights
-from ebwm_scale.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from ebwm_scale.models.config import ModelConfig
 
 
 class AR(nn.Module):

@@ -10,19 +10,18 @@ hand-written second derivatives (fused.py), which keep far fewer tensors in that
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ebwm_scale.models.config import ATTENTION_IMPLS, ModelConfig
 from ebwm_scale.models.fused import rms_norm, silu_gate
+from ebwm_scale.numerics import at_least_fp32
 
-
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Reductions in fp32 under bf16; float64 stays float64 (gradient checks)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+if TYPE_CHECKING:
+    from ebwm_scale.models.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -72,7 +71,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
     if impl == "sdpa_fused":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
+    raise ValueError(f"unknown attention impl {impl!r}; expected math, sdpa or sdpa_fused")
 
 
 def prediction_attention(

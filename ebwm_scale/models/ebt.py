@@ -16,12 +16,15 @@ Two layouts compute exactly that ("model.ebt_impl"):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ebwm_scale.models.blocks import RMSNorm, Transformer, init_weights
-from ebwm_scale.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from ebwm_scale.models.config import ModelConfig
 
 
 def ebt_attention_mask(seq_len: int, num_prefix: int = 0, device: torch.device | None = None) -> torch.Tensor:
@@ -187,7 +190,7 @@ class EBT(nn.Module):
 
 class EBTText(EBT):
     """Candidate: V numbers per position (probabilities under the official update), mapped by Linear(V, D) to a
-    mixture of embeddings. The softmax belongs to the MCMC update rule (ebwm_scale/states.py), not to the model."""
+    mixture of embeddings. The softmax belongs to the MCMC update rule (ebwm_scale/core/spaces.py), not to the model."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)

@@ -1,7 +1,7 @@
 """Training engines: how gradients are reduced and the optimizer is stepped, replicated or sharded.
 
 The trainer talks to one interface: `forward_backward(batch, autocast)` once per micro-batch (the objective's
-forward, then `backward(loss)`), `finish_step(skip)` once per optimizer step, `set_lr`, `evaluate`, and model and
+forward, then `backward(loss)`), `optimizer_step(skip)` once per optimizer step, `set_lr`, `evaluate`, and model and
 optimizer state for checkpoints.
 
 - DataParallelEngine (`parallel.data_parallel: ddp`): every rank holds everything; gradients are averaged after the
@@ -36,9 +36,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ebwm_scale.models.blocks import Attention
 from ebwm_scale.parallel import collectives
+from ebwm_scale.parallel.checkpoint_form import checkpoint_state, load_checkpoint_state
 from ebwm_scale.parallel.dist import DistInfo, all_reduce_gradients
 from ebwm_scale.parallel.pipeline import pipeline_schedule
-from ebwm_scale.parallel.state import checkpoint_state, load_checkpoint_state
 from ebwm_scale.parallel.tensor import (
     all_reduce_sequence_parallel_gradients,
     gather_full_state,
@@ -91,7 +91,7 @@ class DataParallelEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum_steps).backward()
 
-    def finish_step(self, skip: bool) -> float:
+    def optimizer_step(self, skip: bool) -> float:
         """Average, clip and apply the accumulated gradients (unless skip, or the gradient is not finite); returns
         the global gradient norm before clipping (nan when skipped without one)."""
         all_reduce_sequence_parallel_gradients(self.module)  # norm gains that saw only this rank's rows
@@ -199,7 +199,7 @@ class FSDPEngine(DataParallelEngine):
         super().__init__(objective, optimizer, dist, cfg.optim.grad_clip, cfg.train.grad_accum_steps)
         self.grads_split_over_dp = True
 
-    def finish_step(self, skip: bool) -> float:
+    def optimizer_step(self, skip: bool) -> float:
         for unit in self.units:
             unit.reshard()
         grad_norm = self._clip_gradients()  # FSDP has reduce-scattered the gradients in the backward
@@ -315,7 +315,7 @@ class DeepSpeedEngine(Engine):
         if self._micro < self.grad_accum_steps:
             self.engine.step()  # DeepSpeed counts micro-steps here; it updates only at the boundary
 
-    def finish_step(self, skip: bool) -> float:
+    def optimizer_step(self, skip: bool) -> float:
         assert not skip, "the trainer stops instead of skipping when can_skip_steps is False"
         self._micro = 0
         self.engine.step()

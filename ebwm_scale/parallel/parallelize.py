@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
+from ebwm_scale.core.spaces import TokenSpace
 from ebwm_scale.parallel.dist import DistInfo, ParallelConfig
 from ebwm_scale.parallel.pipeline import VacantLayer, apply_pipeline
 from ebwm_scale.parallel.tensor import (
@@ -34,7 +35,6 @@ from ebwm_scale.parallel.tensor import (
     gather_from_sequence_parallel,
     scatter_to_sequence_parallel,
 )
-from ebwm_scale.states import TokenState
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
@@ -121,8 +121,8 @@ def apply_compile(model: nn.Module) -> None:
 
 def parallelize(objective: nn.Module, cfg: ParallelConfig, dist_info: DistInfo | None = None) -> nn.Module:
     if dist_info is not None and dist_info.tp_size > 1:
-        state = getattr(objective, "state", None)
-        if isinstance(state, TokenState) and state.split.count != dist_info.tp_size:
+        state = getattr(objective, "space", None)
+        if isinstance(state, TokenSpace) and state.split.count != dist_info.tp_size:
             raise ValueError("a text EBT under tensor parallelism needs build_objective(..., vocab_split(dist_info))")
         apply_tensor_parallel(objective.model, dist_info.tp_group, cfg.sequence_parallel)
     if dist_info is not None and dist_info.pp_size > 1:

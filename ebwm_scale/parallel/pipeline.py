@@ -11,8 +11,8 @@ EBT, per MCMC step, every phase a wave of the M micro-batches through the stages
      create_graph.
   2. energy gradient (last -> first): each stage gets G_s = dE/dh_s as a leaf and sends back
      dE/dx_s = grad(h_s, x_s, G_s, create_graph=True). Stage 0 ends with the energy gradient at the step's point:
-     it descends and computes the reconstruction loss with the MCMC loop's own functions (mcmc.start_step and
-     finish_step, the state space's loss), exactly as one process does.
+     it descends and computes the reconstruction loss with the MCMC loop's own functions (mcmc.energy_point and
+     descend, the state space's loss), exactly as one process does.
   3. outer backward, through the energy gradient (first -> last): stage 0 back-propagates the loss; what lands on
      its leaf G_0 is the cotangent of stage 1's dE/dx_1, which stage 1 back-propagates, and so on.
   4. outer backward, through the forward (last -> first): what landed on x_s is the cotangent of h_{s-1}.
@@ -37,12 +37,12 @@ from functools import partial
 import torch
 from torch import nn
 
-from ebwm_scale.mcmc import MCMCConfig, finish_step, start_step
+from ebwm_scale.core.mcmc import MCMCConfig, descend, energy_point
+from ebwm_scale.core.objective import frame_metrics, split_batch
+from ebwm_scale.core.spaces import Point
 from ebwm_scale.models import EBT
-from ebwm_scale.objective import frame_metrics, split_batch
 from ebwm_scale.parallel import collectives
 from ebwm_scale.parallel.dist import DistInfo
-from ebwm_scale.states import Point
 
 WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 HEADER_LEN = 8  # dtype, ndim, up to 6 dims
@@ -311,7 +311,7 @@ class _EBTBatch:
         self.alpha = self.objective.mcmc.step_size() if self.first else None
         self.losses = [[None] * count for _ in loss_weights]  # [step][micro-batch], stage 0
         self.energies = [[None] * count for _ in loss_weights]  # [step][micro-batch], last stage
-        self.points: dict[StepKey, Point] = {}  # stage 0: where the energy is differentiated (mcmc.start_step)
+        self.points: dict[StepKey, Point] = {}  # stage 0: where the energy is differentiated (mcmc.energy_point)
         self.x: dict[StepKey, torch.Tensor] = {}  # the stage's input: the point's variable on stage 0, else a leaf
         self.h: dict[StepKey, torch.Tensor] = {}  # the stage's output
         self.state_grad: dict[StepKey, torch.Tensor] = {}  # dE/dx, with graph when training
@@ -338,7 +338,7 @@ class _EBTBatch:
         with torch.enable_grad(), self.autocast:
             if self.first:
                 noise_std = self.mcmc.langevin_noise_std if self.train else 0.0
-                point = self.points[key] = start_step(self.objective.state, self.states[index], noise_std)
+                point = self.points[key] = energy_point(self.objective.space, self.states[index], noise_std)
                 self.x[key] = point.wrt
                 candidate = self.model.condition(point.candidate, step)
             else:
@@ -371,8 +371,8 @@ class _EBTBatch:
     def _descend(self, step: int, index: int) -> None:
         key = (step, index)
         jitter = self.mcmc.alpha_jitter if self.train else 0.0
-        space = self.objective.state
-        self.states[index] = finish_step(space, self.points.pop(key), self.state_grad[key], self.alpha, jitter)
+        space = self.objective.space
+        self.states[index] = descend(space, self.points.pop(key), self.state_grad[key], self.alpha, jitter)
         loss = space.loss(self.states[index], self.target[index])
         self.losses[step][index] = loss if self.loss_weights[step] > 0 else loss.detach()
         if self.loss_weights[step] == 0:

@@ -46,9 +46,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ebwm_scale.core.vocab_kernels import VocabSplit
 from ebwm_scale.models.blocks import RMSNorm
 from ebwm_scale.parallel import collectives
-from ebwm_scale.vocab_state import VocabSplit
 
 SEQUENCE_DIM = 1  # of (B, L, D)
 
@@ -326,7 +326,7 @@ class _SumOfSlices(_ReduceFromTP):
 class VocabParallel(VocabSplit):
     """The text EBT's vocabulary split over a tensor-parallel group: this rank holds slice `index` of `count` of the
     B x S x V state, of its probabilities and of the V -> D mapping (a RowParallelLinear). The state space
-    (ebwm_scale/states.py) runs the same math on the slice; these operations make its row reductions span the group.
+    (core/spaces.py) runs the same math on the slice; these operations make its row reductions span the group.
 
     What crosses ranks per MCMC step: under the official `probs` rule the softmax's row max and sum (B x S numbers,
     no graph), the candidate embedding (the mapping's all-reduce, B x S x D), and in the backward alpha's and the

@@ -3,7 +3,7 @@
 Layout of one checkpoint, `<dir>/step_00000050/`:
     state/              model (+ alpha) and optimizer state, written by torch.distributed.checkpoint (DCP): every
                         rank writes its own shard (`__0_0.distcp` ...), `.metadata` says where each piece lies, so a
-                        checkpoint loads resharded onto any number of ranks (ebwm_scale/parallel/state.py)
+                        checkpoint loads resharded onto any number of ranks (ebwm_scale/parallel/checkpoint_form.py)
     trainer.pt          step, counters, callback states, the parallel layout (torch.load(weights_only=True))
     rank_00000.pt ...   per rank: RNG states (python, numpy, torch, cuda), the data-loader position, and under
                         DeepSpeed ZeRO the rank's optimizer partition

@@ -9,18 +9,17 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ebwm_scale.config import recipe_changes
+from ebwm_scale.core.objective import build_objective
 from ebwm_scale.data.sampler import SampleDataset, fixed_batches
 from ebwm_scale.errors import UserError
-from ebwm_scale.logs import log
 from ebwm_scale.models.blocks import count_params
-from ebwm_scale.objective import build_objective
 from ebwm_scale.parallel import collectives
 from ebwm_scale.parallel.dist import DistInfo, all_reduce_mean
 from ebwm_scale.parallel.engine import build_engine
@@ -38,9 +37,9 @@ from ebwm_scale.train.checkpoint import (
     seed_all,
     torch_bytes,
 )
-from ebwm_scale.train.export import read_exported_weights
 from ebwm_scale.train.metrics import model_state_gb_per_rank, peak_memory_gb, peak_tflops, train_flops_per_token
 from ebwm_scale.train.optim import lr_at
+from ebwm_scale.train.resume import check_recipe
 
 if TYPE_CHECKING:
     from ebwm_scale.config import PretrainConfig
@@ -67,8 +66,12 @@ class Trainer:
         data_info: dict[str, str],
         dist: DistInfo,
         callbacks: list[Callback],
+        initial_weights: Callable[[], dict[str, torch.Tensor]] | None = None,
     ):
+        """`initial_weights`: the unsharded weights a new run starts from (train.init_from), read only when the run
+        does not resume."""
         self.cfg = cfg
+        self.initial_weights = initial_weights
         self.objective = objective
         self.val_set = val_set
         self.data_info = data_info
@@ -181,7 +184,7 @@ class Trainer:
                 "already reduced into the optimizer's partitions, so the step cannot be skipped; resume from the "
                 "last checkpoint with a lower optim.lr or mcmc.alpha_init"
             )
-        metrics.update(grad_norm=self.engine.finish_step(skip=bool(bad)), lr=lr)
+        metrics.update(grad_norm=self.engine.optimizer_step(skip=bool(bad)), lr=lr)
         bad = bad or ([] if math.isfinite(metrics["grad_norm"]) else ["grad_norm"])
         if bad:
             self.skipped_steps += 1
@@ -279,7 +282,10 @@ class Trainer:
         self.checkpointer.check_format(url)
         shared = self.checkpointer.read_torch(url, TRAINER_FILE)
         saved = shared["layout"]
-        self._check_recipe(url, saved["world_size"] // (saved["tp_size"] * saved["pp_size"]))
+        saved_yaml = self.checkpointer.read_verified(url, CONFIG_FILE).decode()
+        check_recipe(
+            url, saved_yaml, saved["world_size"] // (saved["tp_size"] * saved["pp_size"]), self.cfg, self.dist.dp_size
+        )
         same = saved == self.layout()
         if not same and (not self.engine.resizable or saved["data_parallel"] == "zero"):
             raise CheckpointError(
@@ -320,22 +326,6 @@ class Trainer:
         self.train_loader.load_resized(states[0])
         seed_all(self.cfg.train.seed, self.step, self.dist.dp_rank)
 
-    def _check_recipe(self, url: str, saved_dp_size: int) -> None:
-        """Refuse a resume whose recipe computes differently from the checkpoint's, unless the keys are allowed."""
-        saved_yaml = self.checkpointer.read_verified(url, CONFIG_FILE).decode()
-        changes = recipe_changes(saved_yaml, saved_dp_size, self.cfg, self.dist.dp_size)
-        described = {key: f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()}
-        refused = [key for key in changes if key not in self.cfg.train.resume_allow_changes]
-        if refused:
-            raise CheckpointError(
-                f"{url} was saved under another recipe ({'; '.join(described[key] for key in refused)}): resuming "
-                "would mix the two in one run; start a new run (another train.run_name or train.output_dir), or "
-                f"allow it with train.resume_allow_changes=[{','.join(refused)}]"
-            )
-        if described:
-            allowed = "; ".join(described.values())
-            log.warning(f"resuming {url} with changes allowed by train.resume_allow_changes: {allowed}")
-
     def _resume_url(self) -> str | None:
         resume, branch_from = self.cfg.train.resume, self.cfg.train.branch_from
         if resume == "none":
@@ -371,13 +361,13 @@ class Trainer:
         if resume_url:
             self.resume(resume_url)
             self.resumed_from = resume_url
-        elif self.cfg.train.init_from:
-            self.engine.load_model_state_dict(read_exported_weights(self.cfg.train.init_from, self.cfg.model))
+        elif self.initial_weights is not None:
+            self.engine.load_model_state_dict(self.initial_weights())
         self.eval_batches()
         if self.dist.is_rank0:
             (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml())
         previous_handlers = self._install_signal_handlers()
-        start_step, start = self.step, time.perf_counter()
+        energy_point, start = self.step, time.perf_counter()
         last_train: dict[str, float] = {}
         last_eval: dict[str, float] = {}
         error: BaseException | None = None
@@ -421,7 +411,7 @@ class Trainer:
                 "skipped_steps": self.skipped_steps,
                 self.unit: self.tokens_seen,
                 "wall_time_s": elapsed,
-                f"{self.unit}_per_s": (self.step - start_step) * self.tokens_per_step / max(elapsed, 1e-9),
+                f"{self.unit}_per_s": (self.step - energy_point) * self.tokens_per_step / max(elapsed, 1e-9),
                 "train_loss": last_train.get("loss", float("nan")),
                 "eval_loss": last_eval.get("loss", float("nan")),
                 "output_dir": str(self.output_dir),

@@ -50,7 +50,7 @@ from ebwm_scale.errors import run_cli
 from ebwm_scale.train.checkpoint import checkpoint_name
 from ebwm_scale.train.optim import SCHEDULES, OptimConfig, wsd_decay_start
 
-ENTRY_POINT = Path(__file__).resolve().parent / "pretrain.py"
+ENTRY_POINT = Path(__file__).resolve().parents[1] / "pretrain.py"
 
 
 @dataclass(kw_only=True)
@@ -344,7 +344,7 @@ def slurm_script(ladder_path: Path, ladder: LadderConfig, runs: list[LadderRun],
         *([f"#SBATCH --gpus-per-task={ladder.gpus_per_rank}"] if ladder.gpus_per_rank else []),
         *(f"#SBATCH {option}" for option in sbatch_options),
         "set -euo pipefail",
-        f'{shlex.quote(sys.executable)} -m ebwm_scale.ladder {path} --index "$SLURM_ARRAY_TASK_ID"',
+        f'{shlex.quote(sys.executable)} -m ebwm_scale.cli.ladder {path} --index "$SLURM_ARRAY_TASK_ID"',
     ]
     return "\n".join(lines) + "\n"
 

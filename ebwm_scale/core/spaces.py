@@ -1,15 +1,15 @@
 """What an MCMC chain moves in: the state, how it becomes the model's candidate embedding, how a step descends, and
-the reconstruction loss. ebwm_scale/mcmc.py runs the same step over either space.
+the reconstruction loss. ebwm_scale/core/mcmc.py runs the same step over either space.
 
-FrameState: a continuous frame embedding (F dims); the model projects it; SmoothL1 (beta 1) to the next frame.
+FrameSpace: a continuous frame embedding (F dims); the model projects it; SmoothL1 (beta 1) to the next frame.
 
-TokenState: V numbers per position, cross-entropy to the next token. The update rule is `mcmc.update_space`:
+TokenSpace: V numbers per position, cross-entropy to the next token. The update rule is `mcmc.update_space`:
   probs   (official; alexiglad/EBT model/nlp/ebt.py, EBT_NLP.forward): the state is replaced by its probabilities
           p = softmax(s) (line 129), the energy is differentiated with respect to p (line 150), s' = p - alpha dE/dp
           (line 161); the loss is cross-entropy of s' (lines 172, 204-205).
   logits  (this project's earlier rule): the energy is differentiated through the softmax, s' = s - alpha dE/ds. Its
           first step is orders of magnitude smaller at large V, so it needs its own alpha and start noise.
-`mcmc.vocab_state` picks the implementation: lean (fused Functions of ebwm_scale/vocab_state.py) or plain autograd
+`mcmc.vocab_state` picks the implementation: lean (fused Functions of core/vocab_kernels.py) or plain autograd
 (the reference); both compute the same numbers.
 
 A Point is one step's differentiation site: `wrt`, the tensor the energy is differentiated in; `candidate`, the
@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ebwm_scale.models.blocks import at_least_fp32
-from ebwm_scale.vocab_state import (
+from ebwm_scale.core.vocab_kernels import (
     VocabSplit,
     cross_entropy_and_probabilities,
     lean_cross_entropy,
@@ -37,6 +36,7 @@ from ebwm_scale.vocab_state import (
     probs_linear,
     softmax_linear,
 )
+from ebwm_scale.numerics import at_least_fp32
 
 UPDATE_SPACES = ("probs", "logits")
 VOCAB_STATES = ("lean", "plain")
@@ -49,7 +49,7 @@ class Point:
     base: torch.Tensor
 
 
-class FrameState:
+class FrameSpace:
     """A continuous candidate frame (F dims), fed through `embed` (the model's frame projection)."""
 
     def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], frame_dim: int, init_scale: float):
@@ -73,7 +73,7 @@ class FrameState:
         return F.smooth_l1_loss(at_least_fp32(state), target.to(at_least_fp32(state).dtype), beta=1.0)
 
 
-class TokenState:
+class TokenSpace:
     """V numbers per position (this slice of them when tensor parallelism splits the vocabulary: `split`)."""
 
     def __init__(
@@ -181,8 +181,8 @@ class TokenState:
         return self.split.max_ranks(wide.max(-1, keepdim=True).values)
 
 
-def build_state(model: nn.Module, mcmc_cfg, split: VocabSplit | None = None) -> FrameState | TokenState:
+def build_space(model: nn.Module, mcmc_cfg, split: VocabSplit | None = None) -> FrameSpace | TokenSpace:
     """The state space of an EBT: tokens (with the configured update rule) or frames."""
     if model.cfg.modality == "frames":
-        return FrameState(model.embed_pred, model.cfg.frame_dim, mcmc_cfg.init_scale)
-    return TokenState(model, mcmc_cfg.init_scale, mcmc_cfg.update_space, mcmc_cfg.vocab_state == "lean", split)
+        return FrameSpace(model.embed_pred, model.cfg.frame_dim, mcmc_cfg.init_scale)
+    return TokenSpace(model, mcmc_cfg.init_scale, mcmc_cfg.update_space, mcmc_cfg.vocab_state == "lean", split)

@@ -37,7 +37,7 @@ class FitError(UserError, ValueError):
 
 
 @dataclass(frozen=True)
-class Point:
+class RunPoint:
     run: str
     kind: str
     size: str
@@ -61,7 +61,7 @@ class SurfaceFit:
         return self.E + self.A / np.asarray(params) ** self.a + self.B / np.asarray(data) ** self.b
 
 
-def points_from_runs_dir(root: str | Path) -> list[Point]:
+def points_from_runs_dir(root: str | Path) -> list[RunPoint]:
     """Finished runs under `root` (each <run>/summary.json with a scale record and an eval loss)."""
     points = []
     for summary_path in sorted(Path(root).glob("*/summary.json")):
@@ -72,7 +72,7 @@ def points_from_runs_dir(root: str | Path) -> list[Point]:
         config = yaml.safe_load((summary_path.parent / "config.yaml").read_text())
         tags = config["tracking"]["tags"]
         points.append(
-            Point(
+            RunPoint(
                 summary["run"],
                 tags.get("ladder_kind", scale["kind"]),
                 tags.get("ladder_size", ""),
@@ -85,7 +85,7 @@ def points_from_runs_dir(root: str | Path) -> list[Point]:
     return points
 
 
-def points_from_mlflow(tracking_uri: str, experiment: str, ladder: str) -> list[Point]:
+def points_from_mlflow(tracking_uri: str, experiment: str, ladder: str) -> list[RunPoint]:
     """Finished runs of `experiment` tagged with the ladder's name; the loss is the last eval/loss."""
     import mlflow
 
@@ -104,7 +104,7 @@ def points_from_mlflow(tracking_uri: str, experiment: str, ladder: str) -> list[
         data = float(tags["tokens"])
         flops = float(tags["flops"])
         points.append(
-            Point(
+            RunPoint(
                 run.info.run_name,
                 tags.get("ladder_kind", tags["model_kind"]),
                 tags.get("ladder_size", ""),
@@ -127,7 +127,7 @@ def _huber(residual: np.ndarray) -> np.ndarray:
     return np.where(small, 0.5 * residual**2, HUBER_DELTA * (np.abs(residual) - 0.5 * HUBER_DELTA))
 
 
-def _minimise(points: list[Point], starts: list[np.ndarray]) -> np.ndarray:
+def _minimise(points: list[RunPoint], starts: list[np.ndarray]) -> np.ndarray:
     from scipy.optimize import minimize
 
     log_n = np.log([p.params for p in points])
@@ -143,7 +143,7 @@ def _minimise(points: list[Point], starts: list[np.ndarray]) -> np.ndarray:
     return best.x
 
 
-def check_enough(points: list[Point], kind: str) -> None:
+def check_enough(points: list[RunPoint], kind: str) -> None:
     sizes, budgets = {p.params for p in points}, {p.data for p in points}
     if len(points) < MIN_POINTS or len(sizes) < MIN_SIZES or len(budgets) < MIN_BUDGETS:
         raise FitError(
@@ -152,7 +152,7 @@ def check_enough(points: list[Point], kind: str) -> None:
         )
 
 
-def fit_surface(points: list[Point], start: np.ndarray | None = None) -> SurfaceFit:
+def fit_surface(points: list[RunPoint], start: np.ndarray | None = None) -> SurfaceFit:
     """The Huber-in-log-space fit of L(N, D); from a grid of starts, or from `start` (bootstrap refits)."""
     if start is not None:
         starts = [start]
@@ -167,7 +167,7 @@ def _theta(fit: SurfaceFit) -> np.ndarray:
     return np.array([math.log(fit.E), math.log(fit.A), fit.a, math.log(fit.B), fit.b])
 
 
-def bootstrap(points: list[Point], fit: SurfaceFit, samples: int, seed: int) -> list[SurfaceFit]:
+def bootstrap(points: list[RunPoint], fit: SurfaceFit, samples: int, seed: int) -> list[SurfaceFit]:
     """Refits on resamples (with replacement) of the runs that still span 2 sizes and 2 budgets."""
     rng = np.random.default_rng(seed)
     fits = []
@@ -178,7 +178,7 @@ def bootstrap(points: list[Point], fit: SurfaceFit, samples: int, seed: int) -> 
     return fits
 
 
-def data_power_laws(points: list[Point]) -> dict[str, dict[str, float]]:
+def data_power_laws(points: list[RunPoint]) -> dict[str, dict[str, float]]:
     """Per size with >= 3 budgets: L = c * D^-s by least squares in log-log (exponent s, and the R^2)."""
     laws = {}
     for size in sorted({p.size for p in points}):
@@ -193,7 +193,7 @@ def data_power_laws(points: list[Point]) -> dict[str, dict[str, float]]:
     return laws
 
 
-def frontier(points: list[Point], fit: SurfaceFit, num: int = 6) -> list[dict[str, float]]:
+def frontier(points: list[RunPoint], fit: SurfaceFit, num: int = 6) -> list[dict[str, float]]:
     """Compute-optimal (N, D, L) for budgets spanning the runs' FLOPs; FLOPs per token per parameter is taken from
     the runs (about linear in N for a given recipe)."""
     per_param_token = float(np.median([p.flops / (p.params * p.data) for p in points]))
@@ -221,7 +221,7 @@ def _interval(values: list[float]) -> list[float]:
 Fits = dict[str, tuple[SurfaceFit, list[SurfaceFit]]]  # kind -> (fit, bootstrap refits)
 
 
-def analyse(points: list[Point], samples: int = 200, seed: int = 0) -> tuple[dict, Fits]:
+def analyse(points: list[RunPoint], samples: int = 200, seed: int = 0) -> tuple[dict, Fits]:
     """(what summary.json holds, the fits); kinds that cannot be fitted carry the reason instead of a fit."""
     points = sorted(points, key=lambda p: p.run)  # the same resamples whichever source listed the runs
     result: dict = {"runs": [asdict(p) for p in points], "kinds": {}}
@@ -256,7 +256,7 @@ def analyse(points: list[Point], samples: int = 200, seed: int = 0) -> tuple[dic
     return result, fits
 
 
-def plot(points: list[Point], result: dict, fits: Fits, out: Path) -> None:
+def plot(points: list[RunPoint], result: dict, fits: Fits, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -19,10 +19,10 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from ebwm_scale.config import ConfigError, PretrainConfig, config_from_text
+from ebwm_scale.core.objective import build_objective
 from ebwm_scale.data.shards import ShardFormatError, read_meta
 from ebwm_scale.models.config import ModelConfig
-from ebwm_scale.objective import build_objective
-from ebwm_scale.parallel.state import checkpoint_state, load_checkpoint_state
+from ebwm_scale.parallel.checkpoint_form import checkpoint_state, load_checkpoint_state
 from ebwm_scale.train.checkpoint import (
     CONFIG_FILE,
     STATE_DIR,

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ebwm_scale.mcmc import MCMC, RefineResult, refine
+from ebwm_scale.core.mcmc import MCMC, RefineResult, refine
+from ebwm_scale.core.spaces import build_space
+from ebwm_scale.core.vocab_kernels import VocabSplit, lean_cross_entropy
 from ebwm_scale.models import EBT
-from ebwm_scale.models.blocks import at_least_fp32
 from ebwm_scale.models.ebt import EncodedContext
-from ebwm_scale.states import build_state
-from ebwm_scale.vocab_state import VocabSplit, lean_cross_entropy
+from ebwm_scale.numerics import at_least_fp32
 
 
 @dataclass
@@ -55,11 +55,11 @@ class EBTObjective(nn.Module):
         super().__init__()
         self.model = model
         self.mcmc = mcmc
-        self.state = build_state(model, mcmc.cfg, split)
+        self.space = build_space(model, mcmc.cfg, split)
 
     def init_state(self, ctx: torch.Tensor) -> torch.Tensor:
         """Start noise: V numbers per position for text (this slice of them), an F-dim embedding for frames."""
-        return self.state.init(ctx)
+        return self.space.init(ctx)
 
     def energy_fn(self, context: EncodedContext):
         return lambda candidate, step: self.model.energy(context, candidate, step)
@@ -69,7 +69,7 @@ class EBTObjective(nn.Module):
         context = self.model.encode_context(ctx)  # shared by every MCMC step
         result = refine(
             self.energy_fn(context),
-            self.state,
+            self.space,
             self.init_state(ctx),
             self.mcmc.step_size(),
             self.mcmc.sample_num_steps(),
@@ -93,7 +93,7 @@ class EBTObjective(nn.Module):
         the result holds the loss after every step."""
         return refine(
             self.energy_fn(self.model.encode_context(ctx)),
-            self.state,
+            self.space,
             self.init_state(ctx),
             self.mcmc.step_size(),
             num_steps or self.mcmc.cfg.num_steps,

@@ -9,9 +9,9 @@
         loss  += recon(pred, target)
 
 `mcmc_step` is the only implementation of a step: training, evaluation, System-2 inference (more steps, best-of-N,
-early exit: ebwm_scale/infer.py) and the pipeline schedule (which runs `start_step` and `finish_step` around its
+early exit: ebwm_scale/cli/generate.py) and the pipeline schedule (which runs `energy_point` and `descend` around its
 waves of stages) all call it. What the state is and how it descends (frames; tokens under the official probability
-rule or the logit rule) comes from the state space (ebwm_scale/states.py).
+rule or the logit rule) comes from the state space (ebwm_scale/core/spaces.py).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ebwm_scale.states import FrameState, Point, TokenState
+from ebwm_scale.core.spaces import FrameSpace, Point, TokenSpace
 
 EnergyFn = Callable[[torch.Tensor, int], torch.Tensor]  # (candidate embedding (B, S, D), step index) -> (B, S)
-StateSpace = FrameState | TokenState
+StateSpace = FrameSpace | TokenSpace
 
 
 @dataclass(kw_only=True)
@@ -44,7 +44,7 @@ class MCMCConfig:
     # Text: "probs" is the official rule (step from softmax(s) with the gradient w.r.t. the probabilities);
     # "logits" differentiates through the softmax and steps the logits (needs its own alpha and noise).
     update_space: str = "probs"
-    # Text: "lean" runs the B x S x V state through fused, chunked Functions (ebwm_scale/vocab_state.py); "plain"
+    # Text: "lean" runs the B x S x V state through fused, chunked Functions (ebwm_scale/core/vocab_kernels.py); "plain"
     # is the autograd reference. Same numbers.
     vocab_state: str = "lean"
 
@@ -61,7 +61,7 @@ class RefineResult:
     steps_used: torch.Tensor | None = None  # (B, S) steps each position took (fewer under early exit)
 
 
-def start_step(space: StateSpace, pred: torch.Tensor, langevin_noise_std: float = 0.0) -> Point:
+def energy_point(space: StateSpace, pred: torch.Tensor, langevin_noise_std: float = 0.0) -> Point:
     """The first half of a step: noise, and the point the energy is differentiated at, a fresh leaf of the state (no
     gradient through earlier steps)."""
     if langevin_noise_std > 0:  # Langevin dynamics: explore around the current state
@@ -69,7 +69,7 @@ def start_step(space: StateSpace, pred: torch.Tensor, langevin_noise_std: float 
     return space.point(pred)
 
 
-def finish_step(
+def descend(
     space: StateSpace, point: Point, grad: torch.Tensor, alpha: torch.Tensor, alpha_jitter: float = 0.0
 ) -> torch.Tensor:
     """The second half: gradient descent on the energy with step size alpha (randomized by `alpha_jitter`)."""
@@ -95,11 +95,11 @@ def mcmc_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of gradient descent on the energy: (the new state, the energy (B, S) before it, detached)."""
     with torch.enable_grad():
-        point = start_step(space, pred, langevin_noise_std)
+        point = energy_point(space, pred, langevin_noise_std)
         energy = energy_fn(point.candidate, step)  # (B, S)
         (grad,) = torch.autograd.grad(energy.sum(), point.wrt, create_graph=create_graph)
     with torch.set_grad_enabled(create_graph):
-        return finish_step(space, point, grad, alpha, alpha_jitter), energy.detach()
+        return descend(space, point, grad, alpha, alpha_jitter), energy.detach()
 
 
 def refine(

@@ -2,7 +2,7 @@
 
 At V = 50k these tensors dominate memory (tools/bench_memory.py). Plain autograd keeps four to five of them per step
 until the outer backward; the Functions here keep what the math needs and recompute the rest in row chunks of at
-most CHUNK_ELEMENTS. Two update rules (mcmc.update_space, see ebwm_scale/states.py):
+most CHUNK_ELEMENTS. Two update rules (mcmc.update_space, see ebwm_scale/core/spaces.py):
 
 probs (the official rule: the state is replaced by its probabilities p = softmax(s), the energy is differentiated
 with respect to p, and s' = p - alpha dE/dp). The state mapping e = p W^T is linear, so dE/dp = u W with
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.graph import get_gradient_edge
 
-from ebwm_scale.models.blocks import at_least_fp32
+from ebwm_scale.numerics import at_least_fp32
 
 # 16 MiB of fp32 per temporary: below glibc's largest mmap threshold (32 MiB), so temporaries are reused from the
 # heap instead of being mapped and page-faulted afresh (row passes about 3x slower at V = 50k with 64 MiB chunks).

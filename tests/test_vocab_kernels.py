@@ -1,4 +1,4 @@
-"""The lean vocabulary state (ebwm_scale/vocab_state.py) computes exactly what plain autograd does, under both update
+"""The lean vocabulary kernels (core/vocab_kernels.py) compute exactly what plain autograd does, under both update
 rules and to second order, while keeping fewer B x S x V tensors alive."""
 
 import pytest
@@ -6,24 +6,24 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
-from ebwm_scale import vocab_state
-from ebwm_scale.mcmc import MCMCConfig
-from ebwm_scale.models.blocks import at_least_fp32
-from ebwm_scale.objective import build_objective
-from ebwm_scale.vocab_state import (
+from ebwm_scale.core import vocab_kernels
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import build_objective
+from ebwm_scale.core.vocab_kernels import (
     cross_entropy_and_probabilities,
     lean_cross_entropy,
     probs_descent,
     probs_linear,
     softmax_linear,
 )
+from ebwm_scale.numerics import at_least_fp32
 from tests.conftest import tiny_model_config
 
 
 @pytest.fixture(params=[False, True], ids=["one-chunk", "row-chunks"])
 def chunking(request, monkeypatch):
     if request.param:  # two rows per chunk, so every loop runs several chunks and a short last one
-        monkeypatch.setattr(vocab_state, "CHUNK_ELEMENTS", 2 * 7)
+        monkeypatch.setattr(vocab_kernels, "CHUNK_ELEMENTS", 2 * 7)
 
 
 def test_softmax_linear_first_and_second_derivatives(chunking):
@@ -136,13 +136,13 @@ def test_state_stays_fp32_under_bf16_autocast(update_space):
 def test_the_training_chain_keeps_an_fp32_state_under_bf16_autocast(update_space):
     """The training step (second-order graph kept) refines an fp32 state at every MCMC step."""
     objective = _objective("lean", num_steps=2, update_space=update_space, alpha_init=0.5)
-    point, seen = objective.state.point, []
+    point, seen = objective.space.point, []
 
     def recording_point(state):
         seen.append(state.dtype)
         return point(state)
 
-    objective.state.point = recording_point
+    objective.space.point = recording_point
     torch.manual_seed(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = objective({"tokens": torch.randint(0, 61, (2, 9))}).loss

@@ -4,7 +4,7 @@
     ebwm-eval runs/ci_tiny_ar/checkpoints --latest --out eval/ci_tiny_ar       # an AR model: one flat line
 
 On the first --batches validation batches (in distribution) and on as many out-of-distribution ones, every position
-is predicted with each number of steps and each best-of-N (ebwm_scale/infer.py), from the same start noise. Reported
+is predicted with each number of steps and each best-of-N (inference/think.py), from the same start noise. Reported
 per split: the mean loss (cross-entropy or SmoothL1), the mean final energy, and the correlation between a
 position's final energy and its loss (does the energy know when it is wrong?). Out of distribution: for the stdlib
 docstring corpus, the standard library's code with docstrings removed (code vs prose); for synthetic video, clips
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ebwm_scale.core.objective import EBTObjective, split_batch
 from ebwm_scale.data.sampler import fixed_batches
 from ebwm_scale.errors import at_least, int_list, run_cli
-from ebwm_scale.infer import ThinkConfig, think_about
-from ebwm_scale.models.blocks import at_least_fp32
-from ebwm_scale.objective import EBTObjective, split_batch
+from ebwm_scale.inference.think import ThinkConfig, think_about
+from ebwm_scale.numerics import at_least_fp32
 
 
 def position_losses(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -107,8 +107,8 @@ def plot(results: dict, path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ebwm_scale.inference.export import load_checkpoint, load_model
     from ebwm_scale.train.checkpoint import Checkpointer, CheckpointError
-    from ebwm_scale.train.export import load_checkpoint, load_model
 
     parser = argparse.ArgumentParser(prog="ebwm-eval", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="an export directory, a checkpoint, or with --latest a checkpoint_dir")
