@@ -100,7 +100,7 @@ def record_gradients(engine) -> list[dict[str, torch.Tensor]]:
     """Every optimizer step's whole gradients, by parameter name, as the optimizer is about to use them (after the
     reduction over ranks and the accumulation scaling): comparing these with one process catches a constant scale
     error, which Adam's g / sqrt(v) would hide in the weights. Every rank must train (full_tensor gathers)."""
-    from ebwm_scale.parallel.engine import DeepSpeedEngine
+    from ebwm_scale.parallel.engines import DeepSpeedEngine
 
     steps: list[dict[str, torch.Tensor]] = []
     if isinstance(engine, DeepSpeedEngine):

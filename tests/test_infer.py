@@ -137,9 +137,9 @@ def test_an_export_of_a_shards_run_generates_without_its_shards(text_shards, tmp
     needs nothing else once the shards are gone."""
     import shutil
 
+    from ebwm_scale.cli.generate import main as generate
     from ebwm_scale.config import load_config
     from ebwm_scale.inference.export import TOKENIZER_FILE, export_checkpoint
-    from ebwm_scale.cli.generate import main as generate
     from ebwm_scale.pretrain import build_trainer
     from tests.conftest import CPU, REPO
     from tests.test_training import SMALL

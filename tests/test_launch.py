@@ -8,7 +8,7 @@ import pytest
 
 from ebwm_scale.config import load_config
 from ebwm_scale.parallel.dist import _launcher_env, slurm_rendezvous
-from ebwm_scale.parallel.engine import deepspeed_config
+from ebwm_scale.parallel.engines.deepspeed import deepspeed_config
 from tests.conftest import REPO
 
 
@@ -43,9 +43,19 @@ def _zero_cfg(*overrides):
     return load_config(REPO / "recipes" / "ci_tiny.yaml", ["parallel.data_parallel=zero", *overrides])
 
 
+def _recipe_deepspeed_config(cfg, world_size: int) -> dict:
+    return deepspeed_config(
+        cfg.parallel,
+        micro_batch_size=cfg.data.micro_batch_size,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        grad_clip=cfg.optim.grad_clip,
+        world_size=world_size,
+    )
+
+
 def test_deepspeed_config_follows_the_recipe():
     cfg = _zero_cfg("parallel.zero_stage=2", "train.grad_accum_steps=3", "train.precision=bf16", "optim.grad_clip=0.5")
-    ds = deepspeed_config(cfg, world_size=4)
+    ds = _recipe_deepspeed_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 16 * 3 * 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 0.5
     assert not ds["bf16"]["enabled"]  # bf16 is the trainer's autocast over fp32 weights, as under ddp and fsdp
@@ -54,12 +64,12 @@ def test_deepspeed_config_follows_the_recipe():
 def test_user_deepspeed_json_adds_keys_and_conflicts_are_errors(tmp_path):
     extra = tmp_path / "ds.json"
     extra.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "wall_clock_breakdown": True}))
-    ds = deepspeed_config(_zero_cfg(f"parallel.deepspeed_config={extra}"), world_size=2)
+    ds = _recipe_deepspeed_config(_zero_cfg(f"parallel.deepspeed_config={extra}"), world_size=2)
     assert ds["zero_optimization"] == {"stage": 1, "elastic_checkpoint": False, "overlap_comm": True}
     assert ds["wall_clock_breakdown"] is True
     extra.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(ValueError, match=r"sets zero_optimization.stage=3 but the recipe implies 1"):
-        deepspeed_config(_zero_cfg(f"parallel.deepspeed_config={extra}"), world_size=2)
+        _recipe_deepspeed_config(_zero_cfg(f"parallel.deepspeed_config={extra}"), world_size=2)
     extra.write_text(json.dumps({"bf16": {"enabled": True}}))
     with pytest.raises(ValueError, match=r"sets bf16.enabled=True .* never DeepSpeed's bf16 mode"):
-        deepspeed_config(_zero_cfg(f"parallel.deepspeed_config={extra}"), world_size=2)
+        _recipe_deepspeed_config(_zero_cfg(f"parallel.deepspeed_config={extra}"), world_size=2)

@@ -3,7 +3,8 @@ import torch
 
 from ebwm_scale.core.mcmc import MCMCConfig, refine
 from ebwm_scale.core.objective import EBTObjective
-from ebwm_scale.train.optim import OptimConfig, set_lr
+from ebwm_scale.parallel.engines.base import set_lr
+from ebwm_scale.train.optim import OptimConfig
 from tests.conftest import tiny_model_config
 
 

@@ -36,7 +36,8 @@ import torch
 from ebwm_scale.core.mcmc import MCMCConfig
 from ebwm_scale.core.objective import build_objective, split_batch
 from ebwm_scale.models import ModelConfig
-from ebwm_scale.train.optim import OptimConfig, lr_at, set_lr
+from ebwm_scale.parallel.engines.base import set_lr
+from ebwm_scale.train.optim import OptimConfig, lr_at
 
 DEFAULT_SETTINGS = "probs:500:1:1500,logits:500:1:1500,logits:20:0.1:100,probs:20:0.1:100"
 

@@ -181,5 +181,14 @@ class MCMC(nn.Module):
         return num_steps
 
     def train_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        """The training loss from the per-step losses: their mean, or the last one (mcmc.loss_on)."""
+        """The training loss from the per-step losses: their mean, or the last one (mcmc.loss_on); the sum of
+        loss_weights(cfg, len(losses)) times the losses, computed so that one process adds nothing to round-off."""
         return losses[-1] if self.cfg.loss_on == "last" else torch.stack(losses).mean()
+
+
+def loss_weights(cfg: MCMCConfig, num_steps: int) -> list[float]:
+    """Each step's weight in the training loss (MCMC.train_loss): the pipeline schedule back-propagates each step's
+    loss on its own, with this weight."""
+    if cfg.loss_on == "last":
+        return [0.0] * (num_steps - 1) + [1.0]
+    return [1.0 / num_steps] * num_steps

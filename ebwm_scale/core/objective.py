@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ebwm_scale.core.mcmc import MCMC, RefineResult, refine
+from ebwm_scale.core.mcmc import MCMC, MCMCConfig, RefineResult, refine
 from ebwm_scale.core.spaces import build_space
 from ebwm_scale.core.vocab_kernels import VocabSplit, lean_cross_entropy
 from ebwm_scale.models import EBT
@@ -40,11 +40,18 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return F.smooth_l1_loss(at_least_fp32(pred), target.to(at_least_fp32(pred).dtype), beta=1.0)
 
 
+FRAME_METRICS = ("mse", "copy_last_mse")  # what frame_metrics returns, besides the loss
+
+
 def frame_metrics(pred: torch.Tensor, ctx: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Evaluation of predicted frames (B, S, F): MSE per predicted frame, and the copy-last-frame baseline, which
     predicts frame i + 1 as the context's frame i."""
     pred, ctx, target = (at_least_fp32(t).detach() for t in (pred, ctx, target))
-    return {"mse": F.mse_loss(pred, target), "copy_last_mse": F.mse_loss(ctx, target)}
+    return dict(zip(FRAME_METRICS, (F.mse_loss(pred, target), F.mse_loss(ctx, target))))
+
+
+def step_loss_name(step: int) -> str:
+    return f"loss_step{step}"
 
 
 class EBTObjective(nn.Module):
@@ -81,9 +88,20 @@ class EBTObjective(nn.Module):
         metrics = {"loss": loss.detach(), "alpha": self.mcmc.step_size().detach()}
         # Only the steps every batch runs: with a random step count, ranks must still report the same keys.
         always = result.losses[: self.mcmc.cfg.num_steps]
-        metrics.update({f"loss_step{k}": step_loss.detach() for k, step_loss in enumerate(always)})
+        metrics.update({step_loss_name(k): step_loss.detach() for k, step_loss in enumerate(always)})
         metrics["energy_first"], metrics["energy_last"] = result.energies[0].mean(), result.energies[-1].mean()
         return StepOutput(loss=loss, metrics=metrics)
+
+    @staticmethod
+    def train_metric_names(mcmc: MCMCConfig) -> list[str]:
+        """The keys of forward()'s metrics; the pipeline schedule computes them stage by stage under these names."""
+        steps = [step_loss_name(k) for k in range(mcmc.num_steps)]
+        return ["loss", "alpha", *steps, "energy_first", "energy_last"]
+
+    @staticmethod
+    def eval_metric_names(frames: bool) -> list[str]:
+        """The keys of evaluate()'s metrics."""
+        return ["loss", "energy_last", *(FRAME_METRICS if frames else ())]
 
     @torch.no_grad()
     def predict(
@@ -122,6 +140,14 @@ class ARObjective(nn.Module):
         ctx, target = split_batch(batch)
         loss = self.loss_fn(self.model(ctx), target)
         return StepOutput(loss=loss, metrics={"loss": loss.detach()})
+
+    @staticmethod
+    def train_metric_names() -> list[str]:
+        return ["loss"]
+
+    @staticmethod
+    def eval_metric_names(frames: bool) -> list[str]:
+        return ["loss", *(FRAME_METRICS if frames else ())]
 
     @torch.no_grad()
     def predict(self, ctx: torch.Tensor) -> torch.Tensor:

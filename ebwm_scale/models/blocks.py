@@ -93,7 +93,8 @@ def prediction_attention(
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads = cfg.num_heads
+        # Heads follow the projection's width: a tensor-parallel copy of this layer holds num_heads / tp of them.
+        self.head_dim = cfg.head_dim
         self.impl = cfg.attn_impl
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
@@ -102,7 +103,7 @@ class Attention(nn.Module):
         """(B, L, D) -> q, k, v as (B, nh, L, hd), RoPE applied to q and k."""
         batch, length, _ = x.shape
         q, k, v = self.wqkv(x).chunk(3, dim=-1)  # 3 x (B, L, D / tensor-parallel ranks)
-        q, k, v = (t.view(batch, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hd)
+        q, k, v = (t.view(batch, length, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hd)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def merge_heads(self, out: torch.Tensor) -> torch.Tensor:

@@ -20,13 +20,15 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ebwm_scale.models.blocks import Attention
-from ebwm_scale.parallel.tensor import sharded_weights, state_key
+from ebwm_scale.parallel.plans import plan_for
+from ebwm_scale.parallel.tensor import sharded_weights
 
 
-def stacked_weights(module: nn.Module) -> dict[str, int]:
-    """state_dict key -> number of matrices stacked along its rows (q, k, v)."""
-    return {state_key(f"{name}.wqkv"): 3 for name, layer in module.named_modules() if isinstance(layer, Attention)}
+def stacked_weights(objective: nn.Module) -> dict[str, int]:
+    """state_dict key -> number of matrices stacked along its rows (q, k, v), as the model's plan names them."""
+    model = objective.model
+    layers = plan_for(model).tp_layers(model)
+    return {f"model.{path}.weight": layer.stacked for path, layer in layers.items() if layer.stacked > 1}
 
 
 def tp_shard_dims(module: nn.Module) -> dict[str, int]:

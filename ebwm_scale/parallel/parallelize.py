@@ -1,5 +1,7 @@
 """Applies parallelism and memory techniques to a plain model from the outside, in a fixed order.
 
+What each step acts on comes from the model family's plan (parallel/plans.py), never from the model's attributes.
+
 0. Tensor parallelism (parallel.tensor_parallel): layers split Megatron-style over the tensor-parallel group. A text
    EBT's objective is built with `vocab_split`, so its MCMC state is split over the vocabulary the same way. With
    parallel.sequence_parallel the blocks' norms and residual stream keep only this rank's rows of the sequence.
@@ -12,19 +14,18 @@
 3. Sequence-parallel boundaries: the first block enters the region, the last one leaves it; after checkpointing, so
    that the first block's checkpoint keeps only this rank's rows.
 4. torch.compile (parallel.compile): only what no second-order gradient passes through (apply_compile).
-5. Data parallelism / ZeRO: by the training engine (parallel/engine.py), after this.
+5. Data parallelism / ZeRO: by the training engine (parallel/engines/), after this.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-from ebwm_scale.core.spaces import TokenSpace
 from ebwm_scale.parallel.dist import DistInfo, ParallelConfig
 from ebwm_scale.parallel.pipeline import VacantLayer, apply_pipeline
+from ebwm_scale.parallel.plans import TPLayer, TPStyle, plan_for
 from ebwm_scale.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -39,40 +40,39 @@ from ebwm_scale.parallel.tensor import (
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """Wrap the model's transformer blocks in place; state_dict keys stay the same (the wrapper strips its prefix)."""
-    layers = model.transformer.layers
+    layers = model.get_submodule(plan_for(model).blocks)
     every = {"full": 1, "selective": 2}[mode]
     for index, block in enumerate(layers):
         if index % every == 0 and not isinstance(block, VacantLayer):
             layers[index] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
+def _tensor_parallel_layer(layer: nn.Module, spec: TPLayer, group, sequence_parallel: bool) -> nn.Module:
+    if spec.style == TPStyle.column:
+        return ColumnParallelLinear(layer, group, blocks=spec.stacked, sequence_parallel=sequence_parallel)
+    if spec.style == TPStyle.row:
+        return RowParallelLinear(layer, group, sequence_parallel=sequence_parallel)
+    if spec.style == TPStyle.vocab_embedding:
+        return VocabParallelEmbedding(layer, group)
+    return VocabParallelOutput(layer, group)
+
+
 def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = False) -> None:
-    """Megatron layout, in place: attention heads and the SwiGLU hidden units split over `group`, q/k/v and gate/up
-    column-parallel, the output projections row-parallel; token embeddings, the EBT's V -> D state mapping and the
-    AR head split over the vocabulary; norms, frame projections and the energy head replicated. `sequence_parallel`:
-    the blocks' norms gather the sequence and their output projections reduce-scatter it (parallel/tensor.py); the
-    region's boundaries come from apply_sequence_parallel_boundaries."""
-    size = dist.get_world_size(group)
-    sp = sequence_parallel
-    for block in model.transformer.layers:
-        attention, ffn = block.attention, block.feed_forward
-        if attention.num_heads % size:
-            raise ValueError(f"model.num_heads={attention.num_heads} is not divisible by tensor_parallel={size}")
-        attention.wqkv = ColumnParallelLinear(attention.wqkv, group, blocks=3, sequence_parallel=sp)
-        attention.wo = RowParallelLinear(attention.wo, group, sequence_parallel=sp)
-        attention.num_heads //= size
-        ffn.w_gate = ColumnParallelLinear(ffn.w_gate, group, sequence_parallel=sp)
-        ffn.w_up = ColumnParallelLinear(ffn.w_up, group, sequence_parallel=sp)
-        ffn.w_down = RowParallelLinear(ffn.w_down, group, sequence_parallel=sp)
-        if sp:
-            block.attention_norm = SequenceParallelRMSNorm(block.attention_norm, group)
-            block.ffn_norm = SequenceParallelRMSNorm(block.ffn_norm, group)
-    if hasattr(model, "tok_embeddings"):
-        model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group)
-    if hasattr(model, "vocab_to_embed"):  # the EBT's state is split over the vocabulary too (see vocab_split)
-        model.vocab_to_embed = RowParallelLinear(model.vocab_to_embed, group)
-    if isinstance(getattr(model, "output", None), nn.Linear) and hasattr(model, "tok_embeddings"):
-        model.output = VocabParallelOutput(model.output, group)
+    """Megatron layout, in place, as the plan names it: attention heads and the SwiGLU hidden units split over
+    `group` (q/k/v and gate/up column-parallel, the output projections row-parallel); token embeddings, the EBT's
+    V -> D state mapping and the AR head split over the vocabulary; norms, frame projections and the energy head
+    replicated. The blocks' attention infers its local head count from the split width (models/blocks.py).
+    `sequence_parallel`: the blocks' norms gather the sequence and their output projections reduce-scatter it
+    (parallel/tensor.py); the region's boundaries come from apply_sequence_parallel_boundaries."""
+    plan = plan_for(model)
+    for path, spec in plan.tp_layers(model).items():
+        in_block = path not in plan.tp  # only the blocks' layers lie inside the sequence-parallel region
+        layer = _tensor_parallel_layer(model.get_submodule(path), spec, group, sequence_parallel and in_block)
+        model.set_submodule(path, layer)
+    if sequence_parallel:
+        for block in model.get_submodule(plan.blocks):
+            for path in plan.sequence_parallel_norms:
+                block.set_submodule(path, SequenceParallelRMSNorm(block.get_submodule(path), group))
 
 
 def apply_sequence_parallel_boundaries(model: nn.Module, group) -> None:
@@ -80,7 +80,7 @@ def apply_sequence_parallel_boundaries(model: nn.Module, group) -> None:
     every call site (AR trunk, masked EBT, the EBT's context and prediction streams) runs all its blocks in order, and
     RoPE tables, masks and context keys/values stay whole-sequence. Hooks, so state_dict keys stay; on the
     checkpoint wrappers, if any, so that they sit outside the recomputed part."""
-    held = [block for block in model.transformer.layers if not isinstance(block, VacantLayer)]
+    held = [block for block in model.get_submodule(plan_for(model).blocks) if not isinstance(block, VacantLayer)]
 
     def enter(block, args, kwargs):
         if kwargs.get("past_kv") is not None:
@@ -101,35 +101,34 @@ def apply_sequence_parallel_boundaries(model: nn.Module, group) -> None:
 
 def vocab_split(dist_info: DistInfo | None) -> VocabParallel | None:
     """What a text EBT's objective is built with under tensor parallelism: each rank keeps and refines only its
-    slice of the B x S x V state, and its loss is a vocabulary-parallel cross-entropy (states.py does the math)."""
+    slice of the B x S x V state, and its loss is a vocabulary-parallel cross-entropy (core/spaces.py does the math)."""
     if dist_info is None or dist_info.tp_size == 1:
         return None
     return VocabParallel(dist_info.tp_group)
 
 
 def apply_compile(model: nn.Module) -> None:
-    """torch.compile where no gradient is taken twice (compiled graphs have no double backward: docs/design.md §3).
-    AR: every block. EBT: the real-token stream (`context_layers`), which the split layout differentiates once, in
-    the outer backward; the prediction stream, differentiated twice, stays eager. Module names and state_dict keys
-    stay."""
-    if hasattr(model, "context_layers"):
-        model.context_layers = torch.compile(model.context_layers)
-    else:
-        for block in model.transformer.layers:
+    """torch.compile where the plan allows it, i.e. where no gradient is taken twice (compiled graphs have no double
+    backward: docs/design.md §3). Module names and state_dict keys stay."""
+    plan = plan_for(model)
+    if plan.compile_blocks:
+        for block in model.get_submodule(plan.blocks):
             block.compile()
+    for name in plan.compile_methods:
+        setattr(model, name, torch.compile(getattr(model, name)))
 
 
 def parallelize(objective: nn.Module, cfg: ParallelConfig, dist_info: DistInfo | None = None) -> nn.Module:
-    if dist_info is not None and dist_info.tp_size > 1:
-        state = getattr(objective, "space", None)
-        if isinstance(state, TokenSpace) and state.split.count != dist_info.tp_size:
+    tp_size = 1 if dist_info is None else dist_info.tp_size
+    if tp_size > 1:
+        if plan_for(objective.model).vocab_split_state and objective.space.split.count != tp_size:
             raise ValueError("a text EBT under tensor parallelism needs build_objective(..., vocab_split(dist_info))")
         apply_tensor_parallel(objective.model, dist_info.tp_group, cfg.sequence_parallel)
     if dist_info is not None and dist_info.pp_size > 1:
         apply_pipeline(objective, dist_info.pp_rank, dist_info.pp_size)
     if cfg.activation_checkpointing != "none":
         apply_activation_checkpointing(objective.model, cfg.activation_checkpointing)
-    if cfg.sequence_parallel and dist_info is not None and dist_info.tp_size > 1:
+    if cfg.sequence_parallel and tp_size > 1:
         apply_sequence_parallel_boundaries(objective.model, dist_info.tp_group)
     if cfg.compile:
         apply_compile(objective.model)

@@ -37,16 +37,22 @@ from functools import partial
 import torch
 from torch import nn
 
-from ebwm_scale.core.mcmc import MCMCConfig, descend, energy_point
-from ebwm_scale.core.objective import frame_metrics, split_batch
+from ebwm_scale.core.mcmc import MCMCConfig, descend, energy_point, loss_weights
+from ebwm_scale.core.objective import (
+    FRAME_METRICS,
+    ARObjective,
+    EBTObjective,
+    frame_metrics,
+    split_batch,
+    step_loss_name,
+)
 from ebwm_scale.core.spaces import Point
-from ebwm_scale.models import EBT
 from ebwm_scale.parallel import collectives
 from ebwm_scale.parallel.dist import DistInfo
+from ebwm_scale.parallel.plans import plan_for
 
 WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 HEADER_LEN = 8  # dtype, ndim, up to 6 dims
-FRAME_METRICS = ("mse", "copy_last_mse")  # evaluation of frame models, besides the loss
 
 
 def stage_layers(num_layers: int, num_stages: int) -> list[range]:
@@ -70,24 +76,18 @@ class VacantLayer(nn.Module):
 
 
 def apply_pipeline(objective: nn.Module, stage: int, num_stages: int) -> None:
-    """Keeps only this stage's part of the objective, in place; state_dict keys stay those of the whole model."""
-    model = objective.model
-    ranges = stage_layers(model.cfg.num_layers, num_stages)
-    for owner, layers in enumerate(ranges):
-        for index in layers:
+    """Keeps only this stage's part of the objective, in place: its blocks, and the modules the model family's plan
+    gives the first or the last stage if it is that stage; state_dict keys stay those of the whole model."""
+    plan = plan_for(objective.model)
+    layers = objective.model.get_submodule(plan.blocks)
+    for owner, held in enumerate(stage_layers(len(layers), num_stages)):
+        for index in held:
             if owner != stage:
-                model.transformer.layers[index] = VacantLayer(index, owner)
-    if stage > 0:
-        for name in ("tok_embeddings", "vocab_to_embed", "step_embeddings", "frame_in", "frame_in_norm"):
-            if hasattr(model, name):
-                setattr(model, name, None)
-        if hasattr(objective, "mcmc"):  # alpha and the step-count RNG live with the state, on stage 0
-            objective.mcmc = None
-    if stage < num_stages - 1:
-        model.transformer.norm = None
-        for name in ("energy_head", "output"):
-            if hasattr(model, name):
-                setattr(model, name, None)
+                layers[index] = VacantLayer(index, owner)
+    dropped = (plan.first_stage if stage > 0 else ()) + (plan.last_stage if stage < num_stages - 1 else ())
+    for path in dropped:
+        parent, _, name = path.rpartition(".")
+        setattr(objective.get_submodule(parent), name, None)
 
 
 class StageLink:
@@ -176,6 +176,7 @@ class PipelineSchedule:
 
     def share(self, metrics: dict[str, float], keys: list[str]) -> dict[str, torch.Tensor]:
         """Every stage ends with every metric: each contributes the ones it computed, the others count zero."""
+        assert metrics.keys() <= set(keys), f"metrics {metrics.keys() - set(keys)} are not the objective's"
         values = torch.tensor([float(metrics.get(key, 0.0)) for key in keys], dtype=torch.float64, device=self.device)
         collectives.all_reduce(values, group=self.group)
         return dict(zip(keys, values.cpu()))
@@ -238,10 +239,10 @@ class ARPipeline(PipelineSchedule):
         return {"loss": _mean(losses)}
 
     def forward_backward(self, batch, loss_scale, autocast):
-        return self.timed(lambda: self._run(batch, True, loss_scale, autocast), ["loss"])
+        return self.timed(lambda: self._run(batch, True, loss_scale, autocast), ARObjective.train_metric_names())
 
     def evaluate(self, batch):
-        keys = ["loss", *(FRAME_METRICS if self.frames else ())]
+        keys = ARObjective.eval_metric_names(self.frames)
         return self.share(self._run(batch, False, 1.0, nullcontext()), keys)
 
 
@@ -258,12 +259,7 @@ class EBTPipeline(PipelineSchedule):
 
     def _run(self, batch, train: bool, loss_scale: float, autocast) -> dict[str, float]:
         num_steps = self._agree_on_num_steps() if train else self.mcmc.num_steps
-        if not train:
-            weights = [0.0] * num_steps
-        elif self.mcmc.loss_on == "last":
-            weights = [0.0] * (num_steps - 1) + [1.0]
-        else:
-            weights = [1.0 / num_steps] * num_steps
+        weights = loss_weights(self.mcmc, num_steps) if train else [0.0] * num_steps
         run = _EBTBatch(self, batch, train, autocast, [w * loss_scale / self.num_microbatches for w in weights])
         phases, streams = [], []
         for step in range(num_steps):
@@ -282,14 +278,12 @@ class EBTPipeline(PipelineSchedule):
         self.run_phases(phases)
         return run.metrics(weights)
 
-    def train_keys(self) -> list[str]:
-        return ["loss", "alpha", *(f"loss_step{k}" for k in range(self.mcmc.num_steps)), "energy_first", "energy_last"]
-
     def forward_backward(self, batch, loss_scale, autocast):
-        return self.timed(lambda: self._run(batch, True, loss_scale, autocast), self.train_keys())
+        keys = EBTObjective.train_metric_names(self.mcmc)
+        return self.timed(lambda: self._run(batch, True, loss_scale, autocast), keys)
 
     def evaluate(self, batch):
-        keys = ["loss", "energy_last", *(FRAME_METRICS if self.frames else ())]
+        keys = EBTObjective.eval_metric_names(self.frames)
         return self.share(self._run(batch, False, 1.0, nullcontext()), keys)
 
 
@@ -416,7 +410,7 @@ class _EBTBatch:
         if self.first and self.train:
             metrics["loss"] = sum(w * _mean(step_losses) for w, step_losses in zip(weights, self.losses))
             metrics["alpha"] = float(self.alpha.detach())
-            metrics.update({f"loss_step{k}": _mean(self.losses[k]) for k in range(self.mcmc.num_steps)})
+            metrics.update({step_loss_name(k): _mean(self.losses[k]) for k in range(self.mcmc.num_steps)})
         elif self.first:
             metrics["loss"] = _mean(self.losses[-1])
             if self.schedule.frames:
@@ -433,6 +427,6 @@ def pipeline_schedule(
 ) -> PipelineSchedule:
     """The schedule that runs this rank's stage of an objective cut by apply_pipeline."""
     layers = stage_layers(objective.model.cfg.num_layers, dist_info.pp_size)[dist_info.pp_rank]
-    if isinstance(objective.model, EBT):
+    if isinstance(objective, EBTObjective):
         return EBTPipeline(objective, layers, dist_info, num_microbatches, mcmc)
     return ARPipeline(objective, layers, dist_info, num_microbatches)

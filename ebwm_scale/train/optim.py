@@ -39,7 +39,7 @@ class OptimConfig:
         """Three groups: decayed weights (matrices, or every weight with decay=all), the rest such as norm gains (not
         decayed), alpha (own lr, never decayed).
 
-        Each group carries `lr_multiplier`; `set_lr` sets group lr = lr_at(step) * lr_multiplier.
+        Each group carries `lr_multiplier`: the engine runs it at lr_at(step) * lr_multiplier (Engine.set_lr).
         """
         decay, no_decay, alpha = [], [], []
         for name, param in objective.named_parameters():
@@ -77,8 +77,3 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
 def wsd_decay_start(cfg: OptimConfig, max_steps: int) -> int:
     """The first step of a wsd run's decay: the last decay_fraction of its steps, never inside the warmup."""
     return max(cfg.warmup_steps, max_steps - max(1, round(cfg.decay_fraction * max_steps)))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_multiplier"]

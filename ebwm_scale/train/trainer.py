@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from ebwm_scale.errors import UserError
 from ebwm_scale.models.blocks import count_params
 from ebwm_scale.parallel import collectives
 from ebwm_scale.parallel.dist import DistInfo, all_reduce_mean
-from ebwm_scale.parallel.engine import build_engine
+from ebwm_scale.parallel.engines import Engine, build_engine
 from ebwm_scale.train.callbacks import Callback
 from ebwm_scale.train.checkpoint import (
     CONFIG_FILE,
@@ -77,7 +78,16 @@ class Trainer:
         self.data_info = data_info
         self.dist = dist
         self.callbacks = callbacks
-        self.engine = build_engine(cfg, objective, dist)
+        self.engine: Engine = build_engine(
+            objective,
+            cfg.parallel,
+            dist,
+            partial(cfg.optim.build, alpha_lr_multiplier=cfg.mcmc.alpha_lr_multiplier),
+            micro_batch_size=cfg.data.micro_batch_size,
+            grad_accum_steps=cfg.train.grad_accum_steps,
+            grad_clip=cfg.optim.grad_clip,
+            mcmc=cfg.mcmc,
+        )
         self.train_loader = cfg.data.build_loader(train_set, dist.dp_rank, dist.dp_size)
         self.step = 0
         self.tokens_seen = 0  # summed per step: a run resumed on other ranks may change the tokens per step
