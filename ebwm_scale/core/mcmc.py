@@ -2,7 +2,7 @@
 
     for each step:
         pred   = pred.detach()                                   # no gradient through earlier steps
-        x      = point(pred)                                     # the variable E is differentiated in (states.py)
+        x      = point(pred)                                     # the variable E is differentiated in (spaces.py)
         energy = model(ctx, candidate(x))                        # (B, S)
         grad   = autograd.grad(energy.sum(), x, create_graph)    # second-order path to the parameters and alpha
         pred   = x - alpha * grad

@@ -1,1 +1,3 @@
-"""Parallelism applied from outside the models: process groups, data parallelism (later TP, PP, ZeRO)."""
+"""Parallelism applied to a plain model from outside: process groups (dist), tensor-parallel layers (tensor),
+sequence parallelism, the pipeline schedule (pipeline), one plan per model family (plans), parallelize(), the
+checkpoint form that reshards (checkpoint_form), ZeRO-1 (zero) and the training engines (engines/)."""

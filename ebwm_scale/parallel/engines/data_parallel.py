@@ -154,8 +154,8 @@ class FSDPEngine(DataParallelEngine):
         # under tensor parallelism FSDP shards each rank's tensor-parallel piece over its data-parallel group
         mesh = dist.mesh["dp"] if dist.tp_size > 1 else init_device_mesh(dist.device.type, (dist.world_size,))
         # q/k/v are stacked along the rows: shard them along D_in, so that each rank's shard is one box of the
-        # (3, D, D_in) checkpoint form (parallel/state.py); a tensor-parallel weight along the dimension tensor
-        # parallelism leaves whole, so that the two together cut one box of the unsharded weight.
+        # (3, D, D_in) checkpoint form (parallel/checkpoint_form.py); a tensor-parallel weight along the dimension
+        # tensor parallelism leaves whole, so that the two together cut one box of the unsharded weight.
         plan = plan_for(objective.model)
         stacked = {
             id(objective.model.get_submodule(path).weight)
