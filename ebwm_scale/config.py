@@ -1,7 +1,8 @@
 """Recipes: YAML -> one typed tree of dataclasses (PretrainConfig), with `a.b=c` overrides from the command line.
 
-OmegaConf does the merging and the type checks against the dataclass schema; `validate` adds the rules that cross
-fields. Every problem surfaces as one line naming the key and the file, e.g.
+OmegaConf does the merging and the type checks against the dataclass schema (a choice is an enum, schema.Choice); each
+section's `problems()` checks its own fields and `find_problem` adds the rules that span sections. Every problem
+surfaces as one line naming the key and the file, e.g.
 `ConfigError: model.num_heads=7 does not divide model.dim=384 (recipes/nlp_1b.yaml)`.
 """
 
