@@ -14,7 +14,7 @@ PACKAGE = REPO / "ebwm_scale"
 
 # docs/design.md "Layers", lowest first. A module belongs to the first entry that names it or a package above it.
 LAYERS = [
-    ("ebwm_scale.errors", "ebwm_scale.extras", "ebwm_scale.logs", "ebwm_scale.numerics"),
+    ("ebwm_scale.errors", "ebwm_scale.extras", "ebwm_scale.logs", "ebwm_scale.numerics", "ebwm_scale.schema"),
     ("ebwm_scale.models",),
     ("ebwm_scale.data",),
     ("ebwm_scale.core",),

@@ -1,13 +1,26 @@
+import dataclasses
+import json
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from enum import Enum
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from ebwm_scale.config import ConfigError, load_config
+from ebwm_scale.config import ConfigError, config_from_text, load_config
+from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.data.config import DataConfig, MixtureSourceConfig, ShardsConfig, SyntheticVideoConfig
+from ebwm_scale.models.config import ModelConfig, ModelKind
+from ebwm_scale.parallel.dist import DataParallel, ParallelConfig
+from ebwm_scale.train.checkpoint import CheckpointError
+from ebwm_scale.train.config import TrainConfig
+from ebwm_scale.train.optim import OptimConfig
+from ebwm_scale.train.resume import check_recipe, recipe_changes
+from ebwm_scale.train.tracking import TrackingConfig
 
 RECIPE_DIR = Path(__file__).resolve().parents[1].joinpath("recipes")
 RECIPES = sorted([*RECIPE_DIR.glob("*.yaml"), *RECIPE_DIR.glob("official/*.yaml")])
@@ -222,3 +235,109 @@ def test_help_lists_every_recipe_key_and_print_config_round_trips(tmp_path, caps
     assert done.value.code == 0
     (tmp_path / "resolved.yaml").write_text(printed)
     assert load_config(tmp_path / "resolved.yaml").model.dim == 48
+
+
+def test_a_choice_loads_from_yaml_and_from_an_override(tmp_path):
+    """Choice keys are enums: `kind: ar` in a recipe and model.kind=ar on the command line both give ModelKind.ar."""
+    from_yaml = load_config(_recipe(tmp_path, "model:\n  kind: ar\nparallel:\n  data_parallel: fsdp\n"))
+    from_override = load_config(RECIPE_DIR / "ci_tiny.yaml", ["model.kind=ar", "parallel.data_parallel=fsdp"])
+    for cfg in (from_yaml, from_override):
+        assert cfg.model.kind is ModelKind.ar and cfg.parallel.data_parallel is DataParallel.fsdp
+
+
+def test_a_choice_reads_as_its_plain_value():
+    """Log lines, run names, tags, messages and JSON show the value, on every Python >= 3.10 (a plain str-mixin Enum
+    prints as ModelKind.ebt in str(), and in f-strings from 3.11 on); it compares and looks up as the string."""
+    kind = ModelKind.ebt
+    shown = [str(kind), f"{kind}", f"{kind:>4}", format(kind), repr(kind), kind.upper()]
+    assert shown == ["ebt", "ebt", " ebt", "ebt", "'ebt'", "EBT"]
+    assert type(str(kind)) is str and json.dumps({"kind": kind}) == '{"kind": "ebt"}'
+    assert kind == "ebt" and {"ebt": 1}[kind] == 1 and ModelKind.values() == ("ebt", "ar")
+
+
+@pytest.mark.parametrize(
+    "yaml_text, overrides, expected",
+    [
+        ("train:\n  precision: fp16\n", [], "train.precision='fp16' is not one of fp32, bf16 ({path})"),
+        (
+            "train:\n  max_steps: 5\n",
+            ["train.precision=fp16"],
+            "train.precision='fp16' is not one of fp32, bf16 (command line: train.precision=fp16)",
+        ),
+        (
+            "parallel:\n  data_parallel: DDP\n",
+            [],
+            "parallel.data_parallel='DDP' is not one of ddp, zero, fsdp ({path})",
+        ),
+    ],
+)
+def test_a_bad_choice_is_one_line_listing_the_choices(tmp_path, yaml_text, overrides, expected):
+    path = _recipe(tmp_path, yaml_text)
+    assert _error(path, overrides) == expected.format(path=path)
+
+
+def test_flat_and_to_yaml_hold_choices_as_plain_strings():
+    """MLflow params and the resume check read flat(); config.yaml is what a checkpoint and --print-config keep."""
+    cfg = load_config(RECIPE_DIR / "ci_tiny.yaml", ["model.kind=ar", "train.precision=bf16"])
+    flat = cfg.flat()
+    assert (flat["model.kind"], flat["train.precision"]) == ("ar", "bf16")
+    assert not [key for key, value in flat.items() if isinstance(value, Enum)]
+    text = cfg.to_yaml()
+    assert "  kind: ar\n" in text and "  precision: bf16\n" in text and "Kind" not in text
+    assert config_from_text(text, "config.yaml") == cfg
+
+
+def test_a_config_yaml_with_plain_strings_resumes_with_no_recipe_change():
+    """A checkpoint saved before the choices were enums holds plain strings in its config.yaml: the same recipe now
+    reports no change, and a changed choice is named by its plain values."""
+    cfg = load_config(RECIPE_DIR / "ci_tiny.yaml", ["mcmc.update_space=logits", "parallel.data_parallel=fsdp"])
+    plain = json.loads(json.dumps(dataclasses.asdict(cfg)))  # no enum types left
+    saved_yaml = OmegaConf.to_yaml(OmegaConf.create(plain))
+    assert recipe_changes(saved_yaml, 1, cfg, 1) == {}
+    now = load_config(RECIPE_DIR / "ci_tiny.yaml", ["parallel.data_parallel=fsdp"])
+    changes = recipe_changes(saved_yaml, 1, now, 1)
+    assert changes == {"mcmc.update_space": ("logits", "probs")} and type(changes["mcmc.update_space"][1]) is str
+    with pytest.raises(CheckpointError, match="mcmc.update_space 'logits' -> 'probs'"):
+        check_recipe("ckpt", saved_yaml, 1, now, 1)
+
+
+SECTION_RULES = [
+    (ModelConfig(num_heads=0), "model.num_heads=0 must be > 0"),  # before: ZeroDivisionError
+    (ModelConfig(num_heads=3), "model.num_heads=3 does not divide model.dim=128"),
+    (MCMCConfig(alpha_min=0), "mcmc.alpha_init=500.0 must exceed mcmc.alpha_min=0 > 0"),
+    (OptimConfig(decay_fraction=0), "optim.decay_fraction=0 must lie in (0, 1]"),
+    (DataConfig(source="shards"), "data.source='shards' needs data.shards.url (a directory made by `ebwm-prep text`)"),
+    (
+        ShardsConfig(url="a", sources=[MixtureSourceConfig(url="b")]),
+        "data.shards.url and data.shards.sources are both set: one dataset, or a mixture",
+    ),
+    (SyntheticVideoConfig(patch_size=5), "data.video.patch_size=5 does not divide frame_size=32"),
+    (TrainConfig(resume=""), "train.resume='' must be none, auto or a checkpoint URL"),
+    (TrackingConfig(max_buffered_metrics=0), "tracking.max_buffered_metrics=0 must be > 0"),
+    (ParallelConfig(zero_stage=4), "parallel.zero_stage=4 is not one of 0, 1, 2, 3"),
+]
+
+
+@pytest.mark.parametrize("section, expected", SECTION_RULES, ids=[type(s).__name__ for s, _ in SECTION_RULES])
+def test_each_section_checks_its_own_fields(section, expected):
+    assert type(section)().problems() == []
+    assert section.problems() == [expected]
+
+
+def test_rules_across_sections_are_checked_once_the_sections_are_sound():
+    """tensor_parallel=3 is a sound parallel section on its own; it does not divide the model's 4 heads."""
+    assert ParallelConfig(tensor_parallel=3).problems() == []
+    assert _error(RECIPE_DIR / "ci_tiny.yaml", ["parallel.tensor_parallel=3"]).startswith(
+        "parallel.tensor_parallel=3 must divide model.num_heads, the FFN width and model.vocab_size"
+    )
+
+
+def test_help_lists_the_values_of_a_choice(capsys):
+    from ebwm_scale.pretrain import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert re.search(r"  model\.kind +ebt\|ar = 'ebt'  # ", listed)
+    assert re.search(r"  parallel\.data_parallel +ddp\|zero\|fsdp = 'ddp'  # ", listed)
+    assert re.search(r"  parallel\.zero_stage +int = 1  # ", listed)

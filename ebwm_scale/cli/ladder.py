@@ -47,8 +47,9 @@ from typing import Any
 
 from ebwm_scale.config import ConfigError, PretrainConfig, load_config, load_structured
 from ebwm_scale.errors import run_cli
+from ebwm_scale.models.config import ModelKind
 from ebwm_scale.train.checkpoint import checkpoint_name
-from ebwm_scale.train.optim import SCHEDULES, OptimConfig, wsd_decay_start
+from ebwm_scale.train.optim import OptimConfig, Schedule, wsd_decay_start
 
 ENTRY_POINT = Path(__file__).resolve().parents[1] / "pretrain.py"
 
@@ -66,7 +67,7 @@ class LadderConfig:
     warmup_fraction: float = 0.1
     # cosine: every budget a run of its own. wsd: per kind and size one run to the largest budget at a constant lr,
     # and every smaller budget a branch of it that decays the lr over its last decay_fraction of steps (see below).
-    schedule: str = "cosine"
+    schedule: Schedule = Schedule.cosine
     decay_fraction: float = 0.2
     data_parallel_ranks: int = 1  # data-parallel replicas per run: budgets are divided into steps by the global batch
     cpus_per_rank: int = 1  # what a Ray task or SLURM task of a run asks for, per rank
@@ -113,7 +114,7 @@ def load_ladder(path: str | Path) -> tuple[LadderConfig, Path]:
     path = Path(path)
     ladder: LadderConfig = load_structured(LadderConfig, path, "ladder")
     base = (path.parent / ladder.base).resolve()
-    unknown = [k for k in ladder.kinds if model_kind(ladder, k) not in ("ebt", "ar")]
+    unknown = [k for k in ladder.kinds if model_kind(ladder, k) not in ModelKind.values()]
     badly_named = [
         f"{what}={value!r}"
         for what, values in (("name", [ladder.name]), ("kinds", ladder.kinds), ("sizes", list(ladder.sizes)))
@@ -131,7 +132,6 @@ def load_ladder(path: str | Path) -> tuple[LadderConfig, Path]:
         *(f"kinds: {k!r} is neither ebt nor ar, and kind_overrides.{k} sets no model.kind=ebt|ar" for k in unknown),
         len(set(ladder.kinds)) != len(ladder.kinds) and f"kinds={ladder.kinds} has repeats",
         not 0 <= ladder.warmup_fraction < 1 and f"warmup_fraction={ladder.warmup_fraction} must lie in [0, 1)",
-        ladder.schedule not in SCHEDULES and f"schedule={ladder.schedule!r} is not one of {', '.join(SCHEDULES)}",
         not 0 < ladder.decay_fraction <= 1 and f"decay_fraction={ladder.decay_fraction} must lie in (0, 1]",
         len(set(ladder.budgets)) != len(ladder.budgets) and f"budgets={ladder.budgets} has repeats",
         any(not isinstance(v, dict) for v in ladder.sizes.values()) and "sizes: each size is {model key: value}",
@@ -168,7 +168,7 @@ def expand(ladder: LadderConfig, base: Path) -> list[LadderRun]:
             steps = {b: math.ceil(b / (per_step * ladder.data_parallel_ranks)) for b in ladder.budgets}
             ranks = ladder.data_parallel_ranks * sized.parallel.tensor_parallel * sized.parallel.pipeline_parallel
             lr = ladder.lr_base * (ladder.lr_ref_dim / sized.model.dim) ** ladder.lr_width_power
-            schedule = _wsd_plan(ladder, steps) if ladder.schedule == "wsd" else None
+            schedule = _wsd_plan(ladder, steps) if ladder.schedule == Schedule.wsd else None
             output_dir = Path(ladder.output_dir) / ladder.name
             names = {b: f"{ladder.name}-{kind}-{size}-{budget_label(b)}" for b in ladder.budgets}
             for budget in sorted(ladder.budgets, reverse=True) if schedule else ladder.budgets:
@@ -215,7 +215,7 @@ def _wsd_plan(ladder: LadderConfig, steps: dict[int, int]) -> tuple[int, int, di
     branch leaves where its own decay starts, which lr_at computes from its length alone."""
     warmup = max(1, int(ladder.warmup_fraction * min(steps.values())))
     trunk = max(steps, key=steps.get)
-    probe = OptimConfig(schedule="wsd", decay_fraction=ladder.decay_fraction, warmup_steps=warmup)
+    probe = OptimConfig(schedule=Schedule.wsd, decay_fraction=ladder.decay_fraction, warmup_steps=warmup)
     branch_steps = {b: wsd_decay_start(probe, n) for b, n in steps.items() if b != trunk}
     if any(n == steps[trunk] for b, n in steps.items() if b != trunk):
         raise ConfigError(f"budgets {sorted(steps)} give equal step counts; a wsd ladder needs distinct ones")

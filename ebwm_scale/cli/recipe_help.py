@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import typing
+from enum import Enum
 
 FIELD_LINE = re.compile(r"^\s+(\w+): [^=#]+(?:=[^#]*)?(?:#\s*(.*))?$")
 
@@ -25,17 +27,26 @@ def _comments(cls: type) -> dict[str, str]:
     return meanings
 
 
+def _type_name(hint: object, written: str) -> str:
+    """A choice's allowed values (`ebt|ar`); any other type as the dataclass writes it."""
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return "|".join(member.value for member in hint)
+    return written
+
+
 def recipe_keys(schema: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key, type, default, meaning) of every leaf field under `schema`, depth first."""
     rows = []
     meanings = _comments(schema)
+    hints = typing.get_type_hints(schema)
     for field in dataclasses.fields(schema):
         default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
         key = f"{prefix}{field.name}"
         if dataclasses.is_dataclass(default):
             rows += recipe_keys(type(default), f"{key}.")
         else:
-            rows.append((key, str(field.type), repr(default), meanings.get(field.name, "")))
+            kind = _type_name(hints[field.name], str(field.type))
+            rows.append((key, kind, repr(default), meanings.get(field.name, "")))
     return rows
 
 

@@ -22,10 +22,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ebwm_scale.core.spaces import FrameSpace, Point, TokenSpace
+from ebwm_scale.core.spaces import FrameSpace, Point, TokenSpace, UpdateSpace, VocabState
+from ebwm_scale.schema import Choice, non_negative, positive
 
 EnergyFn = Callable[[torch.Tensor, int], torch.Tensor]  # (candidate embedding (B, S, D), step index) -> (B, S)
 StateSpace = FrameSpace | TokenSpace
+
+
+class LossOn(Choice):
+    all = "all"
+    last = "last"
 
 
 @dataclass(kw_only=True)
@@ -40,13 +46,23 @@ class MCMCConfig:
     max_num_steps: int = 0  # > num_steps: each training batch draws its step count from [num_steps, max_num_steps]
     step_count_seed: int = 0  # the step-count draws; the same on every rank, so ranks run equal numbers of passes
     alpha_jitter: float = 0.0  # > 0: each step uses alpha * U(1 - jitter, 1 + jitter)
-    loss_on: str = "all"  # all: mean of the loss after every step | last: the last step only
+    loss_on: LossOn = LossOn.all  # all: mean of the loss after every step | last: the last step only
     # Text: "probs" is the official rule (step from softmax(s) with the gradient w.r.t. the probabilities);
     # "logits" differentiates through the softmax and steps the logits (needs its own alpha and noise).
-    update_space: str = "probs"
+    update_space: UpdateSpace = UpdateSpace.probs
     # Text: "lean" runs the B x S x V state through fused, chunked Functions (ebwm_scale/core/vocab_kernels.py); "plain"
     # is the autograd reference. Same numbers.
-    vocab_state: str = "lean"
+    vocab_state: VocabState = VocabState.lean
+
+    def problems(self) -> list[str]:
+        """The rules among this section's own fields that it breaks, as 'key=value why' lines."""
+        problems = positive(self, "mcmc", "num_steps")
+        problems += non_negative(self, "mcmc", "langevin_noise_std", "alpha_jitter", "init_scale")
+        if self.max_num_steps and self.max_num_steps < self.num_steps:
+            problems.append(f"mcmc.max_num_steps={self.max_num_steps} is below mcmc.num_steps={self.num_steps}")
+        if not self.alpha_init > self.alpha_min > 0:
+            problems.append(f"mcmc.alpha_init={self.alpha_init} must exceed mcmc.alpha_min={self.alpha_min} > 0")
+        return problems
 
     def build(self) -> MCMC:
         return MCMC(self)

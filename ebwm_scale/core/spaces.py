@@ -37,9 +37,17 @@ from ebwm_scale.core.vocab_kernels import (
     softmax_linear,
 )
 from ebwm_scale.numerics import at_least_fp32
+from ebwm_scale.schema import Choice
 
-UPDATE_SPACES = ("probs", "logits")
-VOCAB_STATES = ("lean", "plain")
+
+class UpdateSpace(Choice):  # mcmc.update_space (here, not beside MCMCConfig: core/mcmc.py imports this module)
+    probs = "probs"
+    logits = "logits"
+
+
+class VocabState(Choice):  # mcmc.vocab_state
+    lean = "lean"
+    plain = "plain"
 
 
 @dataclass
@@ -84,8 +92,8 @@ class TokenSpace:
         lean: bool = True,
         split: VocabSplit | None = None,
     ):
-        if update_space not in UPDATE_SPACES:
-            raise ValueError(f"mcmc.update_space={update_space!r} is not one of {', '.join(UPDATE_SPACES)}")
+        if update_space not in UpdateSpace.values():
+            raise ValueError(f"mcmc.update_space={update_space!r} is not one of {', '.join(UpdateSpace.values())}")
         self.model, self.init_scale, self.update_space, self.lean = model, init_scale, update_space, lean
         self.split = split or VocabSplit()
         # softmax of one state, kept by the loss for the next point: (a finalizer that forgets it with the state, it)

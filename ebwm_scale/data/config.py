@@ -11,8 +11,13 @@ from ebwm_scale.data.sampler import BatchLoader, SampleDataset
 from ebwm_scale.data.shards import VIDEO_FORMAT, ShardFormatError
 from ebwm_scale.data.text import ByteTokenizer, stdlib_docs_splits
 from ebwm_scale.data.video import synthetic_video_splits
+from ebwm_scale.schema import Choice, non_negative, positive
 
-DATA_SOURCES = ("stdlib_docs", "synthetic_video", "shards")
+
+class DataSource(Choice):
+    stdlib_docs = "stdlib_docs"
+    synthetic_video = "synthetic_video"
+    shards = "shards"
 
 
 class ModelShape(Protocol):
@@ -34,6 +39,13 @@ class SyntheticVideoConfig:
     @property
     def frame_dim(self) -> int:
         return (self.frame_size // self.patch_size) ** 2
+
+    def problems(self) -> list[str]:
+        """The rules among this section's own fields that it breaks, as 'key=value why' lines."""
+        problems = positive(self, "data.video", "patch_size")
+        if not problems and self.frame_size % self.patch_size:
+            problems.append(f"data.video.patch_size={self.patch_size} does not divide frame_size={self.frame_size}")
+        return problems
 
 
 @dataclass(kw_only=True)
@@ -57,11 +69,21 @@ class ShardsConfig:
         """Every dataset this run reads (the first one's tokenizer is every one's)."""
         return [source.url for source in self.sources] if self.sources else [self.url]
 
+    def problems(self) -> list[str]:
+        """The rules among this section's own fields that it breaks, as 'key=value why' lines."""
+        problems = positive(self, "data.shards", "read_attempts")
+        problems += non_negative(self, "data.shards", "num_workers", "read_backoff_s")
+        if self.url and self.sources:
+            problems.append("data.shards.url and data.shards.sources are both set: one dataset, or a mixture")
+        elif self.sources and not all(s.url and s.weight > 0 for s in self.sources):
+            problems.append("data.shards.sources: every source needs a url and a weight > 0")
+        return problems
+
 
 @dataclass(kw_only=True)
 class DataConfig:
     # stdlib_docs (text, byte tokens) | synthetic_video (frame embeddings) | shards (`ebwm-prep text|video` output)
-    source: str = "stdlib_docs"
+    source: DataSource = DataSource.stdlib_docs
     seq_len: int = 128  # context length S; every sample holds S + 1 elements
     micro_batch_size: int = 8  # samples per rank per forward
     seed: int = 0  # data order (shard and sample shuffles) and synthetic data
@@ -73,6 +95,15 @@ class DataConfig:
     def modality(self) -> str | None:
         """text | frames; None for shards, whose meta.json says (checked when they are opened)."""
         return {"stdlib_docs": "text", "synthetic_video": "frames"}.get(self.source)
+
+    def problems(self) -> list[str]:
+        """The rules among this section's own fields that it breaks, as 'key=value why' lines."""
+        problems = positive(self, "data", "seq_len", "micro_batch_size")
+        if self.source == DataSource.shards and not self.shards.url and not self.shards.sources:
+            problems.append("data.source='shards' needs data.shards.url (a directory made by `ebwm-prep text`)")
+        if not 0 < self.val_percent < 100:
+            problems.append(f"data.val_percent={self.val_percent} must lie in (0, 100)")
+        return problems + self.shards.problems() + self.video.problems()
 
     def build_datasets(self, model: ModelShape) -> tuple[SampleDataset | ShardSource, SampleDataset, dict[str, str]]:
         """(train, val, description for the run log); the data must fit the `model` (vocabulary, frame size)."""

@@ -13,6 +13,7 @@ import os
 import subprocess
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,22 +21,37 @@ import torch.distributed as dist
 
 from ebwm_scale.errors import UserError
 from ebwm_scale.parallel import collectives
+from ebwm_scale.schema import Choice, non_negative, positive
 
-BACKENDS = ("auto", "gloo", "nccl")
-DATA_PARALLEL_MODES = ("ddp", "zero", "fsdp")
-ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+class Backend(Choice):
+    auto = "auto"
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+class DataParallel(Choice):
+    ddp = "ddp"
+    zero = "zero"
+    fsdp = "fsdp"
+
+
+class ActivationCheckpointing(Choice):
+    none = "none"
+    full = "full"
+    selective = "selective"
 
 
 @dataclass(kw_only=True)
 class ParallelConfig:
     # auto: nccl for GPU tensors, gloo for CPU ones (metrics, stop flags), as one group with a device-backend map
-    backend: str = "auto"
+    backend: Backend = Backend.auto
     init_timeout_s: int = 1800  # how long a collective (and the first rendezvous) waits before the run fails
     # ddp: replicated parameters and optimizer, gradients averaged after the outer backward (our own all-reduce).
     # zero: DeepSpeed ZeRO with parallel.zero_stage (0: DeepSpeed's data parallel, 1: optimizer states sharded,
     # 2: + gradients sharded). fsdp: parameters, gradients and optimizer states sharded (torch FSDP2; ZeRO-3's memory
     # model, made safe for the EBT's double backward).
-    data_parallel: str = "ddp"
+    data_parallel: DataParallel = DataParallel.ddp
     zero_stage: int = 1  # under zero: 0, 1 (optimizer), 2 (+ gradients) or 3 (+ parameters) sharded
     # ddp only: ZeRO-1 by torch's ZeroRedundancyOptimizer over each (pipeline, tensor) coordinate's data-parallel
     # group; each rank keeps its share of the AdamW state (parallel/zero.py). Composes with tensor and pipeline
@@ -50,7 +66,7 @@ class ParallelConfig:
     pipeline_microbatches: int = 4  # each rank's batch is cut into this many, in flight through the stages at once
     # Recompute transformer blocks in the backward instead of storing their activations: full = every block,
     # selective = every second block.
-    activation_checkpointing: str = "none"
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
     # torch.compile (inductor) where no second-order gradient passes (parallelize.apply_compile): every AR block; the
     # EBT's real-token stream. Compiled graphs have no double backward, so the EBT's prediction stream stays eager.
     compile: bool = False
@@ -60,6 +76,45 @@ class ParallelConfig:
     # Open a process group even for one process, so that every collective of a step runs (a 1-GPU check of the NCCL
     # path). ZeRO always has one: DeepSpeed needs it.
     force_distributed: bool = False
+
+    def problems(self) -> list[str]:
+        """The rules among this section's own fields that it breaks, as 'key=value why' lines."""
+        problems = positive(self, "parallel", "init_timeout_s")
+        problems += non_negative(self, "parallel", "expected_world_size")
+        if self.zero_stage not in (0, 1, 2, 3):
+            problems.append(f"parallel.zero_stage={self.zero_stage} is not one of 0, 1, 2, 3")
+        if self.shard_optimizer and self.data_parallel != DataParallel.ddp:
+            problems.append(
+                f"parallel.shard_optimizer=true is ZeRO-1 for parallel.data_parallel=ddp; under "
+                f"{self.data_parallel} the optimizer state is already sharded"
+            )
+        tp, pp, chunks = self.tensor_parallel, self.pipeline_parallel, self.pipeline_microbatches
+        if tp < 1:
+            problems.append(f"parallel.tensor_parallel={tp} must be >= 1")
+        elif tp > 1 and self.data_parallel == DataParallel.zero:
+            problems.append(
+                f"parallel.tensor_parallel={tp} with DeepSpeed ZeRO: use parallel.data_parallel=ddp with "
+                "parallel.shard_optimizer=true (ZeRO-1 over the data-parallel group) or parallel.data_parallel=fsdp"
+            )
+        if pp < 1 or chunks < 1:
+            problems.append(f"parallel.pipeline_parallel={pp} and parallel.pipeline_microbatches={chunks} must be >= 1")
+        elif pp > 1 and self.data_parallel != DataParallel.ddp:
+            problems.append(
+                f"parallel.pipeline_parallel={pp} with {self.data_parallel}: use parallel.data_parallel=ddp "
+                "with parallel.shard_optimizer=true (ZeRO-1 over each stage's data-parallel group)"
+            )
+        if self.sequence_parallel and (tp < 2 or pp > 1 or self.data_parallel != DataParallel.ddp):
+            problems.append(
+                "parallel.sequence_parallel=true needs parallel.tensor_parallel > 1, parallel.pipeline_parallel=1 and "
+                "parallel.data_parallel=ddp"
+            )
+        if self.compile and (self.data_parallel != DataParallel.ddp or tp > 1 or pp > 1):
+            problems.append(
+                "parallel.compile=true works with parallel.data_parallel=ddp and no tensor/pipeline parallelism"
+            )
+        if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
+            problems.append(f"parallel.deepspeed_config={self.deepspeed_config!r}: no such file")
+        return problems
 
 
 class LaunchError(UserError, RuntimeError):

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16")
+from ebwm_scale.schema import Choice, non_negative, positive
+
+
+class Device(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 @dataclass(kw_only=True)
@@ -16,8 +26,8 @@ class TrainConfig:
     eval_interval_steps: int = 100  # 0: evaluate only at the end
     eval_batches: int = 8  # validation batches per evaluation (the same ones every time)
     seed: int = 0  # initial weights and MCMC noise
-    device: str = "auto"  # auto (cuda if present) | cuda | cpu
-    precision: str = "fp32"  # bf16: autocast for the matmuls; the MCMC state and losses stay fp32
+    device: Device = Device.auto  # auto (cuda if present) | cuda | cpu
+    precision: Precision = Precision.fp32  # bf16: autocast for the matmuls; the MCMC state and losses stay fp32
     output_dir: str = "runs"  # the run writes <output_dir>/<run_name>/{config.yaml,summary.json,metrics.jsonl}
     run_name: str = ""  # default: the recipe's file name
     progress_bar: bool = True  # a live bar on a terminal (log lines either way)
@@ -37,3 +47,12 @@ class TrainConfig:
     init_from: str = ""  # an export (tools/export.py) whose weights start a new run, under any parallel layout
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     peak_tflops: float = 0.0  # device peak for MFU; 0: known GPUs from a table, none on CPU
+
+    def problems(self) -> list[str]:
+        """The rules among this section's own fields that it breaks, as 'key=value why' lines."""
+        problems = positive(self, "train", "max_steps", "grad_accum_steps", "log_interval_steps", "eval_batches")
+        problems += positive(self, "train", "keep_last_checkpoints", "max_bad_steps")
+        problems += non_negative(self, "train", "eval_interval_steps", "checkpoint_interval_steps", "peak_tflops")
+        if not self.resume:
+            problems.append("train.resume='' must be none, auto or a checkpoint URL")
+        return problems

@@ -15,25 +15,47 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-SCHEDULES = ("cosine", "wsd")
-DECAYED = ("matrices", "all")
+from ebwm_scale.schema import Choice, non_negative, positive
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    wsd = "wsd"
+
+
+class DecayedWeights(Choice):
+    matrices = "matrices"
+    all = "all"
 
 
 @dataclass(kw_only=True)
 class OptimConfig:
     lr: float = 3e-4  # peak learning rate (after warmup)
     weight_decay: float = 0.01  # AdamW's decoupled decay
-    decay: str = "matrices"  # what weight decay applies to: matrices (not norm gains) | all (every weight; official)
+    # what weight decay applies to: matrices (not norm gains) | all (every weight; official)
+    decay: DecayedWeights = DecayedWeights.matrices
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's moment decay rates
     eps: float = 1e-8  # AdamW's denominator epsilon
     warmup_steps: int = 100  # linear warmup from 0 to lr
     min_lr_ratio: float = 0.1  # the schedule ends at lr * this at the last step
-    schedule: str = "cosine"  # cosine | wsd (see the module docstring)
+    schedule: Schedule = Schedule.cosine  # how the lr moves over the run (see the module docstring)
     decay_fraction: float = 0.2  # wsd: the share of the steps, at the end, over which the lr decays
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     # One fused kernel per parameter group (CPU and CUDA); false: the multi-tensor foreach update. Fused is 3.9x
     # faster on CPU and beats a torch.compile'd step (tools/bench_compile.py, docs/benchmarks.md).
     fused: bool = True
+
+    def problems(self) -> list[str]:
+        """The rules among this section's own fields that it breaks, as 'key=value why' lines."""
+        problems = positive(self, "optim", "lr")
+        problems += non_negative(self, "optim", "weight_decay", "warmup_steps", "grad_clip")
+        if not 0 < self.decay_fraction <= 1:
+            problems.append(f"optim.decay_fraction={self.decay_fraction} must lie in (0, 1]")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"optim.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+        return problems
 
     def build(self, objective: nn.Module, alpha_lr_multiplier: float = 1.0) -> torch.optim.AdamW:
         """Three groups: decayed weights (matrices, or every weight with decay=all), the rest such as norm gains (not

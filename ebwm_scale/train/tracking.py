@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from ebwm_scale.logs import log
+from ebwm_scale.schema import positive
 from ebwm_scale.train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -39,6 +40,10 @@ class TrackingConfig:
     max_buffered_metrics: int = 100_000  # kept for a server that is down; beyond it the oldest are dropped (counted)
     close_timeout_s: float = 120.0  # at the end, wait this long for queued metrics and files to reach the server
     system_metrics_interval_s: float = 10.0  # sample CPU/GPU/memory/disk/network as system/* metrics; 0: off
+
+    def problems(self) -> list[str]:
+        """The rules among this section's own fields that it breaks, as 'key=value why' lines."""
+        return positive(self, "tracking", "max_buffered_metrics")
 
 
 def local_artifact_location(uri: str) -> str | None:

@@ -245,7 +245,7 @@ class Trainer:
         """How this run is cut: a checkpoint resumes exactly (RNG streams, data positions) only under the same."""
         p = self.cfg.parallel
         return {
-            "data_parallel": p.data_parallel,
+            "data_parallel": str(p.data_parallel),  # a plain string: trainer.pt loads with weights_only=True
             "zero_stage": p.zero_stage if p.data_parallel == "zero" else None,
             "world_size": self.dist.world_size,
             "tp_size": self.dist.tp_size,
