@@ -29,8 +29,7 @@ from ebwm_scale.train.checkpoint import (
     torch_bytes,
 )
 from tests.conftest import CPU, REPO
-from tests.test_resume import _losses
-from tests.test_training import SMALL, Recorder
+from tests.helpers import SMALL, Recorder, train_records
 
 VIDEO = [
     "data.micro_batch_size=4",
@@ -313,7 +312,7 @@ def test_a_run_killed_inside_save_resumes_from_the_newest_complete_checkpoint(
     run_dir = tmp_path / "killed" / "ci_tiny_video"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"].endswith(f"step_{resumes_from:08d}")
-    assert _losses(run_dir) == _losses(tmp_path / "straight" / "ci_tiny_video")  # bit for bit
+    assert train_records(run_dir) == train_records(tmp_path / "straight" / "ci_tiny_video")  # bit for bit
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000009"]
 
 

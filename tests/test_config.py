@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ebwm_scale.config import ConfigError, load_config
+from tests.helpers import QUIET
 
 RECIPE_DIR = Path(__file__).resolve().parents[1].joinpath("recipes")
 RECIPES = sorted([*RECIPE_DIR.glob("*.yaml"), *RECIPE_DIR.glob("official/*.yaml")])
@@ -37,7 +38,7 @@ def test_the_official_pair_is_the_official_small_configuration_and_trains():
         k: v for k, v in vars(m).items() if k not in ("kind", "step_conditioning", "num_step_embeddings")
     } | {"step_conditioning": "none", "num_step_embeddings": ar.model.num_step_embeddings}
     small = ["data.seq_len=16", "data.micro_batch_size=2", "train.max_steps=2", "train.grad_accum_steps=1"]
-    small += ["model.num_layers=1", "train.progress_bar=false", "tracking.enabled=false", "train.eval_batches=1"]
+    small += ["model.num_layers=1", *QUIET, "train.eval_batches=1"]
     done = subprocess.run(
         [
             sys.executable,

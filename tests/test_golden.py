@@ -20,7 +20,7 @@ import pytest
 from ebwm_scale.config import load_config
 from ebwm_scale.pretrain import build_trainer
 from tests.conftest import CPU, REPO
-from tests.test_training import SMALL, Recorder
+from tests.helpers import SMALL, Recorder
 
 GOLDEN = Path(__file__).parent / "assets" / "golden_losses.json"
 RUNS = {

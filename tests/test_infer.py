@@ -8,7 +8,7 @@ from ebwm_scale.core.objective import build_objective
 from ebwm_scale.core.spaces import FrameSpace
 from ebwm_scale.inference.think import Generator, ThinkConfig, think
 from tests.conftest import tiny_model_config
-from tests.test_mcmc import trained_frames_objective
+from tests.helpers import ON_TEXT_SHARDS, SMALL, trained_frames_objective
 
 
 def _text_objective(**model):
@@ -107,7 +107,6 @@ def test_system2_eval_curves_for_ebt_and_the_flat_ar_contrast(tmp_path):
     from ebwm_scale.config import load_config
     from ebwm_scale.pretrain import build_trainer
     from tests.conftest import CPU, REPO
-    from tests.test_training import SMALL
 
     results = {}
     for recipe in ("ci_tiny.yaml", "ci_tiny_ar.yaml"):
@@ -137,16 +136,15 @@ def test_an_export_of_a_shards_run_generates_without_its_shards(text_shards, tmp
     needs nothing else once the shards are gone."""
     import shutil
 
+    from ebwm_scale.cli.generate import main as generate
     from ebwm_scale.config import load_config
     from ebwm_scale.inference.export import TOKENIZER_FILE, export_checkpoint
-    from ebwm_scale.cli.generate import main as generate
     from ebwm_scale.pretrain import build_trainer
     from tests.conftest import CPU, REPO
-    from tests.test_training import SMALL
 
     shards = tmp_path / "shards"
     shutil.copytree(text_shards.output, shards)
-    overrides = [*SMALL, "model.vocab_size=512", "data.seq_len=32", "data.micro_batch_size=4", "train.max_steps=2"]
+    overrides = [*SMALL, *ON_TEXT_SHARDS, "train.max_steps=2"]
     overrides += [f"data.shards.url={shards}", f"train.output_dir={tmp_path}"]
     build_trainer(load_config(REPO / "recipes" / "ci_tiny_shards.yaml", overrides), CPU).fit()
     export_checkpoint(str(tmp_path / "ci_tiny_shards" / "checkpoints" / "step_00000002"), str(tmp_path / "export"))

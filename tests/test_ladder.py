@@ -15,6 +15,7 @@ import pytest
 from ebwm_scale.cli.ladder import expand, load_ladder, main, run_command, slurm_script, slurm_task_command
 from ebwm_scale.config import ConfigError
 from tests.conftest import REPO
+from tests.helpers import two_rank_ladder
 
 
 def test_grid_expands_to_stably_named_runs_with_the_lr_rule():
@@ -91,18 +92,6 @@ def test_a_run_launched_on_other_ranks_than_planned_stops_at_start(tmp_path):
         "LaunchError: this run is planned for 2 ranks (parallel.expected_world_size) but was launched on 1; launch it "
         "with ebwm-ladder, or e.g. torchrun --nproc-per-node 2"
     )
-
-
-def two_rank_ladder(tmp_path) -> Path:
-    path = tmp_path / "ranks.yaml"
-    path.write_text(
-        f"name: ranks\nbase: {REPO}/recipes/ci_tiny.yaml\nkinds: [ar]\ndata_parallel_ranks: 2\n"
-        "sizes:\n  s1: {dim: 32, num_layers: 1, num_heads: 2}\nbudgets: [2048]\n"
-        f"output_dir: {tmp_path}/runs\n"
-        "overrides: [train.eval_interval_steps=0, train.eval_batches=1, tracking.enabled=false, data.seq_len=16,"
-        " data.micro_batch_size=4]\n"
-    )
-    return path
 
 
 @pytest.mark.slow

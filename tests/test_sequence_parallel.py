@@ -26,14 +26,14 @@ from ebwm_scale.parallel.tensor import (
 )
 from tests.conftest import REPO, tiny_model_config
 from tests.distributed import TRAINER_LOSS_RTOL, assert_gradients_close, run_distributed_test
-from tests.test_tensor_parallel import _batch, _expected_shard, _tp_dist
+from tests.helpers import GRADIENT_RTOL, expected_shard, parity_batch, run_recipe_with_gradients, tp_dist
 
 EXACT = 1e-10  # float64 parity
 
 
 def _check(rank, size, kind, modality, model_options, checkpointing):
     torch.set_default_dtype(torch.float64)
-    dist_info = _tp_dist(rank, size)
+    dist_info = tp_dist(rank, size)
     group = dist_info.tp_group
     torch.manual_seed(0)
     cfg = tiny_model_config(kind, modality, num_step_embeddings=2, **model_options)
@@ -46,7 +46,7 @@ def _check(rank, size, kind, modality, model_options, checkpointing):
     parallel_cfg = ParallelConfig(tensor_parallel=size, sequence_parallel=True, activation_checkpointing=checkpointing)
     parallelize(sp, parallel_cfg, dist_info)
     assert sum(isinstance(m, SequenceParallelRMSNorm) for m in sp.modules()) == 2 * cfg.num_layers
-    batch = _batch(modality)
+    batch = parity_batch(modality)
 
     if kind == "ebt":  # energies and the energy gradient w.r.t. the state (text: each rank holds a vocab slice)
         ctx = batch["tokens"][:, :-1] if modality == "text" else batch["frames"][:, :-1]
@@ -81,7 +81,7 @@ def _check(rank, size, kind, modality, model_options, checkpointing):
         for name, param in sp.named_parameters():
             key = name.replace("._checkpoint_wrapped_module", "")
             owner = modules[name.rsplit(".", 1)[0]]
-            expected = _expected_shard(owner, name, full[key].grad, rank, size)
+            expected = expected_shard(owner, name, full[key].grad, rank, size)
             for want in (same_layout[key].grad, expected):
                 torch.testing.assert_close(param.grad, want, rtol=EXACT, atol=EXACT, msg=lambda m, n=name: f"{n}: {m}")
         for optimizer in optimizers:
@@ -177,11 +177,9 @@ SP_TRAINING = [
 
 
 def _check_training(rank, size, output_dir):
-    from tests.test_zero import GRADIENT_RTOL, _run_with_gradients
-
-    dist_info = _tp_dist(rank, size)
-    tp = _run_with_gradients("ci_tiny.yaml", dist_info, f"{output_dir}/tp", *SP_TRAINING)
-    sp = _run_with_gradients(
+    dist_info = tp_dist(rank, size)
+    tp = run_recipe_with_gradients("ci_tiny.yaml", dist_info, f"{output_dir}/tp", *SP_TRAINING)
+    sp = run_recipe_with_gradients(
         "ci_tiny.yaml", dist_info, f"{output_dir}/sp", *SP_TRAINING, "parallel.sequence_parallel=true"
     )
     assert sp[0] == pytest.approx(tp[0], rel=TRAINER_LOSS_RTOL)

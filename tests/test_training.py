@@ -7,30 +7,9 @@ import pytest
 
 from ebwm_scale.config import load_config
 from ebwm_scale.pretrain import build_trainer, main
-from ebwm_scale.train.callbacks import Callback
 from tests.conftest import CPU, REPO
 from tests.distributed import assert_gradients_close, record_gradients
-
-SMALL = [
-    "model.dim=64",
-    "model.num_layers=2",
-    "model.num_heads=4",
-    "train.progress_bar=false",
-    "tracking.enabled=false",
-    "train.eval_interval_steps=0",
-    "train.eval_batches=2",
-]
-
-
-class Recorder(Callback):
-    def __init__(self):
-        self.train, self.eval = [], []
-
-    def on_step_end(self, trainer, step, metrics):
-        self.train.append(metrics)
-
-    def on_eval_end(self, trainer, step, metrics):
-        self.eval.append(metrics)
+from tests.helpers import SMALL, Recorder
 
 
 def _train(tmp_path, recipe, *overrides):

@@ -196,7 +196,7 @@ def test_video_models_train_from_prepared_shards_and_ebt_beats_copying_the_last_
     from ebwm_scale.config import load_config
     from ebwm_scale.pretrain import build_trainer
     from tests.conftest import CPU
-    from tests.test_training import Recorder
+    from tests.helpers import Recorder
 
     videos = make_videos(tmp_path / "videos", 128, 8.0)
     shards = tmp_path / "latents"
