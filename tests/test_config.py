@@ -20,6 +20,7 @@ def test_every_shipped_recipe_loads(recipe):
     assert cfg.train.run_name == recipe.stem
 
 
+@pytest.mark.slow
 def test_the_official_pair_is_the_official_small_configuration_and_trains():
     """recipes/official: the xxs size with FFN = dim, official init and optimizer; the EBT and its AR baseline differ
     only in the model kind, and the EBT recipe trains (a few steps at a tiny batch)."""

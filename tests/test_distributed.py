@@ -52,6 +52,7 @@ def test_data_parallel_gradients_match_single_process():
     run_distributed_test(_check_data_parallel_parity, world_size=2)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process_end_to_end(tmp_path):
     """`torchrun --nproc-per-node 2 pretrain.py` (gloo) follows the same loss curve as one process on the same
     global batch: the sampler gives the ranks disjoint halves of it, and gradients are averaged."""
@@ -64,6 +65,7 @@ def test_torchrun_two_ranks_match_one_process_end_to_end(tmp_path):
         assert re.search(rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d rank {rank}: step 5/5 \| loss", logs[0], re.M)
 
 
+@pytest.mark.slow
 def test_torchrun_on_two_nodes_matches_one_process(tmp_path):
     """Two torchrun launchers, node_rank 0 and 1 of `--nnodes 2`, rendezvous on 127.0.0.1 as two cluster nodes
     would on the first node's address: the same curve as one process."""
@@ -87,6 +89,7 @@ def test_torchrun_on_two_nodes_matches_one_process(tmp_path):
     assert "rank 0: step 5/5" in logs[0] and "rank 1: step" not in logs[1]  # by default rank 0 alone logs
 
 
+@pytest.mark.slow
 def test_one_process_with_a_process_group_trains_like_one_without(tmp_path):
     """parallel.force_distributed opens a 1-rank group (in memory: no port) so every collective of a step runs (the
     1-GPU check of the NCCL path); ZeRO always opens one, since DeepSpeed needs it. Neither changes a loss."""

@@ -18,6 +18,7 @@ from tests.conftest import REPO
 from tests.helpers import two_rank_ladder
 
 
+@pytest.mark.slow
 def test_grid_expands_to_stably_named_runs_with_the_lr_rule():
     ladder, base = load_ladder(REPO / "recipes" / "ladders" / "nlp_tiny_cpu.yaml")
     runs = expand(ladder, base)
@@ -60,6 +61,7 @@ def test_slurm_array_has_one_job_per_run_with_its_ranks_as_tasks(tmp_path):
     assert '--index "$SLURM_ARRAY_TASK_ID"' in script
 
 
+@pytest.mark.slow
 def test_every_run_is_launched_on_the_ranks_its_budget_was_divided_by():
     ladder, base = load_ladder(REPO / "recipes" / "ladders" / "nlp_paper.yaml")
     run = expand(ladder, base)[0]
@@ -73,6 +75,7 @@ def test_every_run_is_launched_on_the_ranks_its_budget_was_divided_by():
     assert single.ranks == 1 and run_command(tiny_base, single)[1].endswith("pretrain.py")
 
 
+@pytest.mark.slow
 def test_a_run_launched_on_other_ranks_than_planned_stops_at_start(tmp_path):
     proc = subprocess.run(
         [

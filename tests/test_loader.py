@@ -152,6 +152,7 @@ def test_a_split_whose_every_shard_is_corrupt_stops_with_one_line(text_shards, t
     assert "\n" not in message and f"every train shard of {copy} is corrupt ({len(source.shards)} shards" in message
 
 
+@pytest.mark.slow
 def test_a_corrupt_validation_shard_stops_the_run_before_it_trains(text_shards, tmp_path):
     """The fixed evaluation batches are read before the first step (before: the run trained, died at its first
     evaluation and, with no periodic checkpoints, kept nothing)."""

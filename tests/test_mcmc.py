@@ -80,6 +80,7 @@ def test_refine_runs_under_no_grad_and_returns_detached_state():
     assert len(result.energies) == 3 and not result.pred.requires_grad
 
 
+@pytest.mark.slow
 def test_more_inference_steps_than_training_lower_the_energy():
     """Train a tiny frames EBT briefly (2 MCMC steps), then think longer: energy keeps going down."""
     objective, frames = trained_frames_objective()

@@ -61,6 +61,7 @@ def _check(rank, size, kind, microbatches, mcmc_overrides, modality="text", cond
         assert float(got[key]) == pytest.approx(float(value), rel=RTOL, abs=ATOL), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("microbatches", [1, 4])
 @pytest.mark.parametrize(
     "kind, mcmc_overrides",
@@ -78,6 +79,7 @@ def test_two_stages_match_one_process(kind, microbatches, mcmc_overrides):
     run_distributed_test(_check, world_size=2, args=(kind, microbatches, mcmc_overrides))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conditioning", ["time_token", "additive"])
 def test_step_conditioned_ebt_matches_one_process(conditioning):
     """time_token: a context stream per MCMC step (its own waves and its own backward); additive: on stage 0 only.
@@ -86,6 +88,7 @@ def test_step_conditioned_ebt_matches_one_process(conditioning):
     run_distributed_test(_check, world_size=2, args=("ebt", 2, mcmc, "text", conditioning))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ebt", "ar"])
 def test_frame_models_match_one_process_with_frame_metrics(kind):
     run_distributed_test(_check, world_size=2, args=(kind, 2, {}, "frames"))

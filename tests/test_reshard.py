@@ -128,6 +128,7 @@ def _check_node_local_dirs(rank: int, world: int, root: str) -> None:
         node_local.check_writable()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_dir_the_ranks_do_not_share_fails_at_start(tmp_path):
     """A relative or node-local train.checkpoint_dir on a multi-node job: each node would write its own half of
     every checkpoint. Two ranks given two directories stand for two nodes."""

@@ -89,13 +89,14 @@ def _check(rank, size, kind, modality, model_options, checkpointing):
             optimizer.zero_grad()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind, modality, model_options, checkpointing",
     [
         ("ar", "text", {}, "none"),
         ("ebt", "text", {"ebt_impl": "split", "step_conditioning": "additive"}, "none"),
-        pytest.param("ebt", "text", {"ebt_impl": "masked"}, "none", marks=pytest.mark.slow),
-        pytest.param("ebt", "frames", {"ebt_impl": "split"}, "full", marks=pytest.mark.slow),
+        ("ebt", "text", {"ebt_impl": "masked"}, "none"),
+        ("ebt", "frames", {"ebt_impl": "split"}, "full"),
     ],
 )
 def test_sequence_parallel_matches_tensor_parallel_and_one_process(kind, modality, model_options, checkpointing):
@@ -160,6 +161,7 @@ def _check_second_order(rank, size):
     assert not torch.allclose(results["naive"][1], expected[1])  # the second order misses the gather's backward
 
 
+@pytest.mark.slow
 def test_sequence_collectives_are_exact_under_double_backward_where_a_naive_backward_is_not():
     """The four Functions in a block's pattern against one process, to second order; the same gather whose backward
     is a raw reduce-scatter gets the first order right and the second order wrong."""
@@ -188,6 +190,7 @@ def _check_training(rank, size, output_dir):
     assert_gradients_close(sp[2][0], tp[2][0], GRADIENT_RTOL)
 
 
+@pytest.mark.slow
 def test_sequence_parallel_training_matches_tensor_parallel(tmp_path):
     """5 AdamW steps through the real trainer (Langevin noise, clipping) with and without sequence parallelism."""
     run_distributed_test(_check_training, world_size=2, args=(str(tmp_path),))

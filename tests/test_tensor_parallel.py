@@ -73,6 +73,7 @@ def _check(rank, size, kind, modality, mcmc_options, conditioning):
             optimizer.zero_grad()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind, modality, mcmc_options, conditioning",
     [

@@ -106,6 +106,7 @@ def test_a_read_error_is_retried_then_stops_the_job_and_is_never_a_corrupt_video
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_rerun_after_kill_gives_the_same_shards(videos, tmp_path):
     args = [
         "--input",
@@ -161,6 +162,7 @@ def _tiny_vae(path: Path) -> None:
     vae.save_pretrained(path)
 
 
+@pytest.mark.slow
 def test_stable_diffusion_vae_encoder_from_a_local_path(videos, ray_local, tmp_path):
     """The official code's encoder path (diffusers AutoencoderKL), with a tiny randomly initialised VAE."""
     _tiny_vae(tmp_path / "vae")
