@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -40,10 +41,13 @@ def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = No
         raise
 
 
-def at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+Number = TypeVar("Number", int, float)
+
+
+def at_least(minimum: float, kind: Callable[[str], Number] = int) -> Callable[[str], Number]:
     """An argparse type: a number of `kind` that is >= minimum (argparse turns a refusal into a usage line)."""
 
-    def parse(text: str) -> float:
+    def parse(text: str) -> Number:
         try:
             value = kind(text)
         except ValueError:

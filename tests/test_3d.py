@@ -10,14 +10,14 @@ import torch.distributed as dist
 from ebwm_scale.parallel.dist import DistInfo, with_parallel_groups
 from tests.conftest import CPU
 from tests.distributed import TRAINER_LOSS_RTOL, assert_gradients_close, run_distributed_test
-from tests.test_zero import GRADIENT_RTOL, RECIPES, train_recording
+from tests.helpers import GRADIENT_RTOL, PARITY_RECIPES, check_resume_and_export, train_recording
 
 GLOBAL_BATCH = 8
 
 
 def _one_process(out, *overrides) -> dict:
     batch = f"data.micro_batch_size={GLOBAL_BATCH}"
-    runs = {r: train_recording(r, CPU, out / r, batch, "optim.grad_clip=0", *overrides) for r in RECIPES}
+    runs = {r: train_recording(r, CPU, out / r, batch, "optim.grad_clip=0", *overrides) for r in PARITY_RECIPES}
     return {recipe: (losses, gradients) for recipe, (_, losses, gradients) in runs.items()}
 
 
@@ -43,7 +43,7 @@ def _check(rank, size, output_dir, expected, tp, pp, data_parallel, *extra):
         *(["parallel.shard_optimizer=true"] if data_parallel == "zero1" else ["parallel.data_parallel=fsdp"]),
         *extra,
     ]
-    for recipe in RECIPES:
+    for recipe in PARITY_RECIPES:
         trainer, losses, gradients = train_recording(recipe, dist_info, f"{output_dir}/{recipe}", *parallel)
         ref_losses, ref_gradients = expected[recipe]
         assert losses == pytest.approx(ref_losses, rel=TRAINER_LOSS_RTOL), recipe
@@ -95,8 +95,6 @@ def test_zero1_with_sequence_parallel_on_four_ranks(tmp_path):
 
 
 def _check_resume(rank, size, output_dir, data_parallel):
-    from tests.test_zero import check_resume_and_export
-
     mode = "parallel.shard_optimizer=true" if data_parallel == "zero1" else "parallel.data_parallel=fsdp"
     check_resume_and_export(_layout(rank, size, 2, 1), output_dir, "parallel.tensor_parallel=2", mode)
 

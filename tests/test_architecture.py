@@ -184,3 +184,18 @@ def test_a_layer_violation_is_seen():
     assert layer_violations({"ebwm_scale.data.loader": {"ebwm_scale.models.ebt"}}) == [
         "ebwm_scale.data.loader imports ebwm_scale.models.ebt"
     ]
+
+
+def test_no_test_file_imports_another():
+    """What test files share lives in tests/helpers.py (and conftest.py, distributed.py, faults.py): a test module
+    that another imports is loaded twice, under two module names, and ties the two files' refactors together."""
+    files = sorted((REPO / "tests").rglob("*.py"))
+    test_modules = {module_name(path) for path in files if path.name.startswith("test_")}
+    offending = [
+        f"{path.relative_to(REPO)} imports {module}"
+        for path in files
+        for module in sorted(imported_modules(path))
+        if module != module_name(path) and (module in test_modules or module.split(".")[0].startswith("test_"))
+    ]
+    assert files
+    assert offending == []

@@ -29,8 +29,7 @@ from ebwm_scale.train.checkpoint import (
     torch_bytes,
 )
 from tests.conftest import CPU, REPO
-from tests.test_resume import _losses
-from tests.test_training import SMALL, Recorder
+from tests.helpers import SMALL, Recorder, train_records
 
 VIDEO = [
     "data.micro_batch_size=4",
@@ -313,7 +312,7 @@ def test_a_run_killed_inside_save_resumes_from_the_newest_complete_checkpoint(
     run_dir = tmp_path / "killed" / "ci_tiny_video"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"].endswith(f"step_{resumes_from:08d}")
-    assert _losses(run_dir) == _losses(tmp_path / "straight" / "ci_tiny_video")  # bit for bit
+    assert train_records(run_dir) == train_records(tmp_path / "straight" / "ci_tiny_video")  # bit for bit
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000009"]
 
 
@@ -404,6 +403,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in trainer.objective.state_dict().items())  # no update
 
 
+@pytest.mark.slow
 def test_isolated_non_finite_steps_are_skipped_and_training_goes_on(tmp_path):
     recorder = Recorder()
     trainer = _trainer(tmp_path, "train.max_steps=16", "train.max_bad_steps=3", callbacks=[recorder])
@@ -424,6 +424,7 @@ def test_fsspec_memory_checkpoint_dir_resumes(tmp_path):
     fsspec.filesystem("memory").rm("/resume-test", recursive=True)
 
 
+@pytest.mark.slow
 def test_export_rebuilds_the_same_model(tmp_path):
     trainer = _trainer(tmp_path, "train.max_steps=2")
     trainer.fit()
@@ -452,6 +453,7 @@ def test_export_rebuilds_the_same_model(tmp_path):
         _trainer(tmp_path / "d", f"train.init_from={tmp_path}").fit()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_checkpoints_and_exits_zero(tmp_path, sig):
     cmd = [
@@ -506,6 +508,7 @@ class OpenGateAtStep(Callback):
             GatedStore.gate.set()
 
 
+@pytest.mark.slow
 def test_an_async_save_lets_training_go_on_and_saves_the_state_of_its_step(tmp_path):
     """Step 3 runs while the step-2 checkpoint cannot be written (its shard writes wait at a gate that only step 3's
     end opens); the step-2 checkpoint, committed later, holds the step-2 state: the same as a synchronous save's."""
@@ -561,6 +564,7 @@ class DiskFullAt(Callback):
             raise OSError(28, "No space left on device (metrics disk)")
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_between_steps_keeps_the_step_it_finished(tmp_path):
     """With no periodic checkpoints, a failure after step 3 (here a callback's full disk) used to lose all three
     steps; now the finished step is saved, and the resumed run follows the uninterrupted one exactly."""

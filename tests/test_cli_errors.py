@@ -64,6 +64,7 @@ def _cases(tmp_path) -> list[tuple[list[str], str]]:
     ]
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_and_exit_2(tmp_path):
     failures = []
     for args, expected in _cases(tmp_path):

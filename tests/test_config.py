@@ -21,6 +21,7 @@ from ebwm_scale.train.config import TrainConfig
 from ebwm_scale.train.optim import OptimConfig
 from ebwm_scale.train.resume import check_recipe, recipe_changes
 from ebwm_scale.train.tracking import TrackingConfig
+from tests.helpers import QUIET
 
 RECIPE_DIR = Path(__file__).resolve().parents[1].joinpath("recipes")
 RECIPES = sorted([*RECIPE_DIR.glob("*.yaml"), *RECIPE_DIR.glob("official/*.yaml")])
@@ -32,6 +33,7 @@ def test_every_shipped_recipe_loads(recipe):
     assert cfg.train.run_name == recipe.stem
 
 
+@pytest.mark.slow
 def test_the_official_pair_is_the_official_small_configuration_and_trains():
     """recipes/official: the xxs size with FFN = dim, official init and optimizer; the EBT and its AR baseline differ
     only in the model kind, and the EBT recipe trains (a few steps at a tiny batch)."""
@@ -50,7 +52,7 @@ def test_the_official_pair_is_the_official_small_configuration_and_trains():
         k: v for k, v in vars(m).items() if k not in ("kind", "step_conditioning", "num_step_embeddings")
     } | {"step_conditioning": "none", "num_step_embeddings": ar.model.num_step_embeddings}
     small = ["data.seq_len=16", "data.micro_batch_size=2", "train.max_steps=2", "train.grad_accum_steps=1"]
-    small += ["model.num_layers=1", "train.progress_bar=false", "tracking.enabled=false", "train.eval_batches=1"]
+    small += ["model.num_layers=1", *QUIET, "train.eval_batches=1"]
     done = subprocess.run(
         [
             sys.executable,

@@ -1,9 +1,7 @@
 """Data parallelism on 2 gloo ranks equals one process on the whole batch, second-order EBT gradients included."""
 
-import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -12,8 +10,9 @@ import torch
 from ebwm_scale.core.mcmc import MCMCConfig
 from ebwm_scale.core.objective import EBTObjective
 from ebwm_scale.parallel.dist import all_reduce_gradients, all_reduce_mean
-from tests.conftest import REPO, tiny_model_config
+from tests.conftest import tiny_model_config
 from tests.distributed import free_port, run_distributed_test
+from tests.helpers import assert_same_curve, train_launched
 
 
 def _objective_and_batch():
@@ -53,74 +52,24 @@ def test_data_parallel_gradients_match_single_process():
     run_distributed_test(_check_data_parallel_parity, world_size=2)
 
 
-COMMON = [
-    str(REPO / "recipes" / "ci_tiny_ar.yaml"),
-    "model.dim=64",
-    "data.seq_len=16",
-    "train.max_steps=5",
-    "tracking.enabled=false",
-    "train.progress_bar=false",
-    "train.eval_batches=2",
-    "train.log_interval_steps=1",
-    "optim.warmup_steps=1",
-]
-ENTRY = str(REPO / "ebwm_scale" / "pretrain.py")
-
-
-def _train(launchers: list[list[str]], out, *overrides, env=None, logs=None) -> tuple[dict, list[float]]:
-    """Start every launcher command at once (the nodes of one job) with the entry point and the recipe; returns the
-    summary and the per-step training losses (and appends each launcher's output to `logs`)."""
-    procs = [
-        subprocess.Popen(
-            [*launch, ENTRY, *COMMON, *overrides, f"train.output_dir={out}"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for launch in launchers
-    ]
-    try:
-        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        outputs = [proc.communicate()[0] for proc in procs]
-        raise AssertionError("a launcher hung:\n" + "\n---\n".join(o[-3000:] for o in outputs)) from None
-    for proc, output in zip(procs, outputs):
-        assert proc.returncode == 0, output[-3000:]
-    if logs is not None:
-        logs += outputs
-    run = out / "ci_tiny_ar"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return json.loads((run / "summary.json").read_text()), [r["loss"] for r in rows if r.get("split") == "train"]
-
-
-def _assert_same_curve(got: tuple[dict, list[float]], expected: tuple[dict, list[float]]) -> None:
-    (summary, losses), (one_summary, one_losses) = got, expected
-    assert len(losses) == len(one_losses) == 5
-    for step, (a, b) in enumerate(zip(losses, one_losses), 1):
-        assert abs(a - b) < 1e-4 * abs(b), (step, a, b)
-    assert abs(summary["eval_loss"] - one_summary["eval_loss"]) < 1e-4 * abs(one_summary["eval_loss"])
-    assert summary["tokens"] == one_summary["tokens"] and summary["world_size"] == 2
-
-
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process_end_to_end(tmp_path):
     """`torchrun --nproc-per-node 2 pretrain.py` (gloo) follows the same loss curve as one process on the same
     global batch: the sampler gives the ranks disjoint halves of it, and gradients are averaged."""
-    one = _train([[sys.executable]], tmp_path / "one", "data.micro_batch_size=8")
+    one = train_launched([[sys.executable]], tmp_path / "one", "data.micro_batch_size=8")
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={free_port()}"]
     logs = []
     overrides = ["data.micro_batch_size=4", "train.log_all_ranks=true"]
-    _assert_same_curve(_train([launch], tmp_path / "two", *overrides, logs=logs), one)
+    assert_same_curve(train_launched([launch], tmp_path / "two", *overrides, logs=logs), one)
     for rank in (0, 1):  # every rank logs, each line with its time and rank
         assert re.search(rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d rank {rank}: step 5/5 \| loss", logs[0], re.M)
 
 
+@pytest.mark.slow
 def test_torchrun_on_two_nodes_matches_one_process(tmp_path):
     """Two torchrun launchers, node_rank 0 and 1 of `--nnodes 2`, rendezvous on 127.0.0.1 as two cluster nodes
     would on the first node's address: the same curve as one process."""
-    one = _train([[sys.executable]], tmp_path / "one", "data.micro_batch_size=8")
+    one = train_launched([[sys.executable]], tmp_path / "one", "data.micro_batch_size=8")
     port = free_port()
     nodes = [
         [
@@ -136,19 +85,22 @@ def test_torchrun_on_two_nodes_matches_one_process(tmp_path):
         for node in (0, 1)
     ]
     logs = []
-    _assert_same_curve(_train(nodes, tmp_path / "nodes", "data.micro_batch_size=4", logs=logs), one)
+    assert_same_curve(train_launched(nodes, tmp_path / "nodes", "data.micro_batch_size=4", logs=logs), one)
     assert "rank 0: step 5/5" in logs[0] and "rank 1: step" not in logs[1]  # by default rank 0 alone logs
 
 
+@pytest.mark.slow
 def test_one_process_with_a_process_group_trains_like_one_without(tmp_path):
     """parallel.force_distributed opens a 1-rank group (in memory: no port) so every collective of a step runs (the
     1-GPU check of the NCCL path); ZeRO always opens one, since DeepSpeed needs it. Neither changes a loss."""
     launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
-    _, plain = _train([[sys.executable]], tmp_path / "plain", env=env)
+    _, plain = train_launched([[sys.executable]], tmp_path / "plain", env=env)
     assert len(plain) == 5
-    assert _train([[sys.executable]], tmp_path / "forced", "parallel.force_distributed=true", env=env)[1] == plain
-    zero = _train(
+    assert (
+        train_launched([[sys.executable]], tmp_path / "forced", "parallel.force_distributed=true", env=env)[1] == plain
+    )
+    zero = train_launched(
         [[sys.executable]], tmp_path / "zero", "parallel.data_parallel=zero", "parallel.zero_stage=2", env=env
     )
     assert zero[1] == pytest.approx(plain, rel=1e-5)

@@ -20,7 +20,7 @@ import pytest
 from ebwm_scale.config import load_config
 from ebwm_scale.pretrain import build_trainer
 from tests.conftest import CPU, REPO
-from tests.test_training import SMALL, Recorder
+from tests.helpers import SMALL, Recorder
 
 GOLDEN = Path(__file__).parent / "assets" / "golden_losses.json"
 RUNS = {
@@ -38,7 +38,14 @@ def _first_losses(recipe: str, tmp_path) -> list[float]:
     return [m["loss"] for m in recorder.train]
 
 
-@pytest.mark.parametrize("recipe", sorted(RUNS))
+# ci_tiny_ar stays in the fast lane (`-m "not slow"`): the quickest of the four
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        recipe if recipe == "ci_tiny_ar.yaml" else pytest.param(recipe, marks=pytest.mark.slow)
+        for recipe in sorted(RUNS)
+    ],
+)
 def test_first_losses_match_the_checked_in_curve(recipe, tmp_path):
     losses = _first_losses(recipe, tmp_path)
     golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
@@ -50,6 +57,7 @@ def test_first_losses_match_the_checked_in_curve(recipe, tmp_path):
     assert losses == pytest.approx(golden[recipe], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_an_untrained_text_baseline_starts_at_the_uniform_loss(tmp_path):
     """Independent of any recording: small-init logits are near zero, so the first cross-entropy is about ln(256)."""
     first = _first_losses("ci_tiny_ar.yaml", tmp_path)[0]

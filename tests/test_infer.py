@@ -8,7 +8,7 @@ from ebwm_scale.core.objective import build_objective
 from ebwm_scale.core.spaces import FrameSpace
 from ebwm_scale.inference.think import Generator, ThinkConfig, think
 from tests.conftest import tiny_model_config
-from tests.test_mcmc import trained_frames_objective
+from tests.helpers import ON_TEXT_SHARDS, SMALL, trained_frames_objective
 
 
 def _text_objective(**model):
@@ -45,6 +45,7 @@ def test_early_exit_stops_positions_that_stop_improving_and_counts_their_steps()
     assert early.energy[0, 1] < 1e-3
 
 
+@pytest.mark.slow
 def test_thinking_longer_never_raises_the_mean_energy_of_a_trained_model():
     objective, frames = trained_frames_objective()
     generator = Generator(objective, ThinkConfig())
@@ -72,7 +73,7 @@ def test_the_cached_prediction_is_the_full_models_energy_at_the_last_position(co
         torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("modality", ["text", "text_time_token", "frames"])
+@pytest.mark.parametrize("modality", ["text", "text_time_token", pytest.param("frames", marks=pytest.mark.slow)])
 def test_generation_with_the_cache_equals_generation_without(modality):
     if modality.startswith("text"):
         conditioning = "time_token" if modality == "text_time_token" else "none"
@@ -107,7 +108,6 @@ def test_system2_eval_curves_for_ebt_and_the_flat_ar_contrast(tmp_path):
     from ebwm_scale.config import load_config
     from ebwm_scale.pretrain import build_trainer
     from tests.conftest import CPU, REPO
-    from tests.test_training import SMALL
 
     results = {}
     for recipe in ("ci_tiny.yaml", "ci_tiny_ar.yaml"):
@@ -132,6 +132,7 @@ def test_system2_eval_curves_for_ebt_and_the_flat_ar_contrast(tmp_path):
         assert flat["1"]["loss"] == flat["4"]["loss"] and "energy" not in flat["1"]  # nothing to think about
 
 
+@pytest.mark.slow
 def test_an_export_of_a_shards_run_generates_without_its_shards(text_shards, tmp_path, capsys):
     """The export carries the run's sentencepiece model (checked against the shards' meta.json), so ebwm-generate
     needs nothing else once the shards are gone."""
@@ -142,11 +143,10 @@ def test_an_export_of_a_shards_run_generates_without_its_shards(text_shards, tmp
     from ebwm_scale.inference.export import TOKENIZER_FILE, export_checkpoint
     from ebwm_scale.pretrain import build_trainer
     from tests.conftest import CPU, REPO
-    from tests.test_training import SMALL
 
     shards = tmp_path / "shards"
     shutil.copytree(text_shards.output, shards)
-    overrides = [*SMALL, "model.vocab_size=512", "data.seq_len=32", "data.micro_batch_size=4", "train.max_steps=2"]
+    overrides = [*SMALL, *ON_TEXT_SHARDS, "train.max_steps=2"]
     overrides += [f"data.shards.url={shards}", f"train.output_dir={tmp_path}"]
     build_trainer(load_config(REPO / "recipes" / "ci_tiny_shards.yaml", overrides), CPU).fit()
     export_checkpoint(str(tmp_path / "ci_tiny_shards" / "checkpoints" / "step_00000002"), str(tmp_path / "export"))

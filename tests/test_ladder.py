@@ -15,8 +15,10 @@ import pytest
 from ebwm_scale.cli.ladder import expand, load_ladder, main, run_command, slurm_script, slurm_task_command
 from ebwm_scale.config import ConfigError
 from tests.conftest import REPO
+from tests.helpers import two_rank_ladder
 
 
+@pytest.mark.slow
 def test_grid_expands_to_stably_named_runs_with_the_lr_rule():
     ladder, base = load_ladder(REPO / "recipes" / "ladders" / "nlp_tiny_cpu.yaml")
     runs = expand(ladder, base)
@@ -59,6 +61,7 @@ def test_slurm_array_has_one_job_per_run_with_its_ranks_as_tasks(tmp_path):
     assert '--index "$SLURM_ARRAY_TASK_ID"' in script
 
 
+@pytest.mark.slow
 def test_every_run_is_launched_on_the_ranks_its_budget_was_divided_by():
     ladder, base = load_ladder(REPO / "recipes" / "ladders" / "nlp_paper.yaml")
     run = expand(ladder, base)[0]
@@ -72,6 +75,7 @@ def test_every_run_is_launched_on_the_ranks_its_budget_was_divided_by():
     assert single.ranks == 1 and run_command(tiny_base, single)[1].endswith("pretrain.py")
 
 
+@pytest.mark.slow
 def test_a_run_launched_on_other_ranks_than_planned_stops_at_start(tmp_path):
     proc = subprocess.run(
         [
@@ -91,18 +95,6 @@ def test_a_run_launched_on_other_ranks_than_planned_stops_at_start(tmp_path):
         "LaunchError: this run is planned for 2 ranks (parallel.expected_world_size) but was launched on 1; launch it "
         "with ebwm-ladder, or e.g. torchrun --nproc-per-node 2"
     )
-
-
-def two_rank_ladder(tmp_path) -> Path:
-    path = tmp_path / "ranks.yaml"
-    path.write_text(
-        f"name: ranks\nbase: {REPO}/recipes/ci_tiny.yaml\nkinds: [ar]\ndata_parallel_ranks: 2\n"
-        "sizes:\n  s1: {dim: 32, num_layers: 1, num_heads: 2}\nbudgets: [2048]\n"
-        f"output_dir: {tmp_path}/runs\n"
-        "overrides: [train.eval_interval_steps=0, train.eval_batches=1, tracking.enabled=false, data.seq_len=16,"
-        " data.micro_batch_size=4]\n"
-    )
-    return path
 
 
 @pytest.mark.slow

@@ -1,21 +1,19 @@
 """The streaming shard loader: exactly-once epochs across ranks and workers, exact resume, corrupt/missing shards."""
 
-import hashlib
 import itertools
-import json
 import math
 import shutil
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from ebwm_scale.data.loader import ShardLoader, ShardSource, sequences
-from ebwm_scale.data.shards import TEXT_FORMAT, TEXT_FORMAT_PER_SAMPLE, ReadError, ShardFormatError, write_shard
+from ebwm_scale.data.shards import TEXT_FORMAT_PER_SAMPLE, ReadError, ShardFormatError
 from tests.faults import flaky_store
+from tests.helpers import NUMBERED_SHARDS, ON_TEXT_SHARDS, SMALL, numbered_dataset
 
 BATCH = 4
 
@@ -33,45 +31,18 @@ def _per_epoch(source: ShardSource, readers: int) -> int:
     return readers * next(sequences(counts, 0, readers, BATCH, None, 1))[1]
 
 
-def _numbered_dataset(
-    directory: Path, shard_sizes: list[int], text_format: str = TEXT_FORMAT, numbers_from: int = 0
-) -> str:
-    """A text dataset whose sample i is the row [n, n, n], n = numbers_from + i: shards of unequal sizes, numbered
-    samples, meta.json. The current format stacks a shard's samples in one uint16 array; the first one stored an
-    int32 array each."""
-    (directory / "train").mkdir(parents=True)
-    shards, first = [], 0
-    for index, size in enumerate(shard_sizes):
-        rows = [np.full(3, numbers_from + i) for i in range(first, first + size)]
-        if text_format == TEXT_FORMAT:
-            members = [(f"{first:06d}", np.stack(rows).astype(np.uint16))]
-        else:
-            members = [(f"{first + i:06d}", row.astype(np.int32)) for i, row in enumerate(rows)]
-        data = write_shard(members)
-        name = f"train/{index:05d}.tar"
-        (directory / name).write_bytes(data)
-        shards.append({"name": name, "samples": size, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-        first += size
-    meta = {"format": text_format, "splits": {"train": {"samples": first, "shards": shards}}}
-    (directory / "meta.json").write_text(json.dumps(meta))
-    return str(directory)
-
-
 def test_shards_of_the_first_text_format_are_still_read(tmp_path):
     """Same samples, same batches, from one int32 member per sample (format 1) as from one uint16 array per shard."""
-    old = ShardSource.open(_numbered_dataset(tmp_path / "v1", NUMBERED_SHARDS, TEXT_FORMAT_PER_SAMPLE), "train")
-    new = ShardSource.open(_numbered_dataset(tmp_path / "v2", NUMBERED_SHARDS), "train")
+    old = ShardSource.open(numbered_dataset(tmp_path / "v1", NUMBERED_SHARDS, TEXT_FORMAT_PER_SAMPLE), "train")
+    new = ShardSource.open(numbered_dataset(tmp_path / "v2", NUMBERED_SHARDS), "train")
     batches = [list(itertools.islice(ShardLoader(s, BATCH, seed=3, num_workers=0), 15)) for s in (old, new)]
     assert [_rows(b) for b in batches[0]] == [_rows(b) for b in batches[1]]
     assert batches[1][0]["tokens"].dtype == torch.int64
 
 
-NUMBERED_SHARDS = [7, 3, 11, 5, 9, 9]  # 44 samples: a round of 2 or 4 readers x batch 4 leaves 4 or 12 over
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_every_sample_once_per_pass_over_two_ranks_with_nothing_dropped(tmp_path, num_workers):
-    source = ShardSource.open(_numbered_dataset(tmp_path, NUMBERED_SHARDS), "train")
+    source = ShardSource.open(numbered_dataset(tmp_path, NUMBERED_SHARDS), "train")
     total, ranks, readers = sum(NUMBERED_SHARDS), 2, 2 * max(1, num_workers)
     loaders = [ShardLoader(source, BATCH, seed=5, rank=r, world_size=ranks, num_workers=num_workers) for r in (0, 1)]
     group = readers * BATCH
@@ -107,7 +78,7 @@ def test_a_resized_run_neither_repeats_nor_skips_a_sample(
     """Two ranks stop mid-epoch (9 batches: in the second sequence, their workers one batch apart); the run resumes
     on other ranks and workers. After the new readers have served what was left and then one more epoch, every
     sample has been served once per epoch except the new layout's own carried remainder, which comes next."""
-    source = ShardSource.open(_numbered_dataset(tmp_path, NUMBERED_SHARDS), "train")
+    source = ShardSource.open(numbered_dataset(tmp_path, NUMBERED_SHARDS), "train")
     total = sum(NUMBERED_SHARDS)
     old = [ShardLoader(source, BATCH, seed=5, rank=r, world_size=2, num_workers=old_workers) for r in (0, 1)]
     seen: Counter = Counter()
@@ -181,19 +152,19 @@ def test_a_split_whose_every_shard_is_corrupt_stops_with_one_line(text_shards, t
     assert "\n" not in message and f"every train shard of {copy} is corrupt ({len(source.shards)} shards" in message
 
 
+@pytest.mark.slow
 def test_a_corrupt_validation_shard_stops_the_run_before_it_trains(text_shards, tmp_path):
     """The fixed evaluation batches are read before the first step (before: the run trained, died at its first
     evaluation and, with no periodic checkpoints, kept nothing)."""
     from ebwm_scale.config import load_config
     from ebwm_scale.pretrain import build_trainer
     from tests.conftest import CPU, REPO
-    from tests.test_training import SMALL
 
     copy = tmp_path / "copy"
     shutil.copytree(text_shards.output, copy)
     victim = copy / ShardSource.open(str(copy), "val").shards[0]["name"]
     victim.write_bytes(victim.read_bytes()[:-100])
-    overrides = [*SMALL, "model.vocab_size=512", "data.seq_len=32", "data.micro_batch_size=4", "train.max_steps=50"]
+    overrides = [*SMALL, *ON_TEXT_SHARDS, "train.max_steps=50"]
     overrides += [f"data.shards.url={copy}", f"train.output_dir={tmp_path}", "data.shards.num_workers=0"]
     trainer = build_trainer(load_config(REPO / "recipes" / "ci_tiny_shards.yaml", overrides), CPU)
     with (
@@ -205,7 +176,7 @@ def test_a_corrupt_validation_shard_stops_the_run_before_it_trains(text_shards, 
 
 
 def test_transient_read_errors_are_retried_and_change_nothing(tmp_path):
-    url = _numbered_dataset(tmp_path, NUMBERED_SHARDS)
+    url = numbered_dataset(tmp_path, NUMBERED_SHARDS)
     clean = ShardLoader(ShardSource.open(url, "train"), BATCH, seed=2, num_workers=0)
     expected = [_rows(next(clean)) for _ in range(15)]
     store = flaky_store(2, ".tar")
@@ -217,7 +188,7 @@ def test_transient_read_errors_are_retried_and_change_nothing(tmp_path):
 
 
 def test_a_shard_that_stays_unreadable_stops_the_run_with_its_url(tmp_path):
-    url = _numbered_dataset(tmp_path, NUMBERED_SHARDS)
+    url = numbered_dataset(tmp_path, NUMBERED_SHARDS)
     flaky_store(3, ".tar")
     source = ShardSource.open(f"flaky://{url}", "train", read_attempts=3, backoff_s=0.01)
     with (

@@ -2,16 +2,9 @@ import pytest
 import torch
 
 from ebwm_scale.core.mcmc import MCMCConfig, refine
-from ebwm_scale.core.objective import EBTObjective
 from ebwm_scale.parallel.engines.base import set_lr
 from ebwm_scale.train.optim import OptimConfig
-from tests.conftest import tiny_model_config
-
-
-def _frames_objective(**mcmc_overrides):
-    torch.manual_seed(0)
-    mcmc = MCMCConfig(**{"num_steps": 2, "alpha_init": 5.0, **mcmc_overrides}).build()
-    return EBTObjective(tiny_model_config("ebt", "frames").build(), mcmc)
+from tests.helpers import frames_objective, trained_frames_objective
 
 
 def _energy_fn(objective, ctx):
@@ -23,7 +16,7 @@ def _frames_batch(batch_size=4, seq_len=6):
 
 
 def test_alpha_receives_gradient_and_moves_with_its_own_lr():
-    objective = _frames_objective()
+    objective = frames_objective()
     optimizer = OptimConfig(lr=1e-3, warmup_steps=1).build(objective, alpha_lr_multiplier=50.0)
     set_lr(optimizer, 1e-3)
     alpha_group = [g for g in optimizer.param_groups if any(p is objective.mcmc.alpha for p in g["params"])]
@@ -37,7 +30,7 @@ def test_alpha_receives_gradient_and_moves_with_its_own_lr():
 
 
 def test_alpha_is_clamped_to_alpha_min():
-    objective = _frames_objective(alpha_min=1e-3)
+    objective = frames_objective(alpha_min=1e-3)
     with torch.no_grad():
         objective.mcmc.alpha.fill_(-2.0)
     assert objective.mcmc.step_size().item() == pytest.approx(1e-3)
@@ -46,9 +39,9 @@ def test_alpha_is_clamped_to_alpha_min():
 def test_loss_on_all_steps_vs_last():
     batch = _frames_batch()
     torch.manual_seed(1)
-    out_all = _frames_objective(loss_on="all")(batch)
+    out_all = frames_objective(loss_on="all")(batch)
     torch.manual_seed(1)
-    out_last = _frames_objective(loss_on="last")(batch)
+    out_last = frames_objective(loss_on="last")(batch)
     steps = [out_all.metrics["loss_step0"], out_all.metrics["loss_step1"]]
     assert torch.allclose(out_all.loss, torch.stack(steps).mean())
     assert torch.allclose(out_last.loss, steps[1])
@@ -62,7 +55,7 @@ def test_randomized_step_count_stays_in_range_and_varies():
 
 
 def test_langevin_noise_and_jitter_change_the_chain():
-    objective = _frames_objective()
+    objective = frames_objective()
     ctx = torch.randn(2, 5, 8)
     init = torch.randn(2, 5, 8)
 
@@ -79,7 +72,7 @@ def test_langevin_noise_and_jitter_change_the_chain():
 
 
 def test_refine_runs_under_no_grad_and_returns_detached_state():
-    objective = _frames_objective()
+    objective = frames_objective()
     ctx = torch.randn(2, 5, 8)
     with torch.no_grad():
         result = refine(
@@ -88,23 +81,7 @@ def test_refine_runs_under_no_grad_and_returns_detached_state():
     assert len(result.energies) == 3 and not result.pred.requires_grad
 
 
-def trained_frames_objective():
-    """A tiny frames EBT trained briefly (40 steps, 2 MCMC steps) on smooth trajectories, whose next frame is
-    predictable from the context; and its last batch."""
-    objective = _frames_objective(alpha_init=2.0)
-    optimizer = OptimConfig(lr=3e-3, warmup_steps=1).build(objective, alpha_lr_multiplier=10.0)
-    set_lr(optimizer, 3e-3)
-    torch.manual_seed(0)
-    t = torch.arange(7.0)
-    for _ in range(40):
-        phase = torch.rand(8, 1, 1) * 6
-        frames = torch.sin(t[None, :, None] * 0.5 + phase + torch.arange(8.0)[None, None, :])
-        objective({"frames": frames}).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return objective, frames
-
-
+@pytest.mark.slow
 def test_more_inference_steps_than_training_lower_the_energy():
     """Train a tiny frames EBT briefly (2 MCMC steps), then think longer: energy keeps going down."""
     objective, frames = trained_frames_objective()

@@ -9,7 +9,7 @@ import pytest
 
 from ebwm_scale.data.loader import ShardSamples, ShardSource
 from ebwm_scale.data.mixture import MixtureLoader, MixtureSamples, next_source
-from tests.test_loader import NUMBERED_SHARDS, _numbered_dataset
+from tests.helpers import NUMBERED_SHARDS, numbered_dataset
 
 BATCH = 4
 
@@ -26,7 +26,7 @@ def test_the_schedule_keeps_every_share_within_one_sample_of_its_weight():
 def _sources(tmp_path, count: int = 2) -> list[ShardSource]:
     """Datasets whose samples are [n, n, n]; source k's numbers start at 1000 k, so each sample names its source."""
     return [
-        ShardSource.open(_numbered_dataset(tmp_path / f"s{k}", NUMBERED_SHARDS, numbers_from=1000 * k), "train")
+        ShardSource.open(numbered_dataset(tmp_path / f"s{k}", NUMBERED_SHARDS, numbers_from=1000 * k), "train")
         for k in range(count)
     ]
 

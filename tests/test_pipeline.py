@@ -14,6 +14,7 @@ from ebwm_scale.parallel.dist import DistInfo, with_parallel_groups
 from ebwm_scale.parallel.pipeline import apply_pipeline, pipeline_schedule, stage_layers
 from tests.conftest import tiny_model_config
 from tests.distributed import TRAINER_LOSS_RTOL, assert_gradients_close, run_distributed_test
+from tests.helpers import GRADIENT_RTOL, PARITY, PARITY_RECIPES, check_resume_and_export, run_recipe_with_gradients
 
 # float64, so that a wrong term shows far above the rounding of summing the same terms in another order
 RTOL, ATOL = 1e-9, 1e-12
@@ -60,6 +61,7 @@ def _check(rank, size, kind, microbatches, mcmc_overrides, modality="text", cond
         assert float(got[key]) == pytest.approx(float(value), rel=RTOL, abs=ATOL), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("microbatches", [1, 4])
 @pytest.mark.parametrize(
     "kind, mcmc_overrides",
@@ -77,6 +79,7 @@ def test_two_stages_match_one_process(kind, microbatches, mcmc_overrides):
     run_distributed_test(_check, world_size=2, args=(kind, microbatches, mcmc_overrides))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conditioning", ["time_token", "additive"])
 def test_step_conditioned_ebt_matches_one_process(conditioning):
     """time_token: a context stream per MCMC step (its own waves and its own backward); additive: on stage 0 only.
@@ -85,6 +88,7 @@ def test_step_conditioned_ebt_matches_one_process(conditioning):
     run_distributed_test(_check, world_size=2, args=("ebt", 2, mcmc, "text", conditioning))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ebt", "ar"])
 def test_frame_models_match_one_process_with_frame_metrics(kind):
     run_distributed_test(_check, world_size=2, args=(kind, 2, {}, "frames"))
@@ -121,12 +125,10 @@ def test_a_stage_keeps_only_its_part_and_the_whole_models_names():
 
 
 def _check_training(rank, size, output_dir, expected, tp_size, pp_size):
-    from tests.test_zero import GRADIENT_RTOL, RECIPES, _run_with_gradients
-
     dist_info = _pp_dist(rank, size, tp_size, pp_size)
     batch = 8 // dist_info.dp_size
-    for recipe in RECIPES:
-        losses, params, gradients = _run_with_gradients(
+    for recipe in PARITY_RECIPES:
+        losses, params, gradients = run_recipe_with_gradients(
             recipe,
             dist_info,
             f"{output_dir}/{recipe}",
@@ -144,11 +146,10 @@ def _check_training(rank, size, output_dir, expected, tp_size, pp_size):
 
 def _one_process(tmp_path):
     from tests.conftest import CPU
-    from tests.test_zero import RECIPES, _run_with_gradients
 
     return {
-        r: _run_with_gradients(r, CPU, tmp_path / "one" / r, "data.micro_batch_size=8", "optim.grad_clip=0")
-        for r in RECIPES
+        r: run_recipe_with_gradients(r, CPU, tmp_path / "one" / r, "data.micro_batch_size=8", "optim.grad_clip=0")
+        for r in PARITY_RECIPES
     }
 
 
@@ -169,8 +170,6 @@ def test_pipeline_composes_on_four_ranks(tmp_path, tp_size):
 
 
 def _check_resume_and_export(rank, size, output_dir):
-    from tests.test_zero import check_resume_and_export
-
     check_resume_and_export(
         _pp_dist(rank, size),
         output_dir,
@@ -189,9 +188,8 @@ def test_pipeline_resume_is_exact_and_checkpoints_hold_the_whole_model(tmp_path)
 def test_entry_point_trains_with_pipeline_parallel(tmp_path):
     from tests.conftest import REPO
     from tests.distributed import launch_entry_point
-    from tests.test_zero import COMMON
 
-    args = [str(REPO / "recipes" / "ci_tiny.yaml"), *COMMON, "parallel.pipeline_parallel=2", "train.eval_batches=2"]
+    args = [str(REPO / "recipes" / "ci_tiny.yaml"), *PARITY, "parallel.pipeline_parallel=2", "train.eval_batches=2"]
     proc = launch_entry_point("torchrun", [*args, f"train.output_dir={tmp_path}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 rank(s) (data parallel, pipeline 2 stages x 4 micro-batches)" in proc.stdout

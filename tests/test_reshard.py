@@ -20,19 +20,11 @@ from ebwm_scale.pretrain import build_trainer
 from ebwm_scale.train.checkpoint import STATE_DIR, read_sharded
 from tests.conftest import REPO
 from tests.distributed import TRAINER_LOSS_RTOL, run_distributed_test
-from tests.test_training import SMALL, Recorder
+from tests.helpers import NOISE_FREE, Recorder
 
 GLOBAL_BATCH = 8
-COMMON = [
-    *SMALL,
-    "data.seq_len=16",
-    "optim.warmup_steps=1",
-    "optim.lr=3e-3",
-    "optim.grad_clip=0",
-    "mcmc.init_scale=0",  # no start noise: a re-seeded random stream changes nothing
-    "train.checkpoint_interval_steps=4",
-    "train.max_steps=6",
-]
+# NOISE_FREE: no start noise, so a re-seeded random stream changes nothing
+COMMON = [*NOISE_FREE, "optim.grad_clip=0", "train.checkpoint_interval_steps=4", "train.max_steps=6"]
 
 
 def _layout_overrides(layout: dict) -> list[str]:
@@ -136,6 +128,7 @@ def _check_node_local_dirs(rank: int, world: int, root: str) -> None:
         node_local.check_writable()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_dir_the_ranks_do_not_share_fails_at_start(tmp_path):
     """A relative or node-local train.checkpoint_dir on a multi-node job: each node would write its own half of
     every checkpoint. Two ranks given two directories stand for two nodes."""

@@ -1,6 +1,5 @@
 """Exact resume: N steps straight == k steps, SIGKILL, resume, finish — losses and weights bit for bit."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import pytest
 
 from ebwm_scale.inference.export import load_checkpoint
 from tests.conftest import REPO
+from tests.helpers import ON_TEXT_SHARDS, QUIET, train_records
 
 NOISY_MCMC = [
     "mcmc.langevin_noise_std=0.05",
@@ -23,14 +23,7 @@ RUNS = {
     "text": ["ci_tiny.yaml", "data.seq_len=16", "data.micro_batch_size=4", *NOISY_MCMC],
     "frames": ["ci_tiny_video.yaml", "data.micro_batch_size=4", "data.video.num_clips=128", *NOISY_MCMC],
     # Shards from the Ray prep job, streamed by 2 DataLoader workers (the url is added from the fixture).
-    "shards": [
-        "ci_tiny_shards.yaml",
-        "data.seq_len=32",
-        "model.vocab_size=512",
-        "data.micro_batch_size=4",
-        "data.shards.num_workers=2",
-        *NOISY_MCMC,
-    ],
+    "shards": ["ci_tiny_shards.yaml", *ON_TEXT_SHARDS, "data.shards.num_workers=2", *NOISY_MCMC],
 }
 RUNS["mixture"] = RUNS["shards"]
 MAX_STEPS = 24
@@ -50,21 +43,10 @@ def _command(modality: str, output_dir: Path, *extra: str) -> list[str]:
         "train.eval_interval_steps=4",
         "train.eval_batches=1",
         "train.log_interval_steps=1",
-        "train.progress_bar=false",
-        "tracking.enabled=false",
+        *QUIET,
         f"train.output_dir={output_dir}",
         *extra,
     ]
-
-
-def _losses(run_dir: Path) -> dict[int, tuple[float, ...]]:
-    """The last record of every train step (a resumed run repeats the steps after its checkpoint)."""
-    by_step = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["split"] == "train":
-            by_step[record["step"]] = (record["loss"], record["energy_first"], record["energy_last"], record["alpha"])
-    return by_step
 
 
 def _final_weights(run_dir: Path):
@@ -95,7 +77,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, modality, request):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert max(_losses(killed_dir / run_name)) < MAX_STEPS
+    assert max(train_records(killed_dir / run_name)) < MAX_STEPS
 
     resumed = subprocess.run(
         _command(modality, killed_dir, *data, "train.resume=auto"), capture_output=True, text=True, timeout=600
@@ -103,7 +85,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, modality, request):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at step" in resumed.stdout
 
-    expected, got = _losses(tmp_path / "straight" / run_name), _losses(killed_dir / run_name)
+    expected, got = train_records(tmp_path / "straight" / run_name), train_records(killed_dir / run_name)
     assert sorted(expected) == sorted(got) == list(range(1, MAX_STEPS + 1))
     assert got == expected  # exact float equality, every step
     w_expected, w_got = _final_weights(tmp_path / "straight" / run_name), _final_weights(killed_dir / run_name)

@@ -25,6 +25,7 @@ def synthetic_points(noise: float = 0.005, sizes=(1e5, 3e5, 1e6, 3e6), budgets=(
     return points
 
 
+@pytest.mark.slow
 def test_the_fit_recovers_known_exponents_and_their_ratio():
     result, fits = analyse(synthetic_points(), samples=40)
     for kind, (_, _, a, _, b) in TRUE.items():
@@ -65,6 +66,7 @@ def test_plots_are_valid_pngs(tmp_path):
 VIDEO_EBT_RUNS = Path(__file__).parent / "assets" / "video_ebt_runs.json"
 
 
+@pytest.mark.slow
 def test_a_fit_whose_floor_goes_to_zero_stays_finite():
     points = [RunPoint(kind="ebt", **run) for run in json.loads(VIDEO_EBT_RUNS.read_text())]
     result, fits = analyse(points, samples=200)

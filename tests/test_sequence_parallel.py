@@ -26,14 +26,14 @@ from ebwm_scale.parallel.tensor import (
 )
 from tests.conftest import REPO, tiny_model_config
 from tests.distributed import TRAINER_LOSS_RTOL, assert_gradients_close, run_distributed_test
-from tests.test_tensor_parallel import _batch, _expected_shard, _tp_dist
+from tests.helpers import GRADIENT_RTOL, expected_shard, parity_batch, run_recipe_with_gradients, tp_dist
 
 EXACT = 1e-10  # float64 parity
 
 
 def _check(rank, size, kind, modality, model_options, checkpointing):
     torch.set_default_dtype(torch.float64)
-    dist_info = _tp_dist(rank, size)
+    dist_info = tp_dist(rank, size)
     group = dist_info.tp_group
     torch.manual_seed(0)
     cfg = tiny_model_config(kind, modality, num_step_embeddings=2, **model_options)
@@ -46,7 +46,7 @@ def _check(rank, size, kind, modality, model_options, checkpointing):
     parallel_cfg = ParallelConfig(tensor_parallel=size, sequence_parallel=True, activation_checkpointing=checkpointing)
     parallelize(sp, parallel_cfg, dist_info)
     assert sum(isinstance(m, SequenceParallelRMSNorm) for m in sp.modules()) == 2 * cfg.num_layers
-    batch = _batch(modality)
+    batch = parity_batch(modality)
 
     if kind == "ebt":  # energies and the energy gradient w.r.t. the state (text: each rank holds a vocab slice)
         ctx = batch["tokens"][:, :-1] if modality == "text" else batch["frames"][:, :-1]
@@ -81,7 +81,7 @@ def _check(rank, size, kind, modality, model_options, checkpointing):
         for name, param in sp.named_parameters():
             key = name.replace("._checkpoint_wrapped_module", "")
             owner = modules[name.rsplit(".", 1)[0]]
-            expected = _expected_shard(owner, name, full[key].grad, rank, size)
+            expected = expected_shard(owner, name, full[key].grad, rank, size)
             for want in (same_layout[key].grad, expected):
                 torch.testing.assert_close(param.grad, want, rtol=EXACT, atol=EXACT, msg=lambda m, n=name: f"{n}: {m}")
         for optimizer in optimizers:
@@ -89,13 +89,14 @@ def _check(rank, size, kind, modality, model_options, checkpointing):
             optimizer.zero_grad()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind, modality, model_options, checkpointing",
     [
         ("ar", "text", {}, "none"),
         ("ebt", "text", {"ebt_impl": "split", "step_conditioning": "additive"}, "none"),
-        pytest.param("ebt", "text", {"ebt_impl": "masked"}, "none", marks=pytest.mark.slow),
-        pytest.param("ebt", "frames", {"ebt_impl": "split"}, "full", marks=pytest.mark.slow),
+        ("ebt", "text", {"ebt_impl": "masked"}, "none"),
+        ("ebt", "frames", {"ebt_impl": "split"}, "full"),
     ],
 )
 def test_sequence_parallel_matches_tensor_parallel_and_one_process(kind, modality, model_options, checkpointing):
@@ -160,6 +161,7 @@ def _check_second_order(rank, size):
     assert not torch.allclose(results["naive"][1], expected[1])  # the second order misses the gather's backward
 
 
+@pytest.mark.slow
 def test_sequence_collectives_are_exact_under_double_backward_where_a_naive_backward_is_not():
     """The four Functions in a block's pattern against one process, to second order; the same gather whose backward
     is a raw reduce-scatter gets the first order right and the second order wrong."""
@@ -177,11 +179,9 @@ SP_TRAINING = [
 
 
 def _check_training(rank, size, output_dir):
-    from tests.test_zero import GRADIENT_RTOL, _run_with_gradients
-
-    dist_info = _tp_dist(rank, size)
-    tp = _run_with_gradients("ci_tiny.yaml", dist_info, f"{output_dir}/tp", *SP_TRAINING)
-    sp = _run_with_gradients(
+    dist_info = tp_dist(rank, size)
+    tp = run_recipe_with_gradients("ci_tiny.yaml", dist_info, f"{output_dir}/tp", *SP_TRAINING)
+    sp = run_recipe_with_gradients(
         "ci_tiny.yaml", dist_info, f"{output_dir}/sp", *SP_TRAINING, "parallel.sequence_parallel=true"
     )
     assert sp[0] == pytest.approx(tp[0], rel=TRAINER_LOSS_RTOL)
@@ -190,6 +190,7 @@ def _check_training(rank, size, output_dir):
     assert_gradients_close(sp[2][0], tp[2][0], GRADIENT_RTOL)
 
 
+@pytest.mark.slow
 def test_sequence_parallel_training_matches_tensor_parallel(tmp_path):
     """5 AdamW steps through the real trainer (Langevin noise, clipping) with and without sequence parallelism."""
     run_distributed_test(_check_training, world_size=2, args=(str(tmp_path),))

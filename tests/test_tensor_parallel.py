@@ -10,34 +10,21 @@ import torch.distributed as dist
 from ebwm_scale.core.mcmc import MCMCConfig
 from ebwm_scale.core.objective import build_objective
 from ebwm_scale.parallel.parallelize import apply_tensor_parallel
-from ebwm_scale.parallel.tensor import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    VocabParallel,
-    VocabParallelEmbedding,
-    _shard,
-    reduce_from_tp,
-)
+from ebwm_scale.parallel.tensor import VocabParallel, reduce_from_tp
 from tests.conftest import tiny_model_config
 from tests.distributed import TRAINER_LOSS_RTOL, assert_gradients_close, run_distributed_test
+from tests.helpers import (
+    GRADIENT_RTOL,
+    PARITY,
+    check_resume_and_export,
+    expected_shard,
+    parity_batch,
+    run_recipe,
+    run_recipe_with_gradients,
+    tp_dist,
+)
 
 EXACT = 1e-9  # float64 parity
-
-
-def _expected_shard(module, name, full_grad, rank, size):
-    """The slice of the one-process gradient that this rank's shard of `name` must equal."""
-    if isinstance(module, ColumnParallelLinear):
-        return _shard(full_grad, 0, rank, size, module.blocks)
-    if isinstance(module, RowParallelLinear):
-        return _shard(full_grad, 1, rank, size)
-    if isinstance(module, VocabParallelEmbedding):
-        return _shard(full_grad, 0, rank, size)
-    return full_grad  # replicated
-
-
-def _batch(modality):
-    torch.manual_seed(7)
-    return {"tokens": torch.randint(0, 32, (3, 9))} if modality == "text" else {"frames": torch.randn(3, 9, 8)}
 
 
 def _check(rank, size, kind, modality, mcmc_options, conditioning):
@@ -50,7 +37,7 @@ def _check(rank, size, kind, modality, mcmc_options, conditioning):
     mcmc = copy.deepcopy(reference.mcmc) if kind == "ebt" else None
     parallel = build_objective(copy.deepcopy(reference.model), mcmc, VocabParallel(group))
     apply_tensor_parallel(parallel.model, group)
-    batch = _batch(modality)
+    batch = parity_batch(modality)
 
     if kind == "ebt":  # energies and the energy gradient w.r.t. the state (text: each rank holds a vocab slice)
         ctx = batch["tokens"][:, :-1] if modality == "text" else batch["frames"][:, :-1]
@@ -79,13 +66,14 @@ def _check(rank, size, kind, modality, mcmc_options, conditioning):
         full = dict(reference.named_parameters())
         for name, param in parallel.named_parameters():
             owner = modules[name.rsplit(".", 1)[0]]
-            expected = _expected_shard(owner, name, full[name].grad, rank, size)
+            expected = expected_shard(owner, name, full[name].grad, rank, size)
             torch.testing.assert_close(param.grad, expected, rtol=EXACT, atol=EXACT, msg=lambda m, n=name: f"{n}: {m}")
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind, modality, mcmc_options, conditioning",
     [
@@ -125,18 +113,10 @@ def test_our_reduce_is_correct_under_double_backward_where_the_naive_one_is_not(
     run_distributed_test(_check_second_order_collective, world_size=2)
 
 
-def _tp_dist(rank, size):
-    from ebwm_scale.parallel.dist import DistInfo, with_parallel_groups
-
-    return with_parallel_groups(DistInfo(rank=rank, local_rank=rank, world_size=size, device=torch.device("cpu")), size)
-
-
 def _check_training(rank, size, output_dir, expected):
-    from tests.test_zero import GRADIENT_RTOL, _run_with_gradients
-
-    losses, params, gradients = _run_with_gradients(
+    losses, params, gradients = run_recipe_with_gradients(
         "ci_tiny.yaml",
-        _tp_dist(rank, size),
+        tp_dist(rank, size),
         output_dir,
         "data.micro_batch_size=4",
         "parallel.tensor_parallel=2",
@@ -154,9 +134,8 @@ def _check_training(rank, size, output_dir, expected):
 def test_tensor_parallel_training_matches_one_process(tmp_path):
     """Both tensor-parallel ranks see the batch and the MCMC noise of one process (noise on), 5 steps of AdamW."""
     from tests.conftest import CPU
-    from tests.test_zero import _run_with_gradients
 
-    expected = _run_with_gradients(
+    expected = run_recipe_with_gradients(
         "ci_tiny.yaml",
         CPU,
         tmp_path / "one",
@@ -172,28 +151,23 @@ START_FROM_EXPORT = ["data.micro_batch_size=4", "train.max_steps=3", "model.num_
 
 
 def _check_resume_and_export(rank, size, output_dir):
-    from tests.test_zero import check_resume_and_export
-
-    check_resume_and_export(_tp_dist(rank, size), output_dir, "parallel.tensor_parallel=2")
+    check_resume_and_export(tp_dist(rank, size), output_dir, "parallel.tensor_parallel=2")
 
 
 def _check_start_from_export(rank, size, output_dir, expected):
-    from tests.test_zero import _run
-
     fresh = [*START_FROM_EXPORT, f"train.init_from={output_dir}/export", "parallel.tensor_parallel=2"]
-    losses, _ = _run("ci_tiny.yaml", _tp_dist(rank, size), f"{output_dir}/d", *fresh)
+    losses, _ = run_recipe("ci_tiny.yaml", tp_dist(rank, size), f"{output_dir}/d", *fresh)
     assert losses == pytest.approx(expected, rel=TRAINER_LOSS_RTOL)
 
 
 @pytest.mark.slow
 def test_tensor_parallel_resume_is_exact_and_exports_start_runs_under_either_layout(tmp_path):
     from tests.conftest import CPU
-    from tests.test_zero import _run
 
     run_distributed_test(_check_resume_and_export, world_size=2, args=(str(tmp_path),))
     # The TP=2 export starts a one-process run, and a TP=2 run from it follows the same trajectory.
-    one, _ = _run("ci_tiny.yaml", CPU, tmp_path / "c", *START_FROM_EXPORT, f"train.init_from={tmp_path}/export")
-    from_scratch, _ = _run("ci_tiny.yaml", CPU, tmp_path / "e", *START_FROM_EXPORT)
+    one, _ = run_recipe("ci_tiny.yaml", CPU, tmp_path / "c", *START_FROM_EXPORT, f"train.init_from={tmp_path}/export")
+    from_scratch, _ = run_recipe("ci_tiny.yaml", CPU, tmp_path / "e", *START_FROM_EXPORT)
     assert one[0] < from_scratch[0]  # it did start from the trained weights
     run_distributed_test(_check_start_from_export, world_size=2, args=(str(tmp_path), one))
 
@@ -203,11 +177,10 @@ def test_tensor_parallel_resume_is_exact_and_exports_start_runs_under_either_lay
 def test_entry_point_trains_with_tensor_parallel(launcher, tmp_path):
     from tests.conftest import REPO
     from tests.distributed import launch_entry_point
-    from tests.test_zero import COMMON
 
     proc = launch_entry_point(
         launcher,
-        [str(REPO / "recipes" / "ci_tiny.yaml"), *COMMON, "parallel.tensor_parallel=2", f"train.output_dir={tmp_path}"],
+        [str(REPO / "recipes" / "ci_tiny.yaml"), *PARITY, "parallel.tensor_parallel=2", f"train.output_dir={tmp_path}"],
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 rank(s) (data parallel, tensor parallel 2)" in proc.stdout and "step 5/5" in proc.stdout
@@ -215,13 +188,12 @@ def test_entry_point_trains_with_tensor_parallel(launcher, tmp_path):
 
 def _check_tp_times_dp(rank, size, output_dir, expected):
     from ebwm_scale.parallel.dist import DistInfo, with_parallel_groups
-    from tests.test_zero import GRADIENT_RTOL, _run_with_gradients
 
     dist_info = with_parallel_groups(
         DistInfo(rank=rank, local_rank=rank, world_size=size, device=torch.device("cpu")), 2
     )
     assert (dist_info.dp_size, dist_info.dp_rank) == (2, rank // 2)
-    losses, _, gradients = _run_with_gradients(
+    losses, _, gradients = run_recipe_with_gradients(
         "ci_tiny.yaml",
         dist_info,
         output_dir,
@@ -237,9 +209,8 @@ def _check_tp_times_dp(rank, size, output_dir, expected):
 def test_tensor_parallel_times_data_parallel_on_four_ranks(tmp_path):
     """TP=2 x DP=2 (4 gloo processes) vs one process on the same global batch of 8 (noise-free MCMC start)."""
     from tests.conftest import CPU
-    from tests.test_zero import _run_with_gradients
 
-    expected = _run_with_gradients(
+    expected = run_recipe_with_gradients(
         "ci_tiny.yaml", CPU, tmp_path / "one", "data.micro_batch_size=8", "optim.grad_clip=0"
     )
     run_distributed_test(_check_tp_times_dp, world_size=4, args=(str(tmp_path / "four"), expected))

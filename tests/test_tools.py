@@ -18,6 +18,7 @@ def _tool(*args: str, timeout: int = 600) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_bench_memory_reports_plain_and_lean():
     out = _tool("tools/bench_memory.py", "--vocab-sizes", "2048", "--seq-len", "32", "--batch-size", "2", "--dim", "32")
     line = next(line for line in out.splitlines() if line.startswith("V=2048"))

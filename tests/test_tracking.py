@@ -20,7 +20,7 @@ from ebwm_scale.train.callbacks import Callback
 from ebwm_scale.train.tracking import MLflowCallback
 from tests.conftest import REPO
 from tests.distributed import free_port
-from tests.test_training import SMALL
+from tests.helpers import SMALL
 
 RUN = [
     str(REPO / "recipes" / "ci_tiny_video.yaml"),

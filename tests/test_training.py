@@ -7,30 +7,9 @@ import pytest
 
 from ebwm_scale.config import load_config
 from ebwm_scale.pretrain import build_trainer, main
-from ebwm_scale.train.callbacks import Callback
 from tests.conftest import CPU, REPO
 from tests.distributed import assert_gradients_close, record_gradients
-
-SMALL = [
-    "model.dim=64",
-    "model.num_layers=2",
-    "model.num_heads=4",
-    "train.progress_bar=false",
-    "tracking.enabled=false",
-    "train.eval_interval_steps=0",
-    "train.eval_batches=2",
-]
-
-
-class Recorder(Callback):
-    def __init__(self):
-        self.train, self.eval = [], []
-
-    def on_step_end(self, trainer, step, metrics):
-        self.train.append(metrics)
-
-    def on_eval_end(self, trainer, step, metrics):
-        self.eval.append(metrics)
+from tests.helpers import SMALL, Recorder
 
 
 def _train(tmp_path, recipe, *overrides):
@@ -44,6 +23,7 @@ def _mean_loss(records):
     return sum(m["loss"] for m in records) / len(records)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe, extra, min_drop",
     [
@@ -65,7 +45,7 @@ def test_bf16_autocast_trains_ebt(tmp_path):
     assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in recorder.train)
 
 
-@pytest.mark.parametrize("recipe", ["ci_tiny.yaml", "ci_tiny_ar.yaml"])
+@pytest.mark.parametrize("recipe", [pytest.param("ci_tiny.yaml", marks=pytest.mark.slow), "ci_tiny_ar.yaml"])
 def test_grad_accumulation_matches_a_larger_batch(tmp_path, recipe):
     """2 x 4 and 4 x 2 accumulated give the gradient of 8 at once before the optimizer (a missing 1 / accumulation
     steps would double or quadruple it), and the same losses, up to float reassociation. The EBT starts its chains
@@ -93,6 +73,7 @@ def test_grad_accumulation_matches_a_larger_batch(tmp_path, recipe):
         assert_gradients_close(got_gradients[0], gradients[0], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_pretrain_logs_to_mlflow_and_writes_config_and_summary(tmp_path):
     from mlflow import MlflowClient
 
@@ -144,6 +125,7 @@ def test_pretrain_runs_as_a_script(tmp_path):
     assert "rank 0: step 2/2" in proc.stdout and "rank 0: run ci_tiny_ar finished: 2 steps on 1 rank(s)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_wsd_decay_branch_equals_a_run_of_its_length_from_scratch(tmp_path):
     """One long warmup-stable-decay run, branched from its checkpoint where a shorter run's decay starts, then
     decayed to the shorter length: loss for loss the shorter run trained from scratch (same data order)."""

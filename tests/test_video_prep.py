@@ -106,6 +106,7 @@ def test_a_read_error_is_retried_then_stops_the_job_and_is_never_a_corrupt_video
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_rerun_after_kill_gives_the_same_shards(videos, tmp_path):
     args = [
         "--input",
@@ -161,6 +162,7 @@ def _tiny_vae(path: Path) -> None:
     vae.save_pretrained(path)
 
 
+@pytest.mark.slow
 def test_stable_diffusion_vae_encoder_from_a_local_path(videos, ray_local, tmp_path):
     """The official code's encoder path (diffusers AutoencoderKL), with a tiny randomly initialised VAE."""
     _tiny_vae(tmp_path / "vae")
@@ -196,7 +198,7 @@ def test_video_models_train_from_prepared_shards_and_ebt_beats_copying_the_last_
     from ebwm_scale.config import load_config
     from ebwm_scale.pretrain import build_trainer
     from tests.conftest import CPU
-    from tests.test_training import Recorder
+    from tests.helpers import Recorder
 
     videos = make_videos(tmp_path / "videos", 128, 8.0)
     shards = tmp_path / "latents"

@@ -9,72 +9,17 @@ from ebwm_scale.config import load_config
 from ebwm_scale.parallel.dist import DistInfo
 from ebwm_scale.pretrain import build_trainer
 from tests.conftest import CPU, REPO
-from tests.distributed import (
-    TRAINER_LOSS_RTOL,
-    assert_gradients_close,
-    launch_entry_point,
-    record_gradients,
-    run_distributed_test,
+from tests.distributed import TRAINER_LOSS_RTOL, assert_gradients_close, launch_entry_point, run_distributed_test
+from tests.helpers import (
+    GRADIENT_RTOL,
+    NOISY_RESUME,
+    PARITY,
+    PARITY_RECIPES,
+    PARITY_STEPS,
+    Recorder,
+    run_recipe,
+    run_recipe_with_gradients,
 )
-from tests.test_training import SMALL, Recorder
-
-STEPS = 5
-COMMON = [
-    *SMALL,
-    "data.seq_len=16",
-    f"train.max_steps={STEPS}",
-    "optim.warmup_steps=1",
-    "optim.lr=3e-3",
-    "mcmc.init_scale=0",
-]  # a noise-free start, so that two ranks see what one process sees
-RECIPES = ("ci_tiny.yaml", "ci_tiny_ar.yaml")
-
-
-def _run(recipe, dist, output_dir, *overrides):
-    losses, params, _ = _run_with_gradients(recipe, dist, output_dir, *overrides)
-    return losses, params
-
-
-def train_recording(recipe, dist, output_dir, *overrides):
-    """(trainer, losses, every step's gradients before the optimizer) of a COMMON run of `recipe`."""
-    cfg = load_config(REPO / "recipes" / recipe, [*COMMON, f"train.output_dir={output_dir}", *overrides])
-    recorder = Recorder()
-    trainer = build_trainer(cfg, dist, [recorder])
-    gradients = record_gradients(trainer.engine)
-    trainer.fit()
-    return trainer, [m["loss"] for m in recorder.train], gradients
-
-
-def _run_with_gradients(recipe, dist, output_dir, *overrides):
-    """(losses, final weights, every step's gradients before the optimizer)."""
-    trainer, losses, gradients = train_recording(recipe, dist, output_dir, *overrides)
-    params = {k: v.detach().float().clone() for k, v in trainer.engine.model_state_dict().items()}
-    return losses, params, gradients
-
-
-def check_resume_and_export(dist_info, output_dir, *parallel) -> None:
-    """Under the `parallel` overrides: a run resumed from its step-4 checkpoint repeats the straight run's losses
-    bit for bit (Langevin noise and random step counts on), and the final checkpoint exports to the whole model."""
-    from ebwm_scale.inference.export import export_checkpoint, load_exported
-
-    noisy = [
-        "data.micro_batch_size=4",
-        *parallel,
-        "mcmc.langevin_noise_std=0.05",
-        "mcmc.max_num_steps=3",
-        "train.max_steps=6",
-        "train.checkpoint_interval_steps=2",
-    ]
-    straight, params = _run("ci_tiny.yaml", dist_info, f"{output_dir}/a", *noisy)
-    checkpoint = f"{output_dir}/a/ci_tiny/checkpoints/step_00000004"
-    resumed, _ = _run("ci_tiny.yaml", dist_info, f"{output_dir}/b", *noisy, f"train.resume={checkpoint}")
-    assert resumed == straight[4:]
-    if dist_info.rank == 0:  # checkpoints hold the whole, unsharded model: it exports and loads on one process
-        export_checkpoint(f"{output_dir}/a/ci_tiny/checkpoints/step_00000006", f"{output_dir}/export")
-        _, single = load_exported(f"{output_dir}/export")
-        assert single.state_dict().keys() == params.keys()
-        assert all(torch.equal(single.state_dict()[k], v) for k, v in params.items())
-
 
 # DeepSpeed keeps parameters under 1e5 elements whole ("persistent") under ZeRO-3: all of a tiny model's. This makes
 # it partition every one, so that the tests exercise what a large model does.
@@ -90,15 +35,12 @@ def _mode(mode: str) -> list[str]:
     return ["parallel.data_parallel=zero", f"parallel.zero_stage={stage}", *extra]
 
 
-GRADIENT_RTOL = 2e-4  # fp32: two half-batch sums averaged vs one sum, per tensor relative to its largest entry
-
-
 def _check_parity(rank, world_size, mode, output_dir, expected):
     """The first step's gradients before the optimizer, per tensor, and the losses, vs one process on the whole
     batch. Only the first step's gradients: later ones follow weights that Adam has moved by reordered roundings."""
     dist = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
-    for recipe in RECIPES:
-        losses, _, gradients = _run_with_gradients(
+    for recipe in PARITY_RECIPES:
+        losses, _, gradients = run_recipe_with_gradients(
             recipe,
             dist,
             f"{output_dir}/{recipe}",
@@ -108,7 +50,7 @@ def _check_parity(rank, world_size, mode, output_dir, expected):
         )
         ref_losses, ref_gradients = expected[recipe]
         assert losses == pytest.approx(ref_losses, rel=TRAINER_LOSS_RTOL), (mode, recipe)
-        assert len(gradients) == STEPS
+        assert len(gradients) == PARITY_STEPS
         assert_gradients_close(gradients[0], ref_gradients[0], GRADIENT_RTOL)
 
 
@@ -116,8 +58,8 @@ def _check_parity(rank, world_size, mode, output_dir, expected):
 def single_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     runs = {
-        recipe: _run_with_gradients(recipe, CPU, out / recipe, "data.micro_batch_size=8", "optim.grad_clip=0")
-        for recipe in RECIPES
+        recipe: run_recipe_with_gradients(recipe, CPU, out / recipe, "data.micro_batch_size=8", "optim.grad_clip=0")
+        for recipe in PARITY_RECIPES
     }
     return {recipe: (losses, gradients) for recipe, (losses, _, gradients) in runs.items()}
 
@@ -130,18 +72,10 @@ def test_two_ranks_match_one_process(mode, single_process, tmp_path):
 
 def _check_resume(rank, world_size, mode, output_dir):
     dist = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
-    noisy = [
-        "mcmc.init_scale=1",
-        "mcmc.langevin_noise_std=0.05",
-        "mcmc.max_num_steps=3",
-        "data.micro_batch_size=4",
-        *_mode(mode),
-        "train.max_steps=6",
-        "train.checkpoint_interval_steps=2",
-    ]
-    straight, straight_params = _run("ci_tiny.yaml", dist, f"{output_dir}/a", *noisy)
+    noisy = ["mcmc.init_scale=1", *NOISY_RESUME, *_mode(mode)]
+    straight, straight_params = run_recipe("ci_tiny.yaml", dist, f"{output_dir}/a", *noisy)
     checkpoint = f"{output_dir}/a/ci_tiny/checkpoints/step_00000004"
-    resumed, resumed_params = _run("ci_tiny.yaml", dist, f"{output_dir}/b", *noisy, f"train.resume={checkpoint}")
+    resumed, resumed_params = run_recipe("ci_tiny.yaml", dist, f"{output_dir}/b", *noisy, f"train.resume={checkpoint}")
     assert resumed == straight[4:], (resumed, straight)  # bit for bit
     assert all(torch.equal(resumed_params[k], straight_params[k]) for k in straight_params)
 
@@ -156,15 +90,15 @@ def test_resume_is_exact_on_two_ranks(mode, tmp_path):
 def test_deepspeed_launcher_runs_the_entry_point(tmp_path):
     args = [
         str(REPO / "recipes" / "ci_tiny.yaml"),
-        *COMMON,
+        *PARITY,
         "parallel.data_parallel=zero",
         "parallel.zero_stage=2",
         f"train.output_dir={tmp_path}",
     ]
     proc = launch_entry_point("deepspeed", args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 rank(s) (DeepSpeed ZeRO-2)" in proc.stdout and f"step {STEPS}/{STEPS}" in proc.stdout
-    assert (tmp_path / "ci_tiny" / "checkpoints" / f"step_{STEPS:08d}" / "rank_00001.pt").exists()
+    assert "2 rank(s) (DeepSpeed ZeRO-2)" in proc.stdout and f"step {PARITY_STEPS}/{PARITY_STEPS}" in proc.stdout
+    assert (tmp_path / "ci_tiny" / "checkpoints" / f"step_{PARITY_STEPS:08d}" / "rank_00001.pt").exists()
 
 
 FLAGSHIP = [  # recipes/nlp_1b.yaml's combination at toy size
@@ -184,7 +118,7 @@ def _check_flagship(rank, world_size, output_dir):
         cfg = load_config(
             REPO / "recipes" / "ci_tiny.yaml",
             [
-                *COMMON,
+                *PARITY,
                 *FLAGSHIP,
                 *_mode(mode),
                 f"train.output_dir={output_dir}/{mode}",
@@ -213,7 +147,7 @@ def test_zero_bf16_checkpointing_and_accumulation_match_ddp(tmp_path):
 def _check_start_from_export(rank, world_size, export, output_dir, expected):
     dist = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
     for mode in ("zero1", "zero2", "zero3"):
-        losses, _ = _run(
+        losses, _ = run_recipe(
             "ci_tiny.yaml",
             dist,
             f"{output_dir}/{mode}",
@@ -230,16 +164,16 @@ def test_zero_runs_keep_the_exported_weights_they_start_from(tmp_path):
     deepspeed.initialize must reach them, or the first step reverts to the initial weights (plus one update)."""
     from ebwm_scale.inference.export import export_checkpoint
 
-    _run("ci_tiny.yaml", CPU, tmp_path / "a", "data.micro_batch_size=8", "train.checkpoint_interval_steps=5")
-    export_checkpoint(f"{tmp_path}/a/ci_tiny/checkpoints/step_{STEPS:08d}", f"{tmp_path}/export")
+    run_recipe("ci_tiny.yaml", CPU, tmp_path / "a", "data.micro_batch_size=8", "train.checkpoint_interval_steps=5")
+    export_checkpoint(f"{tmp_path}/a/ci_tiny/checkpoints/step_{PARITY_STEPS:08d}", f"{tmp_path}/export")
     start = [f"train.init_from={tmp_path}/export"]
-    expected, _ = _run("ci_tiny.yaml", CPU, tmp_path / "one", "data.micro_batch_size=8", *start)
+    expected, _ = run_recipe("ci_tiny.yaml", CPU, tmp_path / "one", "data.micro_batch_size=8", *start)
     run_distributed_test(_check_start_from_export, args=(f"{tmp_path}/export", str(tmp_path / "two"), expected))
 
 
 def _check_zero3_memory(rank, world_size, output_dir):
     dist = DistInfo(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
-    cfg = load_config(REPO / "recipes" / "ci_tiny.yaml", [*COMMON, *_mode("zero3"), f"train.output_dir={output_dir}"])
+    cfg = load_config(REPO / "recipes" / "ci_tiny.yaml", [*PARITY, *_mode("zero3"), f"train.output_dir={output_dir}"])
     trainer = build_trainer(cfg, dist, [])
     engine, held_in_step = trainer.engine, []
     release = engine._release
@@ -254,7 +188,9 @@ def _check_zero3_memory(rank, world_size, output_dir):
     partition = sum(p.ds_tensor.numel() for p in engine.params)
     assert sum(p.numel() for p in engine.params) == 0  # at rest every parameter is partitioned
     assert partition <= whole / world_size + len(engine.params) * world_size  # its share, plus padding
-    assert held_in_step[:STEPS] == [whole] * STEPS  # the step holds every weight until the outer backward is done
+    assert (
+        held_in_step[:PARITY_STEPS] == [whole] * PARITY_STEPS
+    )  # the step holds every weight until the outer backward is done
 
 
 @pytest.mark.slow

@@ -57,7 +57,7 @@ class SurfaceFit:
     B: float
     b: float
 
-    def predict(self, params: np.ndarray, data: np.ndarray) -> np.ndarray:
+    def predict(self, params: float | np.ndarray, data: float | np.ndarray) -> np.ndarray:
         return self.E + self.A / np.asarray(params) ** self.a + self.B / np.asarray(data) ** self.b
 
 
@@ -170,7 +170,7 @@ def _theta(fit: SurfaceFit) -> np.ndarray:
 def bootstrap(points: list[RunPoint], fit: SurfaceFit, samples: int, seed: int) -> list[SurfaceFit]:
     """Refits on resamples (with replacement) of the runs that still span 2 sizes and 2 budgets."""
     rng = np.random.default_rng(seed)
-    fits = []
+    fits: list[SurfaceFit] = []
     while len(fits) < samples:
         resample = [points[i] for i in rng.integers(0, len(points), len(points))]
         if len({p.params for p in resample}) >= MIN_SIZES and len({p.data for p in resample}) >= MIN_BUDGETS:

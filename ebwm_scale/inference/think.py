@@ -53,6 +53,8 @@ def think(energy_fn, space, init: torch.Tensor, alpha: torch.Tensor, num_steps: 
         early_exit_eps=cfg.early_exit_eps,
         final_energy=True,
     )
+    # refine sets all three when asked for the final energy
+    assert result.final_energy is not None and result.pred is not None and result.steps_used is not None
     chains = cfg.best_of
     final = result.final_energy.view(chains, -1, *result.final_energy.shape[1:])  # (chains, B, S)
     pred = result.pred.view(chains, -1, *result.pred.shape[1:])

@@ -10,7 +10,15 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from ebwm_scale.logs import log
 
@@ -89,7 +97,7 @@ class ConsoleCallback(Callback):
             console=Console(highlight=False),
             disable=not (progress_bar and is_rank0),
         )
-        self.task = None
+        self.task: TaskID | None = None  # added when training starts
 
     def on_train_start(self, trainer: Trainer) -> None:
         for line in trainer.describe():
@@ -100,6 +108,7 @@ class ConsoleCallback(Callback):
         self.progress.start()
 
     def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        assert self.task is not None  # the trainer calls on_train_start first
         self.progress.update(self.task, completed=step)
         if step % self.log_interval_steps == 0 or step == trainer.max_steps:
             log.info(format_log_line(step, trainer.max_steps, metrics, trainer.unit))

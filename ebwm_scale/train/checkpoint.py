@@ -78,7 +78,9 @@ def torch_from_bytes(data: bytes) -> Any:
 
 def capture_rng_state() -> dict[str, Any]:
     """Every RNG a step may draw from, in a form torch.load(weights_only=True) accepts."""
-    _, key, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state()
+    assert isinstance(legacy, tuple)  # the global generator is always the legacy MT19937: a tuple, never a dict
+    _, key, pos, has_gauss, cached = legacy
     return {
         "python": random.getstate(),
         "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
@@ -120,7 +122,6 @@ class PendingSave:
     tmp: str
     final: str
     rank_entries: list[dict[str, Any]]
-    write: Future | None = None  # DCP's background write
 
 
 class Checkpointer:
@@ -143,7 +144,8 @@ class Checkpointer:
         self.world_size = world_size
         self.is_local = is_local(self.fs)  # only there is rename atomic
         self.asynchronous = asynchronous
-        self.pending: PendingSave | None = None  # an asynchronous save whose shards are still being written
+        # an asynchronous save whose shards are still being written, and DCP's background write
+        self.pending: tuple[PendingSave, Future] | None = None
         self.committed: list[tuple[int, str]] = []  # (step, path) of commits not yet announced
         # DCP's background thread exchanges its write results over a group of its own: on the training group it
         # would interleave with the training's collectives (measured: a hang).
@@ -234,7 +236,7 @@ class Checkpointer:
                         entries[file_name] = self._write(f"{tmp}/{file_name}", data)
             except OSError as caught:
                 error = f"cannot write checkpoint {final}: {caught}"
-        gathered = [(entries, error)]
+        gathered: list[Any] = [(entries, error)]
         if dist.is_initialized():
             gathered = [None] * self.world_size
             collectives.all_gather_object(gathered, (entries, error))
@@ -243,11 +245,10 @@ class Checkpointer:
         if state is not None and error is None:
             url = self._url_of(f"{tmp}/{STATE_DIR}")
             try:
-                if self.asynchronous:
-                    pending.write = _dcp_save(state, url, self._write_group, asynchronous=True)
-                    self.pending = pending
+                write = _dcp_save(state, url, self._write_group, self.asynchronous)
+                if write is not None:
+                    self.pending = (pending, write)
                     return final
-                _dcp_save(state, url, None, asynchronous=False)
             except (Exception, DCPError) as caught:  # DCP raises any rank's failure on every rank
                 error = f"cannot write checkpoint {final}/{STATE_DIR}: {_first_line(caught)}"
         self._conclude(pending, error)
@@ -258,7 +259,7 @@ class Checkpointer:
         pending; call it at the same point on every rank)."""
         if self.pending is None:
             return
-        done = torch.tensor([1 if self.pending.write.done() else 0])
+        done = torch.tensor([1 if self.pending[1].done() else 0])
         if dist.is_initialized():
             collectives.all_reduce(done, op=collectives.ReduceOp.MIN)
         if done.item():
@@ -268,10 +269,10 @@ class Checkpointer:
         """Wait for the pending asynchronous save, then commit it (every rank calls it)."""
         if self.pending is None:
             return
-        pending, self.pending = self.pending, None
+        (pending, write), self.pending = self.pending, None
         error = None
         try:
-            pending.write.result()
+            write.result()
         except (Exception, DCPError) as caught:
             error = f"cannot write checkpoint {pending.final}/{STATE_DIR}: {_first_line(caught)}"
         if dist.is_initialized():
@@ -300,7 +301,7 @@ class Checkpointer:
         return path if self.is_local else self.fs.unstrip_protocol(path)
 
     def _commit(self, step: int, tmp: str, final: str, rank_entries: list[dict[str, Any]]) -> None:
-        manifest = {"step": step, "world_size": self.world_size, "files": {}}
+        manifest: dict[str, Any] = {"step": step, "world_size": self.world_size, "files": {}}
         for entries in rank_entries:
             manifest["files"].update(entries)
         if self.fs.exists(f"{tmp}/{STATE_DIR}"):
@@ -441,7 +442,7 @@ def _first_line(error: BaseException) -> str:
     if isinstance(error, DCPError) and error.failures:  # DCP's own message names only the failing ranks
         rank, (cause, _) = next(iter(error.failures.items()))
         return f"rank {rank}: {_first_line(cause)}"
-    chained = error
+    chained: BaseException | None = error
     while chained is not None and not isinstance(chained, OSError):  # torch.save reports a failed write vaguely
         chained = chained.__cause__ or chained.__context__
     text = str(chained or error).strip()
@@ -452,12 +453,15 @@ def _dcp_save(state: dict[str, Any], url: str, group, asynchronous: bool) -> Fut
     """DCP save of `state` into the directory `url` (local path or fsspec URL), every rank its own part; asynchronous:
     the state is copied now and written by a background thread (the returned future)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         writer, no_dist = _storage(url, write=True), not dist.is_initialized()
         if asynchronous:
-            return dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=no_dist)
+            response = dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=no_dist)
+            # a stager that copies in the background answers with two futures: the write is the upload's
+            return response.upload_completion if isinstance(response, AsyncSaveResponse) else response
         dcp.save(state, storage_writer=writer, no_dist=no_dist)
         return None
 

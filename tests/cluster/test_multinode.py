@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.distributed import free_port
-from tests.test_distributed import _assert_same_curve, _train
+from tests.helpers import assert_same_curve, train_launched
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +62,6 @@ def test_deepspeed_hostfile_launch_over_ssh_matches_one_process(ssh_to_this_mach
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
     ]
-    one = _train([[sys.executable]], tmp_path / "one", "data.micro_batch_size=8")
-    nodes = _train([launcher], tmp_path / "nodes", "data.micro_batch_size=4", env=env)
-    _assert_same_curve(nodes, one)
+    one = train_launched([[sys.executable]], tmp_path / "one", "data.micro_batch_size=8")
+    nodes = train_launched([launcher], tmp_path / "nodes", "data.micro_batch_size=4", env=env)
+    assert_same_curve(nodes, one)

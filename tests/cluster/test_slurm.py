@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers import LAUNCHED, QUIET, train_launched, two_rank_ladder
 
 SLURM = REPO / "cluster" / "slurm"
 pytestmark = pytest.mark.slow
 TRAIN = [
     "train.max_steps=40",
-    "tracking.enabled=false",
-    "train.progress_bar=false",
+    *QUIET,
     "train.log_interval_steps=1",
     "train.eval_batches=2",
     "model.dim=64",
@@ -117,8 +117,6 @@ def test_prep_runs_a_ray_job_inside_the_allocation(slurm, stdlib_jsonl, tmp_path
 
 
 def test_a_ladder_array_job_starts_its_planned_ranks_with_srun(slurm, tmp_path):
-    from tests.test_ladder import two_rank_ladder
-
     ladder = str(two_rank_ladder(tmp_path))
     few = _submit(
         slurm, "--array=0-0", "--ntasks=1", f"--output={tmp_path}/few-%a.out", str(SLURM / "ladder.sbatch"), ladder
@@ -135,12 +133,10 @@ def test_a_ladder_array_job_starts_its_planned_ranks_with_srun(slurm, tmp_path):
 
 
 def test_a_job_over_two_nodes_matches_one_process(slurm, tmp_path):
-    from tests.test_distributed import COMMON, _train
-
-    _, one = _train([[sys.executable]], tmp_path / "one", "data.micro_batch_size=8")
+    _, one = train_launched([[sys.executable]], tmp_path / "one", "data.micro_batch_size=8")
     out = tmp_path / "nodes"
     args = ["--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/nodes-%j.out", str(SLURM / "pretrain.sbatch")]
-    job = _submit(slurm, *args, *COMMON, "data.micro_batch_size=4", f"train.output_dir={out}")
+    job = _submit(slurm, *args, *LAUNCHED, "data.micro_batch_size=4", f"train.output_dir={out}")
 
     def log() -> str:
         return next(tmp_path.glob("nodes-*.out")).read_text()[-3000:]
