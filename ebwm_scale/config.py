@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import cast
 
 from omegaconf import DictConfig, EnumNode, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -74,7 +75,8 @@ def config_from_text(text: str, source: str) -> PretrainConfig:
         loaded = OmegaConf.create(text)
     except Exception as error:
         raise ConfigError(f"cannot parse {source}: {str(error).splitlines()[0]}") from None
-    cfg: PretrainConfig = resolve(OmegaConf.to_object(_merge(OmegaConf.structured(PretrainConfig), loaded, source)))
+    merged = _merge(OmegaConf.structured(PretrainConfig), loaded, source)
+    cfg = resolve(cast(PretrainConfig, OmegaConf.to_object(merged)))
     problem = find_problem(cfg)
     if problem:
         raise ConfigError(f"{problem} ({source})")

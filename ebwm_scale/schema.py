@@ -18,7 +18,7 @@ class Choice(str, Enum):
     """
 
     __str__ = str.__str__
-    __format__ = str.__format__
+    __format__ = str.__format__  # type: ignore[assignment]  # Enum declares it as a method; str's is one too
     __repr__ = str.__repr__
 
     @classmethod

@@ -214,7 +214,7 @@ def _wsd_plan(ladder: LadderConfig, steps: dict[int, int]) -> tuple[int, int, di
     """(warmup steps shared by all budgets, the trunk's budget, {branch budget: the step it leaves the trunk}): a
     branch leaves where its own decay starts, which lr_at computes from its length alone."""
     warmup = max(1, int(ladder.warmup_fraction * min(steps.values())))
-    trunk = max(steps, key=steps.get)
+    trunk = max(steps, key=lambda budget: steps[budget])
     probe = OptimConfig(schedule=Schedule.wsd, decay_fraction=ladder.decay_fraction, warmup_steps=warmup)
     branch_steps = {b: wsd_decay_start(probe, n) for b, n in steps.items() if b != trunk}
     if any(n == steps[trunk] for b, n in steps.items() if b != trunk):

@@ -136,7 +136,8 @@ def refine(
     create_graph=False: inference, nothing is kept for a backward. early_exit_eps > 0: a position stops once a step
     lowers its energy by less than this. final_energy: also score the final state (best-of-N picks by it)."""
     # pred is only set at the end: holding the start state would keep one more B x S x V tensor alive all along
-    result = RefineResult(pred=None, steps_used=torch.zeros(pred.shape[:-1], device=pred.device))
+    steps_used = torch.zeros(pred.shape[:-1], device=pred.device)
+    result = RefineResult(pred=None, steps_used=steps_used)
     active = torch.ones(pred.shape[:-1], dtype=torch.bool, device=pred.device)
     if not create_graph:
         alpha = alpha.detach()
@@ -157,7 +158,7 @@ def refine(
                 break
             new = torch.where(active[..., None], new, pred)
         result.energies.append(energy)
-        result.steps_used += active
+        steps_used += active
         pred = new if create_graph else new.detach()
         if target is not None:
             with torch.set_grad_enabled(create_graph):
@@ -171,6 +172,8 @@ def refine(
 
 class MCMC(nn.Module):
     """Owns the learnable step size alpha and the loop's options."""
+
+    step_count_rng: torch.Tensor
 
     def __init__(self, cfg: MCMCConfig):
         super().__init__()

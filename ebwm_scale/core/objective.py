@@ -126,6 +126,7 @@ class EBTObjective(nn.Module):
         result = self.predict(ctx, target, num_steps)
         metrics = {"loss": result.losses[-1].detach(), "energy_last": result.energies[-1].mean()}
         if target.is_floating_point():
+            assert result.pred is not None  # refine always ends with the final state
             metrics.update(frame_metrics(result.pred, ctx, target))
         return metrics
 
@@ -163,6 +164,6 @@ class ARObjective(nn.Module):
         return metrics
 
 
-def build_objective(model: nn.Module, mcmc: MCMC, split: VocabSplit | None = None) -> nn.Module:
+def build_objective(model: nn.Module, mcmc: MCMC, split: VocabSplit | None = None) -> EBTObjective | ARObjective:
     """The EBT or AR objective of `model`; `split` is the vocabulary slice of a tensor-parallel text EBT."""
     return EBTObjective(model, mcmc, split) if isinstance(model, EBT) else ARObjective(model)

@@ -22,10 +22,10 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ebwm_scale.core.vocab_kernels import (
     VocabSplit,
@@ -36,6 +36,7 @@ from ebwm_scale.core.vocab_kernels import (
     probs_linear,
     softmax_linear,
 )
+from ebwm_scale.models.ebt import EBT
 from ebwm_scale.numerics import at_least_fp32
 from ebwm_scale.schema import Choice
 
@@ -86,7 +87,7 @@ class TokenSpace:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,  # an EBTText, whose vocab_to_embed tensor parallelism may have replaced by its sharded layer
         init_scale: float,
         update_space: str = "probs",
         lean: bool = True,
@@ -100,7 +101,7 @@ class TokenSpace:
         self._kept: tuple[weakref.finalize, torch.Tensor] | None = None
 
     @property
-    def vocab_to_embed(self) -> nn.Module:
+    def vocab_to_embed(self) -> Any:
         return self.model.vocab_to_embed  # looked up per call: tensor parallelism swaps in a sharded layer
 
     def noise(self, like: torch.Tensor) -> torch.Tensor:
@@ -189,7 +190,7 @@ class TokenSpace:
         return self.split.max_ranks(wide.max(-1, keepdim=True).values)
 
 
-def build_space(model: nn.Module, mcmc_cfg, split: VocabSplit | None = None) -> FrameSpace | TokenSpace:
+def build_space(model: EBT, mcmc_cfg, split: VocabSplit | None = None) -> FrameSpace | TokenSpace:
     """The state space of an EBT: tokens (with the configured update rule) or frames."""
     if model.cfg.modality == "frames":
         return FrameSpace(model.embed_pred, model.cfg.frame_dim, mcmc_cfg.init_scale)

@@ -21,11 +21,19 @@ class DataSource(Choice):
 
 
 class ModelShape(Protocol):
-    """What the data must fit (the model config's fields); data code never imports the models."""
+    """What the data must fit (the model config's fields, read only); data code never imports the models."""
 
-    modality: str
-    vocab_size: int
-    frame_dim: int
+    @property
+    def modality(self) -> str: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def frame_dim(self) -> int: ...
+
+
+TrainSet = SampleDataset | ShardSource | Mixture  # what build_loader streams batches from
 
 
 @dataclass(kw_only=True)
@@ -105,20 +113,20 @@ class DataConfig:
             problems.append(f"data.val_percent={self.val_percent} must lie in (0, 100)")
         return problems + self.shards.problems() + self.video.problems()
 
-    def build_datasets(self, model: ModelShape) -> tuple[SampleDataset | ShardSource, SampleDataset, dict[str, str]]:
+    def build_datasets(self, model: ModelShape) -> tuple[TrainSet, SampleDataset | ShardSamples | MixtureSamples, dict]:
         """(train, val, description for the run log); the data must fit the `model` (vocabulary, frame size)."""
         if self.source == "shards":
-            retries = {"read_attempts": self.shards.read_attempts, "backoff_s": self.shards.read_backoff_s}
-            trains = [ShardSource.open(url, "train", **retries) for url in self.shards.urls]
-            for train in trains:
-                self._check_shards_fit(train.meta, train.url, model)
+            attempts, backoff = self.shards.read_attempts, self.shards.read_backoff_s
+            trains = [ShardSource.open(url, "train", attempts, backoff) for url in self.shards.urls]
+            for source in trains:
+                self._check_shards_fit(source.meta, source.url, model)
             train = trains[0]
             if train.modality == "text":
                 described = f"sentencepiece {train.meta['tokenizer']['sha256'][:12]}"
                 info = {"shards": ", ".join(self.shards.urls), "tokenizer": described}
             else:
                 info = {"shards": ", ".join(self.shards.urls), "encoder": train.meta["encoder"]["id"]}
-            vals = [ShardSamples(ShardSource.open(url, "val", **retries)) for url in self.shards.urls]
+            vals = [ShardSamples(ShardSource.open(url, "val", attempts, backoff)) for url in self.shards.urls]
             if not self.shards.sources:
                 info["train_samples"] = str(len(train))
                 return train, vals[0], info
@@ -132,13 +140,17 @@ class DataConfig:
         if model.vocab_size != ByteTokenizer.vocab_size and self.source == "stdlib_docs":
             raise ShardFormatError(f"data.source=stdlib_docs has 256 byte tokens, model.vocab_size={model.vocab_size}")
         if self.source == "stdlib_docs":
-            train, val, sha = stdlib_docs_splits(self.seq_len, self.val_percent)
-            return train, val, {"corpus": "python stdlib docstrings", "tokenizer": "bytes", "corpus_sha256": sha}
+            docs, val_docs, sha = stdlib_docs_splits(self.seq_len, self.val_percent)
+            return (
+                docs,
+                val_docs,
+                {"corpus": "python stdlib docstrings", "tokenizer": "bytes", "corpus_sha256": sha},
+            )
         v = self.video
-        train, val = synthetic_video_splits(
+        clips, val_clips = synthetic_video_splits(
             v.num_clips, v.num_val_clips, self.seq_len, v.frame_size, v.patch_size, v.max_objects, self.seed
         )
-        return train, val, {"corpus": "synthetic bouncing discs", "encoder": f"patch-mean {v.patch_size}px"}
+        return clips, val_clips, {"corpus": "synthetic bouncing discs", "encoder": f"patch-mean {v.patch_size}px"}
 
     def _check_shards_fit(self, meta: dict, url: str, model: ModelShape) -> None:
         video = meta["format"] == VIDEO_FORMAT
@@ -158,7 +170,7 @@ class DataConfig:
                 f"model.vocab_size={meta['tokenizer']['vocab_size']} (now {self.seq_len}, {model.vocab_size})"
             )
 
-    def build_loader(self, dataset: SampleDataset | ShardSource | Mixture, rank: int = 0, world_size: int = 1):
+    def build_loader(self, dataset: TrainSet, rank: int = 0, world_size: int = 1):
         if isinstance(dataset, Mixture):
             return MixtureLoader(
                 dataset.sources,

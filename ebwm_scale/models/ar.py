@@ -17,6 +17,10 @@ class AR(nn.Module):
     """Shared core: embed -> causal blocks -> norm -> output head. A pipeline stage runs `trunk` on its own
     range of layers; the first stage embeds, the last reads out."""
 
+    cfg: ModelConfig
+    transformer: Transformer
+    output: nn.Linear
+
     def trunk(self, h: torch.Tensor, layers: range) -> torch.Tensor:
         return self.transformer.blocks(h, torch.arange(h.shape[1], device=h.device), None, layers)
 

@@ -37,6 +37,8 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for arbitrary integer positions (EBT predictions sit at position i+1, not at their index)."""
 
+    inv_freq: torch.Tensor
+
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -156,6 +158,8 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     """The shared trunk: pre-norm blocks and a final RMSNorm (applied by the models' readout). (B, L, D) in and out."""
+
+    layers: nn.ModuleList
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

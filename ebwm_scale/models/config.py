@@ -27,7 +27,7 @@ class AttentionImpl(Choice):
 
 
 class EBTImpl(Choice):
-    split = "split"  # hides str.split on EBTImpl values (str(value).split works)
+    split = "split"  # type: ignore[assignment]  # hides str.split on EBTImpl values (str(value).split works)
     masked = "masked"
 
 

@@ -77,6 +77,8 @@ class EBT(nn.Module):
     the step's embedding to the predictions only, leaving the context stream shared by every step.
     """
 
+    step_embeddings: nn.Embedding | None  # None without step conditioning
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -134,16 +136,21 @@ class EBT(nn.Module):
         """Which context stream a step reads: its own under the time token, else the one shared by all steps."""
         return self.conditioning_index(step) if self.time_token else 0
 
+    def step_embedding(self, step: int) -> torch.Tensor:
+        """(D,) the learned embedding of `step` (conditioned models only)."""
+        assert self.step_embeddings is not None, "model.step_conditioning='none' has no step embeddings"
+        return self.step_embeddings.weight[self.conditioning_index(step)]
+
     def condition(self, candidate: torch.Tensor, step: int) -> torch.Tensor:
         if self.cfg.step_conditioning != "additive":
             return candidate
-        return candidate + self.step_embeddings.weight[self.conditioning_index(step)]
+        return candidate + self.step_embedding(step)
 
     def context_stream(self, real: torch.Tensor, step: int) -> torch.Tensor:
         """The context stream's input: the real embeddings (B, T, D), behind the step's time token if there is one."""
         if not self.time_token:
             return real
-        token = self.step_embeddings.weight[self.conditioning_index(step)].to(real.dtype)
+        token = self.step_embedding(step).to(real.dtype)
         return torch.cat((token.expand(real.shape[0], 1, -1), real), dim=1)  # (B, 1 + T, D)
 
     def context_kv(self, context: EncodedContext, step: int) -> list:

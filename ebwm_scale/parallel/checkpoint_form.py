@@ -14,17 +14,17 @@ Every DTensor's local tensor is a view of the live parameter or moment, so a DCP
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
 from ebwm_scale.parallel.plans import plan_for
 from ebwm_scale.parallel.tensor import sharded_weights
 
 
-def stacked_weights(objective: nn.Module) -> dict[str, int]:
+def stacked_weights(objective: Any) -> dict[str, int]:
     """state_dict key -> number of matrices stacked along its rows (q, k, v), as the model's plan names them."""
     model = objective.model
     layers = plan_for(model).tp_layers(model)
@@ -50,14 +50,17 @@ def _to_form(tensor: torch.Tensor, blocks: int, mesh, tp_dim: int | None) -> tor
     tp_placement = Replicate() if form_dim is None else Shard(form_dim)
     if isinstance(tensor, DTensor):  # FSDP: Shard(d) over its mesh, never along the stacked rows
         (placement,) = tensor.placements
-        fsdp_dim = placement.dim + (1 if blocks > 1 else 0)
+        fsdp_dim = cast(Shard, placement).dim + (1 if blocks > 1 else 0)
         assert blocks == 1 or fsdp_dim > 1, "stacked weights must be sharded along D_in"
+        placements: list[Placement]
         if mesh is None:
             device_mesh, placements = tensor.device_mesh, [Shard(fsdp_dim)]
         else:  # FSDP x TP: a box of the (dp, tp) grid; the two never split the same dimension (FSDPEngine)
             device_mesh, placements = mesh["dp", "tp"], [Shard(fsdp_dim), tp_placement]
         stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(local, device_mesh, placements, run_check=False, shape=tuple(shape), stride=stride)
+        return DTensor.from_local(
+            local, device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride
+        )
     if form_dim is None:
         return local
     return DTensor.from_local(local, mesh["tp"], [tp_placement], run_check=False)
@@ -90,16 +93,20 @@ def checkpoint_state(
     key; a key only its owners hold is written by them and read back by whoever owns it on load."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    # DCP types its state dicts as unions of every value it can hold; these hold tensors (and the optimizer's step)
+    model: dict[str, Any]
+    optim: dict[str, Any] | None
     if optimizer is None:
-        model, optim = get_model_state_dict(module), None if moments is None else {"state": moments}
+        model, optim = dict(get_model_state_dict(module)), None if moments is None else {"state": moments}
     else:
-        model, optim = get_state_dict(module, optimizer)
+        full_model, full_optim = get_state_dict(module, optimizer)
+        model, optim = dict(full_model), dict(full_optim)
     stacked, tp_dims = stacked_weights(module), tp_shard_dims(module) if mesh is not None else {}
 
     def form(key: str, tensor: torch.Tensor) -> torch.Tensor:
         return _to_form(tensor, stacked.get(key, 1), mesh, tp_dims.get(key))
 
-    state = {"model": {key: form(key, value) for key, value in model.items()}}
+    state: dict[str, Any] = {"model": {key: form(key, value) for key, value in model.items()}}
     if optim is not None:  # per-parameter state only: the hyper-parameters come from the recipe
         state["optim"] = {
             key: {name: form(key, value) if name != "step" else value for name, value in moments.items()}
@@ -117,11 +124,14 @@ def load_checkpoint_state(module: nn.Module, optimizer: torch.optim.Optimizer | 
         set_state_dict,
     )
 
+    live_model: dict[str, Any]
+    live_optim: dict[str, Any] = {}
     if optimizer is None:
-        live_model = get_model_state_dict(module)
+        live_model = dict(get_model_state_dict(module))
     else:
-        live_model, live_optim = get_state_dict(module, optimizer)
-    model = {key: _from_form(value, live_model[key]) for key, value in state["model"].items()}
+        full_model, full_optim = get_state_dict(module, optimizer)
+        live_model, live_optim = dict(full_model), dict(full_optim)
+    model: dict[str, Any] = {key: _from_form(value, live_model[key]) for key, value in state["model"].items()}
     if optimizer is None:
         set_model_state_dict(module, model)
         return
@@ -132,5 +142,5 @@ def load_checkpoint_state(module: nn.Module, optimizer: torch.optim.Optimizer | 
         }
         for key, per_param in state["optim"].items()
     }
-    optim = {"state": moments, "param_groups": live_optim["param_groups"]}
+    optim: dict[str, Any] = {"state": moments, "param_groups": live_optim["param_groups"]}
     set_state_dict(module, optimizer, model_state_dict=model, optim_state_dict=optim)

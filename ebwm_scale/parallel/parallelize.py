@@ -19,10 +19,15 @@ What each step acts on comes from the model family's plan (parallel/plans.py), n
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
+from ebwm_scale.core.objective import ARObjective, EBTObjective
+from ebwm_scale.core.spaces import TokenSpace
+from ebwm_scale.models.blocks import RMSNorm
 from ebwm_scale.parallel.dist import DistInfo, ParallelConfig
 from ebwm_scale.parallel.pipeline import VacantLayer, apply_pipeline
 from ebwm_scale.parallel.plans import TPLayer, TPStyle, plan_for
@@ -40,14 +45,14 @@ from ebwm_scale.parallel.tensor import (
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """Wrap the model's transformer blocks in place; state_dict keys stay the same (the wrapper strips its prefix)."""
-    layers = model.get_submodule(plan_for(model).blocks)
+    layers = plan_for(model).blocks_of(model)
     every = {"full": 1, "selective": 2}[mode]
     for index, block in enumerate(layers):
         if index % every == 0 and not isinstance(block, VacantLayer):
             layers[index] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
-def _tensor_parallel_layer(layer: nn.Module, spec: TPLayer, group, sequence_parallel: bool) -> nn.Module:
+def _tensor_parallel_layer(layer: Any, spec: TPLayer, group, sequence_parallel: bool) -> nn.Module:
     if spec.style == TPStyle.column:
         return ColumnParallelLinear(layer, group, blocks=spec.stacked, sequence_parallel=sequence_parallel)
     if spec.style == TPStyle.row:
@@ -70,9 +75,10 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = Fal
         layer = _tensor_parallel_layer(model.get_submodule(path), spec, group, sequence_parallel and in_block)
         model.set_submodule(path, layer)
     if sequence_parallel:
-        for block in model.get_submodule(plan.blocks):
+        for block in plan.blocks_of(model):
             for path in plan.sequence_parallel_norms:
-                block.set_submodule(path, SequenceParallelRMSNorm(block.get_submodule(path), group))
+                norm = cast(RMSNorm, block.get_submodule(path))
+                block.set_submodule(path, SequenceParallelRMSNorm(norm, group))
 
 
 def apply_sequence_parallel_boundaries(model: nn.Module, group) -> None:
@@ -80,7 +86,7 @@ def apply_sequence_parallel_boundaries(model: nn.Module, group) -> None:
     every call site (AR trunk, masked EBT, the EBT's context and prediction streams) runs all its blocks in order, and
     RoPE tables, masks and context keys/values stay whole-sequence. Hooks, so state_dict keys stay; on the
     checkpoint wrappers, if any, so that they sit outside the recomputed part."""
-    held = [block for block in model.get_submodule(plan_for(model).blocks) if not isinstance(block, VacantLayer)]
+    held = [block for block in plan_for(model).blocks_of(model) if not isinstance(block, VacantLayer)]
 
     def enter(block, args, kwargs):
         if kwargs.get("past_kv") is not None:
@@ -112,24 +118,29 @@ def apply_compile(model: nn.Module) -> None:
     backward: docs/design.md §3). Module names and state_dict keys stay."""
     plan = plan_for(model)
     if plan.compile_blocks:
-        for block in model.get_submodule(plan.blocks):
+        for block in plan.blocks_of(model):
             block.compile()
     for name in plan.compile_methods:
         setattr(model, name, torch.compile(getattr(model, name)))
 
 
-def parallelize(objective: nn.Module, cfg: ParallelConfig, dist_info: DistInfo | None = None) -> nn.Module:
+def parallelize(
+    objective: EBTObjective | ARObjective, cfg: ParallelConfig, dist_info: DistInfo | None = None
+) -> EBTObjective | ARObjective:
+    model = objective.model
     tp_size = 1 if dist_info is None else dist_info.tp_size
-    if tp_size > 1:
-        if plan_for(objective.model).vocab_split_state and objective.space.split.count != tp_size:
+    tp_group = dist_info.tp_group if dist_info is not None and tp_size > 1 else None
+    if tp_group is not None:
+        space = objective.space if isinstance(objective, EBTObjective) else None
+        if plan_for(model).vocab_split_state and isinstance(space, TokenSpace) and space.split.count != tp_size:
             raise ValueError("a text EBT under tensor parallelism needs build_objective(..., vocab_split(dist_info))")
-        apply_tensor_parallel(objective.model, dist_info.tp_group, cfg.sequence_parallel)
+        apply_tensor_parallel(model, tp_group, cfg.sequence_parallel)
     if dist_info is not None and dist_info.pp_size > 1:
         apply_pipeline(objective, dist_info.pp_rank, dist_info.pp_size)
     if cfg.activation_checkpointing != "none":
-        apply_activation_checkpointing(objective.model, cfg.activation_checkpointing)
-    if cfg.sequence_parallel and tp_size > 1:
-        apply_sequence_parallel_boundaries(objective.model, dist_info.tp_group)
+        apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    if cfg.sequence_parallel and tp_group is not None:
+        apply_sequence_parallel_boundaries(model, tp_group)
     if cfg.compile:
-        apply_compile(objective.model)
+        apply_compile(model)
     return objective

@@ -30,9 +30,10 @@ neighbour: `pipeline_bubble` is that share of the step, averaged over stages.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,11 +76,11 @@ class VacantLayer(nn.Module):
         raise RuntimeError(f"block {self.index} lives on pipeline stage {self.stage}")
 
 
-def apply_pipeline(objective: nn.Module, stage: int, num_stages: int) -> None:
+def apply_pipeline(objective: Any, stage: int, num_stages: int) -> None:
     """Keeps only this stage's part of the objective, in place: its blocks, and the modules the model family's plan
     gives the first or the last stage if it is that stage; state_dict keys stay those of the whole model."""
     plan = plan_for(objective.model)
-    layers = objective.model.get_submodule(plan.blocks)
+    layers = plan.blocks_of(objective.model)
     for owner, held in enumerate(stage_layers(len(layers), num_stages)):
         for index in held:
             if owner != stage:
@@ -118,11 +119,21 @@ StepKey = tuple[int, int]  # (MCMC step, micro-batch)
 Work = Callable[[int, torch.Tensor | None], torch.Tensor | None]  # (micro-batch, what arrived) -> what to pass on
 
 
+def _leaf(received: torch.Tensor | None, requires_grad: bool) -> torch.Tensor:
+    """What a neighbouring stage sent, as a leaf of this stage's graph (only a wave's first stage receives nothing)."""
+    assert received is not None, "this stage expected a tensor from its neighbour"
+    return received.requires_grad_(requires_grad)
+
+
 class PipelineSchedule:
     """What both schedules share: the stage's place, waves over the micro-batches, agreement and metrics."""
 
-    def __init__(self, objective: nn.Module, layers: range, dist_info: DistInfo, num_microbatches: int):
-        self.objective, self.model, self.layers = objective, objective.model, layers
+    def __init__(self, objective: Any, layers: range, dist_info: DistInfo, num_microbatches: int):
+        # `objective` is a stage's cut objective: the plan has set what other stages hold to None, so its attributes
+        # are not its class's (typed Any, like apply_pipeline's argument).
+        self.objective = objective
+        self.model = objective.model
+        self.layers = layers
         self.num_microbatches = num_microbatches
         self.first, self.last = dist_info.pp_rank == 0, dist_info.pp_rank == dist_info.pp_size - 1
         self.prev = None if self.first else dist_info.rank - dist_info.tp_size
@@ -132,7 +143,7 @@ class PipelineSchedule:
         self.frames = self.model.cfg.modality == "frames"
         self.wait_seconds = 0.0
 
-    def run_phases(self, phases: list[tuple[bool, Work]]) -> None:
+    def run_phases(self, phases: Sequence[tuple[bool, Work]]) -> None:
         """Runs the phases in order, each a wave of every micro-batch through the stages (forward: first -> last).
         Where this stage ends one phase and starts the next (the last stage between a forward and a backward
         phase, stage 0 the other way round), the two run micro-batch by micro-batch: micro-batch m turns around
@@ -152,7 +163,7 @@ class PipelineSchedule:
     def _turns_here(self, forward: bool, next_forward: bool) -> bool:
         return forward != next_forward and (self.last if forward else self.first)
 
-    def _wave(self, phases: list[tuple[bool, Work]]) -> list:
+    def _wave(self, phases: Sequence[tuple[bool, Work]]) -> list:
         """Returns the sends in flight (request, tensor)."""
         source = self.prev if phases[0][0] else self.next
         dest = self.next if phases[-1][0] else self.prev
@@ -167,6 +178,7 @@ class PipelineSchedule:
             for _, work in phases[1:]:  # this stage starts these phases: nothing arrives for them
                 out = work(index, None)
             if dest is not None:
+                assert out is not None, "a phase that passes on returned nothing"
                 pending.extend(self.link.send(out, dest))
         return pending
 
@@ -213,7 +225,7 @@ class ARPipeline(PipelineSchedule):
 
         def forward(index: int, received: torch.Tensor | None) -> torch.Tensor:
             with torch.set_grad_enabled(train), autocast:
-                x = self.model.embed(ctx[index]) if self.first else received.requires_grad_(train)
+                x = self.model.embed(ctx[index]) if self.first else _leaf(received, train)
                 h = self.model.trunk(x, self.layers)
                 if self.last:
                     pred = self.model.readout(h)
@@ -261,7 +273,8 @@ class EBTPipeline(PipelineSchedule):
         num_steps = self._agree_on_num_steps() if train else self.mcmc.num_steps
         weights = loss_weights(self.mcmc, num_steps) if train else [0.0] * num_steps
         run = _EBTBatch(self, batch, train, autocast, [w * loss_scale / self.num_microbatches for w in weights])
-        phases, streams = [], []
+        phases: list[tuple[bool, Work]] = []
+        streams: list[int] = []
         for step in range(num_steps):
             stream = self.model.context_key(step)
             if stream not in streams:  # the context stream, once per batch (per step under the time token)
@@ -298,13 +311,19 @@ class _EBTBatch:
         self.train, self.autocast, self.mcmc = train, autocast, schedule.mcmc
         self.loss_weights = loss_weights  # per step, with the micro-batch and accumulation scaling
         count = schedule.num_microbatches
-        self.ctx, self.target = schedule.chunks(batch) if self.first else ((None,) * count, None)
+        self.ctx: Sequence[torch.Tensor | None] = (None,) * count
+        self.target: Sequence[torch.Tensor] = ()
+        if self.first:
+            self.ctx, self.target = schedule.chunks(batch)
         # per (context stream, micro-batch): the stream's input and output, its keys/values and their leaves
-        self.ctx_in, self.ctx_out, self.kv, self.kv_leaves = {}, {}, {}, {}
+        self.ctx_in: dict[StepKey, torch.Tensor] = {}
+        self.ctx_out: dict[StepKey, torch.Tensor] = {}
+        self.kv: dict[StepKey, list[torch.Tensor]] = {}
+        self.kv_leaves: dict[StepKey, list[torch.Tensor]] = {}
         self.states = [self.objective.init_state(c) for c in self.ctx] if self.first else []
-        self.alpha = self.objective.mcmc.step_size() if self.first else None
-        self.losses = [[None] * count for _ in loss_weights]  # [step][micro-batch], stage 0
-        self.energies = [[None] * count for _ in loss_weights]  # [step][micro-batch], last stage
+        self.alpha: Any = self.objective.mcmc.step_size() if self.first else None  # a tensor on stage 0 only
+        self.losses: list[list[Any]] = [[None] * count for _ in loss_weights]  # [step][micro-batch] tensors, stage 0
+        self.energies: list[list[Any]] = [[None] * count for _ in loss_weights]  # [step][micro-batch], last stage
         self.points: dict[StepKey, Point] = {}  # stage 0: where the energy is differentiated (mcmc.energy_point)
         self.x: dict[StepKey, torch.Tensor] = {}  # the stage's input: the point's variable on stage 0, else a leaf
         self.h: dict[StepKey, torch.Tensor] = {}  # the stage's output
@@ -319,7 +338,7 @@ class _EBTBatch:
             if self.first:
                 x = self.model.context_stream(self.model.embed_context(self.ctx[index]), step)
             else:
-                x = received.requires_grad_(self.train)
+                x = _leaf(received, self.train)
             h, layer_kv = self.model.context_layers(x, self.schedule.layers)
         flat = [t for pair in layer_kv for t in pair]
         key = (stream, index)
@@ -336,7 +355,7 @@ class _EBTBatch:
                 self.x[key] = point.wrt
                 candidate = self.model.condition(point.candidate, step)
             else:
-                self.x[key] = candidate = received.requires_grad_(True)
+                self.x[key] = candidate = _leaf(received, True)
             leaves = self.kv_leaves[(self.model.context_key(step), index)]
             h = self.model.prediction_layers(candidate, list(zip(leaves[0::2], leaves[1::2])), self.schedule.layers)
             self.h[key] = h
@@ -349,15 +368,19 @@ class _EBTBatch:
     def energy_backward(self, step: int, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
         """dE/dx of this stage from dE/dh; on stage 0 that is dE/dstate: descend, then the loss."""
         key = (step, index)
+        out: torch.Tensor | None
         if self.last:
             out = self.state_grad[key]
         else:
             with torch.enable_grad(), self.autocast:
-                self.grad_out[key] = received.requires_grad_(self.train)
+                self.grad_out[key] = _leaf(received, self.train)
                 (self.state_grad[key],) = torch.autograd.grad(
                     self.h[key], self.x[key], self.grad_out[key], create_graph=self.train
                 )
-                out = self.state_grad[key] if not self.first else self._descend(step, index)
+                out = self.state_grad[key]
+                if self.first:  # the last stop: descend, then the loss; nothing travels further
+                    self._descend(step, index)
+                    out = None
         if self.loss_weights[step] == 0:
             self._release(key)
         return out
@@ -406,7 +429,7 @@ class _EBTBatch:
         return None if self.first else self.ctx_in[key].grad
 
     def metrics(self, weights: list[float]) -> dict[str, float]:
-        metrics = {}
+        metrics: dict[str, float] = {}
         if self.first and self.train:
             metrics["loss"] = sum(w * _mean(step_losses) for w, step_losses in zip(weights, self.losses))
             metrics["alpha"] = float(self.alpha.detach())
@@ -422,9 +445,7 @@ class _EBTBatch:
         return metrics
 
 
-def pipeline_schedule(
-    objective: nn.Module, dist_info: DistInfo, num_microbatches: int, mcmc: MCMCConfig
-) -> PipelineSchedule:
+def pipeline_schedule(objective: Any, dist_info: DistInfo, num_microbatches: int, mcmc: MCMCConfig) -> PipelineSchedule:
     """The schedule that runs this rank's stage of an objective cut by apply_pipeline."""
     layers = stage_layers(objective.model.cfg.num_layers, dist_info.pp_size)[dist_info.pp_rank]
     if isinstance(objective, EBTObjective):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import cast
 
 from torch import nn
 
@@ -64,10 +65,13 @@ class ParallelPlan:
     block_tp: dict[str, TPLayer] = field(default_factory=lambda: dict(BLOCK_TP))
     sequence_parallel_norms: tuple[str, ...] = BLOCK_SEQUENCE_PARALLEL_NORMS
 
+    def blocks_of(self, model: nn.Module) -> nn.ModuleList:
+        return cast(nn.ModuleList, model.get_submodule(self.blocks))
+
     def tp_layers(self, model: nn.Module) -> dict[str, TPLayer]:
         """Every tensor-parallel layer of `model` by its path in the model, blocks first."""
         layers = {}
-        for index in range(len(model.get_submodule(self.blocks))):
+        for index in range(len(self.blocks_of(model))):
             layers.update({f"{self.blocks}.{index}.{path}": layer for path, layer in self.block_tp.items()})
         return layers | self.tp
 

@@ -261,7 +261,7 @@ def all_reduce_sequence_parallel_gradients(module: nn.Module) -> None:
     norms = [m for m in module.modules() if isinstance(m, SequenceParallelRMSNorm) and m.weight.grad is not None]
     if not norms:
         return
-    grads = [m.weight.grad for m in norms]
+    grads = [grad for m in norms if (grad := m.weight.grad) is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     collectives.all_reduce(flat, group=norms[0].group)
     collectives.unflatten_into(grads, flat)

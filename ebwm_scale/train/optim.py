@@ -79,7 +79,8 @@ class OptimConfig:
         ]
         if alpha:
             groups.append({"params": alpha, "weight_decay": 0.0, "lr_multiplier": alpha_lr_multiplier})
-        return torch.optim.AdamW(groups, lr=self.lr, betas=tuple(self.betas), eps=self.eps, fused=self.fused)
+        betas = (self.betas[0], self.betas[1])  # problems() has checked there are two
+        return torch.optim.AdamW(groups, lr=self.lr, betas=betas, eps=self.eps, fused=self.fused)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import cast
 
 from omegaconf import OmegaConf
 
@@ -74,8 +75,7 @@ def _comparable(value: object) -> object:
 def recipe_changes(saved_yaml: str, saved_dp_size: int, cfg, dp_size: int) -> dict[str, tuple]:
     """{key: (checkpoint's value, this run's)} for every recipe key that a resumed run changes and should not (keys
     added or removed since the checkpoint aside), with the global batch as GLOBAL_BATCH."""
-    saved_cfg = OmegaConf.to_container(OmegaConf.create(saved_yaml))
-    saved = flatten(saved_cfg)
+    saved = flatten(cast(dict, OmegaConf.to_container(OmegaConf.create(saved_yaml))))
     now = cfg.flat()
     changes = {
         key: (saved[key], value)
@@ -85,8 +85,8 @@ def recipe_changes(saved_yaml: str, saved_dp_size: int, cfg, dp_size: int) -> di
         and key not in PER_RANK_BATCH
         and _comparable(saved[key]) != _comparable(value)
     }
-    saved_batch = math.prod(saved.get(key, now[key]) for key in PER_RANK_BATCH) * saved_dp_size
-    batch_now = math.prod(now[key] for key in PER_RANK_BATCH) * dp_size
+    saved_batch = math.prod(cast(int, saved.get(key, now[key])) for key in PER_RANK_BATCH) * saved_dp_size
+    batch_now = math.prod(cast(int, now[key]) for key in PER_RANK_BATCH) * dp_size
     if saved_batch != batch_now:
         changes[GLOBAL_BATCH] = (saved_batch, batch_now)
     return changes

@@ -102,7 +102,8 @@ class MLflowCallback(Callback):
         self.cfg = cfg
         self.is_rank0 = is_rank0
         self.log_interval_steps = log_interval_steps
-        self.client = None
+        # mlflow's client, monitor and the trainer are set at train start, before the sender thread uses them
+        self.client: Any = None
         self.run_id: str | None = None
         self.resumed = False
         self.queue = threading.Condition()  # guards buffer, pending_files, in_flight, dropped
@@ -114,11 +115,11 @@ class MLflowCallback(Callback):
         self.closing = False
         self.final_status = "FINISHED"
         self.sender: threading.Thread | None = None
-        self.system_monitor = None
+        self.system_monitor: Any = None
         # Used by the sender thread only:
         self.failures = 0
         self.next_attempt = 0.0
-        self.trainer: Trainer | None = None
+        self.trainer: Any = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id or ""}
@@ -266,9 +267,10 @@ class MLflowCallback(Callback):
     def wait_until_sent(self, timeout: float) -> bool:
         """Block until the run exists and everything queued so far reached the server (True), or `timeout`."""
         with self.queue:
-            return self.queue.wait_for(
+            sent = self.queue.wait_for(
                 lambda: self.run_id and not (self.buffer or self.pending_files or self.in_flight), timeout
             )
+            return bool(sent)
 
     def on_train_start(self, trainer: Trainer) -> None:
         if not self.is_rank0:
@@ -292,7 +294,8 @@ class MLflowCallback(Callback):
             self._log(metrics, step, "eval/")
 
     def on_train_end(self, trainer: Trainer, summary: dict[str, Any], error: BaseException | None) -> None:
-        if not self.client:
+        sender = self.sender
+        if not self.client or sender is None:  # not rank 0, or tracking never started
             return
         scale = {f"scale_{k}": v for k, v in summary["scale"].items()}  # final/scale_params etc.: plottable axes
         numeric = {k: v for k, v in {**summary, **scale}.items() if isinstance(v, int | float)}
@@ -302,10 +305,10 @@ class MLflowCallback(Callback):
         self.final_status = "FAILED" if error else ("KILLED" if trainer.stop_requested else "FINISHED")
         self.closing = True  # after everything is queued: the sender's last pass sends it all
         self.wake.set()
-        self.sender.join(self.cfg.close_timeout_s)
+        sender.join(self.cfg.close_timeout_s)
         with self.queue:
             unsent, dropped = len(self.buffer) + self.in_flight, self.dropped
-        if self.sender.is_alive():
+        if sender.is_alive():
             log.warning(
                 f"MLflow at {self.cfg.uri} still busy after tracking.close_timeout_s={self.cfg.close_timeout_s:g} s; "
                 "the run ends without waiting for it"

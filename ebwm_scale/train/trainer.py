@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from ebwm_scale.core.objective import build_objective
+from ebwm_scale.core.objective import ARObjective, EBTObjective, build_objective
+from ebwm_scale.data.config import TrainSet
 from ebwm_scale.data.sampler import SampleDataset, fixed_batches
 from ebwm_scale.errors import UserError
 from ebwm_scale.models.blocks import count_params
@@ -61,8 +61,8 @@ class Trainer:
     def __init__(
         self,
         cfg: PretrainConfig,
-        objective: nn.Module,
-        train_set: SampleDataset,
+        objective: EBTObjective | ARObjective,
+        train_set: TrainSet,
         val_set: SampleDataset,
         data_info: dict[str, str],
         dist: DistInfo,

@@ -8,11 +8,13 @@ ZeRO stages 0-3.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.objective import ARObjective, EBTObjective
 from ebwm_scale.parallel.dist import DistInfo, ParallelConfig
 from ebwm_scale.parallel.engines.base import Engine
 from ebwm_scale.parallel.engines.data_parallel import DataParallelEngine, FSDPEngine, PipelineEngine
@@ -24,7 +26,7 @@ __all__ = ["DataParallelEngine", "DeepSpeedEngine", "DeepSpeedZero3Engine", "Eng
 
 
 def build_engine(
-    objective: nn.Module,
+    objective: EBTObjective | ARObjective,
     cfg: ParallelConfig,
     dist: DistInfo,
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
@@ -39,11 +41,17 @@ def build_engine(
     MCMC steps stage by stage."""
     if cfg.data_parallel == "fsdp":
         return FSDPEngine(objective, make_optimizer, dist, grad_clip, grad_accum_steps)
-    optimizer = make_optimizer(objective)
+    optimizer: Any = make_optimizer(objective)  # AdamW, or our ZeRO-1 wrapper of it below
     if cfg.data_parallel == "zero":
         zero = DeepSpeedZero3Engine if cfg.zero_stage == 3 else DeepSpeedEngine
-        sizes = dict(micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps, grad_clip=grad_clip)
-        return zero(objective, optimizer, deepspeed_config(cfg, **sizes, world_size=dist.world_size))
+        config = deepspeed_config(
+            cfg,
+            micro_batch_size=micro_batch_size,
+            grad_accum_steps=grad_accum_steps,
+            grad_clip=grad_clip,
+            world_size=dist.world_size,
+        )
+        return zero(objective, optimizer, config)
     if cfg.shard_optimizer and dist.dp_size > 1:
         optimizer = ShardedOptimizer(optimizer, dist.dp_group)
     if dist.pp_size > 1:

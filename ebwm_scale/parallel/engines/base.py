@@ -12,12 +12,11 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-from torch import nn
 
 Batch = dict[str, torch.Tensor]
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: Any, lr: float) -> None:
     """Each parameter group runs at lr * its `lr_multiplier` (alpha's group has its own, train/optim.py)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_multiplier"]
@@ -27,8 +26,10 @@ class Engine(ABC):
     """Subclasses: DataParallelEngine, FSDPEngine, PipelineEngine (engines/data_parallel.py); DeepSpeedEngine and
     DeepSpeedZero3Engine (engines/deepspeed.py)."""
 
-    module: nn.Module  # what runs a micro-batch's forward: the objective, or DeepSpeed's wrapper of it
-    optimizer: torch.optim.Optimizer  # its param groups each carry `lr_multiplier` (train/optim.py)
+    # What runs a micro-batch's forward and evaluates: the objective, or DeepSpeed's engine wrapping it.
+    module: Any
+    # torch's AdamW, our ShardedOptimizer (ZeRO-1) or DeepSpeed's; each param group carries `lr_multiplier`.
+    optimizer: Any
     can_skip_steps: bool  # a step with a non-finite loss or gradient can be dropped without touching the weights
     resizable: bool  # checkpoints load onto another number of ranks
     checkpoint_safe_globals: list  # classes the per-rank state needs through torch.load(weights_only=True)

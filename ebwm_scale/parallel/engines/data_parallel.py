@@ -20,12 +20,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from ebwm_scale.core.objective import ARObjective, EBTObjective
 from ebwm_scale.parallel import collectives
 from ebwm_scale.parallel.checkpoint_form import checkpoint_state, load_checkpoint_state
 from ebwm_scale.parallel.dist import DistInfo, all_reduce_gradients
@@ -48,7 +49,7 @@ class DataParallelEngine(Engine):
 
     def __init__(
         self,
-        objective: nn.Module,
+        objective: EBTObjective | ARObjective,
         optimizer: torch.optim.Optimizer,
         dist: DistInfo,
         grad_clip: float,
@@ -142,7 +143,7 @@ class FSDPEngine(DataParallelEngine):
 
     def __init__(
         self,
-        objective: nn.Module,
+        objective: EBTObjective | ARObjective,
         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
         dist: DistInfo,
         grad_clip: float,
@@ -169,8 +170,8 @@ class FSDPEngine(DataParallelEngine):
                 return Shard(1)
             return Shard(1 - tp_dims[id(param)]) if id(param) in tp_dims else None
 
-        self.units = []
-        for block in objective.model.get_submodule(plan.blocks):
+        self.units: list[Any] = []  # FSDP modules: fully_shard gives them its methods at run time
+        for block in plan.blocks_of(objective.model):
             fully_shard(block, mesh=mesh, shard_placement_fn=placement)
             self.units.append(block)
         # the rest: embeddings, state mapping, energy/output head, alpha
@@ -205,9 +206,10 @@ class FSDPEngine(DataParallelEngine):
 
         if self.dist.tp_size == 1:
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_model_state_dict(self.module, options=options)
+            return cast(dict[str, torch.Tensor], get_model_state_dict(self.module, options=options))
         # cpu_offload would leave all but rank 0 without the pieces the tensor-parallel gather needs
-        pieces = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
+        whole = StateDictOptions(full_state_dict=True)
+        pieces = cast(dict[str, torch.Tensor], get_model_state_dict(self.module, options=whole))
         return {key: value.cpu() for key, value in gather_full_state(self.module, pieces).items()}
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -234,7 +236,7 @@ class PipelineEngine(DataParallelEngine):
 
     def __init__(
         self,
-        objective: nn.Module,
+        objective: EBTObjective | ARObjective,
         optimizer: torch.optim.Optimizer,
         dist: DistInfo,
         grad_clip: float,
@@ -252,7 +254,7 @@ class PipelineEngine(DataParallelEngine):
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         stage_state = {key: value.cpu() for key, value in super().model_state_dict().items()}
-        stages = [None] * self.dist.pp_size
+        stages: list[Any] = [None] * self.dist.pp_size
         collectives.all_gather_object(stages, stage_state, group=self.dist.pp_group)
         return {key: value for stage in stages for key, value in stage.items()}
 

@@ -14,8 +14,8 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-from torch import nn
 
+from ebwm_scale.core.objective import ARObjective, EBTObjective
 from ebwm_scale.parallel.checkpoint_form import checkpoint_state, load_checkpoint_state
 from ebwm_scale.parallel.dist import ParallelConfig
 from ebwm_scale.parallel.engines.base import Batch, Engine
@@ -76,7 +76,7 @@ def _deepspeed_safe_globals() -> list:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, objective: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
+    def __init__(self, objective: EBTObjective | ARObjective, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
         import deepspeed
 
         self.stage = config["zero_optimization"]["stage"]
@@ -147,12 +147,12 @@ class DeepSpeedZero3Engine(DeepSpeedEngine):
 
     PIN = -1  # a sub-module id no module has
 
-    def __init__(self, objective: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
+    def __init__(self, objective: EBTObjective | ARObjective, optimizer: torch.optim.Optimizer, config: dict[str, Any]):
         super().__init__(objective, optimizer, config)
-        self.params = list(objective.parameters())
-        in_blocks = {id(p) for p in objective.model.get_submodule(plan_for(objective.model).blocks).parameters()}
+        self.params: list[Any] = list(objective.parameters())  # DeepSpeed's parameters
+        in_blocks = {id(p) for p in plan_for(objective.model).blocks_of(objective.model).parameters()}
         self.outside_blocks = [p for p in self.params if id(p) not in in_blocks]
-        self.pinned: list[nn.Parameter] = []
+        self.pinned: list[Any] = []  # DeepSpeed's parameters, with its ds_* attributes
         for module in objective.modules():  # registered after DeepSpeed's gathering hooks, so they run after them
             if next(module.parameters(recurse=False), None) is not None:
                 module.register_forward_pre_hook(lambda m, args: self._pin(m.parameters(recurse=False)))
