@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+from ebwm_scale.logs import setup_logging
 from ebwm_scale.pretrain import main
 from ebwm_scale.train.callbacks import Callback
 from ebwm_scale.train.tracking import MLflowCallback
@@ -140,6 +141,9 @@ def test_run_on_a_real_server_continues_the_same_run_after_resume(mlflow_server,
 
 def test_training_survives_a_tracking_server_that_is_down(tmp_path, capfd):
     dead = f"http://127.0.0.1:{free_port()}"
+    # Logging takes over warnings.showwarning the first time a process sets it up; done here, before pytest.warns
+    # installs its recorder, so the test sees the warning whether or not an earlier test ran a training.
+    setup_logging(rank=0)
     with pytest.warns(RuntimeWarning, match="training continues"):
         summary = main(
             [
