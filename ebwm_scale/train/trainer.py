@@ -377,7 +377,7 @@ class Trainer:
         if self.dist.is_rank0:
             (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml())
         previous_handlers = self._install_signal_handlers()
-        energy_point, start = self.step, time.perf_counter()
+        first_step, start = self.step, time.perf_counter()
         last_train: dict[str, float] = {}
         last_eval: dict[str, float] = {}
         error: BaseException | None = None
@@ -421,7 +421,7 @@ class Trainer:
                 "skipped_steps": self.skipped_steps,
                 self.unit: self.tokens_seen,
                 "wall_time_s": elapsed,
-                f"{self.unit}_per_s": (self.step - energy_point) * self.tokens_per_step / max(elapsed, 1e-9),
+                f"{self.unit}_per_s": (self.step - first_step) * self.tokens_per_step / max(elapsed, 1e-9),
                 "train_loss": last_train.get("loss", float("nan")),
                 "eval_loss": last_eval.get("loss", float("nan")),
                 "output_dir": str(self.output_dir),
