@@ -23,9 +23,9 @@ from ebwm_scale.errors import UserError
 from ebwm_scale.extras import needs, url_needs
 from ebwm_scale.models.config import EBTImpl, Modality, ModelConfig, ModelKind, StepConditioning
 from ebwm_scale.parallel.dist import Backend, DataParallel, ParallelConfig
+from ebwm_scale.schema import flatten
 from ebwm_scale.train.config import Device, TrainConfig
 from ebwm_scale.train.optim import OptimConfig
-from ebwm_scale.train.resume import flatten
 from ebwm_scale.train.tracking import TrackingConfig
 
 

@@ -1,4 +1,5 @@
-"""What the recipe sections share: typed choices, and the checks of numeric fields that each section runs on itself.
+"""What the recipe sections share: typed choices, the checks of numeric fields that each section runs on itself, and
+the flat `section.key` view of a recipe (MLflow params, the resume check).
 
 A section's `problems()` returns one 'key=value why' line per rule it breaks, keys in full (`model.dim`);
 ebwm_scale/config.py adds the rules that span sections.
@@ -34,3 +35,18 @@ def positive(section: object, prefix: str, *names: str) -> list[str]:
 def non_negative(section: object, prefix: str, *names: str) -> list[str]:
     """'prefix.name=value must be >= 0' for each of the section's fields `names` that is not."""
     return [f"{prefix}.{name}={getattr(section, name)} must be >= 0" for name in names if getattr(section, name) < 0]
+
+
+def flatten(nested: dict) -> dict[str, object]:
+    """{"model": {"dim": 128}} -> {"model.dim": 128}."""
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            flat[prefix] = node
+
+    walk("", nested)
+    return flat

@@ -9,7 +9,7 @@
         loss  += recon(pred, target)
 
 `mcmc_step` is the only implementation of a step: training, evaluation, System-2 inference (more steps, best-of-N,
-early exit: ebwm_scale/cli/generate.py) and the pipeline schedule (which runs `energy_point` and `descend` around its
+early exit: ebwm_scale/inference/think.py) and the pipeline schedule (which runs `energy_point` and `descend` around its
 waves of stages) all call it. What the state is and how it descends (frames; tokens under the official probability
 rule or the logit rule) comes from the state space (ebwm_scale/core/spaces.py).
 """

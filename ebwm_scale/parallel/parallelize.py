@@ -131,8 +131,9 @@ def parallelize(
     tp_size = 1 if dist_info is None else dist_info.tp_size
     tp_group = dist_info.tp_group if dist_info is not None and tp_size > 1 else None
     if tp_group is not None:
+        # a text EBT's state is split over the vocabulary like its V -> D mapping (vocab_split)
         space = objective.space if isinstance(objective, EBTObjective) else None
-        if plan_for(model).vocab_split_state and isinstance(space, TokenSpace) and space.split.count != tp_size:
+        if isinstance(space, TokenSpace) and space.split.count != tp_size:
             raise ValueError("a text EBT under tensor parallelism needs build_objective(..., vocab_split(dist_info))")
         apply_tensor_parallel(model, tp_group, cfg.sequence_parallel)
     if dist_info is not None and dist_info.pp_size > 1:

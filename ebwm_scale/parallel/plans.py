@@ -59,8 +59,6 @@ class ParallelPlan:
     # (`compile_blocks`), or a model method whose graph is differentiated once (the EBT's real-token stream).
     compile_blocks: bool = False
     compile_methods: tuple[str, ...] = ()
-    # A text EBT's MCMC state is split over the vocabulary like its V -> D mapping (parallelize.vocab_split).
-    vocab_split_state: bool = False
     blocks: str = "transformer.layers"  # the ModuleList of blocks: pipeline cut, checkpointing, FSDP units
     block_tp: dict[str, TPLayer] = field(default_factory=lambda: dict(BLOCK_TP))
     sequence_parallel_norms: tuple[str, ...] = BLOCK_SEQUENCE_PARALLEL_NORMS
@@ -88,7 +86,6 @@ PLANS: dict[type[nn.Module], ParallelPlan] = {
         first_stage=("model.tok_embeddings", "model.vocab_to_embed", "model.step_embeddings", "mcmc"),
         last_stage=EBT_LAST_STAGE,
         compile_methods=EBT_COMPILED,
-        vocab_split_state=True,
     ),
     EBTFrames: ParallelPlan(
         tp={},

@@ -13,23 +13,8 @@ from typing import cast
 from omegaconf import OmegaConf
 
 from ebwm_scale.logs import log
+from ebwm_scale.schema import flatten
 from ebwm_scale.train.checkpoint import CheckpointError
-
-
-def flatten(nested: dict) -> dict[str, object]:
-    """{"model": {"dim": 128}} -> {"model.dim": 128}."""
-    flat: dict[str, object] = {}
-
-    def walk(prefix: str, node: object) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else key, value)
-        else:
-            flat[prefix] = node
-
-    walk("", nested)
-    return flat
-
 
 # What a resumed run may change: how it is run, logged, checkpointed and laid out, not what a step computes. The
 # per-rank batch (micro-batch, accumulation) follows the ranks; the global batch it makes must stay the same.
