@@ -53,4 +53,7 @@ def test_official_init_is_xavier_normal_with_unit_embeddings():
             assert outside and embedding_std == pytest.approx(1.0, rel=0.05)
         else:
             assert not outside and embedding_std == pytest.approx(0.02, rel=0.05)
-        assert linear.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.05)
+        # official: q, k and v each a (D, D) xavier-normal matrix, as the official's separate linears
+        for block in linear.chunk(3) if scheme == "official" else (linear,):
+            fan_out, fan_in = block.shape
+            assert block.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.05)

@@ -179,9 +179,14 @@ def init_weights(module: nn.Module, scheme: str = "default") -> None:
     """default: xavier-uniform linears, normal(0, 0.02) embeddings. official (alexiglad/EBT): xavier-normal linears,
     embeddings at PyTorch's N(0, 1)."""
     official = scheme == "official"
+    fused_qkv = {sub.wqkv for sub in module.modules() if isinstance(sub, Attention)}
     for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            (nn.init.xavier_normal_ if official else nn.init.xavier_uniform_)(sub.weight)
+        if isinstance(sub, nn.Linear) and not official:
+            nn.init.xavier_uniform_(sub.weight)
+        elif isinstance(sub, nn.Linear):
+            # the official q, k and v are separate (D, D) linears: each block takes its own fans, not the (3D, D)'s
+            for block in sub.weight.chunk(3) if sub in fused_qkv else (sub.weight,):
+                nn.init.xavier_normal_(block)
         elif isinstance(sub, nn.Embedding):
             nn.init.normal_(sub.weight, std=1.0 if official else 0.02)
 
