@@ -219,7 +219,7 @@ def trained_frames_objective():
     predictable from the context; and its last batch."""
     objective = frames_objective(alpha_init=2.0)
     optimizer = OptimConfig(lr=3e-3, warmup_steps=1).build(objective, alpha_lr_multiplier=10.0)
-    set_lr(optimizer, 3e-3)
+    set_lr(optimizer, lambda multiplier: 3e-3 * multiplier)
     torch.manual_seed(0)
     t = torch.arange(7.0)
     for _ in range(40):

@@ -110,6 +110,7 @@ def test_wrong_type_names_key(tmp_path):
         ("model:\n  modality: frames\n", "model.modality='frames' but data.source='stdlib_docs'"),
         ("mcmc:\n  num_steps: 3\n  max_num_steps: 2\n", "mcmc.max_num_steps=2 is below mcmc.num_steps=3"),
         ("optim:\n  betas: [0.9]\n", "optim.betas=[0.9] must be two numbers"),
+        ("optim:\n  floor: zero\n", "optim.floor='zero' is not one of per_group, shared"),
         ("parallel:\n  tensor_parallel: 2\n  data_parallel: zero\n", "tensor_parallel=2 with DeepSpeed ZeRO: use"),
         ("parallel:\n  pipeline_parallel: 2\n  data_parallel: fsdp\n", "pipeline_parallel=2 with fsdp: use parallel"),
         ("parallel:\n  shard_optimizer: true\n  data_parallel: fsdp\n", "shard_optimizer=true is ZeRO-1 for parallel"),
@@ -308,6 +309,10 @@ SECTION_RULES = [
     (ModelConfig(num_heads=3), "model.num_heads=3 does not divide model.dim=128"),
     (MCMCConfig(alpha_min=0), "mcmc.alpha_init=500.0 must exceed mcmc.alpha_min=0 > 0"),
     (OptimConfig(decay_fraction=0), "optim.decay_fraction=0 must lie in (0, 1]"),
+    (
+        OptimConfig(schedule="wsd", cosine_start="last_warmup_step"),
+        "optim.cosine_start=last_warmup_step applies to optim.schedule=cosine only",
+    ),
     (DataConfig(source="shards"), "data.source='shards' needs data.shards.url (a directory made by `ebwm-prep text`)"),
     (
         ShardsConfig(url="a", sources=[MixtureSourceConfig(url="b")]),

@@ -18,7 +18,7 @@ def _frames_batch(batch_size=4, seq_len=6):
 def test_alpha_receives_gradient_and_moves_with_its_own_lr():
     objective = frames_objective()
     optimizer = OptimConfig(lr=1e-3, warmup_steps=1).build(objective, alpha_lr_multiplier=50.0)
-    set_lr(optimizer, 1e-3)
+    set_lr(optimizer, lambda multiplier: 1e-3 * multiplier)
     alpha_group = [g for g in optimizer.param_groups if any(p is objective.mcmc.alpha for p in g["params"])]
     assert len(alpha_group) == 1 and alpha_group[0]["lr"] == 1e-3 * 50 and alpha_group[0]["weight_decay"] == 0
     out = objective(_frames_batch())

@@ -28,6 +28,7 @@ import platform
 import subprocess
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +155,7 @@ def train(objective, batches, alpha_lr_multiplier: float, args, label: str) -> d
     skipped = 0
     start = time.perf_counter()
     for step, batch in enumerate(batches):
-        set_lr(optimizer, lr_at(step, optim_cfg, len(batches)))
+        set_lr(optimizer, partial(lr_at, step, optim_cfg, len(batches)))
         out = objective(batch)
         out.loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim_cfg.grad_clip))

@@ -175,7 +175,7 @@ class Trainer:
         """Accumulate, all-reduce, clip and step; a step whose loss, energy, alpha or gradient is not finite is
         skipped (no update), counted, and after train.max_bad_steps in a row the run stops."""
         self.at_step_boundary = False  # from the first batch on, the state is between two steps
-        lr = lr_at(self.step, self.cfg.optim, self.max_steps)
+        lr = partial(lr_at, self.step, self.cfg.optim, self.max_steps)  # a group's lr, given its lr_multiplier
         self.engine.set_lr(lr)
         accum = self.cfg.train.grad_accum_steps
         sums: dict[str, torch.Tensor] = {}
@@ -194,7 +194,7 @@ class Trainer:
                 "already reduced into the optimizer's partitions, so the step cannot be skipped; resume from the "
                 "last checkpoint with a lower optim.lr or mcmc.alpha_init"
             )
-        metrics.update(grad_norm=self.engine.optimizer_step(skip=bool(bad)), lr=lr)
+        metrics.update(grad_norm=self.engine.optimizer_step(skip=bool(bad)), lr=lr(1.0))
         bad = bad or ([] if math.isfinite(metrics["grad_norm"]) else ["grad_norm"])
         if bad:
             self.skipped_steps += 1

@@ -8,6 +8,7 @@ and what model and optimizer state looks like in a checkpoint. Nothing else pass
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -16,10 +17,11 @@ import torch
 Batch = dict[str, torch.Tensor]
 
 
-def set_lr(optimizer: Any, lr: float) -> None:
-    """Each parameter group runs at lr * its `lr_multiplier` (alpha's group has its own, train/optim.py)."""
+def set_lr(optimizer: Any, lr: Callable[[float], float]) -> None:
+    """Each parameter group runs at lr(its `lr_multiplier`) (alpha's group has its own, train/optim.py): a function,
+    not lr * multiplier, because a schedule may decay every group to one shared floor (optim.floor)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_multiplier"]
+        group["lr"] = lr(group["lr_multiplier"])
 
 
 class Engine(ABC):
@@ -50,8 +52,8 @@ class Engine(ABC):
         """Reduce, clip and apply the accumulated gradients (none applied when skip, or when the gradient is not
         finite); the global gradient norm before clipping."""
 
-    def set_lr(self, lr: float) -> None:
-        """The schedule's learning rate for the next step."""
+    def set_lr(self, lr: Callable[[float], float]) -> None:
+        """The schedule's learning rate for the next step, as a function of a group's lr_multiplier."""
         set_lr(self.optimizer, lr)
 
     @abstractmethod
