@@ -161,6 +161,19 @@ def _cross_section_problems(cfg: PretrainConfig) -> list[str]:
     if conditioned and m.num_step_embeddings < max(mc.num_steps, mc.max_num_steps):
         problems.append(f"model.num_step_embeddings={m.num_step_embeddings} is fewer than the MCMC training steps")
     tp, pp = p.tensor_parallel, p.pipeline_parallel
+    if mc.replay.size and not ebt:
+        problems.append(f"mcmc.replay.size={mc.replay.size} needs model.kind=ebt: an AR model has no MCMC chain")
+    if pp > 1 and ebt and not (mc.detach_chain or mc.truncate):
+        problems.append(
+            "mcmc.detach_chain=false with mcmc.loss_on=all needs a backward through every step at once, which "
+            "parallel.pipeline_parallel runs step by step: use mcmc.loss_on=last (the official truncated chain)"
+        )
+    replayed = int(d.micro_batch_size * mc.replay.sample_fraction) if mc.replay.size else 0
+    if pp > 1 and replayed and (d.micro_batch_size + replayed) % p.pipeline_microbatches:
+        problems.append(
+            f"parallel.pipeline_microbatches={p.pipeline_microbatches} must divide the micro-batch with its "
+            f"{replayed} replayed sequences ({d.micro_batch_size + replayed}; mcmc.replay.sample_fraction)"
+        )
     if tp > 1 and (
         m.num_heads % tp or m.resolved_ffn_hidden_dim % tp or (m.modality == Modality.text and m.vocab_size % tp)
     ):

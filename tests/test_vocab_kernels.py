@@ -138,9 +138,9 @@ def test_the_training_chain_keeps_an_fp32_state_under_bf16_autocast(update_space
     objective = _objective("lean", num_steps=2, update_space=update_space, alpha_init=0.5)
     point, seen = objective.space.point, []
 
-    def recording_point(state):
+    def recording_point(state, keep_graph=False):
         seen.append(state.dtype)
-        return point(state)
+        return point(state, keep_graph)
 
     objective.space.point = recording_point
     torch.manual_seed(1)

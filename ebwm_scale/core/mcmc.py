@@ -3,10 +3,21 @@
     for each step:
         pred   = pred.detach()                                   # no gradient through earlier steps
         x      = point(pred)                                     # the variable E is differentiated in (spaces.py)
-        energy = model(ctx, candidate(x))                        # (B, S)
+        energy = model(ctx, candidate(x), landscape)             # (B, S)
         grad   = autograd.grad(energy.sum(), x, create_graph)    # second-order path to the parameters and alpha
         pred   = x - alpha * grad
         loss  += recon(pred, target)
+
+System-2 training (the official --*mcmc* options of alexiglad/EBT, model/nlp/ebt.py `forward`) varies this loop:
+- a schedule of steps over energy landscapes: `num_steps` landscapes (the step-conditioning index), each visited
+  `steps_per_landscape` times, or a count drawn per batch up to `max_steps_per_landscape` (evaluation: the maximum);
+- a step size drawn per (sequence, position) in [alpha / scale, alpha * scale] (`step_size_scale`), once per batch;
+- Langevin noise added to the state before each step (`langevin_noise_std`);
+- an undetached chain (`detach_chain: false`): the state keeps its graph from step to step, so alpha learns through
+  every step; with `loss_on: last` only the last step's energy gradient is differentiated, the others are constants
+  (--truncate_mcmc). A frozen alpha then gets nothing from the chain and the parameters' gradient is the detached
+  chain's, so the chain is kept only when alpha learns (or when every step's loss counts);
+- start states replayed from earlier batches (core/replay.py).
 
 `mcmc_step` is the only implementation of a step: training, evaluation, System-2 inference (more steps, best-of-N,
 early exit: ebwm_scale/inference/think.py) and the pipeline schedule (which runs `energy_point` and `descend` around its
@@ -16,7 +27,7 @@ rule or the logit rule) comes from the state space (ebwm_scale/core/spaces.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,8 +36,9 @@ from torch import nn
 from ebwm_scale.core.spaces import FrameSpace, Point, TokenSpace, UpdateSpace, VocabState
 from ebwm_scale.schema import Choice, non_negative, positive
 
-EnergyFn = Callable[[torch.Tensor, int], torch.Tensor]  # (candidate embedding (B, S, D), step index) -> (B, S)
+EnergyFn = Callable[[torch.Tensor, int], torch.Tensor]  # (candidate embedding (B, S, D), landscape) -> (B, S)
 StateSpace = FrameSpace | TokenSpace
+Steps = int | Sequence[int]  # a number of steps (step k on landscape k), or each step's landscape
 
 
 class LossOn(Choice):
@@ -34,35 +46,98 @@ class LossOn(Choice):
     last = "last"
 
 
+class ReplayDtype(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class ReplayDevice(Choice):
+    model = "model"  # where the model runs (the official buffer)
+    cpu = "cpu"  # host memory (pinned when a GPU runs the model)
+
+
+@dataclass(kw_only=True)
+class ReplayConfig:
+    """Start states replayed from earlier batches (the official --mcmc_replay_buffer; core/replay.py)."""
+
+    size: int = 0  # sequences held per data-parallel rank (official: 192); 0: no replay
+    sample_fraction: float = 0.5  # each training micro-batch appends int(micro-batch x this) stored sequences
+    dtype: ReplayDtype = ReplayDtype.float32  # how stored states are kept (bfloat16: half the memory, rounded)
+    device: ReplayDevice = ReplayDevice.model  # where stored states live: model (official) | cpu (host memory)
+
+    def problems(self) -> list[str]:
+        problems = non_negative(self, "mcmc.replay", "size")
+        if not 0 < self.sample_fraction <= 1:
+            problems.append(f"mcmc.replay.sample_fraction={self.sample_fraction} must lie in (0, 1]")
+        return problems
+
+
 @dataclass(kw_only=True)
 class MCMCConfig:
-    num_steps: int = 2  # gradient steps on the energy per training batch (K)
+    num_steps: int = 2  # gradient steps on the energy per training batch (K); the energy landscapes under repeats
     alpha_init: float = 500.0  # the MCMC step size alpha at the start
     learn_alpha: bool = True  # alpha is a trained parameter (else fixed)
     alpha_min: float = 1e-4  # the step size is clamped here so it can never flip sign
     alpha_lr_multiplier: float = 1500.0  # alpha's optimizer group runs at lr * this
     init_scale: float = 1.0  # pred starts as init_scale * randn
     langevin_noise_std: float = 0.0  # > 0: add N(0, std^2) to the state before every energy evaluation
+    langevin_at_eval: bool = False  # the noise also when evaluating (the official code's default)
     max_num_steps: int = 0  # > num_steps: each training batch draws its step count from [num_steps, max_num_steps]
+    steps_per_landscape: int = 1  # steps on each landscape (same step-conditioning index)
+    max_steps_per_landscape: int = 0  # > steps_per_landscape: drawn per landscape and batch up to this; eval: this
     step_count_seed: int = 0  # the step-count draws; the same on every rank, so ranks run equal numbers of passes
     alpha_jitter: float = 0.0  # > 0: each step uses alpha * U(1 - jitter, 1 + jitter)
-    loss_on: LossOn = LossOn.all  # all: mean of the loss after every step | last: the last step only
+    step_size_scale: float = 1.0  # > 1: alpha drawn per (sequence, position) in [alpha / scale, alpha * scale]
+    loss_on: LossOn = LossOn.all  # all: mean of the loss after every step | last: the last step only (truncated)
+    detach_chain: bool = True  # false: the state keeps its graph between steps (official --no_mcmc_detach)
     # Text: "probs" is the official rule (step from softmax(s) with the gradient w.r.t. the probabilities);
     # "logits" differentiates through the softmax and steps the logits (needs its own alpha and noise).
     update_space: UpdateSpace = UpdateSpace.probs
     # Text: "lean" runs the B x S x V state through fused, chunked Functions (ebwm_scale/core/vocab_kernels.py); "plain"
     # is the autograd reference. Same numbers.
     vocab_state: VocabState = VocabState.lean
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
 
     def problems(self) -> list[str]:
         """The rules among this section's own fields that it breaks, as 'key=value why' lines."""
-        problems = positive(self, "mcmc", "num_steps")
+        problems = positive(self, "mcmc", "num_steps", "steps_per_landscape")
         problems += non_negative(self, "mcmc", "langevin_noise_std", "alpha_jitter", "init_scale")
         if self.max_num_steps and self.max_num_steps < self.num_steps:
             problems.append(f"mcmc.max_num_steps={self.max_num_steps} is below mcmc.num_steps={self.num_steps}")
+        if self.max_steps_per_landscape and self.max_steps_per_landscape < self.steps_per_landscape:
+            problems.append(
+                f"mcmc.max_steps_per_landscape={self.max_steps_per_landscape} is below "
+                f"mcmc.steps_per_landscape={self.steps_per_landscape}"
+            )
+        if self.max_num_steps > self.num_steps and self.max_steps_per_landscape > self.steps_per_landscape:
+            problems.append(
+                f"mcmc.max_num_steps={self.max_num_steps} and mcmc.max_steps_per_landscape="
+                f"{self.max_steps_per_landscape} both randomize the step count: use one"
+            )
+        if self.step_size_scale < 1:
+            problems.append(f"mcmc.step_size_scale={self.step_size_scale} must be >= 1 (1: no randomization)")
         if not self.alpha_init > self.alpha_min > 0:
             problems.append(f"mcmc.alpha_init={self.alpha_init} must exceed mcmc.alpha_min={self.alpha_min} > 0")
-        return problems
+        return problems + self.replay.problems()
+
+    @property
+    def truncate(self) -> bool:
+        """Only the last step's loss counts, so only its energy gradient is differentiated."""
+        return self.loss_on == LossOn.last
+
+    @property
+    def keeps_chain(self) -> bool:
+        """Whether an undetached chain changes any gradient: through alpha, or through every step's loss."""
+        return not self.detach_chain and (self.learn_alpha or not self.truncate)
+
+    def min_steps(self) -> int:
+        """The steps every training batch runs (the per-step metrics report these)."""
+        return self.num_steps * self.steps_per_landscape
+
+    def eval_schedule(self) -> list[int]:
+        """Evaluation's landscape per step: each landscape its most steps (the official evaluation, no randomness)."""
+        repeats = max(self.steps_per_landscape, self.max_steps_per_landscape)
+        return [landscape for landscape in range(self.num_steps) for _ in range(repeats)]
 
     def build(self) -> MCMC:
         return MCMC(self)
@@ -77,25 +152,38 @@ class RefineResult:
     steps_used: torch.Tensor | None = None  # (B, S) steps each position took (fewer under early exit)
 
 
-def energy_point(space: StateSpace, pred: torch.Tensor, langevin_noise_std: float = 0.0) -> Point:
-    """The first half of a step: noise, and the point the energy is differentiated at, a fresh leaf of the state (no
-    gradient through earlier steps)."""
+def schedule_of(steps: Steps) -> Sequence[int]:
+    return range(steps) if isinstance(steps, int) else steps
+
+
+def energy_point(
+    space: StateSpace, pred: torch.Tensor, langevin_noise_std: float = 0.0, keep_chain: bool = False
+) -> Point:
+    """The first half of a step: noise, and the point the energy is differentiated at: a fresh leaf of the state (no
+    gradient through earlier steps), or, when `keep_chain`, the state itself with its graph."""
     if langevin_noise_std > 0:  # Langevin dynamics: explore around the current state
-        pred = pred.detach() + langevin_noise_std * space.noise(pred)
-    return space.point(pred)
+        pred = (pred if keep_chain else pred.detach()) + langevin_noise_std * space.noise(pred)
+    return space.point(pred, keep_chain)
 
 
 def descend(
-    space: StateSpace, point: Point, grad: torch.Tensor, alpha: torch.Tensor, alpha_jitter: float = 0.0
+    space: StateSpace,
+    point: Point,
+    grad: torch.Tensor,
+    alpha: torch.Tensor,
+    alpha_jitter: float = 0.0,
+    grad_is_constant: bool = False,
 ) -> torch.Tensor:
-    """The second half: gradient descent on the energy with step size alpha (randomized by `alpha_jitter`)."""
+    """The second half: gradient descent on the energy with step size alpha (a scalar, or (B, S, 1) per position;
+    randomized by `alpha_jitter`). `grad_is_constant`: a step of a kept chain whose energy gradient was not
+    differentiated, which must then bring the parameters no gradient either."""
     if point.wrt.is_leaf:
         # Released: the outer backward then stores no gradient for this leaf (nothing reads it), and the lean
         # vocabulary state skips computing it.
         point.wrt.requires_grad_(False)
     if alpha_jitter > 0:  # randomized step size
         alpha = alpha * (1 + alpha_jitter * (2 * torch.rand((), device=alpha.device) - 1))
-    return space.descend(point, grad, alpha)
+    return space.descend(point, grad, alpha, grad_is_constant)
 
 
 def mcmc_step(
@@ -103,19 +191,23 @@ def mcmc_step(
     space: StateSpace,
     pred: torch.Tensor,
     alpha: torch.Tensor,
-    step: int,
+    landscape: int,
     *,
     create_graph: bool,
+    keep_chain: bool = False,
     langevin_noise_std: float = 0.0,
     alpha_jitter: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of gradient descent on the energy: (the new state, the energy (B, S) before it, detached)."""
+    """One step of gradient descent on the energy: (the new state, the energy (B, S) before it, detached).
+    create_graph: the energy gradient is differentiated (training); keep_chain: the new state keeps its graph to
+    `pred` and alpha even where the gradient is a constant."""
     with torch.enable_grad():
-        point = energy_point(space, pred, langevin_noise_std)
-        energy = energy_fn(point.candidate, step)  # (B, S)
+        point = energy_point(space, pred, langevin_noise_std, keep_chain)
+        energy = energy_fn(point.candidate, landscape)  # (B, S)
         (grad,) = torch.autograd.grad(energy.sum(), point.wrt, create_graph=create_graph)
-    with torch.set_grad_enabled(create_graph):
-        return descend(space, point, grad, alpha, alpha_jitter), energy.detach()
+    with torch.set_grad_enabled(create_graph or keep_chain):
+        new = descend(space, point, grad, alpha, alpha_jitter, grad_is_constant=not create_graph)
+    return new, energy.detach()
 
 
 def refine(
@@ -123,32 +215,39 @@ def refine(
     space: StateSpace,
     pred: torch.Tensor,
     alpha: torch.Tensor,
-    num_steps: int,
+    steps: Steps,
     *,
     target: torch.Tensor | None = None,
     create_graph: bool = True,
+    truncate: bool = False,
+    keep_chain: bool = False,
     langevin_noise_std: float = 0.0,
     alpha_jitter: float = 0.0,
     early_exit_eps: float = 0.0,
     final_energy: bool = False,
 ) -> RefineResult:
-    """Refine `pred` by `num_steps` of gradient descent on the energy. With a target, the loss after every step.
-    create_graph=False: inference, nothing is kept for a backward. early_exit_eps > 0: a position stops once a step
-    lowers its energy by less than this. final_energy: also score the final state (best-of-N picks by it)."""
+    """Refine `pred` by gradient descent on the energy, one step per entry of `steps` (its landscape), or `steps`
+    steps. With a target, the loss after every step. create_graph=False: inference, nothing is kept for a backward.
+    truncate: only the last step's energy gradient is differentiated (the others' losses are metrics). keep_chain: the
+    states keep their graph from step to step. early_exit_eps > 0: a position stops once a step lowers its energy by
+    less than this. final_energy: also score the final state (best-of-N picks by it)."""
+    schedule = schedule_of(steps)
     # pred is only set at the end: holding the start state would keep one more B x S x V tensor alive all along
     steps_used = torch.zeros(pred.shape[:-1], device=pred.device)
     result = RefineResult(pred=None, steps_used=steps_used)
     active = torch.ones(pred.shape[:-1], dtype=torch.bool, device=pred.device)
     if not create_graph:
-        alpha = alpha.detach()
-    for step in range(num_steps):
+        alpha, keep_chain = alpha.detach(), False
+    for index, landscape in enumerate(schedule):
+        differentiated = create_graph and (not truncate or index == len(schedule) - 1)  # its loss counts
         new, energy = mcmc_step(
             energy_fn,
             space,
             pred,
             alpha,
-            step,
-            create_graph=create_graph,
+            landscape,
+            create_graph=differentiated,
+            keep_chain=keep_chain,
             langevin_noise_std=langevin_noise_std,
             alpha_jitter=alpha_jitter,
         )
@@ -159,14 +258,15 @@ def refine(
             new = torch.where(active[..., None], new, pred)
         result.energies.append(energy)
         steps_used += active
-        pred = new if create_graph else new.detach()
+        pred = new if differentiated or keep_chain else new.detach()
         if target is not None:
-            with torch.set_grad_enabled(create_graph):
+            with torch.set_grad_enabled(differentiated):
                 result.losses.append(space.loss(pred, target))
     result.pred = pred
     if final_energy:
         with torch.no_grad():
-            result.final_energy = energy_fn(space.point(pred).candidate, num_steps)
+            last = schedule[-1] + 1 if isinstance(steps, int) else schedule[-1]
+            result.final_energy = energy_fn(space.point(pred).candidate, last)
     return result
 
 
@@ -186,18 +286,38 @@ class MCMC(nn.Module):
         generator = torch.Generator().manual_seed(cfg.step_count_seed)
         self.register_buffer("step_count_rng", generator.get_state())
 
-    def step_size(self) -> torch.Tensor:
-        return self.alpha.clamp(min=self.cfg.alpha_min).squeeze(0)  # a scalar for the update
+    def step_size(self, rows: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
+        """The clamped alpha, a scalar; given `rows` (B, S) and a step_size_scale, a (B, S, 1) training draw per
+        position, uniform in [alpha / scale, alpha * scale] (from the global RNG: the same on tensor-parallel
+        ranks, which share their seed)."""
+        alpha = self.alpha.clamp(min=self.cfg.alpha_min).squeeze(0)
+        scale = self.cfg.step_size_scale
+        if rows is None or scale == 1:
+            return alpha
+        low, high = alpha / scale, alpha * scale
+        return low + torch.rand(*rows, 1, device=alpha.device, dtype=alpha.dtype) * (high - low)
 
-    def sample_num_steps(self) -> int:
-        """Randomized step count, from the module's own RNG state (see __init__)."""
-        if self.cfg.max_num_steps <= self.cfg.num_steps:
-            return self.cfg.num_steps
+    def _draw(self, low: int, high: int) -> int:
+        """An integer in [low, high] from the module's own RNG state (see __init__)."""
         generator = torch.Generator()
         generator.set_state(self.step_count_rng.cpu())
-        num_steps = int(torch.randint(self.cfg.num_steps, self.cfg.max_num_steps + 1, (), generator=generator))
+        value = int(torch.randint(low, high + 1, (), generator=generator))
         self.step_count_rng.copy_(generator.get_state())
-        return num_steps
+        return value
+
+    def sample_num_steps(self) -> int:
+        """Randomized step count (mcmc.max_num_steps)."""
+        if self.cfg.max_num_steps <= self.cfg.num_steps:
+            return self.cfg.num_steps
+        return self._draw(self.cfg.num_steps, self.cfg.max_num_steps)
+
+    def sample_schedule(self) -> list[int]:
+        """A training batch's landscape per step: the step count, then each landscape's repeats, drawn."""
+        low, high = self.cfg.steps_per_landscape, self.cfg.max_steps_per_landscape
+        schedule = []
+        for landscape in range(self.sample_num_steps()):
+            schedule += [landscape] * (self._draw(low, high) if high > low else low)
+        return schedule
 
     def train_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """The training loss from the per-step losses: their mean, or the last one (mcmc.loss_on); the sum of

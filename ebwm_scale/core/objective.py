@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ebwm_scale.core.mcmc import MCMC, MCMCConfig, RefineResult, refine
+from ebwm_scale.core.replay import ReplayBuffer
 from ebwm_scale.core.spaces import build_space
 from ebwm_scale.core.vocab_kernels import VocabSplit, lean_cross_entropy
 from ebwm_scale.models import EBT
@@ -63,6 +64,7 @@ class EBTObjective(nn.Module):
         self.model = model
         self.mcmc = mcmc
         self.space = build_space(model, mcmc.cfg, split)
+        self.replay = ReplayBuffer(mcmc.cfg.replay) if mcmc.cfg.replay.size else None
 
     def init_state(self, ctx: torch.Tensor) -> torch.Tensor:
         """Start noise: V numbers per position for text (this slice of them), an F-dim embedding for frames."""
@@ -72,22 +74,33 @@ class EBTObjective(nn.Module):
         return lambda candidate, step: self.model.energy(context, candidate, step)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        ctx, target = split_batch(batch)
+        sequences = batch["tokens"] if "tokens" in batch else batch["frames"]
+        start = self.init_state(sequences[:, :-1])
+        fresh = sequences
+        if self.replay is not None:
+            sequences, start = self.replay.extend(sequences, start)
+        ctx, target = sequences[:, :-1], sequences[:, 1:]
         context = self.model.encode_context(ctx)  # shared by every MCMC step
+        cfg = self.mcmc.cfg
         result = refine(
             self.energy_fn(context),
             self.space,
-            self.init_state(ctx),
-            self.mcmc.step_size(),
-            self.mcmc.sample_num_steps(),
+            start,
+            self.mcmc.step_size(target.shape[:2]),
+            self.mcmc.sample_schedule(),
             target=target,
-            langevin_noise_std=self.mcmc.cfg.langevin_noise_std,
-            alpha_jitter=self.mcmc.cfg.alpha_jitter,
+            truncate=cfg.truncate,
+            keep_chain=cfg.keeps_chain,
+            langevin_noise_std=cfg.langevin_noise_std,
+            alpha_jitter=cfg.alpha_jitter,
         )
+        if self.replay is not None:
+            assert result.pred is not None  # refine always ends with the final state
+            self.replay.store(fresh, result.pred)
         loss = self.mcmc.train_loss(result.losses)
         metrics = {"loss": loss.detach(), "alpha": self.mcmc.step_size().detach()}
         # Only the steps every batch runs: with a random step count, ranks must still report the same keys.
-        always = result.losses[: self.mcmc.cfg.num_steps]
+        always = result.losses[: cfg.min_steps()]
         metrics.update({step_loss_name(k): step_loss.detach() for k, step_loss in enumerate(always)})
         metrics["energy_first"], metrics["energy_last"] = result.energies[0].mean(), result.energies[-1].mean()
         return StepOutput(loss=loss, metrics=metrics)
@@ -95,7 +108,7 @@ class EBTObjective(nn.Module):
     @staticmethod
     def train_metric_names(mcmc: MCMCConfig) -> list[str]:
         """The keys of forward()'s metrics; the pipeline schedule computes them stage by stage under these names."""
-        steps = [step_loss_name(k) for k in range(mcmc.num_steps)]
+        steps = [step_loss_name(k) for k in range(mcmc.min_steps())]
         return ["loss", "alpha", *steps, "energy_first", "energy_last"]
 
     @staticmethod
@@ -107,16 +120,19 @@ class EBTObjective(nn.Module):
     def predict(
         self, ctx: torch.Tensor, target: torch.Tensor | None = None, num_steps: int | None = None
     ) -> RefineResult:
-        """Deterministic refinement (no noise, no jitter) from fresh start noise; no graph is kept. With a target,
-        the result holds the loss after every step."""
+        """Refinement from fresh start noise, no graph kept: the evaluation schedule (every landscape its most
+        steps) or `num_steps` steps, without jitter or a random step size, and without Langevin noise unless
+        mcmc.langevin_at_eval. With a target, the result holds the loss after every step."""
+        cfg = self.mcmc.cfg
         return refine(
             self.energy_fn(self.model.encode_context(ctx)),
             self.space,
             self.init_state(ctx),
             self.mcmc.step_size(),
-            num_steps or self.mcmc.cfg.num_steps,
+            num_steps or cfg.eval_schedule(),
             target=target,
             create_graph=False,
+            langevin_noise_std=cfg.langevin_noise_std if cfg.langevin_at_eval else 0.0,
         )
 
     @torch.no_grad()

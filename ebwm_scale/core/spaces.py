@@ -58,6 +58,14 @@ class Point:
     base: torch.Tensor
 
 
+def _variable(state: torch.Tensor, keep_graph: bool) -> torch.Tensor:
+    """The tensor a step differentiates the energy in: `state` itself when its graph is kept (a start state, which
+    has none, becomes a leaf), else a fresh leaf."""
+    if keep_graph and state.requires_grad:
+        return state
+    return state.detach().requires_grad_(True)
+
+
 class FrameSpace:
     """A continuous candidate frame (F dims), fed through `embed` (the model's frame projection)."""
 
@@ -71,11 +79,13 @@ class FrameSpace:
     def noise(self, like: torch.Tensor) -> torch.Tensor:
         return torch.randn_like(like)
 
-    def point(self, state: torch.Tensor) -> Point:
-        x = state.detach().requires_grad_(True)
+    def point(self, state: torch.Tensor, keep_graph: bool = False) -> Point:
+        x = _variable(state, keep_graph)
         return Point(wrt=x, candidate=self.embed(x), base=x)
 
-    def descend(self, point: Point, grad: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def descend(
+        self, point: Point, grad: torch.Tensor, alpha: torch.Tensor, grad_is_constant: bool = False
+    ) -> torch.Tensor:
         return point.base - alpha * grad
 
     def loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -120,7 +130,15 @@ class TokenSpace:
         """At least fp32 whatever the weights (bf16 autocast); a float64 model keeps a float64 state."""
         return at_least_fp32(self.vocab_to_embed.weight).dtype
 
-    def point(self, state: torch.Tensor) -> Point:
+    def point(self, state: torch.Tensor, keep_graph: bool = False) -> Point:
+        """keep_graph: the point stays a function of `state` (an undetached chain), else a fresh leaf."""
+        if self.update_space == "probs" and keep_graph:
+            self._forget()  # the loss's softmax has no graph: this point takes its own
+            probs = self._softmax(state)
+            if self.lean:
+                embedding = self.split.reduce(probs_linear(probs, self.vocab_to_embed.weight))
+                return Point(wrt=embedding, candidate=embedding, base=probs)
+            return Point(wrt=probs, candidate=self.vocab_to_embed(probs), base=probs)
         if self.update_space == "probs":
             probs = self._probabilities(state)  # the variable is replaced by its probabilities; no graph
             if self.lean:
@@ -128,17 +146,22 @@ class TokenSpace:
                 return Point(wrt=embedding, candidate=embedding, base=probs)
             probs.requires_grad_(True)
             return Point(wrt=probs, candidate=self.vocab_to_embed(probs), base=probs)
-        x = state.detach().requires_grad_(True)
+        x = _variable(state, keep_graph)
         if self.lean:
             embedding = self.split.reduce(softmax_linear(x, self.vocab_to_embed.weight, self.split))
         else:
             embedding = self.vocab_to_embed(self._softmax(x))
         return Point(wrt=x, candidate=embedding, base=x)
 
-    def descend(self, point: Point, grad: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def descend(
+        self, point: Point, grad: torch.Tensor, alpha: torch.Tensor, grad_is_constant: bool = False
+    ) -> torch.Tensor:
+        """grad_is_constant: dE/dp = (dE/de) W is one constant (official); W then gets no gradient through it."""
         alpha = self.split.copy(alpha)  # each slice adds its part of alpha's gradient
         if self.update_space == "probs" and self.lean:
-            return probs_descent(point.base, self.split.copy(grad), self.vocab_to_embed.weight, alpha)
+            weight = self.vocab_to_embed.weight
+            weight = weight.detach() if grad_is_constant else weight
+            return probs_descent(point.base, self.split.copy(grad), weight, alpha)
         return point.base - alpha * grad
 
     def loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

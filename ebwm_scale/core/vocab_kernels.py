@@ -68,6 +68,11 @@ class VocabSplit:
         return full if self.count == 1 else full.chunk(self.count, dim=-1)[self.index]
 
 
+def _per_row(alpha: torch.Tensor) -> torch.Tensor:
+    """A step size as a scalar or a (rows, 1) column, to scale (rows, D) tensors."""
+    return alpha.reshape(-1, 1) if alpha.numel() > 1 else alpha
+
+
 def _row_chunks(rows: int, vocab: int) -> list[slice]:
     step = max(1, CHUNK_ELEMENTS // vocab)
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
@@ -213,14 +218,16 @@ class _ProbsLinear(torch.autograd.Function):
 
 
 class _ProbsDescent(torch.autograd.Function):
-    """s' = p - alpha * (u W) for p (rows, V) without a graph, u = dE/de (rows, D), W (D, V), alpha a scalar."""
+    """s' = p - alpha * (u W) for p (rows, V), u = dE/de (rows, D), W (D, V), alpha a scalar or one per row (any
+    shape with `rows` elements)."""
 
     @staticmethod
     def forward(ctx, probs, energy_grad, weight, alpha):
         vocab = probs.shape[-1]
         flat, u = probs.reshape(-1, vocab), energy_grad.reshape(-1, weight.shape[0])
         ctx.matmul_dtype = _matmul_dtype(probs.device.type, weight)
-        step = -alpha * u.to(at_least_fp32(u).dtype)  # alpha scales the (rows, D) side, not the (rows, V) product
+        # alpha scales the (rows, D) side, not the (rows, V) product
+        step = -_per_row(alpha) * u.to(at_least_fp32(u).dtype)
         out = torch.empty_like(flat)
         for rows in _matmul_chunks(flat, ctx.matmul_dtype):
             if flat.dtype == ctx.matmul_dtype:
@@ -242,13 +249,18 @@ class _ProbsDescent(torch.autograd.Function):
         need_u, need_weight, need_alpha = ctx.needs_input_grad[1:4]
         # c W^T (rows, D) serves both du and dalpha = -<c, u W> = -<c W^T, u>: no V-sized product is recomputed.
         c_w = _vocab_to_dim(c, weight, dtype).to(wide_dtype) if need_u or need_alpha else None
-        d_weight = _weight_grad(u, c, dtype) if need_weight else None
+        per_row = alpha.numel() > 1
+        d_weight = None
+        if need_weight:  # a per-row alpha goes inside the sum over rows
+            d_weight = -_weight_grad(_per_row(alpha) * u, c, dtype) if per_row else -alpha * _weight_grad(u, c, dtype)
         d_u = c_w if need_u else None
-        d_alpha = (c_w * u).sum() if need_alpha else None
+        d_alpha = None
+        if need_alpha:
+            d_alpha = (c_w * u).sum(-1) if per_row else (c_w * u).sum()
         return (
             cot if ctx.needs_input_grad[0] else None,
-            None if d_u is None else (-alpha * d_u).view(energy_grad.shape).to(energy_grad.dtype),
-            None if d_weight is None else (-alpha * d_weight).to(weight.dtype),
+            None if d_u is None else (-_per_row(alpha) * d_u).view(energy_grad.shape).to(energy_grad.dtype),
+            None if d_weight is None else d_weight.to(weight.dtype),
             None if d_alpha is None else (-d_alpha).to(alpha.dtype).view(alpha.shape),
         )
 

@@ -263,23 +263,30 @@ class EBTPipeline(PipelineSchedule):
         super().__init__(objective, layers, dist_info, num_microbatches)
         self.mcmc = mcmc  # the options; the MCMC module itself (alpha, step-count RNG) lives on stage 0 only
 
-    def _agree_on_num_steps(self) -> int:
-        """Stage 0 draws the batch's step count from the checkpointed RNG; the other stages follow."""
-        count = torch.tensor([self.objective.mcmc.sample_num_steps() if self.first else 0], device=self.device)
+    def _agree_on_schedule(self) -> list[int]:
+        """Stage 0 draws the batch's steps (their landscapes) from the checkpointed RNG; the other stages follow."""
+        drawn = self.objective.mcmc.sample_schedule() if self.first else []
+        count = torch.tensor([len(drawn)], device=self.device)
         collectives.broadcast(count, group=self.group, group_src=0)
-        return int(count)
+        schedule = torch.tensor(drawn, dtype=torch.int64, device=self.device)
+        if not self.first:
+            schedule = torch.empty(int(count), dtype=torch.int64, device=self.device)
+        collectives.broadcast(schedule, group=self.group, group_src=0)
+        return schedule.tolist()
 
     def _run(self, batch, train: bool, loss_scale: float, autocast) -> dict[str, float]:
-        num_steps = self._agree_on_num_steps() if train else self.mcmc.num_steps
-        weights = loss_weights(self.mcmc, num_steps) if train else [0.0] * num_steps
-        run = _EBTBatch(self, batch, train, autocast, [w * loss_scale / self.num_microbatches for w in weights])
+        schedule = self._agree_on_schedule() if train else self.mcmc.eval_schedule()
+        weights = loss_weights(self.mcmc, len(schedule)) if train else [0.0] * len(schedule)
+        run = _EBTBatch(
+            self, batch, train, autocast, schedule, [w * loss_scale / self.num_microbatches for w in weights]
+        )
         phases: list[tuple[bool, Work]] = []
         streams: list[int] = []
-        for step in range(num_steps):
-            stream = self.model.context_key(step)
-            if stream not in streams:  # the context stream, once per batch (per step under the time token)
+        for step, landscape in enumerate(schedule):
+            stream = self.model.context_key(landscape)
+            if stream not in streams:  # the context stream, once per batch (per landscape under the time token)
                 streams.append(stream)
-                phases.append((True, partial(run.encode_context, stream, step)))
+                phases.append((True, partial(run.encode_context, stream, landscape)))
             phases += [(True, partial(run.energy_forward, step)), (False, partial(run.energy_backward, step))]
             if weights[step] > 0:
                 phases += [
@@ -289,6 +296,8 @@ class EBTPipeline(PipelineSchedule):
         if train:
             phases += [(False, partial(run.context_backward, stream)) for stream in streams]
         self.run_phases(phases)
+        if run.fresh is not None:  # stage 0, replaying: the batch's sequences with their final states
+            self.objective.replay.store(run.fresh, torch.cat(run.states))
         return run.metrics(weights)
 
     def forward_backward(self, batch, loss_scale, autocast):
@@ -305,23 +314,32 @@ class _EBTBatch:
     with what arrived from the neighbouring stage, returning what to pass on. A step's tensors are kept per
     (step, micro-batch) and dropped after their last phase."""
 
-    def __init__(self, schedule: EBTPipeline, batch, train: bool, autocast, loss_weights: list[float]):
+    def __init__(
+        self, schedule: EBTPipeline, batch, train: bool, autocast, landscapes: list[int], loss_weights: list[float]
+    ):
         self.schedule, self.model, self.objective = schedule, schedule.model, schedule.objective
         self.first, self.last = schedule.first, schedule.last
         self.train, self.autocast, self.mcmc = train, autocast, schedule.mcmc
+        self.landscapes = landscapes  # per step
         self.loss_weights = loss_weights  # per step, with the micro-batch and accumulation scaling
+        # which steps' energy gradients are differentiated, and whether stage 0's states keep their graph between
+        # steps (an undetached chain; config.py refuses one that would need a backward through every step here)
+        self.differentiated = [train and weight > 0 for weight in loss_weights]
+        self.keep_chain = train and self.mcmc.keeps_chain
         count = schedule.num_microbatches
         self.ctx: Sequence[torch.Tensor | None] = (None,) * count
         self.target: Sequence[torch.Tensor] = ()
+        self.states: list[torch.Tensor] = []
+        self.fresh: torch.Tensor | None = None  # stage 0, replaying: the batch's own sequences, to store after it
+        self.alpha: Any = None  # stage 0: the scalar step size; step_sizes: per micro-batch (a slice of a draw)
+        self.step_sizes: list[Any] = [None] * count
         if self.first:
-            self.ctx, self.target = schedule.chunks(batch)
+            self._start(batch, count)
         # per (context stream, micro-batch): the stream's input and output, its keys/values and their leaves
         self.ctx_in: dict[StepKey, torch.Tensor] = {}
         self.ctx_out: dict[StepKey, torch.Tensor] = {}
         self.kv: dict[StepKey, list[torch.Tensor]] = {}
         self.kv_leaves: dict[StepKey, list[torch.Tensor]] = {}
-        self.states = [self.objective.init_state(c) for c in self.ctx] if self.first else []
-        self.alpha: Any = self.objective.mcmc.step_size() if self.first else None  # a tensor on stage 0 only
         self.losses: list[list[Any]] = [[None] * count for _ in loss_weights]  # [step][micro-batch] tensors, stage 0
         self.energies: list[list[Any]] = [[None] * count for _ in loss_weights]  # [step][micro-batch], last stage
         self.points: dict[StepKey, Point] = {}  # stage 0: where the energy is differentiated (mcmc.energy_point)
@@ -329,6 +347,21 @@ class _EBTBatch:
         self.h: dict[StepKey, torch.Tensor] = {}  # the stage's output
         self.state_grad: dict[StepKey, torch.Tensor] = {}  # dE/dx, with graph when training
         self.grad_out: dict[StepKey, torch.Tensor] = {}  # dE/dh as received, a leaf
+
+    def _start(self, batch, count: int) -> None:
+        """Stage 0: the micro-batches, their start states (drawn per micro-batch, then any replayed ones appended as
+        one process appends them) and step sizes."""
+        sequences = batch["tokens"] if "tokens" in batch else batch["frames"]
+        start = torch.cat([self.objective.init_state(c) for c in sequences[:, :-1].tensor_split(count)])
+        if self.train and self.objective.replay is not None:
+            self.fresh = sequences
+            sequences, start = self.objective.replay.extend(sequences, start)
+        self.ctx, self.target = sequences[:, :-1].tensor_split(count), sequences[:, 1:].tensor_split(count)
+        self.states = list(start.tensor_split(count))
+        mcmc = self.objective.mcmc
+        self.alpha = mcmc.step_size()
+        sizes = mcmc.step_size(sequences[:, 1:].shape[:2]) if self.train else self.alpha
+        self.step_sizes = list(sizes.tensor_split(count)) if sizes.dim() else [sizes] * count
 
     def encode_context(self, stream: int, step: int, index: int, received: torch.Tensor | None) -> torch.Tensor:
         """The real tokens (behind the step's time token, if any) through this stage's blocks. Their keys/values
@@ -347,22 +380,24 @@ class _EBTBatch:
         return h
 
     def energy_forward(self, step: int, index: int, received: torch.Tensor | None) -> torch.Tensor:
-        key = (step, index)
+        key, landscape = (step, index), self.landscapes[step]
         with torch.enable_grad(), self.autocast:
             if self.first:
-                noise_std = self.mcmc.langevin_noise_std if self.train else 0.0
-                point = self.points[key] = energy_point(self.objective.space, self.states[index], noise_std)
-                self.x[key] = point.wrt
-                candidate = self.model.condition(point.candidate, step)
+                noisy = self.train or self.mcmc.langevin_at_eval
+                noise_std = self.mcmc.langevin_noise_std if noisy else 0.0
+                point = energy_point(self.objective.space, self.states[index], noise_std, self.keep_chain)
+                self.points[key], self.x[key] = point, point.wrt
+                candidate = self.model.condition(point.candidate, landscape)
             else:
                 self.x[key] = candidate = _leaf(received, True)
-            leaves = self.kv_leaves[(self.model.context_key(step), index)]
+            leaves = self.kv_leaves[(self.model.context_key(landscape), index)]
             h = self.model.prediction_layers(candidate, list(zip(leaves[0::2], leaves[1::2])), self.schedule.layers)
             self.h[key] = h
             if self.last:
                 energy = self.model.readout(h)
                 self.energies[step][index] = energy.detach().mean()
-                (self.state_grad[key],) = torch.autograd.grad(energy.sum(), self.x[key], create_graph=self.train)
+                differentiated = self.differentiated[step]
+                (self.state_grad[key],) = torch.autograd.grad(energy.sum(), self.x[key], create_graph=differentiated)
         return h
 
     def energy_backward(self, step: int, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
@@ -373,9 +408,10 @@ class _EBTBatch:
             out = self.state_grad[key]
         else:
             with torch.enable_grad(), self.autocast:
-                self.grad_out[key] = _leaf(received, self.train)
+                differentiated = self.differentiated[step]
+                self.grad_out[key] = _leaf(received, differentiated)
                 (self.state_grad[key],) = torch.autograd.grad(
-                    self.h[key], self.x[key], self.grad_out[key], create_graph=self.train
+                    self.h[key], self.x[key], self.grad_out[key], create_graph=differentiated
                 )
                 out = self.state_grad[key]
                 if self.first:  # the last stop: descend, then the loss; nothing travels further
@@ -386,13 +422,16 @@ class _EBTBatch:
         return out
 
     def _descend(self, step: int, index: int) -> None:
-        key = (step, index)
+        key, differentiated = (step, index), self.differentiated[step]
         jitter = self.mcmc.alpha_jitter if self.train else 0.0
-        space = self.objective.space
-        self.states[index] = descend(space, self.points.pop(key), self.state_grad[key], self.alpha, jitter)
-        loss = space.loss(self.states[index], self.target[index])
-        self.losses[step][index] = loss if self.loss_weights[step] > 0 else loss.detach()
-        if self.loss_weights[step] == 0:
+        space, alpha = self.objective.space, self.step_sizes[index]
+        with torch.set_grad_enabled(differentiated or self.keep_chain):
+            point, grad = self.points.pop(key), self.state_grad[key]
+            self.states[index] = descend(space, point, grad, alpha, jitter, grad_is_constant=not differentiated)
+        with torch.set_grad_enabled(differentiated):
+            loss = space.loss(self.states[index], self.target[index])
+        self.losses[step][index] = loss if differentiated else loss.detach()
+        if not (differentiated or self.keep_chain):
             self.states[index] = self.states[index].detach()
 
     def second_order_backward(self, step: int, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
@@ -433,7 +472,7 @@ class _EBTBatch:
         if self.first and self.train:
             metrics["loss"] = sum(w * _mean(step_losses) for w, step_losses in zip(weights, self.losses))
             metrics["alpha"] = float(self.alpha.detach())
-            metrics.update({step_loss_name(k): _mean(self.losses[k]) for k in range(self.mcmc.num_steps)})
+            metrics.update({step_loss_name(k): _mean(self.losses[k]) for k in range(self.mcmc.min_steps())})
         elif self.first:
             metrics["loss"] = _mean(self.losses[-1])
             if self.schedule.frames:

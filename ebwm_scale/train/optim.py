@@ -103,22 +103,19 @@ class OptimConfig:
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int, multiplier: float = 1.0) -> float:
     """Learning rate for optimizer step `step` (0-based) of a run of `max_steps` under cfg.schedule, of a parameter
-    group that peaks at cfg.lr * multiplier."""
+    group that peaks at cfg.lr * multiplier. The defaults compute exactly lr_at(step) * multiplier."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps * multiplier
-    peak = cfg.lr * multiplier
-    floor = cfg.lr * cfg.min_lr_ratio * (1.0 if cfg.floor == "shared" else multiplier)
-    return peak - (peak - floor) * decayed(step, cfg, max_steps)
-
-
-def decayed(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """How far a step after the warmup has come from the peak to the floor: 0 at the peak, 1 at the floor."""
+    floor = cfg.min_lr_ratio / multiplier if cfg.floor == "shared" else cfg.min_lr_ratio  # of the group's peak
     if cfg.schedule == "wsd":
         decay_start = wsd_decay_start(cfg, max_steps)
-        return min(1.0, max(0, step - decay_start) / max(1, max_steps - decay_start))
+        progress = min(1.0, max(0, step - decay_start) / max(1, max_steps - decay_start))
+        return cfg.lr * (1 - (1 - floor) * progress) * multiplier
+    decay_steps = max(1, max_steps - cfg.warmup_steps)
     counted = step - cfg.warmup_steps + (1 if cfg.cosine_start == "last_warmup_step" else 0)
-    progress = min(1.0, counted / max(1, max_steps - cfg.warmup_steps))
-    return 0.5 * (1 - math.cos(math.pi * progress))
+    progress = min(1.0, counted / decay_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (floor + (1 - floor) * cosine) * multiplier
 
 
 def wsd_decay_start(cfg: OptimConfig, max_steps: int) -> int:

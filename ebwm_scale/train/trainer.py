@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ebwm_scale.core.objective import ARObjective, EBTObjective, build_objective
+from ebwm_scale.core.replay import ReplayBuffer
 from ebwm_scale.data.config import TrainSet
 from ebwm_scale.data.sampler import SampleDataset, fixed_batches
 from ebwm_scale.errors import UserError
@@ -270,6 +271,8 @@ class Trainer:
         rank_state = {"rng": capture_rng_state(), "loader": self.train_loader.state_dict()}
         if (engine_state := self.engine.rank_state()) is not None:
             rank_state["engine"] = engine_state
+        if (replay := self._replay()) is not None:
+            rank_state["replay"] = replay.state_dict()
 
         def shared_files() -> dict[str, bytes]:
             return {TRAINER_FILE: torch_bytes(self.shared_state()), CONFIG_FILE: self.cfg.to_yaml().encode()}
@@ -320,7 +323,15 @@ class Trainer:
             self.engine.load_rank_state(rank.get("engine"))
             self.train_loader.load_state_dict(rank["loader"])
             restore_rng_state(rank["rng"])
+            if (replay := self._replay()) is not None:
+                replay.load_state_dict(rank["replay"], self.dist.device)
             return
+        if self._replay() is not None:
+            raise CheckpointError(
+                f"{url} holds a replay buffer per rank of its {saved['world_size']} ranks, this run has "
+                f"{self.dist.world_size}: mcmc.replay resumes only on the same layout (mcmc.replay.size=0 continues "
+                "without it)"
+            )
         # One rank of each old data-parallel replica holds its loader state; rank 0 reads them for everyone.
         states: list[Any] = [None]
         if self.dist.is_rank0:
@@ -335,6 +346,9 @@ class Trainer:
             raise CheckpointError(states[0])
         self.train_loader.load_resized(states[0])
         seed_all(self.cfg.train.seed, self.step, self.dist.dp_rank)
+
+    def _replay(self) -> ReplayBuffer | None:
+        return self.objective.replay if isinstance(self.objective, EBTObjective) else None
 
     def _resume_url(self) -> str | None:
         resume, branch_from = self.cfg.train.resume, self.cfg.train.branch_from
