@@ -1,4 +1,5 @@
-"""Exact resume: N steps straight == k steps, SIGKILL, resume, finish — losses and weights bit for bit."""
+"""Exact resume: N steps straight == k steps, SIGKILL, resume, finish — losses and weights bit for bit (System-2
+training too: its replay buffer is part of the run's state)."""
 
 import os
 import signal
@@ -19,6 +20,18 @@ NOISY_MCMC = [
     "mcmc.alpha_jitter=0.2",
     "model.step_conditioning=time_token",
 ]  # so that every RNG stream matters
+SYSTEM2_MCMC = [
+    "mcmc.num_steps=1",
+    "mcmc.steps_per_landscape=2",
+    "mcmc.max_steps_per_landscape=3",
+    "mcmc.step_size_scale=2.0",
+    "mcmc.langevin_noise_std=0.5",
+    "mcmc.langevin_at_eval=true",
+    "mcmc.detach_chain=false",
+    "mcmc.loss_on=last",
+    "mcmc.replay.size=6",  # 4 fresh + 2 replayed per step: full after 2 steps, wrapping around from then on
+    "model.step_conditioning=time_token",
+]
 RUNS = {
     "text": ["ci_tiny.yaml", "data.seq_len=16", "data.micro_batch_size=4", *NOISY_MCMC],
     "frames": ["ci_tiny_video.yaml", "data.micro_batch_size=4", "data.video.num_clips=128", *NOISY_MCMC],
@@ -26,6 +39,7 @@ RUNS = {
     "shards": ["ci_tiny_shards.yaml", *ON_TEXT_SHARDS, "data.shards.num_workers=2", *NOISY_MCMC],
 }
 RUNS["mixture"] = RUNS["shards"]
+RUNS["system2"] = ["ci_tiny.yaml", "data.seq_len=16", "data.micro_batch_size=4", *SYSTEM2_MCMC]
 MAX_STEPS = 24
 
 
@@ -54,7 +68,7 @@ def _final_weights(run_dir: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("modality", ["text", "frames", "shards", "mixture"])
+@pytest.mark.parametrize("modality", ["text", "frames", "shards", "mixture", "system2"])
 def test_sigkill_and_resume_is_bit_identical(tmp_path, modality, request):
     run_name = RUNS[modality][0].removesuffix(".yaml")
     data = []

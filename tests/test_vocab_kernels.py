@@ -102,7 +102,14 @@ def _step(objective, batch, seed: int = 1):
 
 @pytest.mark.parametrize("update_space", ["probs", "logits"])
 @pytest.mark.parametrize(
-    "mcmc", [dict(num_steps=3), dict(num_steps=2, langevin_noise_std=0.3, alpha_jitter=0.5, loss_on="last")]
+    "mcmc",
+    [
+        dict(num_steps=3),
+        dict(num_steps=2, langevin_noise_std=0.3, alpha_jitter=0.5, loss_on="last"),
+        # System-2: a step size per position, and an undetached chain, truncated or whole
+        dict(num_steps=1, steps_per_landscape=3, step_size_scale=2.0, langevin_noise_std=0.3, detach_chain=False),
+        dict(num_steps=2, step_size_scale=2.0, langevin_noise_std=0.3, detach_chain=False, loss_on="last"),
+    ],
 )
 def test_lean_training_step_equals_plain_in_float64(chunking, mcmc, update_space):
     lean = _objective("lean", update_space=update_space, **mcmc).double()

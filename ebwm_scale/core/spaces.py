@@ -138,6 +138,7 @@ class TokenSpace:
             if self.lean:
                 embedding = self.split.reduce(probs_linear(probs, self.vocab_to_embed.weight))
                 return Point(wrt=embedding, candidate=embedding, base=probs)
+            probs = probs if probs.requires_grad else probs.requires_grad_(True)  # a start state has no graph
             return Point(wrt=probs, candidate=self.vocab_to_embed(probs), base=probs)
         if self.update_space == "probs":
             probs = self._probabilities(state)  # the variable is replaced by its probabilities; no graph
