@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from ebwm_scale.cli.think_options import add_think_options, think_options
+from ebwm_scale.core.mcmc import schedule_of
 from ebwm_scale.errors import at_least, run_cli
-from ebwm_scale.inference.think import Generator, ThinkConfig
+from ebwm_scale.inference.think import Generator
 
 
 def text_tokenizer(cfg, model: bytes | None = None):
@@ -56,11 +58,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latest", action="store_true")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--num-tokens", type=at_least(1), default=64)
-    parser.add_argument("--steps", type=at_least(0), default=0, help="MCMC steps per token (0: as trained)")
-    parser.add_argument("--best-of", type=at_least(1), default=1)
-    parser.add_argument("--langevin", type=at_least(0, float), default=0.0, help="Langevin noise std at inference")
     parser.add_argument(
-        "--early-exit", type=at_least(0, float), default=0.0, help="stop a token once its energy gains < this"
+        "--steps",
+        type=at_least(0),
+        default=0,
+        help="MCMC steps per token, step k on landscape k (later ones on the last trained); 0: the trained schedule, "
+        "each landscape its most steps",
+    )
+    parser.add_argument(
+        "--steps-per-landscape",
+        type=at_least(0),
+        default=0,
+        help="instead of --steps: this many steps on each trained landscape (official --infer_ebt_num_steps)",
+    )
+    parser.add_argument(
+        "--best-of", type=at_least(1), default=1, help="chains per token (official --infer_generated_samples)"
     )
     parser.add_argument("--temperature", type=at_least(0, float), default=0.0, help="0: greedy")
     parser.add_argument("--no-cache", action="store_true", help="recompute the context for every token")
@@ -68,15 +80,18 @@ def main(argv: list[str] | None = None) -> None:
         "--tokenizer", default="", help="a sentencepiece .model (default: the export's, else the run's shards')"
     )
     parser.add_argument("--seed", type=int, default=0)
+    add_think_options(parser)
     args = parser.parse_args(argv)
     if not args.prompt:
         parser.error("--prompt must not be empty: generation continues a text")
+    if args.steps and args.steps_per_landscape:
+        parser.error("give --steps or --steps-per-landscape, not both")
+    think_cfg = think_options(
+        parser, args, num_steps=args.steps, steps_per_landscape=args.steps_per_landscape, best_of=args.best_of
+    )
     cfg, objective = load_model(args.model, args.latest)
     if cfg.model.modality != "text":
         raise SystemExit("ebwm-generate writes text; for frame models use tools/render_predictions.py")
-    think_cfg = ThinkConfig(
-        num_steps=args.steps, best_of=args.best_of, langevin_noise_std=args.langevin, early_exit_eps=args.early_exit
-    )
     generator = Generator(objective, think_cfg)
     tokenizer = exported_tokenizer(args.model)
     if args.tokenizer:
@@ -99,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     print(decode(tokens[0].tolist()))
     print(
         f"\n{args.num_tokens} tokens in {seconds:.2f} s ({args.num_tokens / seconds:.1f} tokens/s, "
-        f"{'no cache' if args.no_cache else 'KV cache'}); {generator.num_steps} steps max, "
+        f"{'no cache' if args.no_cache else 'KV cache'}); {len(schedule_of(generator.num_steps))} steps max, "
         f"{steps.mean():.2f} used on average; energy {energies.mean():.3f} "
         f"(min {energies.min():.3f}, max {energies.max():.3f}); spread over {args.best_of} chains {spreads.mean():.3f}"
     )

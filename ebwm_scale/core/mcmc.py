@@ -20,9 +20,10 @@ System-2 training (the official --*mcmc* options of alexiglad/EBT, model/nlp/ebt
 - start states replayed from earlier batches (core/replay.py).
 
 `mcmc_step` is the only implementation of a step: training, evaluation, System-2 inference (more steps, best-of-N,
-early exit: ebwm_scale/inference/think.py) and the pipeline schedule (which runs `energy_point` and `descend` around its
-waves of stages) all call it. What the state is and how it descends (frames; tokens under the official probability
-rule or the logit rule) comes from the state space (ebwm_scale/core/spaces.py).
+steps kept only where they lower the energy, early exit: ebwm_scale/inference/think.py) and the pipeline schedule
+(which runs `energy_point` and `descend` around its waves of stages) all call it. What the state is and how it
+descends (frames; tokens under the official probability rule or the logit rule) comes from the state space
+(ebwm_scale/core/spaces.py).
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ def refine(
     energy_fn: EnergyFn,
     space: StateSpace,
     pred: torch.Tensor,
-    alpha: torch.Tensor,
+    alpha: torch.Tensor | Sequence[torch.Tensor],
     steps: Steps,
     *,
     target: torch.Tensor | None = None,
@@ -222,35 +223,48 @@ def refine(
     truncate: bool = False,
     keep_chain: bool = False,
     langevin_noise_std: float = 0.0,
+    langevin_first_step: bool = False,
     alpha_jitter: float = 0.0,
+    accept_lower_energy: bool = False,
     early_exit_eps: float = 0.0,
     final_energy: bool = False,
 ) -> RefineResult:
     """Refine `pred` by gradient descent on the energy, one step per entry of `steps` (its landscape), or `steps`
-    steps. With a target, the loss after every step. create_graph=False: inference, nothing is kept for a backward.
-    truncate: only the last step's energy gradient is differentiated (the others' losses are metrics). keep_chain: the
-    states keep their graph from step to step. early_exit_eps > 0: a position stops once a step lowers its energy by
-    less than this. final_energy: also score the final state (best-of-N picks by it)."""
+    steps, with step size `alpha` (or one per step). With a target, the loss after every step. create_graph=False:
+    inference, nothing is kept for a backward. truncate: only the last step's energy gradient is differentiated (the
+    others' losses are metrics). keep_chain: the states keep their graph from step to step. langevin_first_step: the
+    noise on the first step only. accept_lower_energy: a position takes a step only if it lowers its energy on that
+    step's landscape (one more energy evaluation per step), else stays. early_exit_eps > 0: a position stops once a
+    step lowers its energy by less than this. final_energy: also score the final state (best-of-N picks by it)."""
     schedule = schedule_of(steps)
+    alphas = [alpha] * len(schedule) if isinstance(alpha, torch.Tensor) else list(alpha)
+    if len(alphas) != len(schedule):
+        raise ValueError(f"{len(alphas)} step sizes for {len(schedule)} steps")
     # pred is only set at the end: holding the start state would keep one more B x S x V tensor alive all along
     steps_used = torch.zeros(pred.shape[:-1], device=pred.device)
     result = RefineResult(pred=None, steps_used=steps_used)
     active = torch.ones(pred.shape[:-1], dtype=torch.bool, device=pred.device)
     if not create_graph:
-        alpha, keep_chain = alpha.detach(), False
+        alphas, keep_chain = [a.detach() for a in alphas], False
     for index, landscape in enumerate(schedule):
         differentiated = create_graph and (not truncate or index == len(schedule) - 1)  # its loss counts
         new, energy = mcmc_step(
             energy_fn,
             space,
             pred,
-            alpha,
+            alphas[index],
             landscape,
             create_graph=differentiated,
             keep_chain=keep_chain,
-            langevin_noise_std=langevin_noise_std,
+            langevin_noise_std=0.0 if langevin_first_step and index > 0 else langevin_noise_std,
             alpha_jitter=alpha_jitter,
         )
+        if accept_lower_energy:
+            # A rejected position stays at pred; the official keeps its noised point instead, for text softmax(pred),
+            # which the next step's softmax would flatten.
+            with torch.no_grad():
+                proposed = energy_fn(space.point(new).candidate, landscape)
+            new = torch.where((proposed < energy)[..., None], new, pred)
         if early_exit_eps > 0 and result.energies:  # adaptive exit: positions whose last step gained too little
             active &= result.energies[-1] - energy >= early_exit_eps
             if not active.any():
