@@ -22,11 +22,12 @@ from tests.helpers import two_rank_ladder
 def test_grid_expands_to_stably_named_runs_with_the_lr_rule():
     ladder, base = load_ladder(REPO / "recipes" / "ladders" / "nlp_tiny_cpu.yaml")
     runs = expand(ladder, base)
-    assert len(runs) == 3 * 3 * 4 and len({r.name for r in runs}) == 36
-    assert runs[0].name == "nlp_tiny_cpu-ebt-s1-64k" and runs[-1].name == "nlp_tiny_cpu-ar-s3-512k"
+    assert len(runs) == 4 * 3 * 4 and len({r.name for r in runs}) == 48
+    assert runs[0].name == "nlp_tiny_cpu-ebt-s1-64k" and runs[-1].name == "nlp_tiny_cpu-ebt_s2-s3-512k"
     by_name = {r.name: r for r in runs}
     logits = by_name["nlp_tiny_cpu-ebt_logits-s1-64k"].overrides
     assert {"model.kind=ebt", "mcmc.update_space=logits", "tracking.tags.ladder_kind=ebt_logits"} <= set(logits)
+    assert {"mcmc.replay.size=192", "mcmc.detach_chain=false"} <= set(by_name["nlp_tiny_cpu-ebt_s2-s1-64k"].overrides)
     assert by_name["nlp_tiny_cpu-ar-s2-256k"].max_steps == 250  # 256k tokens / (16 x 64)
     lr = {r.name: next(o for o in r.overrides if o.startswith("optim.lr=")) for r in runs}
     assert lr["nlp_tiny_cpu-ebt-s1-64k"] == "optim.lr=0.00266667"  # 1e-3 x 128 / 48

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.mcmc import MCMCConfig, ReplayConfig
 from ebwm_scale.core.objective import build_objective
 from ebwm_scale.parallel.dist import DistInfo, with_parallel_groups
 from ebwm_scale.parallel.pipeline import apply_pipeline, pipeline_schedule, stage_layers
@@ -18,6 +18,20 @@ from tests.helpers import GRADIENT_RTOL, PARITY, PARITY_RECIPES, check_resume_an
 
 # float64, so that a wrong term shows far above the rounding of summing the same terms in another order
 RTOL, ATOL = 1e-9, 1e-12
+
+
+# the official System-2 options with a learnable alpha, so that stage 0 keeps the undetached chain
+SYSTEM2 = {
+    "num_steps": 1,
+    "steps_per_landscape": 2,
+    "max_steps_per_landscape": 3,
+    "step_size_scale": 2.0,
+    "langevin_noise_std": 0.1,
+    "langevin_at_eval": True,
+    "detach_chain": False,
+    "loss_on": "last",
+    "step_count_seed": 1,
+}
 
 
 def _pp_dist(rank, size, tp_size=1, pp_size=None):
@@ -71,12 +85,21 @@ def _check(rank, size, kind, microbatches, mcmc_overrides, modality="text", cond
         ("ebt", {"loss_on": "last", "num_steps": 3}),
         ("ebt", {"update_space": "logits", "langevin_noise_std": 0.1}),
         ("ebt", {"vocab_state": "plain", "langevin_noise_std": 0.1}),
+        ("ebt", SYSTEM2),
         ("ar", {}),
     ],
-    ids=["ebt", "ebt-random-steps", "ebt-loss-on-last", "ebt-logits-noisy", "ebt-plain-noisy", "ar"],
+    ids=["ebt", "ebt-random-steps", "ebt-loss-on-last", "ebt-logits-noisy", "ebt-plain-noisy", "ebt-system2", "ar"],
 )
 def test_two_stages_match_one_process(kind, microbatches, mcmc_overrides):
     run_distributed_test(_check, world_size=2, args=(kind, microbatches, mcmc_overrides))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality", ["text", "frames"])
+def test_system2_with_a_replay_buffer_matches_one_process(modality):
+    """Steps 2 and 3 replay sequences stored by the steps before (2 per batch of 4, on stage 0), one time token."""
+    mcmc = {**SYSTEM2, "replay": ReplayConfig(size=6, sample_fraction=0.5)}
+    run_distributed_test(_check, world_size=2, args=("ebt", 2, mcmc, modality, "time_token"))
 
 
 @pytest.mark.slow

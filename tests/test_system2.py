@@ -44,7 +44,7 @@ def test_each_step_reads_its_landscape():
 
 def test_the_step_size_is_drawn_per_position_within_its_range():
     mcmc = MCMCConfig(alpha_init=4.0, step_size_scale=2.0).build()
-    sizes = mcmc.step_size((64, 32))
+    sizes = mcmc.step_size(mcmc.draw_step_sizes((64, 32)))
     assert sizes.shape == (64, 32, 1) and sizes.min() >= 2.0 and sizes.max() <= 8.0
     assert sizes.std() > 1.0 and mcmc.step_size().shape == ()
     sizes.sum().backward()  # alpha learns through every draw: d(low + u (high - low))/d alpha = 1/2 + 3u/2
@@ -109,7 +109,7 @@ def test_training_replays_earlier_sequences_from_their_final_states():
     objective.init_state = lambda ctx: seen.append(ctx.shape[0]) or init(ctx)
     starts = []
     point = objective.space.point
-    objective.space.point = lambda state, keep_graph=False: starts.append(state) or point(state, keep_graph)
+    objective.space.point = lambda state, keep_graph=False, noise=0.0: starts.append(state) or point(state, keep_graph)
     out = objective({"tokens": torch.randint(0, 29, (4, 7))})
     assert seen == [4]  # start noise for the fresh rows only
     assert starts[0].shape[0] == 6 and any(torch.equal(starts[0][4], row) for row in stored)

@@ -145,9 +145,9 @@ def test_the_training_chain_keeps_an_fp32_state_under_bf16_autocast(update_space
     objective = _objective("lean", num_steps=2, update_space=update_space, alpha_init=0.5)
     point, seen = objective.space.point, []
 
-    def recording_point(state, keep_graph=False):
+    def recording_point(state, keep_graph=False, noise_std=0.0):
         seen.append(state.dtype)
-        return point(state, keep_graph)
+        return point(state, keep_graph, noise_std)
 
     objective.space.point = recording_point
     torch.manual_seed(1)

@@ -160,11 +160,10 @@ def schedule_of(steps: Steps) -> Sequence[int]:
 def energy_point(
     space: StateSpace, pred: torch.Tensor, langevin_noise_std: float = 0.0, keep_chain: bool = False
 ) -> Point:
-    """The first half of a step: noise, and the point the energy is differentiated at: a fresh leaf of the state (no
-    gradient through earlier steps), or, when `keep_chain`, the state itself with its graph."""
-    if langevin_noise_std > 0:  # Langevin dynamics: explore around the current state
-        pred = (pred if keep_chain else pred.detach()) + langevin_noise_std * space.noise(pred)
-    return space.point(pred, keep_chain)
+    """The first half of a step: the point the energy is differentiated at, a fresh leaf of the state (no gradient
+    through earlier steps) or, when `keep_chain`, the state itself with its graph; with Langevin noise where the state
+    space puts it (text: on the state, which keeps it; frames: on what the energy reads)."""
+    return space.point(pred, keep_chain, langevin_noise_std)
 
 
 def descend(
@@ -300,16 +299,22 @@ class MCMC(nn.Module):
         generator = torch.Generator().manual_seed(cfg.step_count_seed)
         self.register_buffer("step_count_rng", generator.get_state())
 
-    def step_size(self, rows: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
-        """The clamped alpha, a scalar; given `rows` (B, S) and a step_size_scale, a (B, S, 1) training draw per
-        position, uniform in [alpha / scale, alpha * scale] (from the global RNG: the same on tensor-parallel
-        ranks, which share their seed)."""
+    def draw_step_sizes(self, rows: torch.Size | tuple[int, ...]) -> torch.Tensor | None:
+        """With a step_size_scale, a training batch's u ~ U(0, 1) per position, (B, S, 1), from the global RNG (the
+        same on tensor-parallel ranks, which share their seed); else None."""
+        if self.cfg.step_size_scale == 1:
+            return None
+        return torch.rand(*rows, 1, device=self.alpha.device, dtype=self.alpha.dtype)
+
+    def step_size(self, draw: torch.Tensor | None = None) -> torch.Tensor:
+        """The clamped alpha, a scalar; given a `draw` u, per position: alpha / scale + u (alpha * scale - alpha /
+        scale). Each call is a graph of its own (pipeline micro-batches back-propagate theirs separately)."""
         alpha = self.alpha.clamp(min=self.cfg.alpha_min).squeeze(0)
-        scale = self.cfg.step_size_scale
-        if rows is None or scale == 1:
+        if draw is None:
             return alpha
+        scale = self.cfg.step_size_scale
         low, high = alpha / scale, alpha * scale
-        return low + torch.rand(*rows, 1, device=alpha.device, dtype=alpha.dtype) * (high - low)
+        return low + draw * (high - low)
 
     def _draw(self, low: int, high: int) -> int:
         """An integer in [low, high] from the module's own RNG state (see __init__)."""

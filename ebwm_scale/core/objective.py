@@ -86,7 +86,7 @@ class EBTObjective(nn.Module):
             self.energy_fn(context),
             self.space,
             start,
-            self.mcmc.step_size(target.shape[:2]),
+            self.mcmc.step_size(self.mcmc.draw_step_sizes(target.shape[:2])),
             self.mcmc.sample_schedule(),
             target=target,
             truncate=cfg.truncate,

@@ -79,9 +79,14 @@ class FrameSpace:
     def noise(self, like: torch.Tensor) -> torch.Tensor:
         return torch.randn_like(like)
 
-    def point(self, state: torch.Tensor, keep_graph: bool = False) -> Point:
+    def point(self, state: torch.Tensor, keep_graph: bool = False, noise_std: float = 0.0) -> Point:
+        """Langevin noise perturbs what the energy reads, the embedded candidate, and not the state: the step descends
+        from the clean state (official: alexiglad/EBT model/vid/ebt.py, EBT_VID.forward)."""
         x = _variable(state, keep_graph)
-        return Point(wrt=x, candidate=self.embed(x), base=x)
+        candidate = self.embed(x)
+        if noise_std > 0:
+            candidate = candidate + noise_std * self.noise(candidate)
+        return Point(wrt=x, candidate=candidate, base=x)
 
     def descend(
         self, point: Point, grad: torch.Tensor, alpha: torch.Tensor, grad_is_constant: bool = False
@@ -130,8 +135,11 @@ class TokenSpace:
         """At least fp32 whatever the weights (bf16 autocast); a float64 model keeps a float64 state."""
         return at_least_fp32(self.vocab_to_embed.weight).dtype
 
-    def point(self, state: torch.Tensor, keep_graph: bool = False) -> Point:
-        """keep_graph: the point stays a function of `state` (an undetached chain), else a fresh leaf."""
+    def point(self, state: torch.Tensor, keep_graph: bool = False, noise_std: float = 0.0) -> Point:
+        """keep_graph: the point stays a function of `state` (an undetached chain), else a fresh leaf. Langevin noise
+        goes on the state, which the step then descends from (official: model/nlp/ebt.py, EBT_NLP.forward)."""
+        if noise_std > 0:
+            state = (state if keep_graph else state.detach()) + noise_std * self.noise(state)
         if self.update_space == "probs" and keep_graph:
             self._forget()  # the loss's softmax has no graph: this point takes its own
             probs = self._softmax(state)

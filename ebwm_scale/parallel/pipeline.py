@@ -360,8 +360,10 @@ class _EBTBatch:
         self.states = list(start.tensor_split(count))
         mcmc = self.objective.mcmc
         self.alpha = mcmc.step_size()
-        sizes = mcmc.step_size(sequences[:, 1:].shape[:2]) if self.train else self.alpha
-        self.step_sizes = list(sizes.tensor_split(count)) if sizes.dim() else [sizes] * count
+        draw = mcmc.draw_step_sizes(sequences[:, 1:].shape[:2]) if self.train else None
+        # a graph per micro-batch: each back-propagates its own, and an undetached chain reaches alpha through it
+        draws = [None] * count if draw is None else draw.tensor_split(count)
+        self.step_sizes = [mcmc.step_size(part) for part in draws]
 
     def encode_context(self, stream: int, step: int, index: int, received: torch.Tensor | None) -> torch.Tensor:
         """The real tokens (behind the step's time token, if any) through this stage's blocks. Their keys/values
