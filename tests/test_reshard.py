@@ -17,7 +17,7 @@ from ebwm_scale.core.objective import build_objective
 from ebwm_scale.parallel.checkpoint_form import checkpoint_state
 from ebwm_scale.parallel.dist import DistInfo, with_parallel_groups
 from ebwm_scale.pretrain import build_trainer
-from ebwm_scale.train.checkpoint import STATE_DIR, read_sharded
+from ebwm_scale.train.checkpoint import STATE_DIR, CheckpointError, read_sharded
 from tests.conftest import REPO
 from tests.distributed import TRAINER_LOSS_RTOL, run_distributed_test
 from tests.helpers import NOISE_FREE, Recorder
@@ -47,7 +47,7 @@ def _dist(rank: int, world: int, tp: int) -> DistInfo:
 def _phase(rank: int, world: int, layout: dict, out: str, resume: str) -> None:
     """Train ci_tiny under `layout` (resuming from `resume` if given, and then saving at once into its own
     checkpoint dir); rank 0 writes the per-step losses and the summary to out/result.json."""
-    overrides = [*COMMON, *_layout_overrides(layout), f"train.output_dir={out}"]
+    overrides = [*COMMON, *_layout_overrides(layout), *layout.get("extra", []), f"train.output_dir={out}"]
     cfg = load_config(REPO / "recipes" / "ci_tiny.yaml", overrides)
     recorder = Recorder()
     trainer = build_trainer(cfg, _dist(rank, world, layout.get("tp", 1)), [recorder])
@@ -117,6 +117,16 @@ def test_a_checkpoint_resumes_under_another_layout(tmp_path, saved, resumed):
 
     assert continued["steps"] == straight["steps"] == 6 and continued["tokens"] == straight["tokens"]
     assert continued["losses"] == pytest.approx(straight["losses"][4:], rel=TRAINER_LOSS_RTOL)
+
+
+@pytest.mark.slow
+def test_a_replay_buffer_resumes_only_on_its_layout(tmp_path):
+    """System-2's replay buffer is rank-local state: another data-parallel size is a one-line error."""
+    replay = {"extra": ["mcmc.replay.size=4"]}
+    _run_phase({"world": 2, **replay}, tmp_path / "saved")
+    checkpoint = tmp_path / "saved" / "ci_tiny" / "checkpoints" / "step_00000004"
+    with pytest.raises(CheckpointError, match="mcmc.replay resumes only on the same layout"):
+        _phase(0, 1, {"world": 1, **replay}, str(tmp_path / "resumed"), str(checkpoint))
 
 
 def _check_node_local_dirs(rank: int, world: int, root: str) -> None:
