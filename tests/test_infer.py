@@ -127,6 +127,11 @@ def test_system2_eval_curves_for_ebt_and_the_flat_ar_contrast(tmp_path):
     for split in ("in_distribution", "out_of_distribution"):
         assert set(ebt[split]) == {"1", "2"} and set(ebt[split]["2"]) == {"1", "2", "4"}
         assert all(-1 <= entry["energy_loss_correlation"] <= 1 for entry in ebt[split]["1"].values())
+        first, more = ebt[split]["1"]["1"], ebt[split]["1"]["4"]
+        assert first["change"] == 0 and first["change_interval"] == [0, 0]  # the reference point itself
+        assert more["change"] == pytest.approx(more["loss"] - first["loss"], abs=1e-5)  # equal sequence lengths
+        low, high = more["change_interval"]
+        assert low < more["change"] < high and more["loss_interval"][0] < more["loss"] < more["loss_interval"][1]
     for split in ("in_distribution", "out_of_distribution"):
         flat = results["ci_tiny_ar.yaml"][split]["1"]
         assert flat["1"]["loss"] == flat["4"]["loss"] and "energy" not in flat["1"]  # nothing to think about

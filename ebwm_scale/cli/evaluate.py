@@ -7,8 +7,9 @@
 On the first --batches validation batches (in distribution) and on as many out-of-distribution ones, every position
 is predicted with each step schedule (--steps: a number of steps or the trained schedule; --steps-per-landscape) and
 each best-of-N, under the thinking options (inference/think.py), from the same start noise. Reported per split: the
-mean loss (cross-entropy or SmoothL1), the mean final energy, and the correlation between a position's final energy
-and its loss (does the energy know when it is wrong?). Out of distribution: for the stdlib docstring corpus, the
+mean loss (cross-entropy or SmoothL1) with a 95 % interval over sequences, its change from the first point (paired
+per sequence, with its interval: does thinking longer help?), the mean final energy, and the correlation between a
+position's final energy and its loss (does the energy know when it is wrong?). Out of distribution: for the stdlib docstring corpus, the
 standard library's code with docstrings removed (code vs prose); for synthetic video, clips with twice the objects;
 for shards, --ood-shards (another prepared dataset, e.g. `tools/make_synthetic_videos.py --variant ood` through
 `ebwm-prep video`). An AR model has nothing to refine: its loss is the same at every step, which is the contrast.
@@ -87,20 +88,41 @@ def describe(label: str, steps: int) -> str:
 def curve(
     objective, batches: list[dict], points: dict[str, Steps], best_of: list[int], seed: int, options: ThinkConfig
 ) -> dict:
-    """{best_of: {label: {steps, loss, energy, energy_loss_correlation}}} over the batches."""
+    """{best_of: {label: {steps, loss, loss_interval, change, change_interval, energy, energy_loss_correlation}}} over
+    the batches. The intervals are 95 % normal intervals over sequences (each sequence's mean loss); `change` is the
+    loss minus that of the first point, paired sequence by sequence, so that its interval is the one to read."""
     result: dict = {}
     for chains in best_of:
+        first: torch.Tensor | None = None
         for label, num_steps in points.items():
             torch.manual_seed(seed)  # the same start noise for every setting
             parts = [evaluate_batch(objective, batch, num_steps, chains, options) for batch in batches]
             losses = torch.cat([p["loss"].flatten() for p in parts])
-            entry = {"steps": len(schedule_of(num_steps)), "loss": float(losses.mean())}
+            per_sequence = torch.cat([p["loss"].flatten(1).mean(1) for p in parts]).double()
+            first = per_sequence if first is None else first
+            entry = {
+                "steps": len(schedule_of(num_steps)),
+                "loss": float(losses.mean()),
+                "loss_interval": interval(per_sequence),
+                "change": float((per_sequence - first).mean()),
+                "change_interval": interval(per_sequence - first),
+            }
             if "energy" in parts[0]:
                 energies = torch.cat([p["energy"].flatten() for p in parts])
                 entry["energy"] = float(energies.mean())
                 entry["energy_loss_correlation"] = float(np.corrcoef(energies.numpy(), losses.numpy())[0, 1])
             result.setdefault(str(chains), {})[label] = entry
     return result
+
+
+def interval(values: torch.Tensor) -> list[float]:
+    """The 95 % normal interval of the mean of `values`."""
+    half = 1.96 * float(values.std()) / max(1, values.numel()) ** 0.5 if values.numel() > 1 else 0.0
+    return [float(values.mean()) - half, float(values.mean()) + half]
+
+
+def _half(bounds: list[float]) -> float:
+    return (bounds[1] - bounds[0]) / 2
 
 
 def ood_dataset(cfg, ood_shards: str, ood_split: str = "val"):
@@ -217,7 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     plot(results, out / "system2.png", f"{cfg.train.run_name} ({cfg.model.kind.upper()})")
     for split in ("in_distribution", "out_of_distribution"):
         for chains, by_steps in results.get(split, {}).items():
-            line = ", ".join(f"{describe(s, v['steps'])} {v['loss']:.4f}" for s, v in by_steps.items())
+            line = ", ".join(
+                f"{describe(s, v['steps'])} {v['loss']:.4f} ({v['change']:+.4f} ± {_half(v['change_interval']):.4f})"
+                for s, v in by_steps.items()
+            )
             last = by_steps[list(points)[-1]]
             corr = last.get("energy_loss_correlation")
             shown = f"; energy-loss correlation {corr:.2f}" if corr is not None else ""
