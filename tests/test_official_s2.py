@@ -277,6 +277,19 @@ VOCAB_STATES = ["lean", "plain"]
 
 
 @pytest.mark.parametrize("loss_on", ["last", "all"])
+def _one_step_against_the_official(objective, draws: "Draws", loss_on: str):
+    """One training step of `objective` under `draws`: its loss and every gradient equal the official forward's;
+    returns the official final state and the objective's gradients."""
+    fix_draws(objective, draws)
+    expected_loss, final, _ = _official(objective, draws, truncate=loss_on == "last")
+    expected = _gradients(objective, expected_loss)
+    out = objective(draws.batch())
+    actual = _gradients(objective, out.loss)
+    assert out.loss.item() == pytest.approx(expected_loss.item(), rel=1e-12)
+    _assert_gradients_equal(actual, expected)
+    return final, actual
+
+
 @pytest.mark.parametrize("vocab_state", VOCAB_STATES)
 @pytest.mark.parametrize("ebt_impl", ["split", "masked"])
 def test_system2_step_with_replay_equals_the_official_rule(ebt_impl, vocab_state, loss_on):
@@ -284,14 +297,8 @@ def test_system2_step_with_replay_equals_the_official_rule(ebt_impl, vocab_state
     learned through every step: the loss and every gradient (alpha's included), then what the buffer keeps."""
     objective = s2_objective(s2_config(vocab_state=vocab_state, loss_on=loss_on), ebt_impl=ebt_impl)
     draws = Draws()
-    fix_draws(objective, draws)
-    expected_loss, final, _ = _official(objective, draws, truncate=loss_on == "last")
-    expected = _gradients(objective, expected_loss)
-    out = objective(draws.batch())
-    actual = _gradients(objective, out.loss)
-    assert out.loss.item() == pytest.approx(expected_loss.item(), rel=1e-12)
+    final, actual = _one_step_against_the_official(objective, draws, loss_on)
     assert {"mcmc.alpha", "model.step_embeddings.weight", "model.vocab_to_embed.weight"} <= actual.keys()
-    _assert_gradients_equal(actual, expected)
 
     buffer = objective.replay
     assert buffer.count == STORED + BATCH
@@ -304,15 +311,8 @@ def test_system2_step_with_replay_equals_the_official_rule(ebt_impl, vocab_state
 def test_frames_system2_step_equals_the_official_video_rule(noise_std, loss_on):
     """The frame state under the same S2 options, against model/vid/ebt.py (identity down-projection)."""
     objective = s2_objective(s2_config(langevin_noise_std=noise_std, loss_on=loss_on), frames=True)
-    draws = Draws(frames=True)
-    fix_draws(objective, draws)
-    expected_loss, final, _ = _official(objective, draws, truncate=loss_on == "last")
-    expected = _gradients(objective, expected_loss)
-    out = objective(draws.batch())
-    actual = _gradients(objective, out.loss)
-    assert out.loss.item() == pytest.approx(expected_loss.item(), rel=1e-12)
+    final, actual = _one_step_against_the_official(objective, Draws(frames=True), loss_on)
     assert "mcmc.alpha" in actual and "model.frame_in.weight" in actual
-    _assert_gradients_equal(actual, expected)
     torch.testing.assert_close(objective.replay.states[STORED : STORED + BATCH], final[:BATCH].detach().float())
 
 

@@ -43,7 +43,8 @@ def add_think_options(parser: argparse.ArgumentParser) -> None:
         "--langevin",
         type=at_least(0, float),
         default=0.0,
-        help="Langevin noise std added to the state before each step (official --infer_langevin_dynamics_noise)",
+        help="Langevin noise std before each step, on the state (text) or on the embedded candidate (frames) "
+        "(official --infer_langevin_dynamics_noise)",
     )
     group.add_argument(
         "--langevin-first-step",
