@@ -12,8 +12,8 @@ per sequence, with its interval: does thinking longer help?), the mean final ene
 position's final energy and its loss (does the energy know when it is wrong?). Out of distribution: for the stdlib
 docstring corpus, the standard library's code with docstrings removed (code vs prose); for synthetic video, clips with
 twice the objects; for shards, --ood-shards (another prepared dataset, e.g. `tools/make_synthetic_videos.py --variant
-ood` through `ebwm-prep video`). An AR model has nothing to refine: its loss is the same at every step, which is the contrast.
-Writes system2.json and system2.png; --mlflow logs them to the checkpoint's MLflow run.
+ood` through `ebwm-prep video`). An AR model has nothing to refine: its loss is the same at every step, which is the
+contrast. Writes system2.json and system2.png; --mlflow logs them to the checkpoint's MLflow run.
 """
 
 from __future__ import annotations
