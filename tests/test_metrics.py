@@ -1,8 +1,10 @@
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ebwm_scale.core.mcmc import MCMCConfig
+from ebwm_scale.core.mcmc import MCMCConfig, ReplayConfig
 from ebwm_scale.core.objective import build_objective
 from ebwm_scale.models.blocks import count_params
 from ebwm_scale.train.metrics import (
@@ -57,6 +59,20 @@ def test_the_count_follows_the_mcmc_step_count_and_the_conditioning():
     assert tt[1] - tt[0] == pytest.approx(per_step + once_per_batch, rel=0.05)  # + the context stream, per step
     randomized = MCMCConfig(num_steps=1, max_num_steps=3, alpha_init=5.0)
     assert train_flops_per_token(cfg, randomized, SEQ_LEN) == pytest.approx(none[1], rel=1e-12)  # E[K] = 2
+
+
+def test_a_system2_count_is_a_real_steps_with_its_repeats_truncation_and_replayed_share():
+    """Repeats on one time-token landscape, only the last step differentiated: what a real step counts; drawn
+    repeats count as their expectation, and replayed sequences add their share of the batch."""
+    cfg = tiny_model_config("ebt", step_conditioning="time_token", num_step_embeddings=1)
+    fixed = MCMCConfig(num_steps=1, steps_per_landscape=3, loss_on="last", detach_chain=False, alpha_init=5.0)
+    counted = train_flops_per_token(cfg, fixed, SEQ_LEN)
+    assert counted == pytest.approx(_real_step_flops_per_token(cfg, fixed), rel=1e-9)
+    assert counted < train_flops_per_token(cfg, dataclasses.replace(fixed, loss_on="all"), SEQ_LEN)  # truncated
+    drawn = dataclasses.replace(fixed, steps_per_landscape=2, max_steps_per_landscape=4)
+    assert train_flops_per_token(cfg, drawn, SEQ_LEN) == pytest.approx(counted, rel=1e-12)  # E[repeats] = 3
+    replayed = dataclasses.replace(fixed, replay=ReplayConfig(size=8, sample_fraction=0.5))
+    assert train_flops_per_token(cfg, replayed, SEQ_LEN) == pytest.approx(1.5 * counted, rel=1e-12)
 
 
 def test_an_ar_count_is_the_usual_6n_plus_12lds():

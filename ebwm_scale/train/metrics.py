@@ -5,7 +5,8 @@ under a dispatch mode that sums torch's own per-op FLOP formulas (torch.utils.fl
 computed, and the count is what the run computes, with its layout, step conditioning (time_token re-runs the context
 stream every MCMC step), update rule and vocabulary state. Matmuls, attention and convolutions count, elementwise ops
 do not; for an AR model this reproduces the usual 6 N + 12 L D S (PaLM appendix B) within 1 % (tested). Randomized
-MCMC step counts (mcmc.max_num_steps) count as their expectation: FLOPs are linear in the step count.
+MCMC step counts (mcmc.max_num_steps, max_steps_per_landscape) count as their expectation: FLOPs are linear in the
+step count; replayed sequences (mcmc.replay) add their share of the batch.
 
 The EBT paper counts an MCMC step as 10/3 AR training steps; this implementation's split layout computes the real
 tokens once per batch and does less (docs/design.md §7).
@@ -43,9 +44,14 @@ class _FlopCount(TorchDispatchMode):
         return out
 
 
-def step_flops_per_token(model_cfg: ModelConfig, mcmc_cfg: MCMCConfig, seq_len: int, num_mcmc_steps: int) -> float:
-    """FLOPs per context token of one training step with exactly `num_mcmc_steps` MCMC steps (meta device)."""
-    mcmc = dataclasses.replace(mcmc_cfg, num_steps=num_mcmc_steps, max_num_steps=0)
+def step_flops_per_token(
+    model_cfg: ModelConfig, mcmc_cfg: MCMCConfig, seq_len: int, num_mcmc_steps: int, repeats: int = 1
+) -> float:
+    """FLOPs per context token of one training step with exactly `num_mcmc_steps` landscapes of `repeats` steps each
+    (meta device)."""
+    mcmc = dataclasses.replace(
+        mcmc_cfg, num_steps=num_mcmc_steps, max_num_steps=0, steps_per_landscape=repeats, max_steps_per_landscape=0
+    )
     with torch.device("meta"):
         objective = build_objective(model_cfg.build(), mcmc.build())
         if model_cfg.modality == "text":
@@ -58,11 +64,16 @@ def step_flops_per_token(model_cfg: ModelConfig, mcmc_cfg: MCMCConfig, seq_len: 
 
 
 def train_flops_per_token(model_cfg: ModelConfig, mcmc_cfg: MCMCConfig, seq_len: int) -> float:
-    """Training FLOPs per context token; for an EBT the expectation over the step counts it trains with."""
+    """Training FLOPs per context token; for an EBT the expectation over the step counts it trains with, and with a
+    replay buffer per fresh token: each batch also refines its replayed share (sample_fraction) of sequences."""
     if model_cfg.kind != "ebt":
         return step_flops_per_token(model_cfg, mcmc_cfg, seq_len, 1)
-    steps = range(mcmc_cfg.num_steps, max(mcmc_cfg.num_steps, mcmc_cfg.max_num_steps) + 1)
-    return statistics.fmean(step_flops_per_token(model_cfg, mcmc_cfg, seq_len, k) for k in steps)
+    mc = mcmc_cfg
+    counts = range(mc.num_steps, max(mc.num_steps, mc.max_num_steps) + 1)
+    repeats = range(mc.steps_per_landscape, max(mc.steps_per_landscape, mc.max_steps_per_landscape) + 1)
+    # linear in the steps of each landscape, so a shared repeat count gives the expectation of independent draws
+    flops = statistics.fmean(step_flops_per_token(model_cfg, mc, seq_len, k, r) for k in counts for r in repeats)
+    return flops * (1 + mc.replay.sample_fraction if mc.replay.size else 1)
 
 
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts). Matched against torch.cuda.get_device_name().
