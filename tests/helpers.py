@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ebwm_scale.core.mcmc import MCMCConfig
-from ebwm_scale.core.objective import EBTObjective
+from ebwm_scale.core.objective import EBTObjective, build_objective
 from ebwm_scale.data.shards import TEXT_FORMAT, write_shard
 from ebwm_scale.parallel.dist import DistInfo, with_parallel_groups
 from ebwm_scale.parallel.engines.base import set_lr
@@ -256,3 +256,50 @@ def numbered_dataset(
     meta = {"format": text_format, "splits": {"train": {"samples": first, "shards": shards}}}
     (directory / "meta.json").write_text(json.dumps(meta))
     return str(directory)
+
+
+# The official text rule (tests/test_official_rule.py, tests/test_think_options.py): a float64 text EBT, and the energy
+# of probability candidates from the literal [time ; real ; predicted] sequence.
+OFFICIAL_VOCAB = 23
+
+
+def official_rule_objective(
+    ebt_impl="split", vocab_state="lean", conditioning="time_token", num_steps=3, update_space="probs"
+):
+    torch.manual_seed(0)
+    cfg = tiny_model_config(
+        vocab_size=OFFICIAL_VOCAB, ebt_impl=ebt_impl, step_conditioning=conditioning, num_step_embeddings=num_steps
+    )
+    mcmc = MCMCConfig(num_steps=num_steps, alpha_init=2.0, update_space=update_space, vocab_state=vocab_state)
+    objective = build_objective(cfg.build(), mcmc.build()).double()
+    with torch.no_grad():  # make the step embeddings matter as much as the token embeddings
+        if objective.model.step_embeddings is not None:
+            objective.model.step_embeddings.weight.normal_(0, 1)
+    return objective
+
+
+def official_energy(model, ctx: torch.Tensor, probs: torch.Tensor, step: int) -> torch.Tensor:
+    """(B, S) energies of the probability candidates, from the literal [time ; real ; predicted] sequence."""
+    batch, seq_len = ctx.shape
+    parts = [model.tok_embeddings.weight[ctx], probs @ model.vocab_to_embed.weight.t()]
+    prefix = 0
+    if model.cfg.step_conditioning == "time_token":
+        token = model.step_embeddings.weight[min(step, model.cfg.num_step_embeddings - 1)]
+        parts.insert(0, token.expand(batch, 1, -1))
+        prefix = 1
+    elif model.cfg.step_conditioning == "additive":
+        parts[1] = parts[1] + model.step_embeddings.weight[min(step, model.cfg.num_step_embeddings - 1)]
+    h = torch.cat(parts, dim=1)
+    length = prefix + 2 * seq_len
+    mask = torch.zeros(length, length, dtype=torch.bool)
+    for row in range(prefix + seq_len):  # the time token and the real tokens: causal among themselves
+        for col in range(row + 1):
+            mask[row, col] = True
+    for i in range(seq_len):  # prediction i: the time token, real tokens 0..i, and itself
+        row = prefix + seq_len + i
+        for col in range(prefix + i + 1):
+            mask[row, col] = True
+        mask[row, row] = True
+    positions = list(range(prefix + seq_len)) + [prefix + i + 1 for i in range(seq_len)]
+    h = model.transformer.blocks(h, torch.tensor(positions), mask)
+    return model.energy_head(model.transformer.norm(h[:, prefix + seq_len :])).squeeze(-1)

@@ -22,48 +22,9 @@ from ebwm_scale.cli.evaluate import evaluate_batch
 from ebwm_scale.core.mcmc import MCMCConfig, mcmc_step
 from ebwm_scale.core.objective import build_objective
 from tests.conftest import tiny_model_config
+from tests.helpers import OFFICIAL_VOCAB, official_energy, official_rule_objective
 
-VOCAB = 23
-
-
-def _objective(ebt_impl="split", vocab_state="lean", conditioning="time_token", num_steps=3, update_space="probs"):
-    torch.manual_seed(0)
-    cfg = tiny_model_config(
-        vocab_size=VOCAB, ebt_impl=ebt_impl, step_conditioning=conditioning, num_step_embeddings=num_steps
-    )
-    mcmc = MCMCConfig(num_steps=num_steps, alpha_init=2.0, update_space=update_space, vocab_state=vocab_state)
-    objective = build_objective(cfg.build(), mcmc.build()).double()
-    with torch.no_grad():  # make the step embeddings matter as much as the token embeddings
-        if objective.model.step_embeddings is not None:
-            objective.model.step_embeddings.weight.normal_(0, 1)
-    return objective
-
-
-def official_energy(model, ctx: torch.Tensor, probs: torch.Tensor, step: int) -> torch.Tensor:
-    """(B, S) energies of the probability candidates, from the literal [time ; real ; predicted] sequence."""
-    batch, seq_len = ctx.shape
-    parts = [model.tok_embeddings.weight[ctx], probs @ model.vocab_to_embed.weight.t()]
-    prefix = 0
-    if model.cfg.step_conditioning == "time_token":
-        token = model.step_embeddings.weight[min(step, model.cfg.num_step_embeddings - 1)]
-        parts.insert(0, token.expand(batch, 1, -1))
-        prefix = 1
-    elif model.cfg.step_conditioning == "additive":
-        parts[1] = parts[1] + model.step_embeddings.weight[min(step, model.cfg.num_step_embeddings - 1)]
-    h = torch.cat(parts, dim=1)
-    length = prefix + 2 * seq_len
-    mask = torch.zeros(length, length, dtype=torch.bool)
-    for row in range(prefix + seq_len):  # the time token and the real tokens: causal among themselves
-        for col in range(row + 1):
-            mask[row, col] = True
-    for i in range(seq_len):  # prediction i: the time token, real tokens 0..i, and itself
-        row = prefix + seq_len + i
-        for col in range(prefix + i + 1):
-            mask[row, col] = True
-        mask[row, row] = True
-    positions = list(range(prefix + seq_len)) + [prefix + i + 1 for i in range(seq_len)]
-    h = model.transformer.blocks(h, torch.tensor(positions), mask)
-    return model.energy_head(model.transformer.norm(h[:, prefix + seq_len :])).squeeze(-1)
+VOCAB = OFFICIAL_VOCAB
 
 
 def official_loss(objective, tokens: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
@@ -92,7 +53,7 @@ def _gradients(objective, loss: torch.Tensor) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("ebt_impl", ["split", "masked"])
 @pytest.mark.parametrize("conditioning", ["time_token", "additive", "none"])
 def test_training_loss_and_every_gradient_equal_the_official_rule(conditioning, ebt_impl, vocab_state, num_steps):
-    objective = _objective(ebt_impl, vocab_state, conditioning, num_steps)
+    objective = official_rule_objective(ebt_impl, vocab_state, conditioning, num_steps)
     tokens = torch.randint(0, VOCAB, (2, 8))
     init = torch.randn(2, 7, VOCAB, dtype=torch.float64)
     expected_loss = official_loss(objective, tokens, init)
@@ -114,7 +75,7 @@ def test_the_logit_rule_is_a_different_model():
     init = torch.randn(2, 7, VOCAB, dtype=torch.float64)
     losses = []
     for update_space in ("probs", "logits"):
-        objective = _objective(update_space=update_space)
+        objective = official_rule_objective(update_space=update_space)
         objective.init_state = lambda ctx: init.clone()
         losses.append(objective({"tokens": tokens}).loss.item())
     assert losses[0] != pytest.approx(losses[1], rel=1e-3)
@@ -192,7 +153,7 @@ def _states_before_each_step(objective, tokens, init, num_steps) -> list[torch.T
 def test_evaluation_and_inference_run_the_training_chain(update_space):
     """Same weights, same start noise: the loss after each training step is the loss ebwm-eval's System-2 path
     (infer.think, best-of-1) reports for that many steps, and the state predict() reaches."""
-    objective = _objective(update_space=update_space, num_steps=2)
+    objective = official_rule_objective(update_space=update_space, num_steps=2)
     batch = {"tokens": torch.randint(0, VOCAB, (2, 8))}
     torch.manual_seed(5)
     out = objective(batch)

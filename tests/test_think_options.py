@@ -23,7 +23,8 @@ from ebwm_scale.core.objective import build_objective
 from ebwm_scale.core.spaces import FrameSpace
 from ebwm_scale.inference.think import Generator, Selection, ThinkConfig, think, think_about
 from tests.conftest import tiny_model_config
-from tests.test_official_rule import VOCAB, _objective, official_energy
+from tests.helpers import OFFICIAL_VOCAB as VOCAB
+from tests.helpers import official_energy, official_rule_objective
 
 LANDSCAPES = 3
 
@@ -132,7 +133,7 @@ OPTIONS = {
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_each_option_equals_the_official_advanced_inference(name):
     ours, official = OPTIONS[name]
-    objective = _objective(num_steps=LANDSCAPES)
+    objective = official_rule_objective(num_steps=LANDSCAPES)
     cfg = ThinkConfig(**ours)
     ctx = torch.randint(0, VOCAB, (2, 6))
     torch.manual_seed(7)
@@ -146,7 +147,7 @@ def test_each_option_equals_the_official_advanced_inference(name):
 
 def test_the_selections_pick_different_chains():
     """The best-of cases above are not all the same chain: min, max and max_gap disagree somewhere."""
-    objective = _objective(num_steps=LANDSCAPES)
+    objective = official_rule_objective(num_steps=LANDSCAPES)
     ctx = torch.randint(0, VOCAB, (2, 6))
     picks = []
     for select in Selection:
@@ -241,7 +242,7 @@ def test_accept_lower_energy_never_raises_a_text_positions_energy_on_one_landsca
     """The text model, on landscape 0 with a step size large enough that some steps overshoot: every kept step lowers
     the energy, and a rejected position keeps its state, so its energy stays (the official keeps softmax(state) as
     the next state instead, which the next step's softmax flattens towards uniform)."""
-    objective = _objective(num_steps=LANDSCAPES)
+    objective = official_rule_objective(num_steps=LANDSCAPES)
     ctx = torch.randint(0, VOCAB, (2, 6))
     energy_fn = objective.energy_fn(objective.model.encode_context(ctx))
     init = torch.randn(2, 6, VOCAB, dtype=torch.float64)
@@ -261,7 +262,7 @@ def test_accept_lower_energy_never_raises_a_text_positions_energy_on_one_landsca
 def test_keeping_the_state_of_a_rejected_step_ends_lower_than_the_officials_probabilities():
     """Why a rejected position keeps its state: the official's literal rule (keep p = softmax(state), which the next
     step softmaxes again) ends at a higher mean energy than plain descent, ours at a lower one."""
-    objective = _objective(num_steps=LANDSCAPES)
+    objective = official_rule_objective(num_steps=LANDSCAPES)
     ctx = torch.randint(0, VOCAB, (2, 6))
     init = torch.randn(2, 6, VOCAB, dtype=torch.float64)
     options = {"infer_ebt_num_steps": 2, "override_alpha": 6.0}
