@@ -39,7 +39,7 @@ def _pp_dist(rank, size, tp_size=1, pp_size=None):
     return with_parallel_groups(info, tp_size, pp_size or size)
 
 
-def _check(rank, size, kind, microbatches, mcmc_overrides, modality="text", conditioning="none", atol=ATOL):
+def _check(rank, size, kind, microbatches, mcmc_overrides, modality="text", conditioning="none", rtol=RTOL, atol=ATOL):
     torch.set_default_dtype(torch.float64)
     mcmc = MCMCConfig(alpha_init=5.0, **mcmc_overrides)
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def _check(rank, size, kind, microbatches, mcmc_overrides, modality="text", cond
         full = dict(reference.named_parameters())
         assert dict(stage.named_parameters()), "every stage holds parameters"
         for name, param in stage.named_parameters():
-            torch.testing.assert_close(param.grad, full[name].grad, rtol=RTOL, atol=atol, msg=lambda m, n=name: n + m)
+            torch.testing.assert_close(param.grad, full[name].grad, rtol=rtol, atol=atol, msg=lambda m, n=name: n + m)
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
@@ -98,9 +98,10 @@ def test_two_stages_match_one_process(kind, microbatches, mcmc_overrides):
 @pytest.mark.parametrize("modality", ["text", "frames"])
 def test_system2_with_a_replay_buffer_matches_one_process(modality):
     """Steps 2 and 3 replay sequences stored by the steps before (2 per batch of 4, on stage 0), one time token. The
-    micro-batches of 3 rows sum the weights' gradients in another order than 6 rows at once: 1e-11 absolute."""
+    micro-batches of 3 rows sum in another order than 6 rows at once, and the chain (alpha up to 10, three SGD steps)
+    amplifies that: a few weight-gradient entries differ by up to 5e-9 relative, far below any wrong term."""
     mcmc = {**SYSTEM2, "replay": ReplayConfig(size=6, sample_fraction=0.5)}
-    run_distributed_test(_check, world_size=2, args=("ebt", 2, mcmc, modality, "time_token", 1e-11))
+    run_distributed_test(_check, world_size=2, args=("ebt", 2, mcmc, modality, "time_token", 1e-8, 1e-10))
 
 
 @pytest.mark.slow
