@@ -168,7 +168,7 @@ def _cross_section_problems(cfg: PretrainConfig) -> list[str]:
             "mcmc.detach_chain=false with mcmc.loss_on=all needs a backward through every step at once, which "
             "parallel.pipeline_parallel runs step by step: use mcmc.loss_on=last (the official truncated chain)"
         )
-    replayed = int(d.micro_batch_size * mc.replay.sample_fraction) if mc.replay.size else 0
+    replayed = mc.replay.replayed(d.micro_batch_size)
     if pp > 1 and replayed and (d.micro_batch_size + replayed) % p.pipeline_microbatches:
         problems.append(
             f"parallel.pipeline_microbatches={p.pipeline_microbatches} must divide the micro-batch with its "

@@ -66,6 +66,10 @@ class ReplayConfig:
     dtype: ReplayDtype = ReplayDtype.float32  # how stored states are kept (bfloat16: half the memory, rounded)
     device: ReplayDevice = ReplayDevice.model  # where stored states live: model (official) | cpu (host memory)
 
+    def replayed(self, batch_size: int) -> int:
+        """Stored sequences appended to a micro-batch of `batch_size` once the buffer holds them (0 without replay)."""
+        return int(batch_size * self.sample_fraction) if self.size else 0
+
     def problems(self) -> list[str]:
         problems = non_negative(self, "mcmc.replay", "size")
         if not 0 < self.sample_fraction <= 1:
@@ -130,6 +134,10 @@ class MCMCConfig:
     def keeps_chain(self) -> bool:
         """Whether an undetached chain changes any gradient: through alpha, or through every step's loss."""
         return not self.detach_chain and (self.learn_alpha or not self.truncate)
+
+    def langevin_std(self, training: bool) -> float:
+        """The Langevin noise of a training or an evaluation chain (mcmc.langevin_at_eval)."""
+        return self.langevin_noise_std if training or self.langevin_at_eval else 0.0
 
     def min_steps(self) -> int:
         """The steps every training batch runs (the per-step metrics report these)."""

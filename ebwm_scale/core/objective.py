@@ -28,8 +28,13 @@ class StepOutput:
     metrics: dict[str, torch.Tensor]  # detached scalars for logging
 
 
+def batch_sequences(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's (B, S+1) tokens or (B, S+1, F) frames."""
+    return batch["tokens"] if "tokens" in batch else batch["frames"]
+
+
 def split_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    seq = batch["tokens"] if "tokens" in batch else batch["frames"]
+    seq = batch_sequences(batch)
     return seq[:, :-1], seq[:, 1:]  # context (B, S, ...), target (B, S, ...)
 
 
@@ -70,15 +75,25 @@ class EBTObjective(nn.Module):
         """Start noise: V numbers per position for text (this slice of them), an F-dim embedding for frames."""
         return self.space.init(ctx)
 
+    def start_chains(
+        self, sequences: torch.Tensor, parts: int = 1, replay: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The sequences the chains refine and their start states: noise for the batch's own, drawn in `parts` row
+        blocks (as the pipeline's micro-batches draw it), then, with `replay` and a buffer, stored sequences appended
+        (fresh rows first) with their stored final states; and the batch's own sequences, which the buffer stores
+        after the step (None without replay)."""
+        starts = [self.init_state(rows) for rows in sequences[:, :-1].tensor_split(parts)]
+        start = starts[0] if parts == 1 else torch.cat(starts)
+        if not replay or self.replay is None:
+            return sequences, start, None
+        extended, start = self.replay.extend(sequences, start)
+        return extended, start, sequences
+
     def energy_fn(self, context: EncodedContext):
         return lambda candidate, step: self.model.energy(context, candidate, step)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        sequences = batch["tokens"] if "tokens" in batch else batch["frames"]
-        start = self.init_state(sequences[:, :-1])
-        fresh = sequences
-        if self.replay is not None:
-            sequences, start = self.replay.extend(sequences, start)
+        sequences, start, fresh = self.start_chains(batch_sequences(batch))
         ctx, target = sequences[:, :-1], sequences[:, 1:]
         context = self.model.encode_context(ctx)  # shared by every MCMC step
         cfg = self.mcmc.cfg
@@ -94,7 +109,7 @@ class EBTObjective(nn.Module):
             langevin_noise_std=cfg.langevin_noise_std,
             alpha_jitter=cfg.alpha_jitter,
         )
-        if self.replay is not None:
+        if self.replay is not None and fresh is not None:
             assert result.pred is not None  # refine always ends with the final state
             self.replay.store(fresh, result.pred)
         loss = self.mcmc.train_loss(result.losses)
@@ -132,7 +147,7 @@ class EBTObjective(nn.Module):
             num_steps or cfg.eval_schedule(),
             target=target,
             create_graph=False,
-            langevin_noise_std=cfg.langevin_noise_std if cfg.langevin_at_eval else 0.0,
+            langevin_noise_std=cfg.langevin_std(training=False),
         )
 
     @torch.no_grad()

@@ -31,7 +31,7 @@ class ReplayBuffer:
         self.next = 0  # the slot the next sequence goes to (the oldest once full)
 
     def num_samples(self, batch_size: int) -> int:
-        return min(int(batch_size * self.cfg.sample_fraction), self.count)
+        return min(self.cfg.replayed(batch_size), self.count)
 
     def extend(self, sequences: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's sequences (B, S + 1, ...) and start states (B, S, state), followed by the replayed ones

@@ -140,20 +140,17 @@ class TokenSpace:
         goes on the state, which the step then descends from (official: model/nlp/ebt.py, EBT_NLP.forward)."""
         if noise_std > 0:
             state = (state if keep_graph else state.detach()) + noise_std * self.noise(state)
-        if self.update_space == "probs" and keep_graph:
-            self._forget()  # the loss's softmax has no graph: this point takes its own
-            probs = self._softmax(state)
+        if self.update_space == "probs":  # the variable is replaced by its probabilities
+            if keep_graph:
+                self._forget()  # the loss's softmax has no graph: this point takes its own
+                probs = self._softmax(state)
+            else:
+                probs = self._probabilities(state)  # no graph
             if self.lean:
                 embedding = self.split.reduce(probs_linear(probs, self.vocab_to_embed.weight))
                 return Point(wrt=embedding, candidate=embedding, base=probs)
-            probs = probs if probs.requires_grad else probs.requires_grad_(True)  # a start state has no graph
-            return Point(wrt=probs, candidate=self.vocab_to_embed(probs), base=probs)
-        if self.update_space == "probs":
-            probs = self._probabilities(state)  # the variable is replaced by its probabilities; no graph
-            if self.lean:
-                embedding = self.split.reduce(probs_linear(probs, self.vocab_to_embed.weight))
-                return Point(wrt=embedding, candidate=embedding, base=probs)
-            probs.requires_grad_(True)
+            if not probs.requires_grad:  # a fresh leaf: no chain kept, or a start state, which has no graph
+                probs.requires_grad_(True)
             return Point(wrt=probs, candidate=self.vocab_to_embed(probs), base=probs)
         x = _variable(state, keep_graph)
         if self.lean:

@@ -43,6 +43,7 @@ from ebwm_scale.core.objective import (
     FRAME_METRICS,
     ARObjective,
     EBTObjective,
+    batch_sequences,
     frame_metrics,
     split_batch,
     step_loss_name,
@@ -268,8 +269,9 @@ class EBTPipeline(PipelineSchedule):
         drawn = self.objective.mcmc.sample_schedule() if self.first else []
         count = torch.tensor([len(drawn)], device=self.device)
         collectives.broadcast(count, group=self.group, group_src=0)
-        schedule = torch.tensor(drawn, dtype=torch.int64, device=self.device)
-        if not self.first:
+        if self.first:
+            schedule = torch.tensor(drawn, dtype=torch.int64, device=self.device)
+        else:
             schedule = torch.empty(int(count), dtype=torch.int64, device=self.device)
         collectives.broadcast(schedule, group=self.group, group_src=0)
         return schedule.tolist()
@@ -349,13 +351,9 @@ class _EBTBatch:
         self.grad_out: dict[StepKey, torch.Tensor] = {}  # dE/dh as received, a leaf
 
     def _start(self, batch, count: int) -> None:
-        """Stage 0: the micro-batches, their start states (drawn per micro-batch, then any replayed ones appended as
-        one process appends them) and step sizes."""
-        sequences = batch["tokens"] if "tokens" in batch else batch["frames"]
-        start = torch.cat([self.objective.init_state(c) for c in sequences[:, :-1].tensor_split(count)])
-        if self.train and self.objective.replay is not None:
-            self.fresh = sequences
-            sequences, start = self.objective.replay.extend(sequences, start)
+        """Stage 0: the micro-batches, their start states (EBTObjective.start_chains, noise drawn per micro-batch)
+        and step sizes."""
+        sequences, start, self.fresh = self.objective.start_chains(batch_sequences(batch), count, replay=self.train)
         self.ctx, self.target = sequences[:, :-1].tensor_split(count), sequences[:, 1:].tensor_split(count)
         self.states = list(start.tensor_split(count))
         mcmc = self.objective.mcmc
@@ -385,8 +383,7 @@ class _EBTBatch:
         key, landscape = (step, index), self.landscapes[step]
         with torch.enable_grad(), self.autocast:
             if self.first:
-                noisy = self.train or self.mcmc.langevin_at_eval
-                noise_std = self.mcmc.langevin_noise_std if noisy else 0.0
+                noise_std = self.mcmc.langevin_std(self.train)
                 point = energy_point(self.objective.space, self.states[index], noise_std, self.keep_chain)
                 self.points[key], self.x[key] = point, point.wrt
                 candidate = self.model.condition(point.candidate, landscape)
