@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 from ebwm_scale.core import vocab_kernels
+from ebwm_scale.core.buffers import BufferPool
 from ebwm_scale.core.mcmc import MCMCConfig
 from ebwm_scale.core.objective import build_objective
 from ebwm_scale.core.vocab_kernels import (
@@ -190,3 +191,50 @@ def test_lean_state_keeps_the_fewest_state_tensors(num_steps):
         )
         assert lean == lean_count, update_space
         assert plain >= plain_at_least * num_steps, update_space
+
+
+def test_buffer_pool_hands_out_a_storage_again_only_once_nothing_else_holds_it():
+    pool = BufferPool()
+    first = pool.empty((4, 8), torch.float32, torch.device("cpu"))
+    pointer = first.untyped_storage().data_ptr()
+    view = first[1:]
+    del first
+    assert pool.empty((4, 8), torch.float32, "cpu").untyped_storage().data_ptr() != pointer  # the view holds it
+    del view
+    weight = torch.randn(8, requires_grad=True)
+    saved = pool.empty((4, 8), torch.float32, "cpu").fill_(1.0)
+    assert saved.untyped_storage().data_ptr() == pointer  # free again: reused
+    loss = (saved * weight).sum()  # autograd saves `saved` for weight's gradient
+    del saved
+    assert pool.empty((4, 8), torch.float32, "cpu").untyped_storage().data_ptr() != pointer
+    loss.backward()  # frees the graph, and with it the saved tensor
+    assert torch.equal(weight.grad, torch.full((8,), 4.0))
+    reused = pool.empty((2, 16), torch.float32, "cpu")  # same bytes, another shape and the same storage
+    assert reused.untyped_storage().data_ptr() == pointer and reused.shape == (2, 16)
+    held = pool.nbytes()
+    pool.empty((3, 3), torch.float64, "cpu")  # a new size releases the free storages of other sizes
+    assert pool.nbytes() < held
+
+
+@pytest.mark.parametrize("update_space", ["probs", "logits"])
+@pytest.mark.parametrize("mcmc", [dict(num_steps=3), dict(num_steps=2, step_size_scale=2.0, detach_chain=False)])
+def test_lean_training_steps_reuse_their_buffers_and_stay_exact(mcmc, update_space):
+    """Three training steps with AdamW in float64: the lean state's B x S x V tensors come from the state space's
+    buffers, the same storages every step after the first, and every loss and gradient equals plain autograd's."""
+    lean = _objective("lean", update_space=update_space, **mcmc).double()
+    plain = _objective("plain", update_space=update_space, **mcmc).double()
+    batch = {"tokens": torch.randint(0, 61, (3, 11))}
+    optimizers = [torch.optim.AdamW(objective.parameters(), lr=1e-2) for objective in (lean, plain)]
+    pool_storages = []
+    for seed in range(3):
+        results = []
+        for objective, optimizer in zip((lean, plain), optimizers, strict=True):
+            results.append(_step(objective, batch, seed))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        (lean_loss, lean_grads), (plain_loss, plain_grads) = results
+        assert lean_loss.item() == pytest.approx(plain_loss.item(), rel=1e-12)
+        for name, grad in plain_grads.items():
+            assert torch.allclose(lean_grads[name], grad, rtol=1e-9, atol=1e-12), name
+        pool_storages.append({storage.data_ptr() for storage in lean.space.buffers._storages})
+    assert len(pool_storages[0]) >= 3 and pool_storages[0] == pool_storages[1] == pool_storages[2]

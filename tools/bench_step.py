@@ -1,9 +1,13 @@
 """EBT train step vs AR train step, same process, same sizes: does the EBT cost only what its FLOPs say?
 
 Prints, for each EBT step conditioning asked for, ebt_step / ar_step (measured), the ratio of the FLOPs each step
-computes (counted op by op, ebwm_scale.train.metrics) and their quotient (goal: <= 1.15 on CPU fp32), and the
-process's peak resident memory after each model (cumulative: the AR runs first). `time_token` re-runs the context
-stream once per MCMC step (it depends on the step), `none` and `additive` run it once per batch.
+computes (counted op by op, ebwm_scale.train.metrics) and their quotient (goal: <= 1.15 on CPU fp32). Per model: the
+peak resident memory while it trains (the high-water mark reset before it is built), page faults and kernel time
+per step (getrusage over the timed steps: freshly mapped memory costs a fault per 4 KiB page), and with
+--live-peak the peak of live memory, measured in a child process whose C allocator returns every freed block above
+64 KiB at once (MALLOC_MMAP_THRESHOLD_), so that its resident set follows the live tensors (and runs slower).
+`time_token` re-runs the context stream once per MCMC step (it depends on the step), `none` and `additive` run it
+once per batch.
 
     python tools/bench_step.py [--modality text|frames] [--dim 256] [--seq-len 128] [--conditioning none,time_token]
     # the official small NLP configuration (6 x 384, FFN 384, V = 50,277, S = 256, batch 8, 2 MCMC steps):
@@ -14,8 +18,13 @@ stream once per MCMC step (it depends on the step), `none` and `additive` run it
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,19 +34,46 @@ from ebwm_scale.models import ModelConfig
 from ebwm_scale.train.metrics import peak_memory_gb, train_flops_per_token
 from ebwm_scale.train.optim import OptimConfig
 
+LIVE_PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
-def time_train_steps(objective, batch, num_warmup: int, num_steps: int) -> float:
-    """Median seconds of forward + backward + optimizer step."""
+
+def rss_gib(field: str) -> float:
+    """VmRSS (now) or VmHWM (the high-water mark) of this process."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+def time_train_steps(objective, batch, num_warmup: int, num_steps: int) -> tuple[float, float, float]:
+    """Median seconds of forward + backward + optimizer step; minor page faults and kernel seconds per timed step."""
     optimizer = OptimConfig().build(objective, alpha_lr_multiplier=1.0)
     times = []
     for i in range(num_warmup + num_steps):
+        if i == num_warmup:
+            before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         objective(batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i >= num_warmup:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    faults = (after.ru_minflt - before.ru_minflt) / num_steps
+    return statistics.median(times), faults, (after.ru_stime - before.ru_stime) / num_steps
+
+
+def live_peak_gib(run_name: str) -> float:
+    """This script's run `run_name` again (1 warm-up, 1 step) in a child whose RSS follows its live tensors."""
+    argv = [a for a in sys.argv[1:] if a != "--live-peak"]
+    command = [sys.executable, __file__, *argv, "--only", run_name, "--warmup", "1", "--steps", "1"]
+    child = subprocess.run(command, env={**os.environ, **LIVE_PEAK_ENV}, capture_output=True, text=True, check=True)
+    peaks = [line.split()[-1] for line in child.stdout.splitlines() if line.startswith("peak_rss_gib ")]
+    return float(peaks[-1])
 
 
 def main() -> None:
@@ -59,6 +95,8 @@ def main() -> None:
     parser.add_argument("--ar-attn", default="sdpa_fused", help="the AR baseline's fastest: sdpa_fused")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--live-peak", action="store_true", help="also measure each model's live-memory peak")
+    parser.add_argument("--only", default="", help="time this run only (ar, ebt[none], ...): --live-peak's child")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -80,6 +118,10 @@ def main() -> None:
     runs = [("ar", args.ar_attn, "none")] + [("ebt", args.ebt_attn, c) for c in args.conditioning.split(",")]
     results = {}
     for kind, impl, conditioning in runs:
+        name = "ar" if kind == "ar" else f"ebt[{conditioning}]"
+        if args.only and name != args.only:
+            continue
+        reset_peak_rss()
         cfg = ModelConfig(
             kind=kind,
             attn_impl=impl,
@@ -89,16 +131,22 @@ def main() -> None:
             **shape,
         )
         objective = build_objective(cfg.build(), mcmc.build())
-        seconds = time_train_steps(objective, batch, args.warmup, args.steps)
+        seconds, faults, kernel_seconds = time_train_steps(objective, batch, args.warmup, args.steps)
         flops = train_flops_per_token(cfg, mcmc, args.seq_len)
-        name = "ar" if kind == "ar" else f"ebt[{conditioning}]"
         results[name] = (seconds, flops)
+        peak = rss_gib("VmHWM")
+        live = f"  live peak {live_peak_gib(name):5.2f} GiB" if args.live_peak else ""
         print(
             f"{name:>16} ({impl}): {seconds * 1e3:8.1f} ms/step  {tokens / seconds:9,.0f} tok/s  "
             f"{flops / 1e6:8.2f} MFLOP/token  {flops * tokens / seconds / 1e9:6.2f} GFLOP/s  "
-            f"process peak RSS so far {peak_memory_gb(torch.device('cpu')):5.2f} GiB"
+            f"peak RSS {peak:5.2f} GiB{live} (process so far {peak_memory_gb(torch.device('cpu')):5.2f})  "
+            f"{faults / 1e3:7.1f} k page faults/step  {kernel_seconds:5.2f} s kernel/step"
         )
+        if args.only:  # read by live_peak_gib
+            print(f"peak_rss_gib {peak}")
         del objective
+    if "ar" not in results:
+        return
     ar_seconds, ar_flops = results["ar"]
     for name, (seconds, flops) in results.items():
         if name == "ar":

@@ -97,10 +97,12 @@ class EBTObjective(nn.Module):
         ctx, target = sequences[:, :-1], sequences[:, 1:]
         context = self.model.encode_context(ctx)  # shared by every MCMC step
         cfg = self.mcmc.cfg
+        handover = [start]
+        del start  # refine holds the only reference: the start state (B x S x V for text) is freed after its step
         result = refine(
             self.energy_fn(context),
             self.space,
-            start,
+            handover.pop(),
             self.mcmc.step_size(self.mcmc.draw_step_sizes(target.shape[:2])),
             self.mcmc.sample_schedule(),
             target=target,

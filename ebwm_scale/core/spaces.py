@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ebwm_scale.core.buffers import BufferPool
 from ebwm_scale.core.vocab_kernels import (
     VocabSplit,
     cross_entropy_and_probabilities,
@@ -112,6 +113,8 @@ class TokenSpace:
             raise ValueError(f"mcmc.update_space={update_space!r} is not one of {', '.join(UpdateSpace.values())}")
         self.model, self.init_scale, self.update_space, self.lean = model, init_scale, update_space, lean
         self.split = split or VocabSplit()
+        # the lean Functions' B x S x V results, reused across MCMC steps and training steps (core/buffers.py)
+        self.buffers = BufferPool()
         # softmax of one state, kept by the loss for the next point: (a finalizer that forgets it with the state, it)
         self._kept: tuple[weakref.finalize, torch.Tensor] | None = None
 
@@ -128,8 +131,17 @@ class TokenSpace:
     def _normal(self, rows: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Standard normal (*rows, V / ranks) for this slice, drawn at full width and sliced, so that a split state
         starts and moves exactly like the whole one."""
-        full = torch.randn(*rows, self.model.cfg.vocab_size, device=device, dtype=dtype)
-        return self.split.shard(full).contiguous()  # a copy of the slice: the full draw is freed
+        full = self._empty((*rows, self.model.cfg.vocab_size), dtype, device).normal_()  # the numbers of randn
+        if self.split.count == 1:
+            return full
+        part = self.split.shard(full)
+        return self._empty(part.shape, dtype, device).copy_(part)
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A state-sized tensor: from the buffers, unless the state is the plain reference."""
+        if not self.lean:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return self.buffers.empty(shape, dtype, device)
 
     def _dtype(self) -> torch.dtype:
         """At least fp32 whatever the weights (bf16 autocast); a float64 model keeps a float64 state."""
@@ -154,7 +166,7 @@ class TokenSpace:
             return Point(wrt=probs, candidate=self.vocab_to_embed(probs), base=probs)
         x = _variable(state, keep_graph)
         if self.lean:
-            embedding = self.split.reduce(softmax_linear(x, self.vocab_to_embed.weight, self.split))
+            embedding = self.split.reduce(softmax_linear(x, self.vocab_to_embed.weight, self.split, self.buffers))
         else:
             embedding = self.vocab_to_embed(self._softmax(x))
         return Point(wrt=x, candidate=embedding, base=x)
@@ -167,16 +179,18 @@ class TokenSpace:
         if self.update_space == "probs" and self.lean:
             weight = self.vocab_to_embed.weight
             weight = weight.detach() if grad_is_constant else weight
-            return probs_descent(point.base, self.split.copy(grad), weight, alpha)
+            return probs_descent(point.base, self.split.copy(grad), weight, alpha, self.buffers)
         return point.base - alpha * grad
 
     def loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.lean and self.update_space == "probs":
-            loss, probs = cross_entropy_and_probabilities(state.flatten(0, 1), target.flatten(), self.split)
+            loss, probs = cross_entropy_and_probabilities(
+                state.flatten(0, 1), target.flatten(), self.split, self.buffers
+            )
             self._remember(state, probs.view(state.shape))
             return loss
         if self.lean:
-            return lean_cross_entropy(state.flatten(0, 1), target.flatten(), self.split)
+            return lean_cross_entropy(state.flatten(0, 1), target.flatten(), self.split, self.buffers)
         if self.split.count == 1:
             return F.cross_entropy(at_least_fp32(state).flatten(0, 1), target.flatten())
         wide = at_least_fp32(state).flatten(0, 1)  # (N, V / ranks)
@@ -203,7 +217,7 @@ class TokenSpace:
         if kept is not None and (alive := kept[0].peek()) is not None and alive[0] is state:
             self._forget()
             return kept[1]
-        return probabilities(state, self.split)
+        return probabilities(state, self.split, self.buffers if self.lean else None)
 
     def _softmax(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable softmax over the (possibly split) vocabulary, in at least fp32."""

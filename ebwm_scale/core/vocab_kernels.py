@@ -23,7 +23,8 @@ chain of K steps keeps K + 1 state tensors.
 The elementwise math over V runs in at least fp32, so the state stays fp32 under bf16 autocast; only the matmuls run
 in the autocast dtype. Every Function takes a VocabSplit: the whole vocabulary (this module's VocabSplit), or a
 slice of it on each tensor-parallel rank (parallel/tensor.py's VocabParallel), whose row reductions then span the
-ranks. Nothing here knows about process groups.
+ranks. Nothing here knows about process groups. Given a BufferPool (core/buffers.py), every B x S x V result is
+taken from it instead of being allocated afresh.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.graph import get_gradient_edge
 
+from ebwm_scale.core.buffers import BufferPool
 from ebwm_scale.numerics import at_least_fp32
 
 # 16 MiB of fp32 per temporary: below glibc's largest mmap threshold (32 MiB), so temporaries are reused from the
@@ -66,6 +68,15 @@ class VocabSplit:
     def shard(self, full: torch.Tensor) -> torch.Tensor:
         """This slice of a full-width (..., V) tensor."""
         return full if self.count == 1 else full.chunk(self.count, dim=-1)[self.index]
+
+
+def _empty(
+    pool: BufferPool | None, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A (rows, V)-sized result: from the caller's pool when it has one (core/buffers.py), else freshly allocated."""
+    if pool is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return pool.empty(shape, dtype, device)
 
 
 def _per_row(alpha: torch.Tensor) -> torch.Tensor:
@@ -144,10 +155,10 @@ def log_normalizer(logits: torch.Tensor, split: VocabSplit) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probabilities(logits: torch.Tensor, split: VocabSplit) -> torch.Tensor:
+def probabilities(logits: torch.Tensor, split: VocabSplit, pool: BufferPool | None = None) -> torch.Tensor:
     """softmax over the (possibly split) vocabulary in at least fp32, without a graph, chunk by chunk."""
     flat = logits.reshape(-1, logits.shape[-1])
-    out = torch.empty_like(flat, dtype=at_least_fp32(flat).dtype)
+    out = _empty(pool, flat.shape, at_least_fp32(flat).dtype, flat.device)
     for rows in _row_chunks(flat.shape[0], flat.shape[-1]):
         wide = at_least_fp32(flat[rows])
         if split.count == 1:
@@ -222,13 +233,13 @@ class _ProbsDescent(torch.autograd.Function):
     shape with `rows` elements)."""
 
     @staticmethod
-    def forward(ctx, probs, energy_grad, weight, alpha):
+    def forward(ctx, probs, energy_grad, weight, alpha, pool):
         vocab = probs.shape[-1]
         flat, u = probs.reshape(-1, vocab), energy_grad.reshape(-1, weight.shape[0])
         ctx.matmul_dtype = _matmul_dtype(probs.device.type, weight)
         # alpha scales the (rows, D) side, not the (rows, V) product
         step = -_per_row(alpha) * u.to(at_least_fp32(u).dtype)
-        out = torch.empty_like(flat)
+        out = _empty(pool, flat.shape, flat.dtype, flat.device)
         for rows in _matmul_chunks(flat, ctx.matmul_dtype):
             if flat.dtype == ctx.matmul_dtype:
                 torch.addmm(flat[rows], step[rows].to(flat.dtype), weight.to(flat.dtype), out=out[rows])
@@ -262,15 +273,16 @@ class _ProbsDescent(torch.autograd.Function):
             None if d_u is None else (-_per_row(alpha) * d_u).view(energy_grad.shape).to(energy_grad.dtype),
             None if d_weight is None else d_weight.to(weight.dtype),
             None if d_alpha is None else (-d_alpha).to(alpha.dtype).view(alpha.shape),
+            None,
         )
 
 
 class _SoftmaxLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, weight, split):
+    def forward(ctx, logits, weight, split, pool):
         vocab = logits.shape[-1]
         flat = logits.reshape(-1, vocab)
-        ctx.matmul_dtype, ctx.split = _matmul_dtype(logits.device.type, weight), split
+        ctx.matmul_dtype, ctx.split, ctx.pool = _matmul_dtype(logits.device.type, weight), split, pool
         _skip_weight_grad(ctx, weight)
         out = flat.new_empty(flat.shape[0], weight.shape[0], dtype=ctx.matmul_dtype)
         # Split vocabulary: keep each row's log-normalizer, so that backward needs no collective to recompute softmax.
@@ -286,19 +298,20 @@ class _SoftmaxLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         logits, weight, log_norm = ctx.saved_tensors
         want_logits = ctx.needs_input_grad[0] and logits.requires_grad
+        want_weight = _wants_weight_grad(ctx, 1)
         grads = _SoftmaxLinearGradient.apply(
-            logits, weight, grad_out, log_norm, want_logits, _wants_weight_grad(ctx, 1), ctx.matmul_dtype, ctx.split
+            logits, weight, grad_out, log_norm, want_logits, want_weight, ctx.matmul_dtype, ctx.split, ctx.pool
         )
-        return (*grads, None)
+        return (*grads, None, None)
 
 
 class _SoftmaxLinearGradient(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, weight, grad_out, log_norm, want_logits, want_weight, matmul_dtype, split):
+    def forward(ctx, logits, weight, grad_out, log_norm, want_logits, want_weight, matmul_dtype, split, pool):
         vocab, dim = logits.shape[-1], weight.shape[0]
         flat, g = logits.reshape(-1, vocab), grad_out.reshape(-1, dim)
         wide_dtype = at_least_fp32(logits).dtype
-        grad_logits = flat.new_empty(flat.shape, dtype=wide_dtype) if want_logits else None
+        grad_logits = _empty(pool, flat.shape, wide_dtype, flat.device) if want_logits else None
         grad_weight = _weight_grad_buffer(g, flat) if want_weight else None
         for rows in _row_chunks(flat.shape[0], vocab):
             probs = _chunk_probabilities(flat, rows, log_norm)
@@ -307,7 +320,7 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
                 grad_logits[rows] = _softmax_backward(u, probs, split)
             if want_weight:
                 _add_weight_grad(grad_weight, g[rows], probs, matmul_dtype)
-        ctx.matmul_dtype, ctx.split = matmul_dtype, split
+        ctx.matmul_dtype, ctx.split, ctx.pool = matmul_dtype, split, pool
         ctx.save_for_backward(logits, weight, grad_out, log_norm)
         return (
             None if grad_logits is None else grad_logits.view(logits.shape).to(logits.dtype),
@@ -329,7 +342,7 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
         need_logits = ctx.needs_input_grad[0] and logits.requires_grad
         need_weight, need_g = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         cot_x = None if cot_logits is None else cot_logits.reshape(-1, vocab)
-        d_logits = flat.new_zeros(flat.shape, dtype=wide_dtype) if need_logits else None
+        d_logits = _empty(ctx.pool, flat.shape, wide_dtype, flat.device).zero_() if need_logits else None
         d_weight = _weight_grad_buffer(g, flat) if need_weight else None
         d_g = g.new_zeros(g.shape, dtype=wide_dtype) if need_g else None
         for rows in _row_chunks(flat.shape[0], vocab):
@@ -358,7 +371,7 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
             None if d_logits is None else d_logits.view(logits.shape).to(logits.dtype),
             None if d_weight is None else d_weight.t().to(weight.dtype),
             None if d_g is None else d_g.view(grad_out.shape).to(grad_out.dtype),
-            *([None] * 5),
+            *([None] * 6),
         )
 
 
@@ -369,10 +382,10 @@ class _CrossEntropy(torch.autograd.Function):
     vocabulary this slice holds columns [vocab_start, vocab_start + V_local) and targets are global ids."""
 
     @staticmethod
-    def forward(ctx, logits, target, split, keep_probs):
+    def forward(ctx, logits, target, split, keep_probs, pool):
         vocab = logits.shape[-1]
         log_norm = logits.new_empty(logits.shape[0], 1, dtype=at_least_fp32(logits).dtype)
-        probs = torch.empty_like(logits, dtype=log_norm.dtype) if keep_probs else None
+        probs = _empty(pool, logits.shape, log_norm.dtype, logits.device) if keep_probs else None
         local = target - split.index * vocab
         inside = (local >= 0) & (local < vocab)
         local = local.clamp(0, vocab - 1).unsqueeze(-1)
@@ -385,7 +398,7 @@ class _CrossEntropy(torch.autograd.Function):
                 torch.sub(wide, log_norm[rows], out=probs[rows]).exp_()
         split.sum_ranks(picked)
         ctx.save_for_backward(logits if probs is None else probs, local, inside, log_norm)
-        ctx.saved_probs, ctx.logits_dtype = probs is not None, logits.dtype
+        ctx.saved_probs, ctx.logits_dtype, ctx.pool = probs is not None, logits.dtype, pool
         if probs is not None:
             ctx.mark_non_differentiable(probs)
             ctx.set_materialize_grads(False)  # no B x S x V tensor of zeros for the softmax's (absent) gradient
@@ -395,17 +408,17 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad, _):
         _refuse_higher_order("A second derivative of the cross-entropy")
         if grad is None:  # gradients are not materialized (see forward): this loss is not in what is differentiated
-            return None, None, None, None
+            return None, None, None, None, None
         kept, local, inside, log_norm = ctx.saved_tensors
         scale = grad / kept.shape[0]
-        out = torch.empty_like(kept, dtype=log_norm.dtype)
+        out = _empty(ctx.pool, kept.shape, log_norm.dtype, kept.device)
         for rows in _row_chunks(kept.shape[0], kept.shape[-1]):  # softmax - one-hot, built in place
             if ctx.saved_probs:
                 probs = torch.mul(kept[rows], scale, out=out[rows])
             else:
                 probs = torch.sub(kept[rows], log_norm[rows], out=out[rows]).exp_().mul_(scale)
             probs.scatter_add_(-1, local[rows], -scale * inside[rows].unsqueeze(-1).to(probs.dtype))
-        return out.to(ctx.logits_dtype), None, None, None
+        return out.to(ctx.logits_dtype), None, None, None, None
 
 
 def probs_linear(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -415,27 +428,35 @@ def probs_linear(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def probs_descent(
-    probs: torch.Tensor, energy_grad: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor
+    probs: torch.Tensor,
+    energy_grad: torch.Tensor,
+    weight: torch.Tensor,
+    alpha: torch.Tensor,
+    pool: BufferPool | None = None,
 ) -> torch.Tensor:
     """probs - alpha * (energy_grad @ weight): the official update with dE/dp = (dE/de) W never stored."""
-    return _ProbsDescent.apply(probs, energy_grad, weight, alpha)
+    return _ProbsDescent.apply(probs, energy_grad, weight, alpha, pool)
 
 
-def softmax_linear(logits: torch.Tensor, weight: torch.Tensor, split: VocabSplit | None = None) -> torch.Tensor:
+def softmax_linear(
+    logits: torch.Tensor, weight: torch.Tensor, split: VocabSplit | None = None, pool: BufferPool | None = None
+) -> torch.Tensor:
     """softmax(logits) @ weight.T for logits (..., V) and weight (D, V), twice differentiable, lean in memory.
     On a split vocabulary: V is this slice and the result is this slice's part of the sum."""
-    return _SoftmaxLinear.apply(logits, _engine_weight(weight), split or VocabSplit())
+    return _SoftmaxLinear.apply(logits, _engine_weight(weight), split or VocabSplit(), pool)
 
 
-def lean_cross_entropy(logits: torch.Tensor, target: torch.Tensor, split: VocabSplit | None = None) -> torch.Tensor:
+def lean_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, split: VocabSplit | None = None, pool: BufferPool | None = None
+) -> torch.Tensor:
     """F.cross_entropy(logits, target) (mean) for logits (N, V), saving only the logits. On a split vocabulary the
     logits are this slice's columns and the targets global ids."""
-    return _CrossEntropy.apply(logits, target, split or VocabSplit(), False)[0]
+    return _CrossEntropy.apply(logits, target, split or VocabSplit(), False, pool)[0]
 
 
 def cross_entropy_and_probabilities(
-    logits: torch.Tensor, target: torch.Tensor, split: VocabSplit | None = None
+    logits: torch.Tensor, target: torch.Tensor, split: VocabSplit | None = None, pool: BufferPool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """lean_cross_entropy and softmax(logits) (at least fp32, without a graph) from one pass; the loss keeps the
     softmax instead of the logits for its backward, so a caller that needs the softmax anyway adds no tensor."""
-    return _CrossEntropy.apply(logits, target, split or VocabSplit(), True)
+    return _CrossEntropy.apply(logits, target, split or VocabSplit(), True, pool)
