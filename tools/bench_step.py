@@ -7,12 +7,13 @@ per step (getrusage over the timed steps: freshly mapped memory costs a fault pe
 --live-peak the peak of live memory, measured in a child process whose C allocator returns every freed block above
 64 KiB at once (MALLOC_MMAP_THRESHOLD_), so that its resident set follows the live tensors (and runs slower).
 `time_token` re-runs the context stream once per MCMC step (it depends on the step), `none` and `additive` run it
-once per batch.
+once per batch. On CUDA (--device cuda, with --precision bf16 for autocast) memory is the allocator's peak and page
+faults are not counted.
 
     python tools/bench_step.py [--modality text|frames] [--dim 256] [--seq-len 128] [--conditioning none,time_token]
     # the official small NLP configuration (6 x 384, FFN 384, V = 50,277, S = 256, batch 8, 2 MCMC steps):
-    python tools/bench_step.py --dim 384 --num-layers 6 --num-heads 6 --ffn-hidden-dim 384 --vocab-size 50277 \
-        --seq-len 256 --batch-size 8 --steps 3 --warmup 1
+    python tools/bench_step.py --official-small --steps 3 --warmup 1 [--live-peak]
+    python tools/bench_step.py --official-small --device cuda --precision bf16 --batch-size 32
 """
 
 from __future__ import annotations
@@ -45,21 +46,36 @@ def rss_gib(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
 
 
-def time_train_steps(objective, batch, num_warmup: int, num_steps: int) -> tuple[float, float, float]:
+def peak_gib(device: torch.device) -> float:
+    """Since reset_peak: the CUDA allocator's peak, or the resident set's high-water mark."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else rss_gib("VmHWM")
+
+
+def time_train_steps(objective, batch, num_warmup: int, num_steps: int, autocast) -> tuple[float, float, float]:
     """Median seconds of forward + backward + optimizer step; minor page faults and kernel seconds per timed step."""
     optimizer = OptimConfig().build(objective, alpha_lr_multiplier=1.0)
+    device = next(objective.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     times = []
     for i in range(num_warmup + num_steps):
         if i == num_warmup:
             before = resource.getrusage(resource.RUSAGE_SELF)
+        sync()
         start = time.perf_counter()
-        objective(batch).loss.backward()
+        with autocast:
+            loss = objective(batch).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync()
         if i >= num_warmup:
             times.append(time.perf_counter() - start)
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -95,9 +111,18 @@ def main() -> None:
     parser.add_argument("--ar-attn", default="sdpa_fused", help="the AR baseline's fastest: sdpa_fused")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--live-peak", action="store_true", help="also measure each model's live-memory peak")
+    parser.add_argument("--official-small", action="store_true", help="6 x 384, FFN 384, V 50,277, S 256, B 8")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 weights")
+    parser.add_argument("--live-peak", action="store_true", help="CPU: also measure each model's live-memory peak")
     parser.add_argument("--only", default="", help="time this run only (ar, ebt[none], ...): --live-peak's child")
     args = parser.parse_args()
+    if args.official_small:
+        official = dict(dim=384, num_layers=6, num_heads=6, ffn_hidden_dim=384, vocab_size=50277, seq_len=256)
+        for key, value in official.items():
+            setattr(args, key, value)
+    device = torch.device(args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     torch.manual_seed(0)
     shape = dict(
@@ -110,9 +135,9 @@ def main() -> None:
         ffn_hidden_dim=args.ffn_hidden_dim,
     )
     if args.modality == "text":
-        batch = {"tokens": torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1))}
+        batch = {"tokens": torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), device=device)}
     else:
-        batch = {"frames": torch.randn(args.batch_size, args.seq_len + 1, args.frame_dim)}
+        batch = {"frames": torch.randn(args.batch_size, args.seq_len + 1, args.frame_dim, device=device)}
     mcmc = MCMCConfig(num_steps=args.mcmc_steps, alpha_init=1.0, update_space=args.update_space)
     tokens = args.batch_size * args.seq_len
     runs = [("ar", args.ar_attn, "none")] + [("ebt", args.ebt_attn, c) for c in args.conditioning.split(",")]
@@ -121,7 +146,7 @@ def main() -> None:
         name = "ar" if kind == "ar" else f"ebt[{conditioning}]"
         if args.only and name != args.only:
             continue
-        reset_peak_rss()
+        reset_peak(device)
         cfg = ModelConfig(
             kind=kind,
             attn_impl=impl,
@@ -130,17 +155,22 @@ def main() -> None:
             num_step_embeddings=args.mcmc_steps,
             **shape,
         )
-        objective = build_objective(cfg.build(), mcmc.build())
-        seconds, faults, kernel_seconds = time_train_steps(objective, batch, args.warmup, args.steps)
+        objective = build_objective(cfg.build(), mcmc.build()).to(device)
+        seconds, faults, kernel_seconds = time_train_steps(objective, batch, args.warmup, args.steps, autocast)
         flops = train_flops_per_token(cfg, mcmc, args.seq_len)
         results[name] = (seconds, flops)
-        peak = rss_gib("VmHWM")
-        live = f"  live peak {live_peak_gib(name):5.2f} GiB" if args.live_peak else ""
+        peak = peak_gib(device)
+        if device.type == "cuda":
+            memory = f"peak allocated {peak:5.2f} GiB"
+        else:
+            live = f"  live peak {live_peak_gib(name):5.2f} GiB" if args.live_peak else ""
+            memory = (
+                f"peak RSS {peak:5.2f} GiB{live} (process so far {peak_memory_gb(device):5.2f})  "
+                f"{faults / 1e3:7.1f} k page faults/step  {kernel_seconds:5.2f} s kernel/step"
+            )
         print(
             f"{name:>16} ({impl}): {seconds * 1e3:8.1f} ms/step  {tokens / seconds:9,.0f} tok/s  "
-            f"{flops / 1e6:8.2f} MFLOP/token  {flops * tokens / seconds / 1e9:6.2f} GFLOP/s  "
-            f"peak RSS {peak:5.2f} GiB{live} (process so far {peak_memory_gb(torch.device('cpu')):5.2f})  "
-            f"{faults / 1e3:7.1f} k page faults/step  {kernel_seconds:5.2f} s kernel/step"
+            f"{flops / 1e6:8.2f} MFLOP/token  {flops * tokens / seconds / 1e9:6.2f} GFLOP/s  {memory}"
         )
         if args.only:  # read by live_peak_gib
             print(f"peak_rss_gib {peak}")
@@ -154,7 +184,7 @@ def main() -> None:
         time_ratio, flop_ratio = seconds / ar_seconds, flops / ar_flops
         print(
             f"{name}: ebt_step / ar_step = {time_ratio:.3f}, flop ratio (counted) = {flop_ratio:.3f}, "
-            f"quotient = {time_ratio / flop_ratio:.3f}  (goal <= 1.15 on CPU fp32)"
+            f"quotient = {time_ratio / flop_ratio:.3f}  (goal <= 1.15)"
         )
 
 

@@ -21,6 +21,10 @@ run() {  # name, command...: a failing benchmark is recorded and the next one st
 run bench_gpu python tools/bench_gpu.py recipes/gpu_single.yaml --steps 40 --warmup 10 --json "$out/bench_gpu.json"
 run bench_gpu_compiled python tools/bench_gpu.py recipes/gpu_single.yaml parallel.compile=true --steps 40 \
   --warmup 10 --json "$out/bench_gpu_compiled.json"
+# The official small configuration (V = 50,277): EBT / AR step against the counted FLOP ratio, peak memory, with the
+# state's buffers and the attention's own second derivative on CUDA under bf16 autocast.
+run bench_step_official python tools/bench_step.py --official-small --device cuda --precision bf16 --batch-size 32 \
+  --steps 20 --warmup 5
 run bench_memory python tools/bench_memory.py --device cuda --precision bf16 --seq-len 1024 --batch-size 8 --dim 1024
 run recipe python ebwm_scale/pretrain.py recipes/gpu_single.yaml train.max_steps=300 "train.output_dir=$out/runs" \
   train.progress_bar=false
