@@ -30,10 +30,9 @@ taken from it instead of being allocated afresh.
 from __future__ import annotations
 
 import torch
-from torch.autograd.graph import get_gradient_edge
 
 from ebwm_scale.core.buffers import BufferPool
-from ebwm_scale.numerics import at_least_fp32
+from ebwm_scale.numerics import at_least_fp32, engine_visible, engine_wants, gradient_node, matmul, matmul_dtype
 
 # 16 MiB of fp32 per temporary: below glibc's largest mmap threshold (32 MiB), so temporaries are reused from the
 # heap instead of being mapped and page-faulted afresh (row passes about 3x slower at V = 50k with 64 MiB chunks).
@@ -101,7 +100,7 @@ def _vocab_to_dim(wide: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) 
     """wide (rows, V) @ weight.T for weight (D, V): (rows, D) in dtype."""
     out = wide.new_empty(wide.shape[0], weight.shape[0], dtype=dtype)
     for rows in _matmul_chunks(wide, dtype):
-        out[rows] = _mm(wide[rows], weight.t(), dtype)
+        out[rows] = matmul(wide[rows], weight.t(), dtype)
     return out
 
 
@@ -124,21 +123,7 @@ def _add_weight_grad(acc: torch.Tensor, small: torch.Tensor, wide: torch.Tensor,
     if dtype == acc.dtype:
         acc.addmm_(wide.t().to(dtype), small.to(dtype))
     else:
-        acc += _mm(wide.t(), small, dtype)
-
-
-def _matmul_dtype(device_type: str, weight: torch.Tensor) -> torch.dtype:
-    """What autocast would run the V <-> D matmuls in; recorded at forward so backward passes agree with it."""
-    if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: FLOP counting, no autocast
-        return torch.get_autocast_dtype(device_type)
-    return weight.dtype
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if a.device.type == "meta":
-        return a.to(dtype) @ b.to(dtype)
-    with torch.autocast(a.device.type, enabled=False):
-        return a.to(dtype) @ b.to(dtype)
+        acc += matmul(wide.t(), small, dtype)
 
 
 def row_sum(x: torch.Tensor, split: VocabSplit) -> torch.Tensor:
@@ -186,30 +171,13 @@ def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor, split: VocabSplit
     return probs * (grad - row_sum(grad * probs, split))
 
 
-def _skip_weight_grad(ctx, weight: torch.Tensor) -> None:
-    # W's node lets backward skip W's gradient inside the MCMC's autograd.grad(E, state) (see _engine_weight).
-    ctx.weight_node = get_gradient_edge(weight).node if weight.grad_fn is not None else None
-
-
-def _wants_weight_grad(ctx, index: int) -> bool:
-    return ctx.needs_input_grad[index] and (
-        ctx.weight_node is None or torch._C._will_engine_execute_node(ctx.weight_node)
-    )
-
-
-def _engine_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The engine answers "will W's gradient be computed?" only for non-leaf nodes during autograd.grad; a free view
-    gives a leaf weight such a node."""
-    return weight.view_as(weight) if weight.requires_grad and weight.grad_fn is None else weight
-
-
 class _ProbsLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, probs, weight):
         vocab = probs.shape[-1]
         flat = probs.reshape(-1, vocab)
-        ctx.matmul_dtype = _matmul_dtype(probs.device.type, weight)
-        _skip_weight_grad(ctx, weight)
+        ctx.matmul_dtype = matmul_dtype(probs.device.type, weight)
+        ctx.weight_node = gradient_node(weight)
         out = _vocab_to_dim(flat, weight, ctx.matmul_dtype)  # no full-size cast copy of p under autocast
         ctx.save_for_backward(probs, weight)
         return out.view(*probs.shape[:-1], weight.shape[0])
@@ -221,9 +189,9 @@ class _ProbsLinear(torch.autograd.Function):
         flat, g = probs.reshape(-1, probs.shape[-1]), grad_out.reshape(-1, weight.shape[0])
         d_probs = None
         if ctx.needs_input_grad[0]:
-            d_probs = _mm(g, weight, ctx.matmul_dtype).view(probs.shape).to(probs.dtype)
+            d_probs = matmul(g, weight, ctx.matmul_dtype).view(probs.shape).to(probs.dtype)
         d_weight = None
-        if _wants_weight_grad(ctx, 1):
+        if engine_wants(ctx, 1, ctx.weight_node):
             d_weight = _weight_grad(g, flat, ctx.matmul_dtype).to(weight.dtype)
         return d_probs, d_weight
 
@@ -236,7 +204,7 @@ class _ProbsDescent(torch.autograd.Function):
     def forward(ctx, probs, energy_grad, weight, alpha, pool):
         vocab = probs.shape[-1]
         flat, u = probs.reshape(-1, vocab), energy_grad.reshape(-1, weight.shape[0])
-        ctx.matmul_dtype = _matmul_dtype(probs.device.type, weight)
+        ctx.matmul_dtype = matmul_dtype(probs.device.type, weight)
         # alpha scales the (rows, D) side, not the (rows, V) product
         step = -_per_row(alpha) * u.to(at_least_fp32(u).dtype)
         out = _empty(pool, flat.shape, flat.dtype, flat.device)
@@ -244,7 +212,7 @@ class _ProbsDescent(torch.autograd.Function):
             if flat.dtype == ctx.matmul_dtype:
                 torch.addmm(flat[rows], step[rows].to(flat.dtype), weight.to(flat.dtype), out=out[rows])
             else:
-                torch.add(flat[rows], _mm(step[rows], weight, ctx.matmul_dtype), out=out[rows])
+                torch.add(flat[rows], matmul(step[rows], weight, ctx.matmul_dtype), out=out[rows])
         ctx.save_for_backward(energy_grad, weight, alpha)  # p itself is not needed: the step is linear in it
         ctx.wide_dtype = at_least_fp32(probs).dtype
         return out.view(probs.shape)
@@ -282,15 +250,15 @@ class _SoftmaxLinear(torch.autograd.Function):
     def forward(ctx, logits, weight, split, pool):
         vocab = logits.shape[-1]
         flat = logits.reshape(-1, vocab)
-        ctx.matmul_dtype, ctx.split, ctx.pool = _matmul_dtype(logits.device.type, weight), split, pool
-        _skip_weight_grad(ctx, weight)
+        ctx.matmul_dtype, ctx.split, ctx.pool = matmul_dtype(logits.device.type, weight), split, pool
+        ctx.weight_node = gradient_node(weight)
         out = flat.new_empty(flat.shape[0], weight.shape[0], dtype=ctx.matmul_dtype)
         # Split vocabulary: keep each row's log-normalizer, so that backward needs no collective to recompute softmax.
         log_norm = None if split.count == 1 else flat.new_empty(flat.shape[0], 1, dtype=at_least_fp32(flat).dtype)
         for rows in _row_chunks(flat.shape[0], vocab):
             if log_norm is not None:
                 log_norm[rows] = log_normalizer(at_least_fp32(flat[rows]), split)
-            out[rows] = _mm(_chunk_probabilities(flat, rows, log_norm), weight.t(), ctx.matmul_dtype)
+            out[rows] = matmul(_chunk_probabilities(flat, rows, log_norm), weight.t(), ctx.matmul_dtype)
         ctx.save_for_backward(logits, weight, log_norm)
         return out.view(*logits.shape[:-1], weight.shape[0])
 
@@ -298,7 +266,7 @@ class _SoftmaxLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         logits, weight, log_norm = ctx.saved_tensors
         want_logits = ctx.needs_input_grad[0] and logits.requires_grad
-        want_weight = _wants_weight_grad(ctx, 1)
+        want_weight = engine_wants(ctx, 1, ctx.weight_node)
         grads = _SoftmaxLinearGradient.apply(
             logits, weight, grad_out, log_norm, want_logits, want_weight, ctx.matmul_dtype, ctx.split, ctx.pool
         )
@@ -316,7 +284,7 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
         for rows in _row_chunks(flat.shape[0], vocab):
             probs = _chunk_probabilities(flat, rows, log_norm)
             if want_logits:
-                u = _mm(g[rows], weight, matmul_dtype).to(wide_dtype)
+                u = matmul(g[rows], weight, matmul_dtype).to(wide_dtype)
                 grad_logits[rows] = _softmax_backward(u, probs, split)
             if want_weight:
                 _add_weight_grad(grad_weight, g[rows], probs, matmul_dtype)
@@ -353,17 +321,17 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
                 c_dot_p = row_sum(c * probs, split)
                 d_u = probs * (c - c_dot_p)
                 if need_g:
-                    d_g[rows] += _mm(d_u, weight.t(), dtype)
+                    d_g[rows] += matmul(d_u, weight.t(), dtype)
                 if need_weight:
                     _add_weight_grad(d_weight, g[rows], d_u, dtype)
                 if need_logits:
-                    u = _mm(g[rows], weight, dtype).to(wide_dtype)
+                    u = matmul(g[rows], weight, dtype).to(wide_dtype)
                     d_probs = c * (u - row_sum(u * probs, split)) - c_dot_p * u
             if cot_weight is not None:
                 if need_g:
-                    d_g[rows] += _mm(probs, cot_weight.t(), dtype)
+                    d_g[rows] += matmul(probs, cot_weight.t(), dtype)
                 if need_logits:
-                    from_weight = _mm(g[rows], cot_weight, dtype).to(wide_dtype)
+                    from_weight = matmul(g[rows], cot_weight, dtype).to(wide_dtype)
                     d_probs = from_weight if d_probs is None else d_probs + from_weight
             if need_logits and d_probs is not None:
                 d_logits[rows] = _softmax_backward(d_probs, probs, split)
@@ -424,7 +392,7 @@ class _CrossEntropy(torch.autograd.Function):
 def probs_linear(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """probs @ weight.T for probs (..., V) and weight (D, V), saving probs in its own dtype; differentiable once.
     On a split vocabulary: this slice's part of the sum."""
-    return _ProbsLinear.apply(probs, _engine_weight(weight))
+    return _ProbsLinear.apply(probs, engine_visible(weight))
 
 
 def probs_descent(
@@ -443,7 +411,7 @@ def softmax_linear(
 ) -> torch.Tensor:
     """softmax(logits) @ weight.T for logits (..., V) and weight (D, V), twice differentiable, lean in memory.
     On a split vocabulary: V is this slice and the result is this slice's part of the sum."""
-    return _SoftmaxLinear.apply(logits, _engine_weight(weight), split or VocabSplit(), pool)
+    return _SoftmaxLinear.apply(logits, engine_visible(weight), split or VocabSplit(), pool)
 
 
 def lean_cross_entropy(
