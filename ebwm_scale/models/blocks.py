@@ -3,8 +3,9 @@
 Every op here must support double backward: the EBT loss differentiates through the gradient of the energy
 (docs/design.md §3). Attention therefore runs either as explicit math or as SDPA pinned to its math backend; the fused
 flash/efficient kernels ("sdpa_fused") have no double backward: they serve the AR baselines and the EBT's real-token
-stream in the split layout, which is differentiated only once. RMSNorm and the SwiGLU gate are Functions with
-hand-written second derivatives (fused.py), which keep far fewer tensors in that graph than their composed ops.
+stream in the split layout, which is differentiated only once. RMSNorm, the SwiGLU gate and the prediction stream's
+attention (`prediction_attention`) are Functions with hand-written second derivatives (fused.py), which keep far fewer
+tensors in that graph than their composed ops.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ebwm_scale.models.fused import rms_norm, silu_gate
+from ebwm_scale.models.fused import prediction_attention, rms_norm, silu_gate
 from ebwm_scale.numerics import at_least_fp32
 
 if TYPE_CHECKING:
@@ -74,22 +75,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if impl == "sdpa_fused":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
     raise ValueError(f"unknown attention impl {impl!r}; expected math, sdpa or sdpa_fused")
-
-
-def prediction_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor
-) -> torch.Tensor:
-    """The EBT's prediction rows without the 2S x 2S matrix: prediction i attends to real keys 0..i and to its own
-    key only. q, k, v: (B, nh, S, hd) of the predictions; k_ctx, v_ctx: (B, nh, T, hd) of the real tokens, where the
-    predictions are the last S of T positions (T > S when generating with a cache of earlier tokens).
-    Explicit math, so it supports double backward."""
-    rows, keys, scale = q.shape[-2], k_ctx.shape[-2], 1.0 / math.sqrt(q.shape[-1])
-    causal = torch.ones(rows, keys, dtype=torch.bool, device=q.device).tril(keys - rows)
-    scores_ctx = (q @ k_ctx.transpose(-2, -1)) * scale  # (B, nh, S, T)
-    scores_ctx = scores_ctx.masked_fill(~causal, float("-inf"))
-    score_self = (q * k).sum(-1, keepdim=True) * scale  # (B, nh, S, 1): the diagonal of the prediction block
-    probs = F.softmax(at_least_fp32(torch.cat((scores_ctx, score_self), dim=-1)), dim=-1).type_as(q)  # (B,nh,S,T+1)
-    return probs[..., :keys] @ v_ctx + probs[..., keys:] * v  # (B, nh, S, hd)
 
 
 class Attention(nn.Module):
