@@ -25,11 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ebwm_scale.numerics import engine_visible, engine_wants, gradient_node, matmul, matmul_dtype
-
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+from ebwm_scale.numerics import at_least_fp32, engine_visible, engine_wants, gradient_node, matmul, matmul_dtype
 
 
 def _refuse_third_order(what: str) -> None:
@@ -56,7 +52,7 @@ def _row_sum(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        wide = _wide(x)
+        wide = at_least_fp32(x)
         rstd = torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
         return (wide * rstd).to(x.dtype) * weight
@@ -70,8 +66,9 @@ class _RMSNorm(torch.autograd.Function):
 class _RMSNormGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, rstd, grad):
-        normed, g = _wide(x) * rstd, _wide(grad)
+        normed, g = at_least_fp32(x) * rstd, at_least_fp32(grad)
         dx = _through_norm(g * weight, normed, rstd)
+        ctx.set_materialize_grads(False)  # an output nobody differentiates further arrives as None: its terms skip
         ctx.save_for_backward(x, weight, rstd, grad)
         return dx.to(x.dtype), _row_sum(g * normed, weight)
 
@@ -81,13 +78,13 @@ class _RMSNormGrad(torch.autograd.Function):
         sum(g T(a)), for x T(L_n) - r^2 (mean(a q) - m s_an) n with L_n = b g - r (q s_an + a m)."""
         _refuse_third_order("RMSNorm")
         x, weight, rstd, grad = ctx.saved_tensors
-        normed, g = _wide(x) * rstd, _wide(grad)
+        normed, g = at_least_fp32(x) * rstd, at_least_fp32(grad)
         q = g * weight
         d_g, d_w, d_normed, d_rstd = torch.zeros_like(g), None, torch.zeros_like(g), 0.0
         if cot_dw is not None:
             d_g, d_normed = normed * cot_dw, g * cot_dw
         if cot_dx is not None:
-            a = _wide(cot_dx)
+            a = at_least_fp32(cot_dx)
             t_a = _through_norm(a, normed, rstd)
             s_an, m = (a * normed).mean(-1, keepdim=True), (q * normed).mean(-1, keepdim=True)
             d_g = d_g + weight * t_a
@@ -113,8 +110,9 @@ class _SiluGate(torch.autograd.Function):
 class _SiluGateGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, grad):
-        a, b, g = _wide(gate), _wide(up), _wide(grad)
+        a, b, g = at_least_fp32(gate), at_least_fp32(up), at_least_fp32(grad)
         sig = torch.sigmoid(a)
+        ctx.set_materialize_grads(False)  # as in _RMSNormGrad
         ctx.save_for_backward(gate, up, grad)
         return (g * b * _silu_slope(a, sig)).to(gate.dtype), (g * a * sig).to(up.dtype)
 
@@ -124,12 +122,12 @@ class _SiluGateGrad(torch.autograd.Function):
         g (c_a b s2 + c_b s1) for a, with s2 = sigmoid (1 - sigmoid) (2 + a (1 - 2 sigmoid))."""
         _refuse_third_order("the SiLU gate")
         gate, up, grad = ctx.saved_tensors
-        a, b, g = _wide(gate), _wide(up), _wide(grad)
+        a, b, g = at_least_fp32(gate), at_least_fp32(up), at_least_fp32(grad)
         sig = torch.sigmoid(a)
         s1 = _silu_slope(a, sig)
         zero = torch.zeros_like(a)
-        c_a = zero if cot_gate is None else _wide(cot_gate)
-        c_b = zero if cot_up is None else _wide(cot_up)
+        c_a = zero if cot_gate is None else at_least_fp32(cot_gate)
+        c_b = zero if cot_up is None else at_least_fp32(cot_up)
         s2 = sig * (1 - sig) * (2 + a * (1 - 2 * sig))
         d_g = c_a * b * s1 + c_b * a * sig
         d_b = c_a * g * s1
@@ -167,12 +165,12 @@ def _only(m: Split, wanted: tuple[bool, bool]) -> Split:
 
 def _by_context(rows: torch.Tensor, keys_ctx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """rows (B, nh, S, hd) times keys_ctx (B, nh, T, hd)^T, wide: (B, nh, S, T)."""
-    return _wide(matmul(rows, keys_ctx.transpose(-2, -1), dtype))
+    return at_least_fp32(matmul(rows, keys_ctx.transpose(-2, -1), dtype))
 
 
 def _by_own(rows: torch.Tensor, keys_self: torch.Tensor) -> torch.Tensor:
     """Each row with its own key, wide: (B, nh, S, 1)."""
-    return (_wide(rows) * _wide(keys_self)).sum(-1, keepdim=True)
+    return (at_least_fp32(rows) * at_least_fp32(keys_self)).sum(-1, keepdim=True)
 
 
 def _scores_of(rows: torch.Tensor | None, keys: Split, dtype: torch.dtype) -> Split:
@@ -188,8 +186,8 @@ def _rows_of(m: Split, keys: Split, dtype: torch.dtype) -> torch.Tensor | None:
     """[m_ctx, m_self] times [keys_ctx ; keys_self], wide: (B, nh, S, hd)."""
     (m_ctx, m_self), (keys_ctx, keys_self) = m, keys
     return _plus(
-        None if m_ctx is None or keys_ctx is None else _wide(matmul(m_ctx, keys_ctx, dtype)),
-        None if m_self is None or keys_self is None else m_self * _wide(keys_self),
+        None if m_ctx is None or keys_ctx is None else at_least_fp32(matmul(m_ctx, keys_ctx, dtype)),
+        None if m_self is None or keys_self is None else m_self * at_least_fp32(keys_self),
     )
 
 
@@ -197,8 +195,8 @@ def _keys_of(m: Split, rows: torch.Tensor | None, dtype: torch.dtype) -> Split:
     """[m_ctx, m_self]^T times rows (B, nh, S, hd), wide: context rows (B, nh, T, hd) and self rows (B, nh, S, hd)."""
     m_ctx, m_self = m
     return (
-        None if m_ctx is None or rows is None else _wide(matmul(m_ctx.transpose(-2, -1), rows, dtype)),
-        None if m_self is None or rows is None else m_self * _wide(rows),
+        None if m_ctx is None or rows is None else at_least_fp32(matmul(m_ctx.transpose(-2, -1), rows, dtype)),
+        None if m_self is None or rows is None else m_self * at_least_fp32(rows),
     )
 
 
@@ -234,7 +232,7 @@ class _PredictionAttention(torch.autograd.Function):
         scores_ctx, score_self = _prediction_scores(q, k, k_ctx, dtype)
         lse = torch.logaddexp(torch.logsumexp(scores_ctx, -1, keepdim=True), score_self)  # (B, nh, S, 1)
         prob_ctx, prob_self = scores_ctx.sub_(lse).exp_(), score_self.sub_(lse).exp_()
-        out = _wide(matmul(prob_ctx, v_ctx, dtype)).add_(prob_self * _wide(v))  # (B, nh, S, hd)
+        out = at_least_fp32(matmul(prob_ctx, v_ctx, dtype)).add_(prob_self * at_least_fp32(v))  # (B, nh, S, hd)
         # The MCMC's energy gradient needs no context key/value gradient: backward asks the engine (engine_wants).
         ctx.context_nodes, ctx.dtype = (gradient_node(k_ctx), gradient_node(v_ctx)), dtype
         ctx.save_for_backward(q, k, v, k_ctx, v_ctx, lse)
