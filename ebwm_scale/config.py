@@ -199,6 +199,11 @@ def _cross_section_problems(cfg: PretrainConfig) -> list[str]:
             "parallel.sequence_parallel=true cannot split the time token's 1 + data.seq_len context positions evenly "
             "over the ranks; use model.step_conditioning=additive or none"
         )
+    if p.prediction_recompute != "none" and not (ebt and m.ebt_impl == EBTImpl.split):
+        problems.append(
+            f"parallel.prediction_recompute={p.prediction_recompute} needs model.kind=ebt with model.ebt_impl=split "
+            "(only that layout has a prediction stream)"
+        )
     if p.compile and ebt and m.ebt_impl != EBTImpl.split:
         problems.append("parallel.compile=true needs model.ebt_impl='split' (only its real-token stream is compiled)")
     return problems

@@ -167,6 +167,7 @@ TABLE_COLUMNS = {
     "SP": ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "model.step_conditioning=additive"],
     "activation checkpointing": ["parallel.activation_checkpointing=full"],
     "compile": ["parallel.compile=true"],
+    "prediction recompute": ["parallel.prediction_recompute=full"],
 }
 
 

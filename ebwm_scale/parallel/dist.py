@@ -67,6 +67,11 @@ class ParallelConfig:
     # Recompute transformer blocks in the backward instead of storing their activations: full = every block,
     # selective = every second block.
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
+    # EBT split layout: recompute prediction-stream blocks in both backwards of the MCMC loss, so that per MCMC step a
+    # block keeps only its input and the energy gradient reaching it (activation checkpointing leaves the graph of that
+    # gradient, the larger part; parallel/recompute.py). full = every block, selective = every second block. Only with
+    # parallel.data_parallel=ddp, without tensor/pipeline parallelism, compile or activation checkpointing.
+    prediction_recompute: ActivationCheckpointing = ActivationCheckpointing.none
     # torch.compile (inductor) where no second-order gradient passes (parallelize.apply_compile): every AR block; the
     # EBT's real-token stream. Compiled graphs have no double backward, so the EBT's prediction stream stays eager.
     compile: bool = False
@@ -111,6 +116,17 @@ class ParallelConfig:
         if self.compile and (self.data_parallel != DataParallel.ddp or tp > 1 or pp > 1):
             problems.append(
                 "parallel.compile=true works with parallel.data_parallel=ddp and no tensor/pipeline parallelism"
+            )
+        recompute = self.prediction_recompute
+        if recompute != "none" and (self.data_parallel != DataParallel.ddp or tp > 1 or pp > 1 or self.compile):
+            problems.append(
+                f"parallel.prediction_recompute={recompute} works with parallel.data_parallel=ddp and no "
+                "tensor/pipeline parallelism or compile (the others are not tested with it)"
+            )
+        elif recompute != "none" and self.activation_checkpointing != "none":
+            problems.append(
+                f"parallel.prediction_recompute={recompute} with parallel.activation_checkpointing="
+                f"{self.activation_checkpointing}: use one (both would recompute the prediction blocks)"
             )
         if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
             problems.append(f"parallel.deepspeed_config={self.deepspeed_config!r}: no such file")

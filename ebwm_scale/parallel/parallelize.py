@@ -11,6 +11,8 @@ What each step acts on comes from the model family's plan (parallel/plans.py), n
    checkpointing (use_reentrant=False) is the variant that supports double backward (docs/design.md §3); the
    reentrant one does not. It covers every block forward: the AR trunk, the masked EBT, the EBT context stream and
    the prediction stream that runs once per MCMC step.
+   Or prediction-stream recompute (parallel.prediction_recompute, parallel/recompute.py): an EBT's prediction blocks
+   also recompute what the energy gradient's graph would keep for the outer backward.
 3. Sequence-parallel boundaries: the first block enters the region, the last one leaves it; after checkpointing, so
    that the first block's checkpoint keeps only this rank's rows.
 4. torch.compile (parallel.compile): only what no second-order gradient passes through (apply_compile).
@@ -19,6 +21,7 @@ What each step acts on comes from the model family's plan (parallel/plans.py), n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -31,6 +34,7 @@ from ebwm_scale.models.blocks import RMSNorm
 from ebwm_scale.parallel.dist import DistInfo, ParallelConfig
 from ebwm_scale.parallel.pipeline import VacantLayer, apply_pipeline
 from ebwm_scale.parallel.plans import TPLayer, TPStyle, plan_for
+from ebwm_scale.parallel.recompute import PredictionRecompute
 from ebwm_scale.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -43,13 +47,22 @@ from ebwm_scale.parallel.tensor import (
 )
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """Wrap the model's transformer blocks in place; state_dict keys stay the same (the wrapper strips its prefix)."""
+def _wrap_blocks(model: nn.Module, mode: str, wrap: Callable[[nn.Module], nn.Module]) -> None:
+    """Wrap every (full) or every second (selective) transformer block in place; state_dict keys stay the same (the
+    wrappers strip their prefix)."""
     layers = plan_for(model).blocks_of(model)
     every = {"full": 1, "selective": 2}[mode]
     for index, block in enumerate(layers):
         if index % every == 0 and not isinstance(block, VacantLayer):
-            layers[index] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            layers[index] = wrap(block)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    _wrap_blocks(model, mode, lambda block: checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+
+
+def apply_prediction_recompute(model: nn.Module, mode: str) -> None:
+    _wrap_blocks(model, mode, PredictionRecompute)
 
 
 def _tensor_parallel_layer(layer: Any, spec: TPLayer, group, sequence_parallel: bool) -> nn.Module:
@@ -140,6 +153,8 @@ def parallelize(
         apply_pipeline(objective, dist_info.pp_rank, dist_info.pp_size)
     if cfg.activation_checkpointing != "none":
         apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    if cfg.prediction_recompute != "none":
+        apply_prediction_recompute(model, cfg.prediction_recompute)
     if cfg.sequence_parallel and tp_group is not None:
         apply_sequence_parallel_boundaries(model, tp_group)
     if cfg.compile:

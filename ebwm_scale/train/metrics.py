@@ -27,7 +27,7 @@ from ebwm_scale.core.objective import build_objective
 from ebwm_scale.models.config import ModelConfig
 
 
-class _FlopCount(TorchDispatchMode):
+class FlopCount(TorchDispatchMode):
     """Sums torch's FLOP formula of every op that has one (what FlopCounterMode counts, without its module tracker,
     which cannot follow autograd.grad with respect to a leaf input)."""
 
@@ -58,7 +58,7 @@ def step_flops_per_token(
             batch = {"tokens": torch.zeros(1, seq_len + 1, dtype=torch.long)}
         else:
             batch = {"frames": torch.zeros(1, seq_len + 1, model_cfg.frame_dim)}
-    with _FlopCount() as count:
+    with FlopCount() as count:
         objective(batch).loss.backward()
     return count.total / seq_len
 
