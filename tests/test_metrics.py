@@ -8,6 +8,7 @@ from ebwm_scale.core.mcmc import MCMCConfig, ReplayConfig
 from ebwm_scale.core.objective import build_objective
 from ebwm_scale.models.blocks import count_params
 from ebwm_scale.train.metrics import (
+    FlopCount,
     peak_memory_gb,
     peak_tflops,
     step_flops_per_token,
@@ -87,3 +88,14 @@ def test_mfu_peak_is_blank_on_cpu_unless_configured():
     assert peak_tflops(cpu, 0.0) is None
     assert peak_tflops(cpu, 2.5) == 2.5
     assert 0 < peak_memory_gb(cpu) < 64
+
+
+def test_an_in_place_matmul_counts_as_its_out_of_place_twin():
+    """The lean vocabulary state accumulates weight gradients with addmm_, which torch's FLOP registry does not list:
+    counted as addmm, never as zero."""
+    acc, left, right = torch.zeros(5, 4), torch.randn(5, 3), torch.randn(3, 4)
+    with FlopCount() as in_place:
+        acc.addmm_(left, right)
+    with FlopCount() as out_of_place:
+        torch.addmm(acc, left, right)
+    assert in_place.total == out_of_place.total == 2 * 5 * 3 * 4

@@ -211,9 +211,13 @@ def test_buffer_pool_hands_out_a_storage_again_only_once_nothing_else_holds_it()
     assert torch.equal(weight.grad, torch.full((8,), 4.0))
     reused = pool.empty((2, 16), torch.float32, "cpu")  # same bytes, another shape and the same storage
     assert reused.untyped_storage().data_ptr() == pointer and reused.shape == (2, 16)
+    del reused
     held = pool.nbytes()
-    pool.empty((3, 3), torch.float64, "cpu")  # a new size releases the free storages of other sizes
-    assert pool.nbytes() < held
+    pool.empty((3, 3), torch.float64, "cpu")  # a new size; the others were asked for recently: they stay
+    assert pool.nbytes() == held + 72
+    pool.idle_requests = 1
+    pool.empty((5, 5), torch.float64, "cpu")  # the 4 x 8 storages have been idle for more than one request
+    assert pool.nbytes() == 72 + 200
 
 
 @pytest.mark.parametrize("update_space", ["probs", "logits"])

@@ -22,12 +22,15 @@ def _holders(storage: torch.UntypedStorage) -> int:
 
 
 class BufferPool:
-    """Storages reused across calls. Free storages of other sizes are released when a new one is made, so the pool
-    holds at most the largest set of same-sized tensors alive at once, plus those of one other size until that size
-    is asked for again."""
+    """Storages reused across calls. A free storage that no request has taken for `idle_requests` requests (a few
+    training steps) is released when a new one is made, so sizes that stop being asked for (another batch shape at
+    evaluation, say) do not pile up, while every size a training step uses stays."""
 
-    def __init__(self) -> None:
+    def __init__(self, idle_requests: int = 64) -> None:
+        self.idle_requests = idle_requests
         self._storages: list[torch.UntypedStorage] = []
+        self._last_request: list[int] = []  # per storage: the request that last took it
+        self._requests = 0
 
     def empty(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialized contiguous tensor, on a storage nobody else holds."""
@@ -38,13 +41,18 @@ class BufferPool:
         return tensor.set_(storage, 0, shape, strides)
 
     def _free_storage(self, nbytes: int, device: torch.device) -> torch.UntypedStorage:
-        for storage in self._storages:
+        self._requests += 1
+        for index, storage in enumerate(self._storages):
             if storage.nbytes() == nbytes and storage.device == device and _holders(storage) == 1:
+                self._last_request[index] = self._requests
                 return storage
-        self._storages = [s for s in self._storages if _holders(s) > 1 or (s.nbytes(), s.device) == (nbytes, device)]
-        storage = torch.empty(nbytes, dtype=torch.uint8, device=device).untyped_storage()
-        self._storages.append(storage)
-        return storage
+        recent = self._requests - self.idle_requests
+        kept = [i for i, s in enumerate(self._storages) if _holders(s) > 1 or self._last_request[i] >= recent]
+        self._storages = [self._storages[i] for i in kept] + [
+            torch.empty(nbytes, dtype=torch.uint8, device=device).untyped_storage()
+        ]
+        self._last_request = [self._last_request[i] for i in kept] + [self._requests]
+        return self._storages[-1]
 
     def nbytes(self) -> int:
         """Bytes the pool holds, in use or free."""

@@ -159,7 +159,7 @@ class TokenSpace:
             else:
                 probs = self._probabilities(state)  # no graph
             if self.lean:
-                embedding = self.split.reduce(probs_linear(probs, self.vocab_to_embed.weight))
+                embedding = self.split.reduce(probs_linear(probs, self.vocab_to_embed.weight, self.buffers))
                 return Point(wrt=embedding, candidate=embedding, base=probs)
             if not probs.requires_grad:  # a fresh leaf: no chain kept, or a start state, which has no graph
                 probs.requires_grad_(True)

@@ -104,18 +104,24 @@ def _vocab_to_dim(wide: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) 
     return out
 
 
-def _weight_grad(small: torch.Tensor, wide: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _weight_grad(
+    small: torch.Tensor, wide: torch.Tensor, dtype: torch.dtype, pool: BufferPool | None = None
+) -> torch.Tensor:
     """small (rows, D)^T @ wide (rows, V): (D, V) in at least fp32, computed as (wide^T small)^T. The (V, D)
     orientation runs about 2x faster in BLAS than (D, V) at V = 50k; the result is a transposed view."""
-    acc = _weight_grad_buffer(small, wide)
-    for rows in _matmul_chunks(wide, dtype):
+    chunks = _matmul_chunks(wide, dtype)
+    acc = _empty(pool, (wide.shape[-1], small.shape[-1]), at_least_fp32(wide).dtype, wide.device)
+    if len(chunks) == 1 and dtype == acc.dtype:
+        return torch.mm(wide.t(), small, out=acc).t()  # written once: no zero fill
+    acc.zero_()
+    for rows in chunks:
         _add_weight_grad(acc, small[rows], wide[rows], dtype)
     return acc.t()
 
 
-def _weight_grad_buffer(small: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+def _weight_grad_buffer(small: torch.Tensor, wide: torch.Tensor, pool: BufferPool | None) -> torch.Tensor:
     """A zero (V, D) accumulator for _add_weight_grad; its .t() is the (D, V) weight gradient."""
-    return wide.new_zeros(wide.shape[-1], small.shape[-1], dtype=at_least_fp32(wide).dtype)
+    return _empty(pool, (wide.shape[-1], small.shape[-1]), at_least_fp32(wide).dtype, wide.device).zero_()
 
 
 def _add_weight_grad(acc: torch.Tensor, small: torch.Tensor, wide: torch.Tensor, dtype: torch.dtype) -> None:
@@ -173,10 +179,10 @@ def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor, split: VocabSplit
 
 class _ProbsLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, probs, weight):
+    def forward(ctx, probs, weight, pool):
         vocab = probs.shape[-1]
         flat = probs.reshape(-1, vocab)
-        ctx.matmul_dtype = matmul_dtype(probs.device.type, weight)
+        ctx.matmul_dtype, ctx.pool = matmul_dtype(probs.device.type, weight), pool
         ctx.weight_node = gradient_node(weight)
         out = _vocab_to_dim(flat, weight, ctx.matmul_dtype)  # no full-size cast copy of p under autocast
         ctx.save_for_backward(probs, weight)
@@ -192,8 +198,8 @@ class _ProbsLinear(torch.autograd.Function):
             d_probs = matmul(g, weight, ctx.matmul_dtype).view(probs.shape).to(probs.dtype)
         d_weight = None
         if engine_wants(ctx, 1, ctx.weight_node):
-            d_weight = _weight_grad(g, flat, ctx.matmul_dtype).to(weight.dtype)
-        return d_probs, d_weight
+            d_weight = _weight_grad(g, flat, ctx.matmul_dtype, ctx.pool).to(weight.dtype)
+        return d_probs, d_weight, None
 
 
 class _ProbsDescent(torch.autograd.Function):
@@ -213,6 +219,7 @@ class _ProbsDescent(torch.autograd.Function):
                 torch.addmm(flat[rows], step[rows].to(flat.dtype), weight.to(flat.dtype), out=out[rows])
             else:
                 torch.add(flat[rows], matmul(step[rows], weight, ctx.matmul_dtype), out=out[rows])
+        ctx.pool = pool
         ctx.save_for_backward(energy_grad, weight, alpha)  # p itself is not needed: the step is linear in it
         ctx.wide_dtype = at_least_fp32(probs).dtype
         return out.view(probs.shape)
@@ -231,7 +238,7 @@ class _ProbsDescent(torch.autograd.Function):
         per_row = alpha.numel() > 1
         d_weight = None
         if need_weight:  # a per-row alpha goes inside the sum over rows
-            d_weight = -_weight_grad(_per_row(alpha) * u, c, dtype) if per_row else -alpha * _weight_grad(u, c, dtype)
+            d_weight = _weight_grad(-_per_row(alpha) * u, c, dtype, ctx.pool)  # alpha scales the (rows, D) side
         d_u = c_w if need_u else None
         d_alpha = None
         if need_alpha:
@@ -280,7 +287,7 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
         flat, g = logits.reshape(-1, vocab), grad_out.reshape(-1, dim)
         wide_dtype = at_least_fp32(logits).dtype
         grad_logits = _empty(pool, flat.shape, wide_dtype, flat.device) if want_logits else None
-        grad_weight = _weight_grad_buffer(g, flat) if want_weight else None
+        grad_weight = _weight_grad_buffer(g, flat, pool) if want_weight else None
         for rows in _row_chunks(flat.shape[0], vocab):
             probs = _chunk_probabilities(flat, rows, log_norm)
             if want_logits:
@@ -311,7 +318,7 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
         need_weight, need_g = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         cot_x = None if cot_logits is None else cot_logits.reshape(-1, vocab)
         d_logits = _empty(ctx.pool, flat.shape, wide_dtype, flat.device).zero_() if need_logits else None
-        d_weight = _weight_grad_buffer(g, flat) if need_weight else None
+        d_weight = _weight_grad_buffer(g, flat, ctx.pool) if need_weight else None
         d_g = g.new_zeros(g.shape, dtype=wide_dtype) if need_g else None
         for rows in _row_chunks(flat.shape[0], vocab):
             probs = _chunk_probabilities(flat, rows, log_norm)
@@ -389,10 +396,10 @@ class _CrossEntropy(torch.autograd.Function):
         return out.to(ctx.logits_dtype), None, None, None, None
 
 
-def probs_linear(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def probs_linear(probs: torch.Tensor, weight: torch.Tensor, pool: BufferPool | None = None) -> torch.Tensor:
     """probs @ weight.T for probs (..., V) and weight (D, V), saving probs in its own dtype; differentiable once.
     On a split vocabulary: this slice's part of the sum."""
-    return _ProbsLinear.apply(probs, engine_visible(weight))
+    return _ProbsLinear.apply(probs, engine_visible(weight), pool)
 
 
 def probs_descent(
