@@ -3,8 +3,6 @@ training step's loss and every gradient of the plain step (float64, 1e-12), keep
 backward, refuse a third derivative, leave every other call alone, and train on 2 data-parallel ranks like one
 process."""
 
-import weakref
-
 import pytest
 import torch
 
@@ -15,6 +13,7 @@ from ebwm_scale.parallel.dist import DistInfo, ParallelConfig
 from ebwm_scale.parallel.parallelize import parallelize
 from ebwm_scale.parallel.recompute import PredictionRecompute
 from ebwm_scale.parallel.tensor import state_key
+from ebwm_scale.train.metrics import bytes_held_for_backward
 from tests.conftest import CPU, REPO, tiny_model_config
 from tests.distributed import TRAINER_LOSS_RTOL, assert_gradients_close, run_distributed_test
 from tests.helpers import GRADIENT_RTOL, PARITY_STEPS, run_recipe_with_gradients
@@ -76,33 +75,13 @@ def test_recompute_gives_the_plain_step(case, mode):
     assert_gradients_close(grads_recomputed, grads, rtol=1e-12)
 
 
-def _held_bytes(objective, batch) -> int:
-    """Bytes of the distinct storages, weights aside, that autograd holds for the outer backward when the step's
-    forward (with its energy gradients) ends."""
-    weights = {p.untyped_storage().data_ptr() for p in objective.parameters()}
-    saved = []
-
-    def pack(tensor):
-        saved.append(weakref.ref(tensor))  # the graph holds what pack returns for as long as it needs it
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = objective(batch).loss
-    held = {}
-    for tensor in (ref() for ref in saved):
-        if tensor is not None and tensor.untyped_storage().data_ptr() not in weights:
-            held[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-    loss.backward()
-    return sum(held.values())
-
-
 def test_recompute_keeps_fewer_bytes_for_the_outer_backward():
     """Measured at this size: 10.5 MB plain, 5.2 selective, 2.5 full, which keeps the context stream's graph, the
     B x S x V state and each recomputed block's input and energy gradient per step."""
     torch.manual_seed(1)
     batch = {"tokens": torch.randint(0, 32, (4, 33))}
     held = {
-        mode: _held_bytes(_objective(mode, model={"dim": 64}, dtype=torch.float32), batch)
+        mode: bytes_held_for_backward(_objective(mode, model={"dim": 64}, dtype=torch.float32), batch)
         for mode in ("none", "selective", "full")
     }
     assert held["full"] < 0.3 * held["none"] and held["full"] < held["selective"] < 0.6 * held["none"], held

@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
@@ -40,7 +39,7 @@ from ebwm_scale.core.objective import build_objective
 from ebwm_scale.models import ModelConfig
 from ebwm_scale.parallel.dist import ParallelConfig
 from ebwm_scale.parallel.parallelize import parallelize
-from ebwm_scale.train.metrics import FlopCount, train_flops_per_token
+from ebwm_scale.train.metrics import FlopCount, bytes_held_for_backward, train_flops_per_token
 from ebwm_scale.train.optim import OptimConfig
 
 LIVE_PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -101,26 +100,13 @@ def live_peak_gib(run_name: str) -> float:
 
 
 def step_costs(objective, batch) -> tuple[int, int]:
-    """One training step's bytes of the distinct storages, weights aside, that autograd holds for the outer backward
-    when the forward (with its energy gradients) ends, leaving out what recomputes saved and dropped already; and its
-    FLOPs by torch's per-op formulas (matmuls and attention), recomputes included."""
-    weights = {p.untyped_storage().data_ptr() for p in objective.parameters()}
-    saved = []
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        saved.append(weakref.ref(tensor))  # the graph holds what pack returns for as long as it needs it
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = objective(batch).loss
-    held = {}
-    for tensor in (ref() for ref in saved):
-        if tensor is not None and tensor.untyped_storage().data_ptr() not in weights:
-            held[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-    loss.backward()
+    """One training step's bytes that autograd holds for the outer backward when the forward ends (weights aside;
+    what recomputes saved and dropped already left out), and its FLOPs by torch's per-op formulas (matmuls and
+    attention), recomputes included."""
+    held = bytes_held_for_backward(objective, batch)
     with FlopCount() as flops:
         objective(batch).loss.backward()
-    return sum(held.values()), flops.total
+    return held, flops.total
 
 
 def main() -> None:

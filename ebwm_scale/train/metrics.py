@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import resource
 import statistics
+import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -45,6 +46,26 @@ class FlopCount(TorchDispatchMode):
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
         return out
+
+
+def bytes_held_for_backward(objective: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """One training step: the bytes of the distinct storages, weights aside, that autograd holds for the outer backward
+    when the forward (with its energy gradients) ends; then the step's backward runs."""
+    weights = {p.untyped_storage().data_ptr() for p in objective.parameters()}
+    saved = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(weakref.ref(tensor))  # the graph holds what pack returns for as long as it needs it
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = objective(batch).loss
+    held = {}
+    for tensor in (ref() for ref in saved):
+        if tensor is not None and tensor.untyped_storage().data_ptr() not in weights:
+            held[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    loss.backward()
+    return sum(held.values())
 
 
 def step_flops_per_token(
