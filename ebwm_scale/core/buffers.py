@@ -57,3 +57,12 @@ class BufferPool:
     def nbytes(self) -> int:
         """Bytes the pool holds, in use or free."""
         return sum(storage.nbytes() for storage in self._storages)
+
+
+def empty_from(
+    pool: BufferPool | None, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """An uninitialized contiguous tensor: from `pool` when there is one, else freshly allocated."""
+    if pool is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return pool.empty(shape, dtype, device)

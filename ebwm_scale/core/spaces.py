@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ebwm_scale.core.buffers import BufferPool
+from ebwm_scale.core.buffers import BufferPool, empty_from
 from ebwm_scale.core.vocab_kernels import (
     VocabSplit,
     cross_entropy_and_probabilities,
@@ -131,17 +131,17 @@ class TokenSpace:
     def _normal(self, rows: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Standard normal (*rows, V / ranks) for this slice, drawn at full width and sliced, so that a split state
         starts and moves exactly like the whole one."""
-        full = self._empty((*rows, self.model.cfg.vocab_size), dtype, device).normal_()  # the numbers of randn
+        full = empty_from(
+            self._pool(), (*rows, self.model.cfg.vocab_size), dtype, device
+        ).normal_()  # the numbers of randn
         if self.split.count == 1:
             return full
         part = self.split.shard(full)
-        return self._empty(part.shape, dtype, device).copy_(part)
+        return empty_from(self._pool(), part.shape, dtype, device).copy_(part)
 
-    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A state-sized tensor: from the buffers, unless the state is the plain reference."""
-        if not self.lean:
-            return torch.empty(shape, dtype=dtype, device=device)
-        return self.buffers.empty(shape, dtype, device)
+    def _pool(self) -> BufferPool | None:
+        """The buffers the lean state's tensors come from; the plain reference allocates its own."""
+        return self.buffers if self.lean else None
 
     def _dtype(self) -> torch.dtype:
         """At least fp32 whatever the weights (bf16 autocast); a float64 model keeps a float64 state."""
@@ -217,7 +217,7 @@ class TokenSpace:
         if kept is not None and (alive := kept[0].peek()) is not None and alive[0] is state:
             self._forget()
             return kept[1]
-        return probabilities(state, self.split, self.buffers if self.lean else None)
+        return probabilities(state, self.split, self._pool())
 
     def _softmax(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable softmax over the (possibly split) vocabulary, in at least fp32."""

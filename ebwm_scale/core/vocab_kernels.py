@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from ebwm_scale.core.buffers import BufferPool
+from ebwm_scale.core.buffers import BufferPool, empty_from
 from ebwm_scale.numerics import at_least_fp32, engine_visible, engine_wants, gradient_node, matmul, matmul_dtype
 
 # 16 MiB of fp32 per temporary: below glibc's largest mmap threshold (32 MiB), so temporaries are reused from the
@@ -69,15 +69,6 @@ class VocabSplit:
         return full if self.count == 1 else full.chunk(self.count, dim=-1)[self.index]
 
 
-def _empty(
-    pool: BufferPool | None, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """A (rows, V)-sized result: from the caller's pool when it has one (core/buffers.py), else freshly allocated."""
-    if pool is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return pool.empty(shape, dtype, device)
-
-
 def _per_row(alpha: torch.Tensor) -> torch.Tensor:
     """A step size as a scalar or a (rows, 1) column, to scale (rows, D) tensors."""
     return alpha.reshape(-1, 1) if alpha.numel() > 1 else alpha
@@ -110,7 +101,7 @@ def _weight_grad(
     """small (rows, D)^T @ wide (rows, V): (D, V) in at least fp32, computed as (wide^T small)^T. The (V, D)
     orientation runs about 2x faster in BLAS than (D, V) at V = 50k; the result is a transposed view."""
     chunks = _matmul_chunks(wide, dtype)
-    acc = _empty(pool, (wide.shape[-1], small.shape[-1]), at_least_fp32(wide).dtype, wide.device)
+    acc = _weight_grad_buffer(small, wide, pool)
     if len(chunks) == 1 and dtype == acc.dtype:
         return torch.mm(wide.t(), small, out=acc).t()  # written once: no zero fill
     acc.zero_()
@@ -120,8 +111,9 @@ def _weight_grad(
 
 
 def _weight_grad_buffer(small: torch.Tensor, wide: torch.Tensor, pool: BufferPool | None) -> torch.Tensor:
-    """A zero (V, D) accumulator for _add_weight_grad; its .t() is the (D, V) weight gradient."""
-    return _empty(pool, (wide.shape[-1], small.shape[-1]), at_least_fp32(wide).dtype, wide.device).zero_()
+    """An uninitialized (V, D) accumulator for _add_weight_grad (zero it first); its .t() is the (D, V) weight
+    gradient."""
+    return empty_from(pool, (wide.shape[-1], small.shape[-1]), at_least_fp32(wide).dtype, wide.device)
 
 
 def _add_weight_grad(acc: torch.Tensor, small: torch.Tensor, wide: torch.Tensor, dtype: torch.dtype) -> None:
@@ -149,7 +141,7 @@ def log_normalizer(logits: torch.Tensor, split: VocabSplit) -> torch.Tensor:
 def probabilities(logits: torch.Tensor, split: VocabSplit, pool: BufferPool | None = None) -> torch.Tensor:
     """softmax over the (possibly split) vocabulary in at least fp32, without a graph, chunk by chunk."""
     flat = logits.reshape(-1, logits.shape[-1])
-    out = _empty(pool, flat.shape, at_least_fp32(flat).dtype, flat.device)
+    out = empty_from(pool, flat.shape, at_least_fp32(flat).dtype, flat.device)
     for rows in _row_chunks(flat.shape[0], flat.shape[-1]):
         wide = at_least_fp32(flat[rows])
         if split.count == 1:
@@ -213,7 +205,7 @@ class _ProbsDescent(torch.autograd.Function):
         ctx.matmul_dtype = matmul_dtype(probs.device.type, weight)
         # alpha scales the (rows, D) side, not the (rows, V) product
         step = -_per_row(alpha) * u.to(at_least_fp32(u).dtype)
-        out = _empty(pool, flat.shape, flat.dtype, flat.device)
+        out = empty_from(pool, flat.shape, flat.dtype, flat.device)
         for rows in _matmul_chunks(flat, ctx.matmul_dtype):
             if flat.dtype == ctx.matmul_dtype:
                 torch.addmm(flat[rows], step[rows].to(flat.dtype), weight.to(flat.dtype), out=out[rows])
@@ -286,8 +278,8 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
         vocab, dim = logits.shape[-1], weight.shape[0]
         flat, g = logits.reshape(-1, vocab), grad_out.reshape(-1, dim)
         wide_dtype = at_least_fp32(logits).dtype
-        grad_logits = _empty(pool, flat.shape, wide_dtype, flat.device) if want_logits else None
-        grad_weight = _weight_grad_buffer(g, flat, pool) if want_weight else None
+        grad_logits = empty_from(pool, flat.shape, wide_dtype, flat.device) if want_logits else None
+        grad_weight = _weight_grad_buffer(g, flat, pool).zero_() if want_weight else None
         for rows in _row_chunks(flat.shape[0], vocab):
             probs = _chunk_probabilities(flat, rows, log_norm)
             if want_logits:
@@ -317,8 +309,8 @@ class _SoftmaxLinearGradient(torch.autograd.Function):
         need_logits = ctx.needs_input_grad[0] and logits.requires_grad
         need_weight, need_g = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         cot_x = None if cot_logits is None else cot_logits.reshape(-1, vocab)
-        d_logits = _empty(ctx.pool, flat.shape, wide_dtype, flat.device).zero_() if need_logits else None
-        d_weight = _weight_grad_buffer(g, flat, ctx.pool) if need_weight else None
+        d_logits = empty_from(ctx.pool, flat.shape, wide_dtype, flat.device).zero_() if need_logits else None
+        d_weight = _weight_grad_buffer(g, flat, ctx.pool).zero_() if need_weight else None
         d_g = g.new_zeros(g.shape, dtype=wide_dtype) if need_g else None
         for rows in _row_chunks(flat.shape[0], vocab):
             probs = _chunk_probabilities(flat, rows, log_norm)
@@ -360,7 +352,7 @@ class _CrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, split, keep_probs, pool):
         vocab = logits.shape[-1]
         log_norm = logits.new_empty(logits.shape[0], 1, dtype=at_least_fp32(logits).dtype)
-        probs = _empty(pool, logits.shape, log_norm.dtype, logits.device) if keep_probs else None
+        probs = empty_from(pool, logits.shape, log_norm.dtype, logits.device) if keep_probs else None
         local = target - split.index * vocab
         inside = (local >= 0) & (local < vocab)
         local = local.clamp(0, vocab - 1).unsqueeze(-1)
@@ -386,7 +378,7 @@ class _CrossEntropy(torch.autograd.Function):
             return None, None, None, None, None
         kept, local, inside, log_norm = ctx.saved_tensors
         scale = grad / kept.shape[0]
-        out = _empty(ctx.pool, kept.shape, log_norm.dtype, kept.device)
+        out = empty_from(ctx.pool, kept.shape, log_norm.dtype, kept.device)
         for rows in _row_chunks(kept.shape[0], kept.shape[-1]):  # softmax - one-hot, built in place
             if ctx.saved_probs:
                 probs = torch.mul(kept[rows], scale, out=out[rows])

@@ -40,8 +40,7 @@ class FlopCount(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         formula = flop_registry.get(func._overloadpacket)
-        name = func._overloadpacket.__name__
-        if formula is None and name.endswith("_"):  # in place: addmm_ computes what addmm does
+        if formula is None and (name := func._overloadpacket.__name__).endswith("_"):  # addmm_ computes as addmm
             formula = flop_registry.get(getattr(torch.ops.aten, name[:-1], None))
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
